@@ -1,0 +1,146 @@
+"""An Optax transform that adapts any optimizer's learning rate by hypergradient descent.
+
+``hypergradient(optax.adam, learning_rate=1e-3, hyper_lr=1e-7)`` is Adam-HD,
+``hypergradient(optax.sgd, learning_rate=0.01, hyper_lr=1e-3)`` is SGD-HD
+(Baydin et al., "Online Learning Rate Adaptation with Hypergradient Descent",
+ICLR 2018). It wraps any Optax optimizer whose last step scales by a learning
+rate (``sgd``, ``sgd(momentum=...)``, ``adam``, ``adamw``, ``rmsprop``, ...):
+the wrapped optimizer is built with ``learning_rate=1`` so that it yields the
+update direction ``u_t`` (sign included, ``params_{t+1} = params_t + beta_t
+u_t``), and the rate is adapted with the hypergradient
+
+    h_t = d f(params_t) / d beta_{t-1} = <g_t, u_{t-1}>,
+    beta_t = beta_{t-1} - hyper_lr * h_t,
+
+one global dot product per step over all parameters, before ``u_t`` is scaled.
+For SGD, ``u = -g`` and this is ``beta_t = beta_{t-1} + hyper_lr <g_t, g_{t-1}>``.
+For Adam, ``u_{t-1} = -m_hat/(sqrt(v_hat) + eps)`` and this is the rule of the
+HD paper's reference AdamHD (there ``eps`` is added before bias correction,
+an ``O(eps)`` difference).
+
+The current rate is ``state.learning_rate`` (or :func:`current_learning_rate`
+on any state that contains one, e.g. inside ``optax.chain``). It is useful for
+ordinary training too:
+
+>>> import jax, jax.numpy as jnp, optax
+>>> opt = hypergradient(optax.sgd, learning_rate=0.1, hyper_lr=0.01)
+>>> params = jnp.array([1.0, -2.0])
+>>> state = opt.init(params)
+>>> for _ in range(3):
+...   grads = jax.grad(lambda p: jnp.sum(p ** 2))(params)
+...   updates, state = opt.update(grads, state, params)
+...   params = optax.apply_updates(params, updates)
+>>> round(float(current_learning_rate(state)), 4)
+0.3214
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from amaml.rates import hd_step
+
+
+class HypergradientState(NamedTuple):
+  """State of :func:`hypergradient`."""
+
+  learning_rate: jax.Array  # beta_t, the rate used for the last update
+  hypergradient: jax.Array  # h_t = <g_t, u_{t-1}>
+  prev_direction: optax.Updates  # u_{t-1}: the wrapped optimizer's update at unit rate
+  inner_state: optax.OptState  # the wrapped optimizer's state
+  count: jax.Array  # number of updates so far
+
+
+def _tree_vdot(a, b):
+  leaves = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.vdot(x, y), a, b))
+  return sum(leaves[1:], leaves[0]) if leaves else jnp.zeros(())
+
+
+def hypergradient(
+    optimizer: Callable[..., optax.GradientTransformation],
+    learning_rate: float,
+    hyper_lr: float,
+    *,
+    log_space: bool = False,
+    min_lr: float | None = None,
+    max_lr: float | None = None,
+    **optimizer_kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+  """Wraps an Optax optimizer so that its learning rate adapts by hypergradient descent.
+
+  Args:
+    optimizer: an Optax optimizer *factory* taking ``learning_rate`` (``optax.adam``,
+      ``optax.sgd``, ...), whose last step multiplies by the learning rate.
+    learning_rate: the initial rate ``beta_0``.
+    hyper_lr: the hypergradient learning rate ``kappa`` (``0`` gives exactly the
+      wrapped optimizer at a fixed rate). The HD paper uses ``1e-3`` for SGD and
+      ``1e-7`` to ``1e-8`` for Adam.
+    log_space: multiplicative update of the rate (descent on ``log beta``), which
+      keeps it positive; ``hyper_lr`` is then the step on ``log beta``.
+    min_lr, max_lr: optional bounds on the rate.
+    **optimizer_kwargs: passed to ``optimizer`` (``b1``, ``momentum``, ...).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`HypergradientState`. A step whose hypergradient is not finite keeps
+    the rate unchanged.
+  """
+  if isinstance(optimizer, optax.GradientTransformation):
+    raise TypeError(
+        "hypergradient() takes an optimizer factory such as optax.adam, not a built "
+        "optimizer: write hypergradient(optax.adam, learning_rate=1e-3, hyper_lr=1e-7, b1=0.9)")
+  base = optax.with_extra_args_support(optimizer(learning_rate=1.0, **optimizer_kwargs))
+
+  def init_fn(params):
+    dtype = jnp.result_type(float)
+    return HypergradientState(
+        learning_rate=jnp.asarray(learning_rate, dtype),
+        hypergradient=jnp.zeros((), dtype),
+        prev_direction=jax.tree.map(jnp.zeros_like, params),
+        inner_state=base.init(params),
+        count=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    # h_t = <g_t, u_{t-1}>: zero on the first step, where u_0 = 0.
+    h = _tree_vdot(updates, state.prev_direction).astype(state.learning_rate.dtype)
+    lr = hd_step(state.learning_rate, h, hyper_lr, log_space=log_space,
+                 min_rate=min_lr, max_rate=max_lr)
+    direction, inner_state = base.update(updates, state.inner_state, params, **extra_args)
+    new_updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), direction)
+    return new_updates, HypergradientState(lr, h, direction, inner_state, state.count + 1)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _find_hd_states(opt_state) -> list[HypergradientState]:
+  found = []
+
+  def visit(x):
+    if isinstance(x, HypergradientState):
+      found.append(x)
+      return
+    if isinstance(x, (tuple, list)):
+      for y in x:
+        visit(y)
+    elif isinstance(x, dict):
+      for y in x.values():
+        visit(y)
+
+  visit(opt_state)
+  return found
+
+
+def current_learning_rate(opt_state: optax.OptState) -> jax.Array | None:
+  """The adapted learning rate inside ``opt_state`` (``None`` if it holds no
+  :class:`HypergradientState`, e.g. a plain ``optax.adam`` state)."""
+  found = _find_hd_states(opt_state)
+  return found[0].learning_rate if found else None
+
+
+def current_hypergradient(opt_state: optax.OptState) -> jax.Array | None:
+  """The last hypergradient ``<g_t, u_{t-1}>`` inside ``opt_state`` (or ``None``)."""
+  found = _find_hd_states(opt_state)
+  return found[0].hypergradient if found else None

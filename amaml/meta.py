@@ -1,0 +1,238 @@
+"""The meta step: MAML, FOMAML and Alpha MAML as one jitted, task-vmapped function.
+
+``alpha_maml(loss_fn)`` returns a :class:`MetaLearner` whose ``step`` maps
+``(state, task_batch) -> (state, metrics)``:
+
+1. for every task (``jax.vmap``): adapt ``params`` on the support set with rate
+   ``alpha`` (:func:`amaml.inner.adapt`), then take the query loss;
+2. one ``jax.value_and_grad`` of the mean query loss with respect to
+   ``(params, alpha)`` together gives the meta-gradient and the inner
+   hypergradient ``d L / d alpha`` in the same backward pass;
+3. ``params`` take an Optax step; by default the optimizer is wrapped in
+   :func:`amaml.hypergradient`, which adapts the outer rate ``beta``;
+4. ``alpha`` takes a hypergradient-descent step (:func:`amaml.rates.hd_step`)
+   from the batch hypergradient, which is the *mean* over tasks: it is the
+   derivative of the meta loss, itself a mean, so ``alpha_lr`` does not have to
+   change with the meta-batch size;
+5. a non-finite guard: if the loss, a gradient, a hypergradient or the new
+   state is not finite, the state is left as it was (only ``step`` and
+   ``nonfinite_streak`` advance) and ``metrics["nonfinite"]`` says so.
+
+``maml`` and ``fomaml`` are the same code with ``alpha_lr = beta_lr = 0``.
+
+A complete training loop on sinusoid regression:
+
+>>> import jax, optax, amaml
+>>> model = amaml.models.MLP()
+>>> params = model.init(jax.random.key(0), jax.numpy.zeros((1, 1)))["params"]
+>>> loss_fn = amaml.losses.mse(lambda p, x: model.apply({"params": p}, x))
+>>> learner = amaml.alpha_maml(loss_fn, alpha=0.01, beta=1e-3)
+>>> state = learner.init(params)
+>>> key = jax.random.key(1)
+>>> for i in range(3):
+...   key, sub = jax.random.split(key)
+...   state, metrics = learner.step(state, amaml.sinusoid_tasks(sub, num_tasks=25))
+>>> sorted(metrics)[:4]
+['alpha', 'alpha_hypergradient', 'beta', 'beta_hypergradient']
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from amaml import inner
+from amaml.hypergradient import current_hypergradient, current_learning_rate, hypergradient
+from amaml.rates import hd_step
+from amaml.task import TaskBatch
+
+
+class MetaState(NamedTuple):
+  """Everything a meta-training run carries from one step to the next."""
+
+  params: Any  # meta-parameters theta
+  alpha: Any  # inner rate(s): a scalar or a pytree like params
+  opt_state: optax.OptState  # outer optimizer state (holds beta when adapted)
+  step: jax.Array  # meta-iterations taken, int32
+  nonfinite_streak: jax.Array  # consecutive steps skipped by the non-finite guard
+
+
+class MetaLearner(NamedTuple):
+  """The functions of a meta-learning method (all pure).
+
+  Attributes:
+    init: ``params -> MetaState``.
+    step: jitted ``(MetaState, TaskBatch) -> (MetaState, metrics)``.
+    evaluate: jitted ``(params, alpha, TaskBatch, num_steps=None) -> per-task metrics``:
+      adapt on each support set (``num_steps`` defaults to training's), report
+      query loss and aux before and after adaptation, one value per task.
+    meta_loss: ``(params, alpha, TaskBatch) -> (loss, aux)``, the mean over tasks
+      of the query loss after adaptation; differentiable in ``params`` and ``alpha``.
+    update: the un-jitted ``step``, to compose under ``lax.scan``, ``vmap``, ``jit``.
+  """
+
+  init: Callable[[Any], MetaState]
+  step: Callable[[MetaState, TaskBatch], tuple[MetaState, dict]]
+  evaluate: Callable[..., dict]
+  meta_loss: Callable[[Any, Any, TaskBatch], tuple[jax.Array, dict]]
+  update: Callable[[MetaState, TaskBatch], tuple[MetaState, dict]]
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _tree_mean(tree) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  return jnp.mean(jnp.stack([jnp.mean(x) for x in leaves]))
+
+
+def alpha_maml(
+    loss_fn: Callable[..., tuple[jax.Array, dict]],
+    *,
+    alpha: float = 0.01,
+    beta: float = 1e-3,
+    alpha_lr: float = 1e-4,
+    beta_lr: float = 1e-7,
+    optimizer: Callable[..., optax.GradientTransformation] | optax.GradientTransformation = optax.adam,
+    num_steps: int = 1,
+    first_order: bool = False,
+    alpha_granularity: str = "scalar",
+    log_space: bool = False,
+    alpha_bounds: tuple[float | None, float | None] = (0.0, None),
+    beta_bounds: tuple[float | None, float | None] = (0.0, None),
+    track_pre_adaptation: bool = True,
+    unroll: bool | int = True,
+    remat: bool = False,
+    donate: bool = False,
+    **optimizer_kwargs: Any,
+) -> MetaLearner:
+  """Alpha MAML (Behl, Baydin & Torr, 2019): MAML with ``alpha`` and ``beta`` adapted
+  online by hypergradient descent.
+
+  Args:
+    loss_fn: ``loss_fn(params, x, y) -> (loss, aux)`` for one task's set (see
+      :mod:`amaml.losses`); ``aux`` is a dict of scalars (e.g. accuracy) or ``{}``.
+    alpha: initial inner rate ``alpha_0``.
+    beta: initial outer (meta) rate ``beta_0``.
+    alpha_lr: hypergradient rate for ``alpha`` (``0`` freezes it: MAML).
+    beta_lr: hypergradient rate for ``beta`` (``0`` freezes it). The default suits
+      Adam, whose hypergradient is large; SGD needs about ``1e-3``.
+    optimizer: an Optax optimizer factory taking ``learning_rate`` (``optax.adam``,
+      ``optax.sgd``, ...), wrapped in :func:`amaml.hypergradient`; or a built
+      ``GradientTransformation`` used as it is (``beta`` and ``beta_lr`` unused).
+    num_steps: inner SGD steps per task.
+    first_order: FOMAML (no second derivatives in the meta-gradient).
+    alpha_granularity: ``"scalar"`` (the paper), ``"tensor"`` or ``"parameter"``
+      (see :func:`amaml.init_alpha`); each rate follows its own hypergradient.
+    log_space: multiplicative (log-space) updates of ``alpha`` and ``beta``.
+    alpha_bounds, beta_bounds: ``(min, max)`` clips (``None`` = unbounded). The
+      default keeps both rates non-negative.
+    track_pre_adaptation: also report the query loss before adaptation (one
+      extra forward pass over the query sets).
+    unroll: ``lax.scan`` unrolling of the inner loop (``True`` = fully unrolled).
+    remat: rematerialise inner steps in the backward pass (saves memory).
+    donate: donate the input state's buffers to ``step`` (saves memory; the
+      state passed in can no longer be used).
+    **optimizer_kwargs: passed to ``optimizer`` (``b1``, ``momentum``, ...).
+  """
+  if isinstance(optimizer, optax.GradientTransformation):
+    if optimizer_kwargs:
+      raise TypeError("optimizer_kwargs need an optimizer factory, not a built optimizer")
+    opt = optimizer
+  else:
+    opt = hypergradient(optimizer, learning_rate=beta, hyper_lr=beta_lr, log_space=log_space,
+                        min_lr=beta_bounds[0], max_lr=beta_bounds[1], **optimizer_kwargs)
+  if alpha_granularity not in inner.GRANULARITIES:
+    raise ValueError(f"alpha_granularity must be one of {inner.GRANULARITIES}, got {alpha_granularity!r}")
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1 for meta-learning, got {num_steps}")
+  adapt = functools.partial(inner.adapt, loss_fn, first_order=first_order, unroll=unroll,
+                            remat=remat)
+
+  def task_loss(params, alpha_, sx, sy, qx, qy):
+    adapted, support_losses = adapt(params, alpha_, sx, sy, num_steps=num_steps)
+    loss, aux = loss_fn(adapted, qx, qy)
+    return loss, {**aux, "support_loss": support_losses[0]}
+
+  def meta_loss(params, alpha_, batch: TaskBatch):
+    losses, aux = jax.vmap(task_loss, in_axes=(None, None, 0, 0, 0, 0))(params, alpha_, *batch)
+    return jnp.mean(losses), jax.tree.map(jnp.mean, aux)
+
+  def init(params) -> MetaState:
+    return MetaState(params=params,
+                     alpha=inner.init_alpha(params, alpha, alpha_granularity),
+                     opt_state=opt.init(params),
+                     step=jnp.zeros((), jnp.int32),
+                     nonfinite_streak=jnp.zeros((), jnp.int32))
+
+  def update(state: MetaState, batch: TaskBatch):
+    (loss, aux), (grads, alpha_grad) = jax.value_and_grad(
+        meta_loss, argnums=(0, 1), has_aux=True)(state.params, state.alpha, batch)
+    updates, opt_state = opt.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_alpha = hd_step(state.alpha, alpha_grad, alpha_lr, log_space=log_space,
+                        min_rate=alpha_bounds[0], max_rate=alpha_bounds[1])
+    ok = _all_finite((loss, grads, alpha_grad, params, new_alpha, opt_state))
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = MetaState(
+        params=keep(params, state.params),
+        alpha=keep(new_alpha, state.alpha),
+        opt_state=keep(opt_state, state.opt_state),
+        step=state.step + 1,
+        nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32))
+    metrics = {"loss": loss,
+               "grad_norm": optax.tree.norm(grads),
+               "alpha": _tree_mean(new_state.alpha),
+               "alpha_hypergradient": _tree_mean(alpha_grad),
+               "nonfinite": jnp.logical_not(ok),
+               "nonfinite_streak": new_state.nonfinite_streak}
+    metrics.update({k: v for k, v in aux.items()})
+    beta_now = current_learning_rate(new_state.opt_state)
+    if beta_now is not None:
+      metrics["beta"] = beta_now
+      metrics["beta_hypergradient"] = current_hypergradient(opt_state)
+    if track_pre_adaptation:
+      pre_loss, pre_aux = jax.vmap(loss_fn, in_axes=(None, 0, 0))(
+          jax.lax.stop_gradient(state.params), batch.query_x, batch.query_y)
+      metrics["pre_loss"] = jnp.mean(pre_loss)
+      metrics.update({f"pre_{k}": jnp.mean(v) for k, v in pre_aux.items()})
+    return new_state, metrics
+
+  def evaluate(params, alpha_, batch: TaskBatch, num_steps: int | None = None):
+    steps = num_steps_default if num_steps is None else num_steps
+
+    def one(sx, sy, qx, qy):
+      pre_loss, pre_aux = loss_fn(params, qx, qy)
+      adapted, _ = inner.adapt(loss_fn, params, alpha_, sx, sy, num_steps=steps,
+                               first_order=True, unroll=1)
+      post_loss, post_aux = loss_fn(adapted, qx, qy)
+      out = {"pre_loss": pre_loss, "post_loss": post_loss}
+      out.update({f"pre_{k}": v for k, v in pre_aux.items()})
+      out.update({f"post_{k}": v for k, v in post_aux.items()})
+      return out
+
+    return jax.vmap(one)(*batch)
+
+  num_steps_default = num_steps
+  step = jax.jit(update, donate_argnums=(0,) if donate else ())
+  return MetaLearner(init=init, step=step,
+                     evaluate=jax.jit(evaluate, static_argnames=("num_steps",)),
+                     meta_loss=meta_loss, update=update)
+
+
+def maml(loss_fn: Callable, *, alpha: float = 0.01, beta: float = 1e-3, num_steps: int = 1,
+         first_order: bool = False, **kwargs: Any) -> MetaLearner:
+  """MAML (Finn et al., 2017): :func:`alpha_maml` with ``alpha`` and ``beta`` fixed."""
+  return alpha_maml(loss_fn, alpha=alpha, beta=beta, alpha_lr=0.0, beta_lr=0.0,
+                    num_steps=num_steps, first_order=first_order, **kwargs)
+
+
+def fomaml(loss_fn: Callable, **kwargs: Any) -> MetaLearner:
+  """First-order MAML: :func:`maml` with ``first_order=True``."""
+  return maml(loss_fn, first_order=True, **kwargs)
