@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from amaml.rates import hd_step
+from amaml.rates import rate_rule
 
 
 class HypergradientState(NamedTuple):
@@ -49,6 +49,7 @@ class HypergradientState(NamedTuple):
 
   learning_rate: jax.Array  # beta_t, the rate used for the last update
   hypergradient: jax.Array  # h_t = <g_t, u_{t-1}>
+  rate_state: Any  # state of the rate's update rule (amaml.rates.rate_rule)
   prev_direction: optax.Updates  # u_{t-1}: the wrapped optimizer's update at unit rate
   inner_state: optax.OptState  # the wrapped optimizer's state
   count: jax.Array  # number of updates so far
@@ -64,7 +65,7 @@ def hypergradient(
     learning_rate: float,
     hyper_lr: float,
     *,
-    log_space: bool = False,
+    rule: str = "additive",
     min_lr: float | None = None,
     max_lr: float | None = None,
     **optimizer_kwargs: Any,
@@ -78,8 +79,10 @@ def hypergradient(
     hyper_lr: the hypergradient learning rate ``kappa`` (``0`` gives exactly the
       wrapped optimizer at a fixed rate). The HD paper uses ``1e-3`` for SGD and
       ``1e-7`` to ``1e-8`` for Adam.
-    log_space: multiplicative update of the rate (descent on ``log beta``), which
-      keeps it positive; ``hyper_lr`` is then the step on ``log beta``.
+    rule: how the rate follows its hypergradient (:func:`amaml.rates.rate_rule`):
+      ``"additive"`` (the HD paper), ``"log"`` (multiplicative, keeps it positive)
+      or ``"normalized"`` (Adam on ``log beta``: scale-free, ``hyper_lr`` is then
+      the largest relative change per step, e.g. ``1e-3``).
     min_lr, max_lr: optional bounds on the rate.
     **optimizer_kwargs: passed to ``optimizer`` (``b1``, ``momentum``, ...).
 
@@ -93,12 +96,15 @@ def hypergradient(
         "hypergradient() takes an optimizer factory such as optax.adam, not a built "
         "optimizer: write hypergradient(optax.adam, learning_rate=1e-3, hyper_lr=1e-7, b1=0.9)")
   base = optax.with_extra_args_support(optimizer(learning_rate=1.0, **optimizer_kwargs))
+  rate = rate_rule(hyper_lr, rule, min_rate=min_lr, max_rate=max_lr)
 
   def init_fn(params):
     dtype = jnp.result_type(float)
+    lr = jnp.asarray(learning_rate, dtype)
     return HypergradientState(
-        learning_rate=jnp.asarray(learning_rate, dtype),
+        learning_rate=lr,
         hypergradient=jnp.zeros((), dtype),
+        rate_state=rate.init(lr),
         prev_direction=jax.tree.map(jnp.zeros_like, params),
         inner_state=base.init(params),
         count=jnp.zeros((), jnp.int32))
@@ -106,11 +112,11 @@ def hypergradient(
   def update_fn(updates, state, params=None, **extra_args):
     # h_t = <g_t, u_{t-1}>: zero on the first step, where u_0 = 0.
     h = _tree_vdot(updates, state.prev_direction).astype(state.learning_rate.dtype)
-    lr = hd_step(state.learning_rate, h, hyper_lr, log_space=log_space,
-                 min_rate=min_lr, max_rate=max_lr)
+    lr, rate_state = rate.update(state.learning_rate, h, state.rate_state)
     direction, inner_state = base.update(updates, state.inner_state, params, **extra_args)
     new_updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), direction)
-    return new_updates, HypergradientState(lr, h, direction, inner_state, state.count + 1)
+    return new_updates, HypergradientState(lr, h, rate_state, direction, inner_state,
+                                           state.count + 1)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -46,7 +46,7 @@ import optax
 
 from amaml import inner
 from amaml.hypergradient import current_hypergradient, current_learning_rate, hypergradient
-from amaml.rates import hd_step
+from amaml.rates import rate_rule as _rate_rule
 from amaml.task import TaskBatch
 
 
@@ -55,6 +55,7 @@ class MetaState(NamedTuple):
 
   params: Any  # meta-parameters theta
   alpha: Any  # inner rate(s): a scalar or a pytree like params
+  alpha_state: Any  # state of alpha's update rule
   opt_state: optax.OptState  # outer optimizer state (holds beta when adapted)
   step: jax.Array  # meta-iterations taken, int32
   nonfinite_streak: jax.Array  # consecutive steps skipped by the non-finite guard
@@ -103,7 +104,7 @@ def alpha_maml(
     num_steps: int = 1,
     first_order: bool = False,
     alpha_granularity: str = "scalar",
-    log_space: bool = False,
+    rate_rule: str = "additive",
     alpha_bounds: tuple[float | None, float | None] = (0.0, None),
     beta_bounds: tuple[float | None, float | None] = (0.0, None),
     track_pre_adaptation: bool = True,
@@ -130,7 +131,11 @@ def alpha_maml(
     first_order: FOMAML (no second derivatives in the meta-gradient).
     alpha_granularity: ``"scalar"`` (the paper), ``"tensor"`` or ``"parameter"``
       (see :func:`amaml.init_alpha`); each rate follows its own hypergradient.
-    log_space: multiplicative (log-space) updates of ``alpha`` and ``beta``.
+    rate_rule: how ``alpha`` and ``beta`` follow their hypergradients
+      (:func:`amaml.rates.rate_rule`): ``"additive"`` (the paper), ``"log"``
+      (multiplicative, log space) or ``"normalized"`` (Adam on the log rate:
+      scale-free, robust to the initial rates; ``alpha_lr``/``beta_lr`` are then
+      relative changes per step such as ``1e-3``).
     alpha_bounds, beta_bounds: ``(min, max)`` clips (``None`` = unbounded). The
       default keeps both rates non-negative.
     track_pre_adaptation: also report the query loss before adaptation (one
@@ -146,12 +151,13 @@ def alpha_maml(
       raise TypeError("optimizer_kwargs need an optimizer factory, not a built optimizer")
     opt = optimizer
   else:
-    opt = hypergradient(optimizer, learning_rate=beta, hyper_lr=beta_lr, log_space=log_space,
+    opt = hypergradient(optimizer, learning_rate=beta, hyper_lr=beta_lr, rule=rate_rule,
                         min_lr=beta_bounds[0], max_lr=beta_bounds[1], **optimizer_kwargs)
   if alpha_granularity not in inner.GRANULARITIES:
     raise ValueError(f"alpha_granularity must be one of {inner.GRANULARITIES}, got {alpha_granularity!r}")
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1 for meta-learning, got {num_steps}")
+  alpha_rule = _rate_rule(alpha_lr, rate_rule, min_rate=alpha_bounds[0], max_rate=alpha_bounds[1])
   adapt = functools.partial(inner.adapt, loss_fn, first_order=first_order, unroll=unroll,
                             remat=remat)
 
@@ -165,8 +171,10 @@ def alpha_maml(
     return jnp.mean(losses), jax.tree.map(jnp.mean, aux)
 
   def init(params) -> MetaState:
+    alpha0 = inner.init_alpha(params, alpha, alpha_granularity)
     return MetaState(params=params,
-                     alpha=inner.init_alpha(params, alpha, alpha_granularity),
+                     alpha=alpha0,
+                     alpha_state=alpha_rule.init(alpha0),
                      opt_state=opt.init(params),
                      step=jnp.zeros((), jnp.int32),
                      nonfinite_streak=jnp.zeros((), jnp.int32))
@@ -176,13 +184,13 @@ def alpha_maml(
         meta_loss, argnums=(0, 1), has_aux=True)(state.params, state.alpha, batch)
     updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_alpha = hd_step(state.alpha, alpha_grad, alpha_lr, log_space=log_space,
-                        min_rate=alpha_bounds[0], max_rate=alpha_bounds[1])
+    new_alpha, alpha_state = alpha_rule.update(state.alpha, alpha_grad, state.alpha_state)
     ok = _all_finite((loss, grads, alpha_grad, params, new_alpha, opt_state))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = MetaState(
         params=keep(params, state.params),
         alpha=keep(new_alpha, state.alpha),
+        alpha_state=keep(alpha_state, state.alpha_state),
         opt_state=keep(opt_state, state.opt_state),
         step=state.step + 1,
         nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32))

@@ -1,12 +1,15 @@
 """Hypergradient descent on a learning rate, with the safeguards plain HD lacks.
 
 One rule serves both of Alpha MAML's rates (the inner ``alpha`` and the outer
-``beta``): given the hypergradient ``h = d loss / d rate``,
+``beta``). Given the hypergradient ``h = d loss / d rate``:
 
-* additive (the HD paper):        ``rate <- rate - hyper_lr * h``
-* multiplicative (log space):     ``rate <- rate * exp(-hyper_lr * rate * h)``,
-  which is plain gradient descent on ``log(rate)`` (``d loss / d log rate =
-  rate * h``) and so can never change the rate's sign;
+* ``"additive"`` (the HD and Alpha MAML papers): ``rate <- rate - hyper_lr * h``;
+* ``"log"`` (multiplicative): ``rate <- rate * exp(-hyper_lr * rate * h)``, plain
+  gradient descent on ``log(rate)`` (``d loss / d log rate = rate * h``), which
+  can never change the rate's sign;
+* ``"normalized"``: Adam on ``log(rate)`` with step ``hyper_lr``: each step changes
+  the rate by a factor of at most about ``exp(hyper_lr)`` whatever the scale of
+  the loss, so one ``hyper_lr`` fits every problem and every initial rate.
 
 then an optional clip to ``[min_rate, max_rate]``, and a guard: a non-finite
 result leaves the rate as it was. Rates may be a scalar or any pytree (one rate
@@ -17,40 +20,95 @@ per layer or per parameter); the rule applies leaf by leaf.
 0.08
 >>> float(hd_step(jnp.float32(0.1), jnp.float32(50.0), hyper_lr=0.01, min_rate=0.0))
 0.0
+>>> rule = rate_rule(0.01, "normalized")
+>>> rate = jnp.float32(0.1)
+>>> state = rule.init(rate)
+>>> rate, state = rule.update(rate, jnp.float32(1e6), state)  # scale-free step
+>>> round(float(rate), 4)   # 0.1 * exp(-0.01)
+0.099
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
+
+RULES = ("additive", "log", "normalized")
 
 
 def hd_step(rate: Any, hypergradient: Any, hyper_lr: float, *, log_space: bool = False,
             min_rate: float | None = None, max_rate: float | None = None) -> Any:
-  """One hypergradient-descent step on ``rate`` (a scalar or a pytree of rates).
+  """One stateless hypergradient-descent step (additive, or ``log_space``).
 
   Args:
-    rate: current learning rate(s).
+    rate: current learning rate(s), a scalar or a pytree.
     hypergradient: ``d loss / d rate``, same structure as ``rate``.
-    hyper_lr: the hypergradient learning rate (``kappa``). In log space it is the
-      step size on ``log(rate)``.
-    log_space: multiplicative update (keeps the rate's sign) instead of additive.
+    hyper_lr: the hypergradient learning rate (``kappa``).
+    log_space: multiplicative update instead of additive.
     min_rate, max_rate: optional bounds, applied after the step.
 
   Returns:
-    The new rate(s); any leaf whose new value is not finite keeps its old value.
+    The new rate(s); a leaf whose new value is not finite keeps its old value.
   """
-  if min_rate is not None and max_rate is not None and min_rate > max_rate:
-    raise ValueError(f"min_rate={min_rate} is above max_rate={max_rate}; swap them")
-
   def one(r, h):
-    if log_space:
-      new = r * jnp.exp(-hyper_lr * r * h)
-    else:
-      new = r - hyper_lr * h
-    if min_rate is not None or max_rate is not None:
-      new = jnp.clip(new, min_rate, max_rate)
-    return jnp.where(jnp.isfinite(new), new, r).astype(jnp.result_type(r))
+    new = r * jnp.exp(-hyper_lr * r * h) if log_space else r - hyper_lr * h
+    return _clip_and_guard(new, r, min_rate, max_rate)
 
   return jax.tree.map(one, rate, hypergradient)
+
+
+def _clip_and_guard(new, old, min_rate, max_rate):
+  if min_rate is not None or max_rate is not None:
+    new = jnp.clip(new, min_rate, max_rate)
+  return jnp.where(jnp.isfinite(new), new, old).astype(jnp.result_type(old))
+
+
+class RateRule(NamedTuple):
+  """A learning-rate update rule: ``init(rate) -> state`` and
+  ``update(rate, hypergradient, state) -> (rate, state)``, pure functions."""
+
+  init: Callable[[Any], Any]
+  update: Callable[[Any, Any, Any], tuple[Any, Any]]
+
+
+def rate_rule(hyper_lr: float, rule: str = "additive", *, min_rate: float | None = None,
+              max_rate: float | None = None) -> RateRule:
+  """The hypergradient-descent rule for a rate (see the module docstring).
+
+  Args:
+    hyper_lr: the hypergradient learning rate; ``0`` freezes the rate.
+    rule: ``"additive"``, ``"log"`` or ``"normalized"``.
+    min_rate, max_rate: optional bounds.
+  """
+  if rule not in RULES:
+    raise ValueError(f"rate rule must be one of {RULES}, got {rule!r}")
+  if min_rate is not None and max_rate is not None and min_rate > max_rate:
+    raise ValueError(f"min_rate={min_rate} is above max_rate={max_rate}; swap them")
+  if hyper_lr < 0:
+    raise ValueError(f"hyper_lr must be >= 0, got {hyper_lr}")
+
+  if rule in ("additive", "log"):
+    def init(rate):
+      return optax.EmptyState()
+
+    def update(rate, h, state):
+      return hd_step(rate, h, hyper_lr, log_space=rule == "log", min_rate=min_rate,
+                     max_rate=max_rate), state
+    return RateRule(init, update)
+
+  adam = optax.adam(hyper_lr)
+
+  def init_n(rate):
+    return adam.init(rate)
+
+  def update_n(rate, h, state):
+    log_grad = jax.tree.map(lambda r, g: (r * g).astype(jnp.result_type(r)), rate, h)
+    step, new_state = adam.update(log_grad, state)
+    new = jax.tree.map(lambda r, s: _clip_and_guard(r * jnp.exp(s), r, min_rate, max_rate),
+                       rate, step)
+    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(log_grad)]))
+    new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, state)
+    return new, new_state
+  return RateRule(init_n, update_n)

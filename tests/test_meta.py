@@ -1,0 +1,174 @@
+"""The jitted, task-vmapped meta step: against a Python loop over tasks, hand-computed
+updates, its safeguards, and training that must lower the loss."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import amaml
+
+MODEL = amaml.models.MLP(hidden=(16, 16))
+LOSS = amaml.losses.mse(lambda p, x: MODEL.apply({"params": p}, x))
+
+
+def _params(seed=0):
+  return MODEL.init(jax.random.key(seed), jnp.zeros((1, 1)))["params"]
+
+
+def _batch(seed=1, tasks=5):
+  return amaml.sinusoid_tasks(jax.random.key(seed), num_tasks=tasks)
+
+
+def test_vmap_over_tasks_equals_python_loop():
+  learner = amaml.alpha_maml(LOSS, alpha=0.05, num_steps=2)
+  params, batch = _params(), _batch()
+  alpha = jnp.float32(0.05)
+  (loss, _), (g, ga) = jax.value_and_grad(learner.meta_loss, argnums=(0, 1), has_aux=True)(
+      params, alpha, batch)
+
+  def one(p, a, i):
+    adapted, _ = amaml.adapt(LOSS, p, a, batch.support_x[i], batch.support_y[i], num_steps=2)
+    return LOSS(adapted, batch.query_x[i], batch.query_y[i])[0]
+
+  losses, grads, agrads = [], [], []
+  for i in range(batch.num_tasks):
+    l, (gi, gai) = jax.value_and_grad(one, argnums=(0, 1))(params, alpha, i)
+    losses.append(l), grads.append(gi), agrads.append(gai)
+  np.testing.assert_allclose(loss, np.mean(losses), rtol=1e-5)
+  np.testing.assert_allclose(ga, np.mean(agrads), rtol=1e-4)
+  mean_g = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *grads)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(mean_g)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_step_applies_hand_computed_updates():
+  alpha_lr, beta = 1e-5, 0.01
+  learner = amaml.alpha_maml(LOSS, alpha=0.05, beta=beta, alpha_lr=alpha_lr, beta_lr=0.0,
+                             optimizer=optax.sgd, alpha_bounds=(None, None))
+  params, batch = _params(), _batch()
+  state = learner.init(params)
+  (_, _), (g, ga) = jax.value_and_grad(learner.meta_loss, argnums=(0, 1), has_aux=True)(
+      params, state.alpha, batch)
+  new, metrics = learner.step(state, batch)
+  np.testing.assert_allclose(new.alpha, 0.05 - alpha_lr * ga, rtol=1e-6)
+  for p1, p0, gi in zip(jax.tree.leaves(new.params), jax.tree.leaves(params), jax.tree.leaves(g)):
+    np.testing.assert_allclose(p1, p0 - beta * gi, rtol=1e-5, atol=1e-7)
+  assert int(new.step) == 1 and not bool(metrics["nonfinite"])
+  assert new.alpha.dtype == jnp.float32
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
+
+
+def test_maml_keeps_rates_fixed_and_equals_plain_adam():
+  learner = amaml.maml(LOSS, alpha=0.05, beta=1e-3)
+  params, state = _params(), None
+  state = learner.init(params)
+  opt = optax.adam(1e-3)
+  ref_params, ref_state = params, opt.init(params)
+  for i in range(3):
+    batch = _batch(seed=10 + i)
+    state, m = learner.step(state, batch)
+    g = jax.grad(lambda p: learner.meta_loss(p, jnp.float32(0.05), batch)[0])(ref_params)
+    upd, ref_state = opt.update(g, ref_state, ref_params)
+    ref_params = optax.apply_updates(ref_params, upd)
+  assert float(m["alpha"]) == pytest.approx(0.05) and float(m["beta"]) == pytest.approx(1e-3)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_jitted_step_does_not_recompile():
+  traces = []
+
+  def loss_fn(p, x, y):
+    traces.append(1)
+    return LOSS(p, x, y)
+
+  learner = amaml.alpha_maml(loss_fn, alpha=0.01)
+  state = learner.init(_params())
+  state, _ = learner.step(state, _batch(seed=2))
+  n = len(traces)
+  assert n > 0
+  for s in range(3, 6):
+    state, _ = learner.step(state, _batch(seed=s))
+  assert len(traces) == n
+
+
+def test_nan_batch_leaves_state_unchanged():
+  learner = amaml.alpha_maml(LOSS, alpha=0.05, alpha_lr=1e-3, beta_lr=1e-7)
+  state, _ = learner.step(learner.init(_params()), _batch(seed=3))
+  bad = _batch(seed=4)
+  bad = bad._replace(query_y=bad.query_y.at[0, 0, 0].set(jnp.nan))
+  new, metrics = learner.step(state, bad)
+  assert bool(metrics["nonfinite"]) and int(metrics["nonfinite_streak"]) == 1
+  for a, b in zip(jax.tree.leaves((new.params, new.alpha, new.opt_state)),
+                  jax.tree.leaves((state.params, state.alpha, state.opt_state))):
+    np.testing.assert_array_equal(a, b)
+  new2, metrics = learner.step(new, bad)
+  assert int(metrics["nonfinite_streak"]) == 2
+  new3, metrics = learner.step(new2, _batch(seed=5))
+  assert not bool(metrics["nonfinite"]) and int(new3.nonfinite_streak) == 0
+  assert int(new3.step) == 4
+
+
+def test_alpha_bounds_hold_and_log_space_stays_positive():
+  batch = _batch(seed=6)
+  learner = amaml.alpha_maml(LOSS, alpha=0.05, alpha_lr=10.0, alpha_bounds=(0.01, 0.06))
+  state = learner.init(_params())
+  seen = []
+  for _ in range(5):
+    state, m = learner.step(state, batch)
+    seen.append(float(m["alpha"]))
+  lo, hi = np.float32(0.01), np.float32(0.06)
+  assert min(seen) >= lo and max(seen) <= hi
+  assert lo in seen or hi in seen  # the bound was hit, and held
+  for rule in ("additive", "log", "normalized"):
+    learner = amaml.alpha_maml(LOSS, alpha=0.05, alpha_lr=1e-3, rate_rule=rule,
+                               alpha_bounds=(None, None))
+    state = learner.init(_params())
+    for _ in range(3):
+      state, m = learner.step(state, batch)
+    a = float(m["alpha"])
+    if rule == "additive":
+      assert abs(a - 0.05) > 1.0  # plain HD: steps scale with the loss
+    elif rule == "log":
+      assert a >= 0 and np.isfinite(a)
+    else:  # normalized: at most ~hyper_lr relative change per step
+      assert 0.05 * np.exp(-3.1e-3) <= a <= 0.05 * np.exp(3.1e-3) and a != 0.05
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "parameter"])
+def test_per_tensor_alpha_steps(granularity):
+  learner = amaml.alpha_maml(LOSS, alpha=0.05, alpha_lr=1e-2, alpha_granularity=granularity)
+  state = learner.init(_params())
+  state, m = learner.step(state, _batch())
+  values = np.concatenate([np.ravel(a) for a in jax.tree.leaves(state.alpha)])
+  assert np.unique(values).size > 1  # each rate followed its own hypergradient
+
+
+def test_alpha_maml_training_lowers_the_loss():
+  learner = amaml.alpha_maml(LOSS, alpha=0.01, beta=1e-3, alpha_lr=2e-6)
+  state = learner.init(_params())
+  eval_batch = amaml.sinusoid_tasks(jax.random.key(99), num_tasks=100)
+  before = learner.evaluate(state.params, state.alpha, eval_batch)
+
+  def body(st, key):
+    st, m = learner.update(st, amaml.sinusoid_tasks(key, num_tasks=25))
+    return st, m
+  state, ms = jax.jit(lambda st: jax.lax.scan(body, st, jax.random.split(jax.random.key(0), 1500)))(state)
+  losses = np.asarray(ms["loss"])
+  m = jax.tree.map(lambda x: x[-1], ms)
+  after = learner.evaluate(state.params, state.alpha, eval_batch)
+  assert after["post_loss"].shape == (100,)
+  assert np.mean(losses[-100:]) < 0.6 * np.mean(losses[:100])
+  assert float(after["post_loss"].mean()) < 0.5 * float(before["post_loss"].mean())
+  assert float(after["post_loss"].mean()) < float(after["pre_loss"].mean())
+  assert float(m["alpha"]) != pytest.approx(0.01)  # alpha adapted
+
+
+def test_bad_configuration_errors():
+  with pytest.raises(ValueError, match="num_steps"):
+    amaml.alpha_maml(LOSS, num_steps=0)
+  with pytest.raises(ValueError, match="alpha_granularity"):
+    amaml.alpha_maml(LOSS, alpha_granularity="layer")
+  with pytest.raises(TypeError, match="factory"):
+    amaml.alpha_maml(LOSS, optimizer=optax.adam(1e-3), b1=0.5)
