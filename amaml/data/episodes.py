@@ -103,12 +103,44 @@ def sample_episodes(rng, images, ways: int, shots: int, queries: int,
   check_episode_args(x.shape, ways, shots, queries, num_tasks)
   classes, examples = sample_episode_indices(rng, x.shape[0], x.shape[1], ways, shots, queries,
                                              num_tasks)
-  picked = x[classes[:, :, None], examples]  # [tasks, ways, shots+queries, H, W, C] uint8
-  picked = picked.astype(np.float32)
-  picked *= np.float32(1.0 / 255.0)
-  sx = picked[:, :, :shots].reshape(num_tasks, ways * shots, *x.shape[2:])
-  qx = picked[:, :, shots:].reshape(num_tasks, ways * queries, *x.shape[2:])
+  cls = classes[:, :, None]
+
+  def gather(ex, per_class):  # uint8 gather, then one pass to float32 in [0, 1]
+    picked = x[cls, ex].reshape(num_tasks, ways * per_class, *x.shape[2:])
+    return np.multiply(picked, np.float32(1.0 / 255.0), dtype=np.float32)
+
+  sx, qx = gather(examples[:, :, :shots], shots), gather(examples[:, :, shots:], queries)
   return TaskBatch(sx, _labels(ways, shots, num_tasks), qx, _labels(ways, queries, num_tasks))
+
+
+_DONE = object()
+
+
+def _put(q: queue.Queue, stop: threading.Event, item) -> bool:
+  while not stop.is_set():
+    try:
+      q.put(item, timeout=0.1)
+      return True
+    except queue.Full:
+      continue
+  return False
+
+
+def _produce(q, stop, images, args, rng, device_put, num_batches) -> None:
+  try:
+    i = 0
+    while not stop.is_set() and (num_batches is None or i < num_batches):
+      batch = sample_episodes(rng, images, *args)
+      if device_put is not False and device_put is not None:
+        import jax
+
+        batch = jax.device_put(batch, None if device_put is True else device_put)
+      if not _put(q, stop, batch):
+        return
+      i += 1
+    _put(q, stop, _DONE)
+  except BaseException as e:  # handed to the consumer, raised there
+    _put(q, stop, e)
 
 
 class EpisodeIterator:
@@ -130,8 +162,6 @@ class EpisodeIterator:
   (5, (3, 2, 2, 2, 1))
   """
 
-  _DONE = object()
-
   def __init__(self, images, ways: int, shots: int, queries: int, num_tasks: int, *,
                seed=0, prefetch: int = 2, device_put=False, num_batches: int | None = None):
     self._images = np.asarray(_as_images(images))
@@ -141,41 +171,16 @@ class EpisodeIterator:
     check_episode_args(self._images.shape, ways, shots, queries, num_tasks)
     if prefetch < 1:
       raise ValueError(f"prefetch must be >= 1, got {prefetch}")
-    self._args = (ways, shots, queries, num_tasks)
-    self._rng = np.random.default_rng(seed)
-    self._device_put = device_put
-    self._num_batches = num_batches
     self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
     self._stop = threading.Event()
     self._exhausted = False
-    self._thread = threading.Thread(target=self._produce, name="amaml-episodes", daemon=True)
+    # The thread holds no reference to `self`, so an abandoned iterator is collected
+    # (and its thread told to stop by __del__).
+    self._thread = threading.Thread(
+        target=_produce, name="amaml-episodes", daemon=True,
+        args=(self._queue, self._stop, self._images, (ways, shots, queries, num_tasks),
+              np.random.default_rng(seed), device_put, num_batches))
     self._thread.start()
-
-  def _put(self, item) -> bool:
-    while not self._stop.is_set():
-      try:
-        self._queue.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def _produce(self) -> None:
-    try:
-      i = 0
-      while not self._stop.is_set() and (self._num_batches is None or i < self._num_batches):
-        batch = sample_episodes(self._rng, self._images, *self._args)
-        if self._device_put is not False and self._device_put is not None:
-          import jax
-
-          target = None if self._device_put is True else self._device_put
-          batch = jax.device_put(batch, target)
-        if not self._put(batch):
-          return
-        i += 1
-      self._put(self._DONE)
-    except BaseException as e:  # handed to the consumer, raised there
-      self._put(e)
 
   def __iter__(self) -> Iterator[TaskBatch]:
     return self
@@ -184,7 +189,7 @@ class EpisodeIterator:
     if self._exhausted:
       raise StopIteration
     item = self._queue.get()
-    if item is self._DONE:
+    if item is _DONE:
       self._exhausted = True
       raise StopIteration
     if isinstance(item, BaseException):
@@ -205,7 +210,9 @@ class EpisodeIterator:
     self.close()
 
   def __del__(self):
-    self._stop.set()
+    stop = getattr(self, "_stop", None)
+    if stop is not None:
+      stop.set()
 
 
 def sample_tasks(key, images, ways: int, shots: int, queries: int, num_tasks: int) -> TaskBatch:

@@ -179,13 +179,14 @@ class OmniglotArrays:
 def _load_npz_images(path: Path) -> np.ndarray:
   try:
     with np.load(path) as z:
-      if "images" not in z.files:
-        raise ValueError(f"{path} has no 'images' array (it has {z.files}); it is not an "
-                         "Omniglot arrays file")
-      x = z["images"]
-  except (zipfile.BadZipFile, OSError, EOFError) as e:
+      files = z.files
+      x = z["images"] if "images" in files else None
+  except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
     raise ValueError(f"{path} is corrupt or not an .npz file ({e}); copy it again from the "
                      "original data folder") from e
+  if x is None:
+    raise ValueError(f"{path} has no 'images' array (it has {files}); it is not an Omniglot "
+                     "arrays file")
   if x.ndim != 4 or x.dtype != np.bool_:
     raise ValueError(f"{path}: 'images' must be bool [characters, drawers, H, W], got "
                      f"{x.dtype}{list(x.shape)}")
