@@ -1,0 +1,5 @@
+import sys
+
+from amaml.cli import main
+
+sys.exit(main())

@@ -1,0 +1,120 @@
+"""Named experiment configurations; every field can be overridden from the command line.
+
+>>> cfg = get_config("omniglot-5w1s", alpha=0.1)
+>>> cfg.ways, cfg.shots, cfg.meta_batch, cfg.alpha
+(5, 1, 32, 0.1)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+TASKS = ("sinusoid", "omniglot")
+METHODS = ("alpha-maml", "maml", "fomaml")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """One training run. Sinusoid uses ``shots``/``queries`` as points per task."""
+
+  task: str = "sinusoid"
+  method: str = "alpha-maml"
+  # episodes
+  ways: int = 1
+  shots: int = 10
+  queries: int = 10
+  meta_batch: int = 25
+  # model
+  hidden: int = 40
+  conv_impl: str = "auto"
+  # inner loop
+  inner_steps: int = 1
+  eval_inner_steps: int = 10
+  alpha: float = 0.01
+  # outer loop (Adam)
+  beta: float = 1e-3
+  # hypergradient descent on the rates
+  alpha_lr: float = 2e-6
+  beta_lr: float = 1e-7
+  rate_rule: str = "additive"
+  alpha_min: float = 0.0
+  alpha_max: float = 1e3
+  beta_min: float = 0.0
+  beta_max: float = 1.0
+  # data
+  protocol: str = "maml"
+  image_size: int = 28
+  data_dir: str = ""
+  sampler: str = "device"
+  # run
+  iterations: int = 20000
+  seed: int = 0
+  log_every: int = 500
+  val_every: int = 5000
+  val_tasks: int = 100
+  checkpoint_every: int = 5000
+  eval_tasks: int = 600
+  eval_batch: int = 100
+  max_nonfinite: int = 50
+
+  def validate(self) -> "Config":
+    """Raises ``ValueError`` naming the bad field and what it accepts."""
+    if self.task not in TASKS:
+      raise ValueError(f"task={self.task!r}: use one of {TASKS}")
+    if self.method not in METHODS:
+      raise ValueError(f"method={self.method!r}: use one of {METHODS}")
+    if self.rate_rule not in ("additive", "log", "normalized"):
+      raise ValueError(f"rate_rule={self.rate_rule!r}: use additive, log or normalized")
+    if self.sampler not in ("device", "host"):
+      raise ValueError(f"sampler={self.sampler!r}: use device or host")
+    if self.protocol not in ("maml", "lake"):
+      raise ValueError(f"protocol={self.protocol!r}: use maml or lake")
+    for name in ("ways", "shots", "queries", "meta_batch", "inner_steps", "iterations",
+                 "log_every", "val_tasks", "eval_tasks", "eval_batch", "max_nonfinite", "hidden"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+    if self.eval_inner_steps < 0:
+      raise ValueError(f"eval_inner_steps={self.eval_inner_steps} must be >= 0")
+    for name in ("checkpoint_every", "val_every"):
+      v = getattr(self, name)
+      if v < 0 or (v and v % self.log_every):
+        raise ValueError(f"{name}={v} must be 0 (never) or a multiple of log_every={self.log_every}")
+    if self.alpha < 0 or self.beta <= 0:
+      raise ValueError(f"alpha={self.alpha} must be >= 0 and beta={self.beta} > 0")
+    return self
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> "Config":
+    return cls(**json.loads(text))
+
+
+_OMNIGLOT = dict(task="omniglot", hidden=64, meta_batch=32, queries=15, iterations=60000,
+                 log_every=100, val_every=1000, checkpoint_every=1000, eval_batch=50,
+                 alpha_lr=1e-4, beta_lr=1e-7, alpha_max=10.0)
+CONFIGS: dict[str, Config] = {
+    # MAML's sinusoid regression: 10 support and 10 query points, MLP 1-40-40-1.
+    "sinusoid": Config(),
+    # MAML's Omniglot settings (Finn et al. 2017): 5-way alpha 0.4, 1 step, 32 tasks;
+    # 20-way alpha 0.1, 5 steps, 16 tasks; Adam 1e-3; 60k iterations.
+    "omniglot-5w1s": Config(**{**_OMNIGLOT, "ways": 5, "shots": 1, "alpha": 0.4}),
+    "omniglot-5w5s": Config(**{**_OMNIGLOT, "ways": 5, "shots": 5, "alpha": 0.4}),
+    "omniglot-20w1s": Config(**{**_OMNIGLOT, "ways": 20, "shots": 1, "queries": 5, "alpha": 0.1,
+                                "inner_steps": 5, "meta_batch": 16}),
+    "omniglot-20w5s": Config(**{**_OMNIGLOT, "ways": 20, "shots": 5, "queries": 5, "alpha": 0.1,
+                                "inner_steps": 5, "meta_batch": 16}),
+}
+
+
+def get_config(name: str, **overrides: Any) -> Config:
+  """A named configuration with fields overridden; validated."""
+  if name not in CONFIGS:
+    raise ValueError(f"unknown config {name!r}; choose one of {sorted(CONFIGS)}")
+  fields = {f.name for f in dataclasses.fields(Config)}
+  bad = sorted(set(overrides) - fields)
+  if bad:
+    raise ValueError(f"unknown config field(s) {bad}; fields are {sorted(fields)}")
+  return dataclasses.replace(CONFIGS[name], **overrides).validate()

@@ -1,0 +1,304 @@
+"""Training and evaluation runs: ``amaml train`` / ``amaml evaluate`` (see :mod:`amaml.cli`).
+
+A run is a directory holding ``config.json``, ``metrics.jsonl`` (one line every
+``log_every`` steps: means over those steps, and the rates at their end),
+``checkpoints/`` (Orbax, atomic) and ``results.json`` (the final evaluation, with
+the versions that produced it).
+
+Speed: training advances ``log_every`` meta steps per host call, as one
+``lax.scan`` with episodes sampled on the device (``sampler="device"``), so the
+host only draws the progress bar. The batch of step ``i`` depends only on
+``(seed, i)``, so a resumed run repeats an uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amaml import losses, meta
+from amaml.configs import Config
+from amaml.env import versions
+from amaml.hypergradient import current_learning_rate
+from amaml.stats import mean_confidence_interval
+from amaml.task import TaskBatch
+
+
+class Experiment(NamedTuple):
+  """What a configuration builds: the learner, initial parameters and task samplers."""
+
+  config: Config
+  learner: meta.MetaLearner
+  params: Any
+  data: dict  # split name -> device array of images (or None for sinusoid)
+  sample: Callable[[jax.Array, Any, int], TaskBatch]  # (key, split data, num_tasks) -> batch
+
+
+def build(cfg: Config) -> Experiment:
+  """Model, loss, learner and data for ``cfg``."""
+  cfg.validate()
+  key = jax.random.key(cfg.seed)
+  init_key = jax.random.fold_in(key, 0)
+  if cfg.task == "sinusoid":
+    from amaml.models import MLP
+    from amaml.sinusoid import sinusoid_tasks
+
+    model = MLP(hidden=(cfg.hidden, cfg.hidden), out=1)
+    params = model.init(init_key, jnp.zeros((1, 1), jnp.float32))["params"]
+    loss_fn = losses.mse(lambda p, x: model.apply({"params": p}, x))
+    data = {"train": None, "val": None, "test": None}
+
+    def sample(k, _, n):
+      return sinusoid_tasks(k, n, num_support=cfg.shots, num_query=cfg.queries)
+  else:
+    from amaml.data import load_omniglot, sample_tasks
+    from amaml.models import Conv4
+
+    splits = load_omniglot(cfg.protocol, image_size=cfg.image_size,
+                           omniglot_dir=cfg.data_dir or None)
+    data = {name: jnp.asarray(getattr(splits, name).images)
+            for name in ("train", "val", "test") if getattr(splits, name) is not None}
+    for name, images in data.items():
+      if cfg.ways > images.shape[0]:
+        raise ValueError(f"ways={cfg.ways} is more than the {images.shape[0]} classes of the "
+                         f"{name} split; lower --ways")
+      if cfg.shots + cfg.queries > images.shape[1]:
+        raise ValueError(f"shots + queries = {cfg.shots + cfg.queries} is more than the "
+                         f"{images.shape[1]} examples per class; lower --shots or --queries")
+    model = Conv4(num_classes=cfg.ways, hidden=cfg.hidden, conv_impl=cfg.conv_impl)
+    shape = data["train"].shape[2:]
+    params = model.init(init_key, jnp.zeros((1, *shape), jnp.float32))["params"]
+    loss_fn = losses.cross_entropy(lambda p, x: model.apply({"params": p}, x))
+
+    def sample(k, images, n):
+      return sample_tasks(k, images, cfg.ways, cfg.shots, cfg.queries, n)
+
+  kwargs = dict(alpha=cfg.alpha, beta=cfg.beta, num_steps=cfg.inner_steps,
+                first_order=cfg.method == "fomaml", rate_rule=cfg.rate_rule,
+                alpha_bounds=(cfg.alpha_min, cfg.alpha_max), beta_bounds=(cfg.beta_min, cfg.beta_max))
+  if cfg.method == "alpha-maml":
+    learner = meta.alpha_maml(loss_fn, alpha_lr=cfg.alpha_lr, beta_lr=cfg.beta_lr, **kwargs)
+  else:
+    learner = meta.maml(loss_fn, **kwargs)
+  return Experiment(cfg, learner, params, data, sample)
+
+
+def _keys(cfg: Config):
+  root = jax.random.key(cfg.seed)
+  return jax.random.fold_in(root, 1), jax.random.fold_in(root, 2)  # train, evaluation
+
+
+def _make_chunk(exp: Experiment, length: int):
+  train_key, _ = _keys(exp.config)
+
+  def chunk(state, images, start):
+    def body(st, i):
+      batch = exp.sample(jax.random.fold_in(train_key, i), images, exp.config.meta_batch)
+      return exp.learner.update(st, batch)
+    return jax.lax.scan(body, state, start + jnp.arange(length))
+
+  return jax.jit(chunk, donate_argnums=(0,))
+
+
+def evaluate(exp: Experiment, params, alpha, split: str = "test", num_tasks: int | None = None,
+             inner_steps: int | None = None, progress: bool = False) -> dict:
+  """Meta-test: adapt on ``num_tasks`` fresh tasks of ``split`` and summarise.
+
+  Returns means and 95% confidence half-widths over tasks of the query loss (and
+  accuracy) before and after ``inner_steps`` adaptation steps (default:
+  ``eval_inner_steps``). Tasks depend only on the seed and the split.
+  """
+  cfg = exp.config
+  num_tasks = num_tasks or cfg.eval_tasks
+  inner_steps = cfg.eval_inner_steps if inner_steps is None else inner_steps
+  images = exp.data.get(split)
+  if exp.config.task == "omniglot" and images is None:
+    raise ValueError(f"this protocol has no {split!r} split")
+  _, eval_key = _keys(cfg)
+  eval_key = jax.random.fold_in(eval_key, {"train": 0, "val": 1, "test": 2}[split])
+  per_task: dict[str, list] = {}
+  batches = math.ceil(num_tasks / cfg.eval_batch)
+  it = range(batches)
+  if progress:
+    from tqdm.auto import tqdm
+    it = tqdm(it, desc=f"evaluate {split}", unit="batch", leave=False)
+  for b in it:
+    batch = exp.sample(jax.random.fold_in(eval_key, b), images, cfg.eval_batch)
+    out = exp.learner.evaluate(params, alpha, batch, num_steps=inner_steps)
+    for k, v in out.items():
+      per_task.setdefault(k, []).append(np.asarray(v))
+  summary = {"split": split, "tasks": num_tasks, "inner_steps": inner_steps}
+  for k, v in per_task.items():
+    m, ci = mean_confidence_interval(np.concatenate(v)[:num_tasks])
+    summary[k] = m
+    summary[f"{k}_ci95"] = ci
+  return summary
+
+
+def _jsonable(tree) -> dict:
+  return {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in tree.items()}
+
+
+def _summarise_chunk(ms: dict) -> dict:
+  out = {}
+  for k, v in ms.items():
+    v = np.asarray(v)
+    if k in ("alpha", "beta", "nonfinite_streak"):
+      out[k] = float(v[-1])
+    elif k == "nonfinite":
+      out["nonfinite_steps"] = int(v.sum())
+    else:
+      finite = v[np.isfinite(v)]
+      out[k] = float(finite.mean()) if finite.size else float("nan")
+  return out
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+  if not path.exists():
+    return
+  keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= last_step]
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text("".join(l + "\n" for l in keep))
+  os.replace(tmp, path)
+
+
+def train(cfg: Config, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
+          evaluate_at_end: bool = True) -> tuple[meta.MetaState, dict]:
+  """Trains ``cfg`` into ``out_dir``; with ``resume`` continues from its last checkpoint.
+
+  Returns the final state and the results dict (also written to ``results.json``).
+  Stops with ``FloatingPointError`` after ``max_nonfinite`` non-finite steps in a
+  row (the guard keeps the state finite, so no checkpoint holds NaN).
+  """
+  from amaml.checkpoint import Checkpointer
+
+  cfg.validate()
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  cfg_path = out / "config.json"
+  if cfg_path.exists() and resume:
+    old = Config.from_json(cfg_path.read_text())
+    diff = {f.name: (getattr(old, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(Config)
+            if getattr(old, f.name) != getattr(cfg, f.name) and f.name not in ("iterations",)}
+    if diff:
+      raise ValueError(f"--resume with a configuration that differs from {cfg_path}: {diff}; "
+                       "use the same settings (only iterations may change) or a new --out")
+  elif (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()) and not resume:
+    raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or "
+                          "choose another --out")
+  tmp = cfg_path.with_suffix(".tmp")
+  tmp.write_text(cfg.to_json())
+  os.replace(tmp, cfg_path)
+
+  exp = build(cfg)
+  ckpt = Checkpointer(out / "checkpoints")
+  state = exp.learner.init(exp.params)
+  start = 0
+  if resume and ckpt.latest_step() is not None:
+    state = ckpt.restore(state)
+    start = int(state.step)
+  metrics_path = out / "metrics.jsonl"
+  _truncate_metrics(metrics_path, start)
+  chunk = _make_chunk(exp, cfg.log_every)
+  train_images = exp.data["train"]
+
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=cfg.iterations, initial=start, desc=f"{cfg.method} {cfg.task}", unit="step",
+               dynamic_ncols=True)
+  t_start = time.perf_counter()
+  compile_s = None
+  step = start
+  with open(metrics_path, "a") as log:
+    while step < cfg.iterations:
+      t0 = time.perf_counter()
+      state, ms = chunk(state, train_images, jnp.int32(step))
+      ms = jax.device_get(ms)
+      dt = time.perf_counter() - t0
+      if compile_s is None:
+        compile_s = dt
+      step += cfg.log_every
+      rec = {"step": step, **_summarise_chunk(ms), "steps_per_s": cfg.log_every / dt}
+      if cfg.val_every and step % cfg.val_every == 0 and "val" in exp.data:
+        val = evaluate(exp, state.params, state.alpha, "val", cfg.val_tasks,
+                       inner_steps=cfg.inner_steps)
+        rec.update({f"val_{k}": v for k, v in val.items() if isinstance(v, float)})
+      log.write(json.dumps(rec) + "\n")
+      log.flush()
+      if bar is not None:
+        post = {"loss": f"{rec['loss']:.3f}"}
+        if "accuracy" in rec:
+          post["acc"] = f"{rec['accuracy']:.3f}"
+        post["alpha"] = f"{rec['alpha']:.3g}"
+        if "beta" in rec:
+          post["beta"] = f"{rec['beta']:.3g}"
+        post["it/s"] = f"{rec['steps_per_s']:.1f}"
+        bar.set_postfix(post, refresh=False)
+        bar.update(cfg.log_every)
+      if int(np.asarray(ms["nonfinite_streak"]).max()) >= cfg.max_nonfinite:
+        if bar is not None:
+          bar.close()
+        raise FloatingPointError(
+            f"{cfg.max_nonfinite} non-finite meta steps in a row by step {step}: the state was "
+            f"kept finite and the last good checkpoint is in {ckpt.directory}. Lower --alpha or "
+            "--beta (or their hypergradient rates --alpha_lr/--beta_lr), or use --rate_rule normalized")
+      if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step >= cfg.iterations:
+        ckpt.save(step, state)
+  if bar is not None:
+    bar.close()
+  ckpt.close()
+  train_s = time.perf_counter() - t_start
+  results = {"config": dataclasses.asdict(cfg), "steps": step, "train_seconds": train_s,
+             "first_chunk_seconds_incl_compile": compile_s,
+             "final_alpha": float(meta._tree_mean(state.alpha)),
+             "versions": versions()}
+  beta = current_learning_rate(state.opt_state)
+  results["final_beta"] = None if beta is None else float(beta)
+  if evaluate_at_end:
+    results["test"] = evaluate(exp, state.params, state.alpha, "test", progress=progress)
+  tmp = out / "results.tmp"
+  tmp.write_text(json.dumps(results, indent=1))
+  os.replace(tmp, out / "results.json")
+  return state, results
+
+
+def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[Experiment, meta.MetaState]:
+  """The experiment and state saved in ``run_dir`` (latest checkpoint, or ``step``)."""
+  from amaml.checkpoint import Checkpointer
+
+  run = Path(run_dir)
+  if not (run / "config.json").exists():
+    raise FileNotFoundError(f"{run} has no config.json: is it a run directory written by amaml train?")
+  cfg = Config.from_json((run / "config.json").read_text())
+  exp = build(cfg)
+  ckpt = Checkpointer(run / "checkpoints")
+  state = ckpt.restore(exp.learner.init(exp.params), step)
+  ckpt.close()
+  return exp, state
+
+
+def format_results(results: dict) -> str:
+  """A readable summary of a results dict."""
+  cfg = results.get("config", {})
+  t = results["test"]
+  lines = [f"{cfg.get('method', '?')} on {cfg.get('task', '?')}: {results.get('steps', '?')} meta steps"
+           + (f" in {results['train_seconds']:.0f} s" if "train_seconds" in results else "")]
+  if "post_accuracy" in t:
+    lines.append(f"  meta-test accuracy on {t['tasks']} tasks ({t['inner_steps']} inner steps): "
+                 f"{100 * t['post_accuracy']:.2f}% +- {100 * t['post_accuracy_ci95']:.2f}% (95% CI)")
+  lines.append(f"  query loss before adaptation {t['pre_loss']:.4f} +- {t['pre_loss_ci95']:.4f}, "
+               f"after {t['post_loss']:.4f} +- {t['post_loss_ci95']:.4f}")
+  if "final_alpha" in results:
+    beta = results.get("final_beta")
+    lines.append(f"  final alpha {results['final_alpha']:.4g}"
+                 + (f", final beta {beta:.4g}" if beta is not None else ""))
+  return "\n".join(lines)

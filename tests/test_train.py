@@ -1,0 +1,88 @@
+"""Training runs end to end on sinusoid: resume equals an uninterrupted run, the CLI
+works, bad configurations are named, plots are written."""
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from amaml import cli, train
+from amaml.configs import Config, get_config
+
+
+def _tiny(**kw):
+  base = dict(hidden=16, meta_batch=4, iterations=40, log_every=10, checkpoint_every=20,
+              val_every=0, eval_tasks=20, eval_batch=10)
+  return get_config("sinusoid", **{**base, **kw})
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+  cfg = _tiny()
+  full, _ = train.train(cfg, tmp_path / "full", progress=False, evaluate_at_end=False)
+  half = dataclasses.replace(cfg, iterations=20)
+  train.train(half, tmp_path / "split", progress=False, evaluate_at_end=False)
+  resumed, _ = train.train(cfg, tmp_path / "split", resume=True, progress=False,
+                           evaluate_at_end=False)
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)  # bitwise on CPU
+  m_full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+  m_split = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+  strip = lambda lines: [{k: v for k, v in json.loads(l).items() if k != "steps_per_s"} for l in lines]
+  assert strip(m_full) == strip(m_split) and len(m_full) == 4
+
+
+def test_same_seed_same_metrics_and_loss_falls(tmp_path):
+  cfg = _tiny(iterations=200, log_every=50, checkpoint_every=0)
+  _, r1 = train.train(cfg, tmp_path / "a", progress=False)
+  _, r2 = train.train(cfg, tmp_path / "b", progress=False)
+  assert r1["test"] == r2["test"]
+  recs = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+  assert recs[-1]["loss"] < recs[0]["loss"]
+  assert r1["test"]["post_loss"] < r1["test"]["pre_loss"]
+
+
+def test_refuses_to_overwrite_or_resume_another_config(tmp_path):
+  cfg = _tiny(iterations=20)
+  train.train(cfg, tmp_path / "r", progress=False, evaluate_at_end=False)
+  with pytest.raises(FileExistsError, match="--resume"):
+    train.train(cfg, tmp_path / "r", progress=False, evaluate_at_end=False)
+  with pytest.raises(ValueError, match="differs"):
+    train.train(dataclasses.replace(cfg, hidden=8), tmp_path / "r", resume=True, progress=False)
+
+
+def test_divergence_stops_with_a_clear_message(tmp_path):
+  cfg = _tiny(alpha=1e30, alpha_max=1e31, max_nonfinite=5, iterations=20)
+  with pytest.raises(FloatingPointError, match="non-finite meta steps in a row"):
+    train.train(cfg, tmp_path / "d", progress=False)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"method": "reptile"}, "method"),
+    ({"meta_batch": 0}, "meta_batch"),
+    ({"checkpoint_every": 15}, "multiple of log_every"),
+    ({"rate_rule": "cosine"}, "rate_rule"),
+    ({"colour": 1}, "unknown config field"),
+])
+def test_bad_config_fields_are_named(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    get_config("sinusoid", **overrides)
+
+
+def test_cli_train_evaluate_plot(tmp_path, capsys):
+  run = str(tmp_path / "cli")
+  args = ["train", "--config", "sinusoid", "--out", run, "--hidden", "8", "--meta_batch", "2",
+          "--iterations", "20", "--log_every", "10", "--checkpoint_every", "10", "--val_every", "0",
+          "--eval_tasks", "10", "--eval_batch", "10", "--no_progress"]
+  assert cli.main(args) == 0
+  out = capsys.readouterr().out
+  assert "query loss before adaptation" in out and "final alpha" in out
+  assert cli.main(["evaluate", "--run", run, "--tasks", "10", "--inner_steps", "3"]) == 0
+  assert '"inner_steps": 3' in capsys.readouterr().out
+  pytest.importorskip("matplotlib")
+  assert cli.main(["plot", "--run", run]) == 0
+  for name in ("learning_curves.png", "rates.png"):
+    assert (tmp_path / "cli" / name).stat().st_size > 1000
+  with pytest.raises(SystemExit):
+    cli.main(["train", "--alpha", "fast"])  # wrong type: argparse names the flag
+  assert "--alpha" in capsys.readouterr().err
