@@ -210,3 +210,27 @@ def test_abandoned_iterator_stops_its_thread():
   gc.collect()
   thread.join(timeout=5)
   assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("device", [False, True])
+def test_ordered_class_draws_are_uniform(device):
+  """2-way tasks over 6 classes: all 30 (label 0, label 1) class pairs about equally often."""
+  images = _coded_images(6, 2)
+  if device:
+    batch = jit_sample_tasks(jax.random.key(0), jnp.asarray(images), 2, 1, 1, 6000)
+  else:
+    batch = sample_episodes(0, images, 2, 1, 1, 6000)
+  cls, _ = _decode(batch.support_x)
+  assert (cls[:, 0] != cls[:, 1]).all()
+  counts = np.bincount(cls[:, 0] * 6 + cls[:, 1], minlength=36).reshape(6, 6)
+  assert (np.diag(counts) == 0).all()
+  off = counts[~np.eye(6, dtype=bool)]
+  assert off.min() > 0.7 * 200 and off.max() < 1.3 * 200  # expected 200 each, sd ~14
+
+
+def test_device_sampler_with_many_classes():
+  images = jnp.asarray(_coded_images(250, 3))
+  batch = jit_sample_tasks(jax.random.key(2), images, 20, 1, 2, 64)
+  check_invariants(batch, 20, 1, 2, 64, 250, 3)
+  host = sample_episodes(2, np.asarray(images), 20, 1, 2, 64)
+  check_invariants(host, 20, 1, 2, 64, 250, 3)

@@ -9,9 +9,13 @@ support and query never share an example. Both samplers return a
   support_x float32 [tasks, ways*shots, H, W, C] in [0, 1]   support_y int32 [tasks, ways*shots]
   query_x   float32 [tasks, ways*queries, H, W, C]           query_y   int32 [tasks, ways*queries]
 
-* :func:`sample_episodes`: numpy, vectorised over tasks (no Python loop):
-  random keys per (task, class) and per (task, class, example), the smallest
-  ``k`` by ``argpartition``, ordered by key. Deterministic from the seed or
+Classes are drawn by Floyd's algorithm (a uniform ``ways``-subset from ``ways``
+random integers per task, whatever the number of classes), then put in random
+order; examples are the ``shots + queries`` smallest of uniform random keys per
+(task, class, example), in key order. Both are vectorised over tasks (the only
+Python/``fori_loop`` loop is Floyd's, over the ``ways`` draws).
+
+* :func:`sample_episodes`: numpy. Deterministic from the seed or
   ``numpy.random.Generator``. :class:`EpisodeIterator` runs it in a background
   thread (optionally ``jax.device_put``-ing each batch) so the device never waits.
 * :func:`sample_tasks`: the same with ``jax.random`` on a device-resident uint8
@@ -63,6 +67,17 @@ def _labels(ways: int, per_class: int, num_tasks: int) -> np.ndarray:
   return np.ascontiguousarray(np.broadcast_to(lab, (num_tasks, ways * per_class)))
 
 
+def _floyd(rng: np.random.Generator, n: int, k: int, batch: int) -> np.ndarray:
+  """``[batch, k]`` uniformly random ordered samples of ``k`` distinct ints in ``[0, n)``."""
+  t = rng.integers(0, np.arange(n - k + 1, n + 1), size=(batch, k))  # t[:, i] in [0, n-k+i]
+  chosen = np.empty((batch, k), np.int64)
+  for i in range(k):  # Floyd: draw t in [0, j]; if taken, take j (never taken yet)
+    dup = (chosen[:, :i] == t[:, i:i + 1]).any(axis=1)
+    chosen[:, i] = np.where(dup, n - k + i, t[:, i])
+  order = np.argsort(rng.random((batch, k)), axis=1)  # Floyd's set, in random order
+  return np.take_along_axis(chosen, order, axis=1)
+
+
 def _smallest_sorted(keys: np.ndarray, k: int) -> np.ndarray:
   """Indices of the ``k`` smallest keys along the last axis, in increasing key order."""
   idx = np.argpartition(keys, k - 1, axis=-1)[..., :k]
@@ -76,7 +91,7 @@ def sample_episode_indices(rng, num_classes: int, num_examples: int, ways: int, 
   in the module docstring (``rng``: a seed or a ``numpy.random.Generator``)."""
   rng = np.random.default_rng(rng)
   check_episode_args((num_classes, num_examples, 1), ways, shots, queries, num_tasks)
-  classes = _smallest_sorted(rng.random((num_tasks, num_classes), np.float32), ways)
+  classes = _floyd(rng, num_classes, ways, num_tasks)
   examples = _smallest_sorted(rng.random((num_tasks, ways, num_examples), np.float32),
                               shots + queries)
   return classes, examples
@@ -215,14 +230,33 @@ class EpisodeIterator:
       stop.set()
 
 
+def _floyd_jax(key, n: int, k: int, batch: int):
+  """:func:`_floyd` with ``jax.random`` (a ``fori_loop`` over the ``k`` draws)."""
+  import jax
+  import jax.numpy as jnp
+
+  k_draw, k_order = jax.random.split(key)
+  t = jax.random.randint(k_draw, (batch, k), 0, jnp.arange(n - k + 1, n + 1, dtype=jnp.int32),
+                         dtype=jnp.int32)
+
+  def step(i, chosen):
+    ti = jax.lax.dynamic_index_in_dim(t, i, axis=1, keepdims=False)
+    dup = jnp.any((chosen == ti[:, None]) & (jnp.arange(k) < i), axis=1)
+    return chosen.at[:, i].set(jnp.where(dup, n - k + i, ti))
+
+  chosen = jax.lax.fori_loop(0, k, step, jnp.zeros((batch, k), jnp.int32))
+  order = jnp.argsort(jax.random.uniform(k_order, (batch, k)), axis=1)
+  return jnp.take_along_axis(chosen, order, axis=1)
+
+
 def sample_tasks(key, images, ways: int, shots: int, queries: int, num_tasks: int) -> TaskBatch:
   """On-device :class:`TaskBatch` of N-way K-shot tasks; pure and jittable.
 
   ``images``: uint8 ``[classes, examples, H, W, C]`` (a ``jax.Array``, ideally
   already on the device). ``ways``, ``shots``, ``queries`` and ``num_tasks`` must
   be static under ``jax.jit`` (``static_argnums=(2, 3, 4, 5)``). Classes and
-  examples are the largest ``k`` of uniform keys (``lax.top_k``): distinct, in
-  random order.
+  draws as the host sampler (Floyd's algorithm for classes, ``lax.top_k`` of
+  uniform keys for examples), with ``jax.random``.
 
   >>> import jax, jax.numpy as jnp
   >>> images = jnp.zeros((10, 5, 4, 4, 1), jnp.uint8)
@@ -240,7 +274,7 @@ def sample_tasks(key, images, ways: int, shots: int, queries: int, num_tasks: in
     raise TypeError(f"images must be uint8 [classes, examples, H, W, C], got {images.dtype}")
   num_classes, num_examples = images.shape[0], images.shape[1]
   k_cls, k_ex = jax.random.split(key)
-  _, classes = jax.lax.top_k(jax.random.uniform(k_cls, (num_tasks, num_classes)), ways)
+  classes = _floyd_jax(k_cls, num_classes, ways, num_tasks)
   _, examples = jax.lax.top_k(jax.random.uniform(k_ex, (num_tasks, ways, num_examples)),
                               shots + queries)
   picked = jnp.asarray(images)[classes[:, :, None], examples]  # [tasks, ways, s+q, H, W, C]

@@ -12,7 +12,8 @@ dataset (:mod:`amaml.data.tfds_omniglot`; never downloaded from here).
 **Pre-processing** (once): ink = 1.0, paper = 0.0, resized 105 -> ``image_size``
 with Pillow's BOX filter (area average, the filter the peer baselines use),
 stored as ``round(255 * ink)``. The result, all 1,623 characters background
-first, is cached as ``omniglot_<size>px_<source checksum>.npz`` in ``cache_dir``,
+first, is cached as ``omniglot_<size>px_<arrays|tfds>_<source checksum>.npz`` (the
+checksum: SHA-256 of the two ``.npz`` files, or of the prepared TFDS files) in ``cache_dir``,
 else ``$AMAML_CACHE_DIR``, else ``~/.cache/amaml``, written atomically (temporary
 file + ``os.replace``), so concurrent runs are safe.
 
