@@ -8,8 +8,9 @@ import platform
 def versions() -> dict:
   """Versions of amaml and the libraries it runs on, the backend and the machine.
 
-  >>> sorted(versions())[:3]
-  ['amaml', 'backend', 'cpu']
+  >>> v = versions()
+  >>> {"amaml", "jax", "backend"} <= set(v)
+  True
   """
   import flax
   import jax
