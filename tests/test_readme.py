@@ -1,0 +1,28 @@
+"""The README's code runs as written (with fewer iterations)."""
+import re
+from pathlib import Path
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def _blocks():
+  return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def test_readme_training_loop_runs(capsys):
+  code = _blocks()[0].replace("range(20000)", "range(30)").replace("600)", "20)")
+  exec(compile(code, "README.md", "exec"), {})
+  out = capsys.readouterr().out.splitlines()
+  assert out[0].startswith("0 ") and "(" in out[-1]
+
+
+def test_readme_optax_snippet_runs():
+  import jax.numpy as jnp
+  import optax
+  import amaml
+  code = _blocks()[1]
+  params = jnp.ones(3)
+  env = {"optax": optax, "amaml": amaml}
+  exec(compile(code.replace("amaml.current_learning_rate(opt_state)", "pass"), "README.md", "exec"), env)
+  state = env["opt"].init(params)
+  assert abs(float(amaml.current_learning_rate(state)) - 0.01) < 1e-9
