@@ -57,6 +57,8 @@ class Config:
   eval_tasks: int = 600
   eval_batch: int = 100
   max_nonfinite: int = 50
+  # data parallelism (amaml.sharding): 1 = one device; 0 = all devices; n = the first n
+  devices: int = 1
 
   def validate(self) -> "Config":
     """Raises ``ValueError`` naming the bad field and what it accepts."""
@@ -74,6 +76,8 @@ class Config:
                  "log_every", "val_tasks", "eval_tasks", "eval_batch", "max_nonfinite", "hidden"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+    if self.devices < 0:
+      raise ValueError(f"devices={self.devices} must be >= 0 (0 = all devices, 1 = one device)")
     if self.eval_inner_steps < 0:
       raise ValueError(f"eval_inner_steps={self.eval_inner_steps} must be >= 0")
     for name in ("checkpoint_every", "val_every"):

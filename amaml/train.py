@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amaml import losses, meta
+from amaml import losses, meta, sharding
 from amaml.configs import Config
 from amaml.env import versions
 from amaml.hypergradient import current_learning_rate
@@ -96,16 +96,22 @@ def _keys(cfg: Config):
   return jax.random.fold_in(root, 1), jax.random.fold_in(root, 2)  # train, evaluation
 
 
-def _make_chunk(exp: Experiment, length: int):
+def _make_chunk(exp: Experiment, length: int, mesh=None):
+  """``length`` meta steps as one jitted scan; with a ``mesh`` (:mod:`amaml.sharding`) each
+  sampled batch is split over its devices by task and the state stays replicated."""
   train_key, _ = _keys(exp.config)
 
   def chunk(state, images, start):
     def body(st, i):
       batch = exp.sample(jax.random.fold_in(train_key, i), images, exp.config.meta_batch)
+      if mesh is not None:
+        batch = sharding.constrain_batch(batch, mesh)
       return exp.learner.update(st, batch)
     return jax.lax.scan(body, state, start + jnp.arange(length))
 
-  return jax.jit(chunk, donate_argnums=(0,))
+  if mesh is None:
+    return jax.jit(chunk, donate_argnums=(0,))
+  return jax.jit(chunk, donate_argnums=(0,), out_shardings=sharding.replicated(mesh))
 
 
 def evaluate(exp: Experiment, params, alpha, split: str = "test", num_tasks: int | None = None,
@@ -181,16 +187,20 @@ def train(cfg: Config, out_dir: str | os.PathLike, *, resume: bool = False, prog
   from amaml.checkpoint import Checkpointer
 
   cfg.validate()
+  mesh = None
+  if cfg.devices != 1:  # before any file is written: fails on too few devices or an uneven split
+    mesh = sharding.task_mesh(cfg.devices)
+    sharding.check_divisible(cfg.meta_batch, mesh)
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   cfg_path = out / "config.json"
   if cfg_path.exists() and resume:
     old = Config.from_json(cfg_path.read_text())
     diff = {f.name: (getattr(old, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(Config)
-            if getattr(old, f.name) != getattr(cfg, f.name) and f.name not in ("iterations",)}
+            if getattr(old, f.name) != getattr(cfg, f.name) and f.name not in ("iterations", "devices")}
     if diff:
       raise ValueError(f"--resume with a configuration that differs from {cfg_path}: {diff}; "
-                       "use the same settings (only iterations may change) or a new --out")
+                       "use the same settings (only iterations and devices may change) or a new --out")
   elif (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()) and not resume:
     raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or "
                           "choose another --out")
@@ -207,8 +217,10 @@ def train(cfg: Config, out_dir: str | os.PathLike, *, resume: bool = False, prog
     start = int(state.step)
   metrics_path = out / "metrics.jsonl"
   _truncate_metrics(metrics_path, start)
-  chunk = _make_chunk(exp, cfg.log_every)
   train_images = exp.data["train"]
+  if mesh is not None:  # data parallel: tasks split over devices, state and images replicated
+    state, train_images = sharding.replicate((state, train_images), mesh)
+  chunk = _make_chunk(exp, cfg.log_every, mesh)
 
   bar = None
   if progress:

@@ -1,0 +1,180 @@
+"""Data-parallel meta-training: the task batch sharded over devices with JAX's own sharding.
+
+The meta step is unchanged; only where its arrays live changes. A 1-D
+:class:`jax.sharding.Mesh` with one axis, ``"tasks"``, spans the devices; every
+:class:`~amaml.task.TaskBatch` is split on its leading (task) axis
+(``NamedSharding(mesh, P("tasks"))``) and the :class:`~amaml.meta.MetaState` is
+replicated (``P()``). Each device then adapts its own tasks (the task ``vmap``
+is partitioned), and XLA's partitioner inserts the all-reduce that turns the
+per-device sums into the mean meta-gradient and hypergradients, so every device
+takes the same optimizer step and the state stays replicated. Nothing here
+moves data by hand.
+
+    mesh = task_mesh()                        # all devices
+    step = sharded_step(learner, mesh)        # jitted: replicated state, sharded batch
+    state = replicate(learner.init(params), mesh)
+    state, metrics = step(state, shard_batch(batch, mesh))
+
+Inside a jitted function that samples its own tasks (as :mod:`amaml.train`
+does under ``lax.scan``), :func:`constrain_batch` marks the sampled batch as
+sharded with :func:`jax.lax.with_sharding_constraint`; with JAX's partitionable
+Threefry (the default) the random draws do not depend on the device count, so
+the tasks, and hence the results, equal the single-device run up to the order
+of the floating-point reductions.
+
+The number of tasks must be a multiple of the number of devices (every device
+gets the same share); :func:`check_divisible` says so with the fix.
+
+**Several hosts.** Start every process with :func:`jax.distributed.initialize`
+(coordinator address, number of processes and process id, or the cluster's
+auto-detection) *before* any other JAX call; then ``jax.devices()`` lists the
+devices of all processes and ``task_mesh()`` is a global mesh over them. Run
+the same program on every host. On-device sampling (``amaml train``, the
+default ``sampler="device"``) needs nothing else: every process traces the same
+global batch and computes its own shards. Batches made on the host are passed
+as each process's local slice of the global batch: :func:`shard_batch` then
+uses :func:`jax.make_array_from_process_local_data`. Checkpoints of the
+replicated state are written by Orbax from the primary process. (Multi-host
+use is documented here, not tested: the tests run one process with several
+forced CPU devices, ``XLA_FLAGS=--xla_force_host_platform_device_count=4``.)
+
+>>> import jax, numpy as np
+>>> from amaml.task import TaskBatch
+>>> mesh = task_mesh()
+>>> batch = shard_batch(TaskBatch(*[np.zeros((4, 5, 1), np.float32)] * 4), mesh)
+>>> batch.support_x.sharding.spec
+PartitionSpec('tasks',)
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from amaml.task import TaskBatch
+
+AXIS = "tasks"
+
+
+def task_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh with axis ``"tasks"``.
+
+  Args:
+    devices: ``None`` or ``0``: all devices (``jax.devices()``: the local ones on
+      one host, those of every process after :func:`jax.distributed.initialize`);
+      an int ``n``: the first ``n`` of them; or a sequence of devices.
+  """
+  available = jax.devices()
+  if devices is None or (isinstance(devices, (int, np.integer)) and not isinstance(devices, bool)
+                         and devices == 0):
+    chosen = available
+  elif isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+    if devices < 0:
+      raise ValueError(f"devices={devices} must be >= 0 (0 = all devices)")
+    if devices > len(available):
+      raise ValueError(
+          f"devices={devices} but only {len(available)} {jax.default_backend()} device(s) are "
+          f"available; use --devices {len(available)} (or 0 for all). On CPU, set "
+          f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before starting Python "
+          "to emulate more")
+    chosen = available[:devices]
+  else:
+    chosen = list(devices)
+    if not chosen:
+      raise ValueError("task_mesh needs at least one device")
+  return Mesh(np.asarray(chosen, dtype=object), (AXIS,))
+
+
+def task_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (task) axis split over the mesh, the rest of each array whole."""
+  return NamedSharding(mesh, P(AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """A full copy on every device of the mesh."""
+  return NamedSharding(mesh, P())
+
+
+def check_divisible(num_tasks: int, mesh: Mesh, what: str = "meta_batch") -> None:
+  """Raises ``ValueError`` unless ``num_tasks`` splits evenly over the mesh's devices."""
+  n = mesh.size
+  if num_tasks % n:
+    lo, hi = (num_tasks // n) * n, -(-num_tasks // n) * n
+    options = " or ".join(str(v) for v in (lo, hi) if v > 0)
+    raise ValueError(
+        f"{what}={num_tasks} tasks cannot be split evenly over {n} devices: make {what} a "
+        f"multiple of {n} (e.g. {options}) or use fewer devices (--devices, or "
+        "task_mesh(devices=...))")
+
+
+def _num_tasks(batch: TaskBatch) -> int:
+  leaves = jax.tree.leaves(batch)
+  if not leaves or any(np.ndim(x) < 1 for x in leaves):
+    raise ValueError("a sharded batch needs a leading task axis on every array")
+  sizes = {int(np.shape(x)[0]) for x in leaves}
+  if len(sizes) != 1:
+    raise ValueError(f"batch arrays disagree on the number of tasks (leading axis): {sorted(sizes)}")
+  return sizes.pop()
+
+
+def shard_batch(batch: TaskBatch, mesh: Mesh) -> TaskBatch:
+  """Puts ``batch`` on the mesh, split on the task axis.
+
+  With several processes, ``batch`` is this process's slice of the global batch
+  (its tasks, in process order), assembled with
+  :func:`jax.make_array_from_process_local_data`.
+  """
+  sharding = task_sharding(mesh)
+  if jax.process_count() > 1:
+    check_divisible(_num_tasks(batch) * jax.process_count(), mesh, "num_tasks")
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                        batch)
+  check_divisible(_num_tasks(batch), mesh, "num_tasks")
+  return jax.device_put(batch, sharding)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Puts every array of ``tree`` (a state, parameters, images) on all devices of the mesh."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def constrain_batch(batch: TaskBatch, mesh: Mesh) -> TaskBatch:
+  """Inside ``jit``: marks ``batch`` as split on the task axis (a sharding constraint).
+
+  The task count is static under ``jit``, so a bad count fails at trace time.
+  """
+  check_divisible(_num_tasks(batch), mesh)
+  return jax.lax.with_sharding_constraint(batch, task_sharding(mesh))
+
+
+def sharded_step(learner, mesh: Mesh, donate: bool = False) -> Callable:
+  """``learner.update`` jitted for ``mesh``: state replicated, batch split by task.
+
+  Returns ``step(state, batch) -> (state, metrics)`` like ``learner.step``. The
+  state comes out replicated on the mesh and the batch is put on the mesh if it
+  is not already, so the compiled step is reused from the second call on.
+  """
+  rep = replicated(mesh)
+  tasks = task_sharding(mesh)
+
+  def update(state, batch):
+    return learner.update(state, jax.lax.with_sharding_constraint(batch, tasks))
+
+  jitted = jax.jit(update, out_shardings=(rep, rep), donate_argnums=(0,) if donate else ())
+
+  def step(state, batch):
+    check_divisible(_num_tasks(batch), mesh, "num_tasks")
+    state = jax.tree.map(lambda x: x if _has_sharding(x, rep) else jax.device_put(x, rep), state)
+    batch = jax.tree.map(lambda x: x if _has_sharding(x, tasks) else jax.device_put(x, tasks),
+                         batch)
+    return jitted(state, batch)
+
+  step.jitted = jitted  # for inspection (e.g. ``step.jitted._cache_size()``)
+  return step
+
+
+def _has_sharding(x, sharding: NamedSharding) -> bool:
+  s = getattr(x, "sharding", None)
+  return s is not None and s == sharding
