@@ -1,0 +1,495 @@
+"""A training run survives faults and bad input.
+
+* Faults: ``amaml train`` killed with SIGKILL (at random moments, and in the middle of a
+  checkpoint write) and resumed with ``--resume`` ends bitwise equal to an uninterrupted
+  run; checkpoints stay readable after every kill.
+* Divergence: rates 100x too large either adapt back or stop with a clear
+  ``FloatingPointError``; no checkpoint ever holds a non-finite value.
+* Bad input: every case fails with an error naming the problem and the fix.
+* Determinism across seeds, and checkpoints that never unpickle.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import amaml
+from amaml import cli, train, validate
+from amaml.checkpoint import Checkpointer
+from amaml.configs import Config, get_config
+from amaml.data import ClassImages, load_omniglot, read_omniglot_arrays, sample_episodes
+from amaml.data import sample_tasks, write_omniglot_arrays
+from amaml.task import TaskBatch, check_task_batch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(hidden=8, meta_batch=2, log_every=10, checkpoint_every=10, val_every=0, eval_tasks=10,
+            eval_batch=10)
+
+
+# --- faults ------------------------------------------------------------------------------------
+
+def _cmd(out: Path, iterations: int, resume: bool = False) -> list[str]:
+  cmd = [sys.executable, "-m", "amaml", "train", "--config", "sinusoid", "--no_progress",
+         "--iterations", str(iterations), "--out", str(out)]
+  for k, v in TINY.items():
+    cmd += [f"--{k}", str(v)]
+  return cmd + (["--resume"] if resume else [])
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """Subprocess environment. The runs share a persistent compilation cache (each process
+  would otherwise spend ~4 s compiling the same programs); a cached executable is the
+  same program, so bitwise comparisons still hold."""
+  return {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
+          "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def _start(env: dict, out: Path, iterations: int, resume: bool = False) -> subprocess.Popen:
+  out.mkdir(parents=True, exist_ok=True)
+  err = open(out.parent / f"{out.name}.stderr", "ab")
+  return subprocess.Popen(_cmd(out, iterations, resume), cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=err)
+
+
+def _lines(out: Path) -> int:
+  try:
+    return len((out / "metrics.jsonl").read_text().splitlines())
+  except FileNotFoundError:
+    return 0
+
+
+def _writing_checkpoint(out: Path) -> bool:
+  try:
+    return any("tmp" in name for name in os.listdir(out / "checkpoints"))
+  except FileNotFoundError:
+    return False
+
+
+def _kill_when(proc: subprocess.Popen, ready, delay: float = 0.0, timeout: float = 120,
+               kill: bool = True) -> bool:
+  """SIGKILLs ``proc`` ``delay`` seconds after ``ready()`` holds; False if it ended first.
+  With ``kill=False`` only waits for ``ready()``."""
+  t_end = time.monotonic() + timeout
+  while proc.poll() is None and not ready():
+    if time.monotonic() > t_end:
+      proc.kill()
+      raise TimeoutError("the training subprocess made no progress")
+    time.sleep(0.002)
+  if delay:
+    time.sleep(delay)
+  if not kill or proc.poll() is not None:
+    return False
+  proc.send_signal(signal.SIGKILL)
+  return proc.wait() == -signal.SIGKILL
+
+
+@functools.lru_cache(maxsize=None)
+def _target(cfg: Config = get_config("sinusoid", **TINY)):
+  """A state of ``cfg``'s structure, shapes and dtypes (a restore target; never donated)."""
+  exp = train.build(cfg)
+  return exp.learner.init(exp.params)
+
+
+def _assert_readable(out: Path) -> None:
+  """After a kill: the latest checkpoint restores, is finite, and metrics.jsonl parses."""
+  for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []:
+    json.loads(line)
+  if not (out / "checkpoints").exists():
+    return
+  ckpt = Checkpointer(out / "checkpoints")
+  step = ckpt.latest_step()
+  if step is not None:
+    state = ckpt.restore(_target())
+    assert int(state.step) == step
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+  ckpt.close()
+
+
+def _final(out: Path, iterations: int):
+  ckpt = Checkpointer(out / "checkpoints")
+  assert ckpt.latest_step() == iterations
+  leaves = [np.asarray(x) for x in jax.tree.leaves(ckpt.restore(_target()))]
+  ckpt.close()
+  metrics = [{k: v for k, v in json.loads(l).items() if k != "steps_per_s"}
+             for l in (out / "metrics.jsonl").read_text().splitlines()]
+  test = json.loads((out / "results.json").read_text())["test"]
+  return leaves, metrics, test
+
+
+def _assert_same_run(a: Path, b: Path, iterations: int) -> None:
+  leaves_a, metrics_a, test_a = _final(a, iterations)
+  leaves_b, metrics_b, test_b = _final(b, iterations)
+  for x, y in zip(leaves_a, leaves_b, strict=True):
+    np.testing.assert_array_equal(x, y)  # bitwise on CPU
+  assert metrics_a == metrics_b and len(metrics_a) == iterations // TINY["log_every"]
+  assert test_a == test_b
+  _assert_no_pickle(a)
+  _assert_no_pickle(b)
+
+
+def _assert_no_pickle(run: Path) -> None:
+  names = [p.name for p in run.rglob("*") if p.is_file()]
+  assert not [n for n in names if n.endswith((".pkl", ".pickle", ".pck"))], names
+
+
+def _finish(env: dict, out: Path, iterations: int) -> None:
+  proc = _start(env, out, iterations, resume=True)
+  assert proc.wait(timeout=300) == 0, (out.parent / f"{out.name}.stderr").read_text()[-3000:]
+
+
+def _reference(env: dict, out: Path, iterations: int) -> subprocess.Popen:
+  """Starts the uninterrupted run; returns once it has compiled (its first metrics line),
+  so the runs started next find the training step in the compilation cache."""
+  ref = _start(env, out, iterations)
+  _target()  # meanwhile, build the restore target here
+  _kill_when(ref, lambda: _lines(out) >= 1, timeout=120, kill=False)
+  return ref
+
+
+def test_sigkill_once_then_resume_equals_uninterrupted_run(tmp_path, env):
+  """One kill at a random moment of training; the reference runs alongside."""
+  rng = random.Random(0)
+  iterations = 60
+  ref = _reference(env, tmp_path / "ref", iterations)
+  victim = _start(env, tmp_path / "victim", iterations)
+  k = rng.randint(1, 3)
+  assert _kill_when(victim, lambda: _lines(tmp_path / "victim") >= k, rng.uniform(0, 0.05))
+  assert ref.wait(timeout=300) == 0
+  _assert_readable(tmp_path / "victim")
+  _finish(env, tmp_path / "victim", iterations)
+  _assert_same_run(tmp_path / "ref", tmp_path / "victim", iterations)
+
+
+@pytest.mark.slow
+def test_sigkill_repeatedly_then_resume_equals_uninterrupted_run(tmp_path, env):
+  """Four kills (three at random moments, one while a checkpoint is being written), each
+  followed by ``--resume``; the result equals one uninterrupted run bitwise."""
+  rng = random.Random(1)
+  iterations = 400
+  run = tmp_path / "victim"
+  ref = _reference(env, tmp_path / "ref", iterations)
+  proc = _start(env, run, iterations)
+  kills = 0
+  for i in range(4):
+    if i:
+      proc = _start(env, run, iterations, resume=True)
+    k = _lines(run) + rng.randint(1, 6)
+    if i == 2:  # mid-write: the checkpoint directory still has its temporary name
+      ready = lambda: _lines(run) >= k and _writing_checkpoint(run)
+      delay = 0.0
+    else:
+      ready, delay = (lambda: _lines(run) >= k), rng.uniform(0, 0.2)
+    killed = _kill_when(proc, ready, delay)
+    kills += killed
+    if i == 2:
+      assert killed, "the run ended before a checkpoint write could be interrupted"
+    _assert_readable(run)
+  assert kills >= 3
+  assert ref.wait(timeout=300) == 0
+  _finish(env, run, iterations)
+  _assert_same_run(tmp_path / "ref", run, iterations)
+
+
+# --- divergence ---------------------------------------------------------------------------------
+
+def _checkpoints_finite(run: Path, cfg: Config) -> list[int]:
+  steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+  ckpt = Checkpointer(run / "checkpoints")
+  for step in steps:
+    state = ckpt.restore(_target(cfg), step)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state)), step
+  ckpt.close()
+  return steps
+
+
+@pytest.mark.parametrize("overrides, outcome", [
+    ({"alpha": 1.0}, "adapts"),  # alpha_0 100x the default: the hypergradient brings it back
+    ({"beta": 0.1}, "finite"),  # beta_0 100x: training stays finite
+    ({"beta": 1e30, "beta_max": 1e31, "max_nonfinite": 3}, "stops"),  # hopeless: stops
+])
+def test_rates_far_too_large_adapt_back_or_stop_cleanly(tmp_path, overrides, outcome):
+  cfg = get_config("sinusoid", **{**TINY, "meta_batch": 4, "hidden": 16, "iterations": 40,
+                                  **overrides})
+  try:
+    state, _ = train.train(cfg, tmp_path / "r", progress=False, evaluate_at_end=False)
+    stopped = None
+  except FloatingPointError as e:
+    stopped = str(e)
+  if outcome == "stops":
+    assert stopped is not None and "non-finite meta steps in a row" in stopped
+    assert "Lower --alpha or --beta" in stopped and "last good checkpoint" in stopped
+  else:
+    assert stopped is None, stopped
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
+    recs = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite(recs[-1]["loss"])
+    if outcome == "adapts":
+      assert recs[-1]["alpha"] < 0.1 * cfg.alpha
+  steps = _checkpoints_finite(tmp_path / "r", cfg)  # never a NaN written
+  assert steps or outcome == "stops"
+
+
+def test_checkpointer_refuses_non_finite_state(tmp_path):
+  state = _target()
+  ckpt = Checkpointer(tmp_path / "c")
+  bad = state._replace(params=jax.tree.map(lambda x: x.at[0].set(jnp.nan) if x.ndim else x,
+                                           state.params))
+  with pytest.raises(FloatingPointError, match="refusing to checkpoint non-finite state at step 7"):
+    ckpt.save(7, bad)
+  inf_alpha = state._replace(alpha=jnp.float32(jnp.inf))
+  with pytest.raises(FloatingPointError, match="non-finite"):
+    ckpt.save(8, inf_alpha)
+  assert ckpt.latest_step() is None and not any(p.name.isdigit() for p in (tmp_path / "c").iterdir())
+  ckpt.save(9, state)
+  assert ckpt.latest_step() == 9
+  ckpt.close()
+
+
+def test_non_finite_inputs_are_flagged_and_skipped_by_the_guard():
+  model = amaml.models.MLP(hidden=(8, 8))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 1)))["params"]
+  learner = amaml.alpha_maml(amaml.losses.mse(lambda p, x: model.apply({"params": p}, x)))
+  state = learner.init(params)
+  batch = amaml.sinusoid_tasks(jax.random.key(0), 4)
+  bad = batch._replace(support_x=batch.support_x.at[1, 2, 0].set(jnp.nan))
+  new, metrics = learner.step(state, bad)
+  assert bool(metrics["nonfinite"]) and int(metrics["nonfinite_streak"]) == 1
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
+    np.testing.assert_array_equal(a, b)  # the step was skipped
+  with pytest.raises(ValueError, match=r"support_x has 1 non-finite value.*clean the data"):
+    validate.check_finite_batch(bad)
+  good, metrics = learner.step(new, batch)
+  assert not bool(metrics["nonfinite"]) and int(good.nonfinite_streak) == 0
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+def _cli(*args: str) -> None:
+  """Runs the CLI; raises ``ValueError`` with its stderr if it refuses the arguments."""
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    try:
+      code = cli.main(list(args))
+    except SystemExit as e:
+      code = e.code
+  if code:
+    raise ValueError(err.getvalue())
+
+
+def _images(classes=4, examples=3, dtype=np.uint8):
+  return np.zeros((classes, examples, 2, 2, 1), dtype)
+
+
+def _cls_batch(tasks=2, ways=3, shape=(4, 4, 1), x_dtype=np.float32, y_dtype=np.int32,
+               y_shift=0, query_shape=None):
+  sx = np.zeros((tasks, ways, *shape), x_dtype)
+  qx = np.zeros((tasks, ways, *(query_shape or shape)), x_dtype)
+  y = (np.tile(np.arange(ways), (tasks, 1)) + y_shift).astype(y_dtype)
+  return TaskBatch(sx, y, qx, y)
+
+
+def _omniglot_dir(tmp: Path, corrupt: str) -> Path:
+  d = write_omniglot_arrays(tmp / "omniglot", np.ones((2, 2, 105, 105), bool),
+                            np.ones((2, 2, 105, 105), bool))
+  bg = d / "images_background.npz"
+  if corrupt == "empty":
+    bg.write_bytes(b"")
+    (d / "SHA256SUMS").unlink()
+  elif corrupt == "garbage":
+    bg.write_bytes(b"not a zip file at all")
+  elif corrupt == "garbage_nosums":
+    bg.write_bytes(b"PK\x03\x04 truncated")
+    (d / "SHA256SUMS").unlink()
+  elif corrupt == "missing":
+    bg.unlink()
+  elif corrupt == "no_images":
+    np.savez(bg, labels=np.zeros(3))
+    (d / "SHA256SUMS").unlink()
+  return d
+
+
+def _saved_checkpoint(tmp: Path, hidden: int) -> Checkpointer:
+  exp = train.build(get_config("sinusoid", hidden=hidden, meta_batch=2))
+  ckpt = Checkpointer(tmp / f"ckpt{hidden}")
+  ckpt.save(1, exp.learner.init(exp.params))
+  return ckpt
+
+
+def _restore_mismatch(tmp: Path):
+  ckpt = _saved_checkpoint(tmp, hidden=8)
+  exp = train.build(get_config("sinusoid", hidden=16, meta_batch=2))
+  ckpt.restore(exp.learner.init(exp.params))
+
+
+def _resume_other_hidden(tmp: Path):
+  run = tmp / "run"
+  run.mkdir()
+  (run / "config.json").write_text(get_config("sinusoid", hidden=8).to_json())
+  train.train(get_config("sinusoid", hidden=16), run, resume=True, progress=False)
+
+
+BAD_INPUT = {
+    # images and episodes (amaml.data)
+    "image rank": (lambda t: ClassImages(np.zeros((2, 3, 4, 4), np.uint8)),
+                   ValueError, r"5-D \[classes, examples, H, W, C\].*add a channel axis"),
+    "image dtype": (lambda t: ClassImages.from_arrays(np.zeros((2, 5, 3, 3), np.float32)),
+                    TypeError, r"must be uint8.*convert floats"),
+    "one example per class": (lambda t: ClassImages(_images(examples=1)),
+                              ValueError, r"at least 2 examples per class.*gather more"),
+    "class names": (lambda t: ClassImages(_images(), class_names=("a",)),
+                    ValueError, r"1 class names for 4 classes.*one name per class"),
+    "ways > classes": (lambda t: sample_episodes(0, _images(), ways=5, shots=1, queries=1,
+                                                 num_tasks=1),
+                       ValueError, r"ways=5 exceeds the 4 classes.*lower ways"),
+    "shots+queries > examples": (lambda t: sample_episodes(0, _images(), ways=2, shots=2,
+                                                           queries=2, num_tasks=1),
+                                 ValueError, r"exceeds the 3 examples per class.*lower them"),
+    "device sampler dtype": (lambda t: sample_tasks(jax.random.key(0),
+                                                    jnp.zeros((4, 3, 2, 2, 1), jnp.float32),
+                                                    2, 1, 1, 2),
+                             TypeError, r"images must be uint8"),
+    # data files
+    "empty data file": (lambda t: read_omniglot_arrays(_omniglot_dir(t, "empty")),
+                        ValueError, r"corrupt or not an \.npz file.*copy it again"),
+    "corrupt data file (checksum)": (lambda t: read_omniglot_arrays(_omniglot_dir(t, "garbage")),
+                                     ValueError, r"is corrupt: its SHA-256.*copy the file again"),
+    "corrupt data file (no checksum)": (
+        lambda t: read_omniglot_arrays(_omniglot_dir(t, "garbage_nosums")),
+        ValueError, r"corrupt or not an \.npz file.*copy it again"),
+    "missing data file": (lambda t: read_omniglot_arrays(_omniglot_dir(t, "missing")),
+                          FileNotFoundError, r"missing Omniglot file.*point omniglot_dir"),
+    "data file without images": (lambda t: read_omniglot_arrays(_omniglot_dir(t, "no_images")),
+                                 ValueError, r"has no 'images' array.*not an Omniglot"),
+    "data folder missing": (lambda t: load_omniglot("maml", omniglot_dir=t / "nowhere",
+                                                    cache_dir=t / "cache"),
+                            FileNotFoundError, r"does not exist: point omniglot_dir"),
+    # task batches (amaml.task, amaml.validate)
+    "tasks disagree": (lambda t: check_task_batch(TaskBatch(*[np.zeros((n, 5, 1)) for n in (2, 2, 3, 3)])),
+                       ValueError, r"disagree on the number of tasks"),
+    "unpaired examples": (lambda t: check_task_batch(TaskBatch(np.zeros((2, 5, 1)), np.zeros((2, 4, 1)),
+                                                               np.zeros((2, 5, 1)), np.zeros((2, 5, 1)))),
+                          ValueError, r"support_x has 5 examples per task but support_y has 4.*paired"),
+    "labels out of range": (lambda t: validate.check_classification_batch(_cls_batch(y_shift=1), 3),
+                            ValueError, r"labels from 1 to 3.*needs labels in 0\.\.2; relabel"),
+    "negative labels": (lambda t: validate.check_classification_batch(_cls_batch(y_shift=-1), 3),
+                        ValueError, r"labels from -1 to 1.*relabel"),
+    "float labels": (lambda t: validate.check_classification_batch(_cls_batch(y_dtype=np.float32), 3),
+                     TypeError, r"integer class indices, got float32.*astype\(np\.int32\)"),
+    "one-hot labels": (lambda t: validate.check_classification_batch(
+        _cls_batch()._replace(query_y=np.eye(3, dtype=np.float32)[None].repeat(2, 0)), 3),
+                       ValueError, r"looks one-hot.*argmax"),
+    "uint8 inputs": (lambda t: validate.check_classification_batch(_cls_batch(x_dtype=np.uint8), 3),
+                     TypeError, r"uint8 \(raw pixels\).*/ 255"),
+    "wrong image shape": (lambda t: validate.check_classification_batch(_cls_batch(shape=(4, 4)), 3,
+                                                                        example_shape=(4, 4, 1)),
+                          ValueError, r"shape \(4, 4\) but the model expects \(4, 4, 1\).*channel axis"),
+    "support/query shapes": (lambda t: validate.check_classification_batch(
+        _cls_batch(query_shape=(5, 5, 1)), 3), ValueError, r"differ in shape.*same images"),
+    "non-finite inputs": (lambda t: validate.check_regression_batch(
+        amaml.sinusoid_tasks(jax.random.key(0), 2)._replace(query_y=np.full((2, 10, 1), np.inf, np.float32))),
+                          ValueError, r"query_y has 20 non-finite.*clean the data"),
+    "integer regression targets": (lambda t: validate.check_regression_batch(
+        TaskBatch(*[np.zeros((2, 5, 1), np.int32)] * 4)), TypeError, r"floating point.*astype"),
+    # checkpoints and runs
+    "restore into another config": (_restore_mismatch, ValueError,
+                                    r"does not match this configuration.*configuration that wrote it"),
+    "restore with no checkpoint": (lambda t: Checkpointer(t / "empty").restore(_target()),
+                                   FileNotFoundError, r"no checkpoint in"),
+    "--resume with other hidden": (_resume_other_hidden, ValueError,
+                                   r"differs from .*'hidden': \(8, 16\).*or a new --out"),
+    "not a run directory": (lambda t: train.load_run(t),
+                            FileNotFoundError, r"no config\.json.*amaml train"),
+    # configuration and command line
+    "CLI field of wrong type": (lambda t: _cli("train", "--hidden", "wide"),
+                                ValueError, r"--hidden.*invalid int value: 'wide'"),
+    "CLI unknown config": (lambda t: _cli("train", "--config", "omniglot-7w"),
+                           ValueError, r"--config.*invalid choice: 'omniglot-7w'"),
+    "CLI unknown flag": (lambda t: _cli("train", "--colour", "red"),
+                         ValueError, r"unrecognized arguments: --colour"),
+    "CLI bad value": (lambda t: _cli("train", "--meta_batch", "0", "--out", str(t / "x")),
+                      ValueError, r"meta_batch=0 must be >= 1"),
+    "CLI bad devices": (lambda t: _cli("train", "--devices", "-1", "--out", str(t / "x")),
+                        ValueError, r"devices=-1 must be >= 0"),
+    "unknown config name": (lambda t: get_config("omniglot-7w"),
+                            ValueError, r"unknown config 'omniglot-7w'; choose one of"),
+    "too many devices": (lambda t: train.train(get_config("sinusoid", devices=len(jax.devices()) + 1),
+                                               t / "r", progress=False),
+                         ValueError, r"device\(s\) are available; use --devices"),
+    # the meta step's own arguments
+    "inner steps": (lambda t: amaml.alpha_maml(amaml.losses.mse(lambda p, x: x), num_steps=0),
+                    ValueError, r"num_steps must be >= 1"),
+    "alpha granularity": (lambda t: amaml.alpha_maml(amaml.losses.mse(lambda p, x: x),
+                                                     alpha_granularity="layer"),
+                          ValueError, r"alpha_granularity must be one of"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_is_named_with_the_fix(tmp_path, case):
+  fn, exc, match = BAD_INPUT[case]
+  with pytest.raises(exc, match=match):
+    fn(tmp_path)
+
+
+def test_enough_bad_input_cases():
+  assert len(BAD_INPUT) >= 20
+
+
+def test_validate_accepts_good_batches_and_refuses_tracers():
+  validate.check_classification_batch(_cls_batch(), 3, example_shape=(4, 4, 1))
+  validate.check_regression_batch(amaml.sinusoid_tasks(jax.random.key(0), 2))
+  images = np.random.default_rng(0).integers(0, 256, (6, 4, 4, 4, 1), dtype=np.uint8)
+  validate.check_classification_batch(sample_episodes(0, images, 3, 1, 2, 4), 3, (4, 4, 1))
+  with pytest.raises(TypeError, match="outside jax.jit"):
+    jax.jit(lambda b: validate.check_finite_batch(b))(_cls_batch())
+
+
+# --- determinism and no pickle ------------------------------------------------------------------
+
+def test_seed_decides_the_run():
+  """Same seed: the same weights and tasks, bitwise; another seed: others. (Same seed, whole
+  runs: tests/test_train.py in one process; the fault tests across processes, bitwise.)"""
+  def first(seed):  # initial weights and the first training batch of a seed
+    cfg = get_config("sinusoid", seed=seed, hidden=8, meta_batch=2)
+    exp = train.build(cfg)
+    batch = exp.sample(jax.random.fold_in(train._keys(cfg)[0], 0), None, cfg.meta_batch)
+    return [np.asarray(x) for x in jax.tree.leaves((exp.params, batch))]
+
+  a, b, c = first(0), first(0), first(1)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  assert all(not np.array_equal(x, z) for x, z in zip(a, c) if np.ptp(x) > 0)
+
+
+def test_checkpoints_are_arrays_and_restore_without_unpickling(tmp_path, monkeypatch):
+  cfg = get_config("sinusoid", iterations=10, **TINY)
+  state, _ = train.train(cfg, tmp_path / "r", progress=False, evaluate_at_end=False)
+  _assert_no_pickle(tmp_path / "r")
+
+  def refuse(*a, **k):
+    raise AssertionError("a checkpoint was unpickled")
+
+  monkeypatch.setattr(pickle, "load", refuse)
+  monkeypatch.setattr(pickle, "loads", refuse)
+  monkeypatch.setattr(pickle, "Unpickler", refuse)
+  _, restored = train.load_run(tmp_path / "r")
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(a, b)
