@@ -43,7 +43,7 @@ forced CPU devices, ``XLA_FLAGS=--xla_force_host_platform_device_count=4``.)
 >>> mesh = task_mesh()
 >>> batch = shard_batch(TaskBatch(*[np.zeros((4, 5, 1), np.float32)] * 4), mesh)
 >>> batch.support_x.sharding.spec
-PartitionSpec('tasks',)
+P('tasks',)
 """
 from __future__ import annotations
 
