@@ -76,11 +76,15 @@ def _lines(out: Path) -> int:
     return 0
 
 
-def _writing_checkpoint(out: Path) -> bool:
+def _writing_checkpoint(out: Path, min_step: int) -> bool:
+  """Orbax is writing a checkpoint of step >= ``min_step`` (under its temporary name; a
+  leftover of an earlier kill has a smaller step)."""
   try:
-    return any("tmp" in name for name in os.listdir(out / "checkpoints"))
+    names = os.listdir(out / "checkpoints")
   except FileNotFoundError:
     return False
+  return any("tmp" in n and n.split(".")[0].isdigit() and int(n.split(".")[0]) >= min_step
+             for n in names)
 
 
 def _kill_when(proc: subprocess.Popen, ready, delay: float = 0.0, timeout: float = 120,
@@ -193,7 +197,7 @@ def test_sigkill_repeatedly_then_resume_equals_uninterrupted_run(tmp_path, env):
       proc = _start(env, run, iterations, resume=True)
     k = _lines(run) + rng.randint(1, 6)
     if i == 2:  # mid-write: the checkpoint directory still has its temporary name
-      ready = lambda: _lines(run) >= k and _writing_checkpoint(run)
+      ready = lambda: _lines(run) >= k and _writing_checkpoint(run, k * TINY["log_every"])
       delay = 0.0
     else:
       ready, delay = (lambda: _lines(run) >= k), rng.uniform(0, 0.2)
@@ -201,6 +205,11 @@ def test_sigkill_repeatedly_then_resume_equals_uninterrupted_run(tmp_path, env):
     kills += killed
     if i == 2:
       assert killed, "the run ended before a checkpoint write could be interrupted"
+      assert _writing_checkpoint(run, k * TINY["log_every"])  # the half-written one is left...
+      ckpt = Checkpointer(run / "checkpoints")
+      latest = ckpt.latest_step()
+      ckpt.close()
+      assert latest is None or latest < k * TINY["log_every"]  # ...and never taken as a step
     _assert_readable(run)
   assert kills >= 3
   assert ref.wait(timeout=300) == 0
@@ -327,16 +336,25 @@ def _omniglot_dir(tmp: Path, corrupt: str) -> Path:
 
 
 def _saved_checkpoint(tmp: Path, hidden: int) -> Checkpointer:
-  exp = train.build(get_config("sinusoid", hidden=hidden, meta_batch=2))
   ckpt = Checkpointer(tmp / f"ckpt{hidden}")
-  ckpt.save(1, exp.learner.init(exp.params))
+  ckpt.save(1, _target(get_config("sinusoid", hidden=hidden, meta_batch=2)))
   return ckpt
 
 
 def _restore_mismatch(tmp: Path):
   ckpt = _saved_checkpoint(tmp, hidden=8)
-  exp = train.build(get_config("sinusoid", hidden=16, meta_batch=2))
-  ckpt.restore(exp.learner.init(exp.params))
+  try:
+    ckpt.restore(_target(get_config("sinusoid", hidden=16, meta_batch=2)))
+  finally:
+    ckpt.close()
+
+
+def _restore_nothing(tmp: Path):
+  ckpt = Checkpointer(tmp / "empty")
+  try:
+    ckpt.restore(_target())
+  finally:
+    ckpt.close()
 
 
 def _resume_other_hidden(tmp: Path):
@@ -411,7 +429,7 @@ BAD_INPUT = {
     # checkpoints and runs
     "restore into another config": (_restore_mismatch, ValueError,
                                     r"does not match this configuration.*configuration that wrote it"),
-    "restore with no checkpoint": (lambda t: Checkpointer(t / "empty").restore(_target()),
+    "restore with no checkpoint": (_restore_nothing,
                                    FileNotFoundError, r"no checkpoint in"),
     "--resume with other hidden": (_resume_other_hidden, ValueError,
                                    r"differs from .*'hidden': \(8, 16\).*or a new --out"),
