@@ -189,11 +189,13 @@ def test_config_devices_field_validated_and_resume_may_change_it(tmp_path):
     get_config("sinusoid", devices=-2)
   cfg = get_config("sinusoid", hidden=8, meta_batch=2, iterations=10, log_every=5,
                    checkpoint_every=5, val_every=0)
-  train.train(cfg, tmp_path / "r", progress=False, evaluate_at_end=False)
+  (tmp_path / "r").mkdir()
+  (tmp_path / "r" / "config.json").write_text(cfg.to_json())  # a run started on one device
   # devices=0 (all, here one) may differ on --resume: only the placement changes
-  state, _ = train.train(dataclasses.replace(cfg, devices=0, iterations=20), tmp_path / "r",
-                         resume=True, progress=False, evaluate_at_end=False)
-  assert int(state.step) == 20
+  state, _ = train.train(dataclasses.replace(cfg, devices=0), tmp_path / "r", resume=True,
+                         progress=False, evaluate_at_end=False)
+  assert int(state.step) == 10 and len(state.params["Dense_0"]["kernel"].sharding.device_set) == 1
+  assert Config.from_json((tmp_path / "r" / "config.json").read_text()).devices == 0
 
 
 def test_train_refuses_more_devices_than_available_before_writing(tmp_path):
