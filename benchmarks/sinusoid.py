@@ -80,7 +80,8 @@ def loop_time(method: str, alpha0: float, iterations: int, chunk: int = 1000) ->
   exp = train.build(cfg)
   step = train._make_chunk(exp, chunk)
   st = exp.learner.init(exp.params)
-  jax.block_until_ready(step(exp.learner.init(exp.params), None, jnp.int32(0)))  # compile
+  warm = exp.learner.init(jax.tree.map(jnp.copy, exp.params))  # (donated by the call)
+  jax.block_until_ready(step(warm, None, jnp.int32(0)))  # compile
   t0 = time.perf_counter()
   for start in range(0, iterations, chunk):
     st, ms = step(st, None, jnp.int32(start))
