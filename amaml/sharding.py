@@ -33,10 +33,14 @@ the same program on every host. On-device sampling (``amaml train``, the
 default ``sampler="device"``) needs nothing else: every process traces the same
 global batch and computes its own shards. Batches made on the host are passed
 as each process's local slice of the global batch: :func:`shard_batch` then
-uses :func:`jax.make_array_from_process_local_data`. Checkpoints of the
-replicated state are written by Orbax from the primary process. (Multi-host
-use is documented here, not tested: the tests run one process with several
-forced CPU devices, ``XLA_FLAGS=--xla_force_host_platform_device_count=4``.)
+uses :func:`jax.make_array_from_process_local_data`. Every process must call
+Orbax's save and restore (it writes replicated arrays once). Host-side reads of
+global arrays (``np.asarray``, ``jax.device_get`` of metrics, as ``amaml train``
+and :class:`amaml.checkpoint.Checkpointer` do on one host) need the process's
+own shard instead (``x.addressable_data(0)`` for replicated arrays, or
+:func:`jax.experimental.multihost_utils.process_allgather`). Multi-host use is
+documented here, not tested: the tests run one process with several forced CPU
+devices (``XLA_FLAGS=--xla_force_host_platform_device_count=4``).
 
 >>> import jax, numpy as np
 >>> from amaml.task import TaskBatch
