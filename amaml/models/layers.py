@@ -1,0 +1,102 @@
+"""Functional building blocks of :class:`amaml.models.Conv4`, written for the MAML step.
+
+Second-order MAML differentiates a task's loss after an inner SGD step, under
+``jax.vmap`` over the tasks of a meta-batch. The adapted weights differ per task,
+so every convolution after the first inner step has a per-task kernel: vmapped,
+``lax.conv_general_dilated`` becomes a *grouped* convolution, and XLA:CPU's grouped
+convolution (its gradient above all) is one to two orders of magnitude slower than
+the same arithmetic as a matrix product. :func:`conv3x3` therefore has two forms:
+
+- ``"matmul"``: the 9 shifted copies of the zero-padded input concatenated on the
+  channel axis ("patches", im2col), then one ``dot_general`` with the kernel
+  reshaped to ``[9 * C, O]``. Under ``vmap`` this is a batched matrix product and
+  its gradients (slices, pads, products) are ordinary, fast XLA:CPU operations.
+- ``"xla"``: ``lax.conv_general_dilated`` (cuDNN on GPU, where it is the better one).
+
+All functions take NHWC activations and HWIO kernels and are pure: use them under
+``jit``, ``vmap`` and any order of ``grad``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+CONV_IMPLS = ("auto", "matmul", "xla")
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """``"auto"`` -> ``"matmul"`` on CPU, ``"xla"`` on any other backend (GPU, TPU)."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return "matmul" if jax.default_backend() == "cpu" else "xla"
+  return impl
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
+            impl: str = "auto") -> jax.Array:
+  """3x3 convolution, stride 1, zero padding 1 ("same"), optional bias.
+
+  Args:
+    x: ``[n, H, W, C]`` (NHWC).
+    kernel: ``[3, 3, C, O]`` (HWIO).
+    bias: ``[O]`` or ``None``.
+    impl: ``"matmul"`` (patches + one matrix product), ``"xla"``
+      (``lax.conv_general_dilated``) or ``"auto"`` (see :func:`resolve_conv_impl`).
+
+  Returns:
+    ``[n, H, W, O]``.
+  """
+  impl = resolve_conv_impl(impl)
+  n, h, w, c = x.shape
+  if kernel.shape[:3] != (3, 3, c):
+    raise ValueError(f"kernel must be [3, 3, {c}, O] for an input with {c} channels, "
+                     f"got {kernel.shape}")
+  out = kernel.shape[3]
+  if impl == "xla":
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  else:
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # tap (i, j) of the kernel meets input pixel (r + i - 1, s + j - 1) = xp[r + i, s + j];
+    # channel order of the patches (i, j, c) matches kernel.reshape(9 * c, out).
+    patches = jnp.concatenate(
+        [xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)], axis=-1)
+    y = jax.lax.dot_general(patches.reshape(n * h * w, 9 * c), kernel.reshape(9 * c, out),
+                            (((1,), (0,)), ((), ()))).reshape(n, h, w, out)
+  if bias is not None:
+    y = y + bias
+  return y
+
+
+def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, *,
+               eps: float = 1e-5) -> jax.Array:
+  """Batch norm with the statistics of ``x`` itself (no running averages).
+
+  Normalises every channel of ``x`` (``[n, H, W, C]``) with its mean and biased
+  variance over ``(n, H, W)``, then applies ``scale`` and ``shift`` (``[C]``). This is
+  ``torch.nn.BatchNorm2d(track_running_stats=False)`` in training mode, the
+  transductive batch norm of MAML: under ``vmap`` over tasks each task's set is
+  normalised with its own statistics.
+  """
+  mean = jnp.mean(x, axis=(0, 1, 2))
+  var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+  return (x - mean) * (jax.lax.rsqrt(var + eps) * scale) + shift
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max pooling, stride 2, floor mode (an odd last row/column is dropped).
+
+  Written as two element-wise maxima of contiguous halves (rows, then columns):
+  its derivatives of every order are selects, which XLA:CPU fuses. Two other forms
+  were measured and rejected (see ``benchmarks/throughput.py``): ``reduce_window``
+  (gradient is a slow select-and-scatter) and ``reshape(..., 2, ..., 2, C).max((2, 4))``,
+  whose second-order gradient under ``vmap`` XLA:CPU (jax 0.10.2) computes wrongly.
+  """
+  n, h, w, c = x.shape
+  h2, w2 = h // 2, w // 2
+  if h2 == 0 or w2 == 0:
+    raise ValueError(f"max_pool_2x2 needs at least 2x2 pixels, got {h}x{w}")
+  x = x[:, :2 * h2, :2 * w2, :].reshape(n, h2, 2, w2, 2 * c)
+  x = jnp.maximum(x[:, :, 0], x[:, :, 1]).reshape(n, h2, w2, 2, c)
+  return jnp.maximum(x[:, :, :, 0], x[:, :, :, 1])

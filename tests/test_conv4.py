@@ -1,0 +1,227 @@
+"""Conv4 and its layers: both conv forms agree (values, gradients, second order), the
+vmapped per-task model equals a loop over tasks, batch norm uses batch statistics,
+shapes and errors."""
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from amaml.models import Conv4
+from amaml.models import layers
+
+
+def _conv_args(key, n=3, h=6, w=5, c=4, o=7, dtype=jnp.float32):
+  k1, k2, k3 = jax.random.split(key, 3)
+  return (jax.random.normal(k1, (n, h, w, c), dtype),
+          jax.random.normal(k2, (3, 3, c, o), dtype) * 0.3,
+          jax.random.normal(k3, (o,), dtype))
+
+
+def _conv_losses(x, k, b):
+  """A scalar function of each conv form, its gradient, and a function of that gradient."""
+  r = jnp.cos(jnp.arange(x.shape[0] * x.shape[1] * x.shape[2] * k.shape[3], dtype=x.dtype)
+              ).reshape(x.shape[:3] + (k.shape[3],))
+  out = {}
+  for impl in ("matmul", "xla"):
+    f = lambda x, k, b, impl=impl: jnp.sum(jnp.tanh(layers.conv3x3(x, k, b, impl=impl)) * r)
+    g = jax.grad(f, argnums=(0, 1, 2))
+    # second order: the gradient of a function of the gradient (what MAML's meta-gradient is)
+    h = jax.grad(lambda x, k, b: f(x, k - 0.1 * g(x, k, b)[1], b), argnums=(0, 1, 2))
+    out[impl] = (layers.conv3x3(x, k, b, impl=impl), g(x, k, b), h(x, k, b))
+  return out
+
+
+def _assert_trees_close(a, b, rtol, atol):
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
+
+
+def test_matmul_conv_equals_lax_conv_float32():
+  out = _conv_losses(*_conv_args(jax.random.key(0)))
+  _assert_trees_close(out["matmul"], out["xla"], rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_conv_equals_lax_conv_float64(x64):
+  out = _conv_losses(*_conv_args(jax.random.key(1), dtype=jnp.float64))
+  _assert_trees_close(out["matmul"], out["xla"], rtol=1e-11, atol=1e-11)
+
+
+def test_matmul_conv_is_a_real_convolution():
+  """Against a direct numpy loop (so both forms cannot be wrong the same way)."""
+  x, k, b = _conv_args(jax.random.key(2), n=2, h=4, w=3, c=2, o=3)
+  xn, kn, bn = (np.asarray(a, np.float64) for a in (x, k, b))
+  xp = np.pad(xn, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  ref = np.zeros((2, 4, 3, 3))
+  for r in range(4):
+    for s in range(3):
+      ref[:, r, s] = np.einsum("nijc,ijco->no", xp[:, r:r + 3, s:s + 3], kn) + bn
+  np.testing.assert_allclose(np.asarray(layers.conv3x3(x, k, b, impl="matmul")), ref,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_max_pool_matches_reduce_window_odd_and_even():
+  for h, w in ((6, 4), (7, 5), (3, 3), (2, 2)):
+    x = jax.random.normal(jax.random.key(h * 10 + w), (2, h, w, 3))
+    ref = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    np.testing.assert_array_equal(np.asarray(layers.max_pool_2x2(x)), np.asarray(ref))
+    g = jax.grad(lambda x: jnp.sum(layers.max_pool_2x2(x) ** 2))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") ** 2))(x)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-6)
+
+
+def test_batch_norm_uses_batch_statistics():
+  x = 3.0 + 2.5 * jax.random.normal(jax.random.key(3), (8, 5, 5, 6))
+  y = layers.batch_norm(x, jnp.ones(6), jnp.zeros(6))
+  np.testing.assert_allclose(np.asarray(jnp.mean(y, (0, 1, 2))), 0.0, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(jnp.var(y, (0, 1, 2))), 1.0, atol=1e-3)
+  # scale and shift apply after normalisation
+  y2 = layers.batch_norm(x, jnp.full(6, 2.0), jnp.full(6, 0.5))
+  np.testing.assert_allclose(np.asarray(jnp.mean(y2, (0, 1, 2))), 0.5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(jnp.std(y2, (0, 1, 2))), 2.0, atol=1e-3)
+
+
+def test_conv4_is_transductive():
+  """Batch statistics: an image's logits depend on the rest of its batch."""
+  model = Conv4(5, hidden=8)
+  x = jax.random.uniform(jax.random.key(4), (4, 28, 28, 1))
+  params = model.init(jax.random.key(5), x)["params"]
+  a = model.apply({"params": params}, x)
+  b = model.apply({"params": params}, x.at[1:].set(jnp.flip(x[1:], axis=2)))
+  assert not np.allclose(np.asarray(a[0]), np.asarray(b[0]), atol=1e-4)
+
+
+def test_conv4_params_and_init():
+  model = Conv4(5)
+  params = model.init(jax.random.key(6), jnp.zeros((1, 28, 28, 1)))["params"]
+  assert params["conv0"]["kernel"].shape == (3, 3, 1, 64)
+  assert params["conv3"]["kernel"].shape == (3, 3, 64, 64)
+  assert params["head"]["kernel"].shape == (64, 5)
+  np.testing.assert_array_equal(np.asarray(params["norm2"]["scale"]), 1.0)
+  np.testing.assert_array_equal(np.asarray(params["norm2"]["bias"]), 0.0)
+  bound = 1.0 / np.sqrt(9 * 64)  # PyTorch-like U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+  k = np.asarray(params["conv1"]["kernel"])
+  assert np.abs(k).max() <= bound and np.abs(k).max() > 0.9 * bound
+
+
+def test_conv4_shapes_omniglot_and_miniimagenet():
+  model = Conv4(20)
+  x = jnp.zeros((3, 28, 28, 1))
+  params = model.init(jax.random.key(7), x)["params"]
+  assert model.apply({"params": params}, x).shape == (3, 20)
+  mini = Conv4(5, hidden=32)
+  x = jnp.zeros((2, 84, 84, 3))
+  params = mini.init(jax.random.key(8), x)["params"]
+  assert params["head"]["kernel"].shape == (5 * 5 * 32, 5)
+  assert mini.apply({"params": params}, x).shape == (2, 5)
+
+
+def test_conv4_impls_agree():
+  x = jax.random.uniform(jax.random.key(9), (6, 28, 28, 1))
+  m, params = Conv4(5, hidden=8, conv_impl="matmul"), None
+  params = m.init(jax.random.key(10), x)["params"]
+  a = m.apply({"params": params}, x)
+  b = Conv4(5, hidden=8, conv_impl="xla").apply({"params": params}, x)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+  if jax.default_backend() == "cpu":
+    assert layers.resolve_conv_impl("auto") == "matmul"
+
+
+def test_conv4_bad_inputs_give_clear_errors():
+  model = Conv4(5, hidden=8)
+  params = model.init(jax.random.key(11), jnp.zeros((1, 28, 28, 1)))["params"]
+  apply = lambda x: model.apply({"params": params}, x)
+  with pytest.raises(ValueError, match="NHWC"):
+    apply(jnp.zeros((28, 28, 1)))
+  with pytest.raises(ValueError, match="input channel"):
+    apply(jnp.zeros((2, 28, 28, 3)))
+  with pytest.raises(ValueError, match="at least 16x16"):
+    apply(jnp.zeros((2, 8, 8, 1)))
+  with pytest.raises(ValueError, match="conv_impl"):
+    Conv4(5, conv_impl="cudnn").init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+
+
+def _maml_setup(num_tasks=3, n_support=4, n_query=6, hidden=8):
+  model = Conv4(3, hidden=hidden)
+  key = jax.random.key(12)
+  ks = jax.random.split(key, 5)
+  xs = jax.random.uniform(ks[0], (num_tasks, n_support, 28, 28, 1))
+  xq = jax.random.uniform(ks[1], (num_tasks, n_query, 28, 28, 1))
+  ys = jax.random.randint(ks[2], (num_tasks, n_support), 0, 3)
+  yq = jax.random.randint(ks[3], (num_tasks, n_query), 0, 3)
+  params = model.init(ks[4], xs[0])["params"]
+
+  def xent(p, x, y):
+    logits = model.apply({"params": p}, x)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+  def task_loss(p, xs, ys, xq, yq):
+    g = jax.grad(xent)(p, xs, ys)
+    return xent(jax.tree.map(lambda a, b: a - 0.4 * b, p, g), xq, yq)
+
+  return model, params, (xs, ys, xq, yq), task_loss
+
+
+def test_vmap_over_per_task_params_equals_loop():
+  model, params, (xs, ys, xq, yq), _ = _maml_setup()
+  # per-task parameters (as after adaptation): a stacked pytree
+  keys = jax.random.split(jax.random.key(13), xs.shape[0])
+  stacked = jax.vmap(lambda k: model.init(k, xs[0])["params"])(keys)
+  apply = lambda p, x: model.apply({"params": p}, x)
+  out = jax.jit(jax.vmap(apply))(stacked, xq)
+  for t in range(xs.shape[0]):
+    p_t = jax.tree.map(lambda a: a[t], stacked)
+    np.testing.assert_allclose(np.asarray(out[t]), np.asarray(apply(p_t, xq[t])),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_second_order_meta_gradient_vmap_equals_loop():
+  """The MAML meta-gradient (grad through an inner grad step), jitted and vmapped over
+  tasks, equals the sum of per-task gradients computed one task at a time. (A
+  reshape-and-reduce max-pool fails this under XLA:CPU: see layers.max_pool_2x2.)"""
+  _, params, (xs, ys, xq, yq), task_loss = _maml_setup()
+  meta = lambda p: jnp.mean(jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(p, xs, ys, xq, yq))
+  g_vmap = jax.jit(jax.grad(meta))(params)
+  one = jax.jit(jax.grad(task_loss))
+  g_loop = [one(params, xs[t], ys[t], xq[t], yq[t]) for t in range(xs.shape[0])]
+  g_loop = jax.tree.map(lambda *a: sum(a) / len(a), *g_loop)
+  # one scale for all leaves: the conv-bias gradients are ~0 (batch norm removes a bias)
+  scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(g_loop))
+  for a, b in zip(jax.tree.leaves(g_vmap), jax.tree.leaves(g_loop)):
+    np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, atol=2e-5)
+
+
+def _load_peers_bridge():
+  path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "_peers.py")
+  spec = importlib.util.spec_from_file_location("_amaml_bench_peers", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_matches_peer_reference_forward_from_shared_init():
+  peers = _load_peers_bridge()
+  if not peers.peers_available():
+    pytest.skip("shared/peers not found")
+  common = peers.peers_common()
+  torch_layout = common.init_params(0, 5)
+  params = peers.conv4_params_from_torch(torch_layout)
+  x = jax.random.uniform(jax.random.key(14), (7, 28, 28, 1))
+  ours = Conv4(5).apply({"params": params}, x)
+  # the same network written directly in numpy-free jax.lax, as in the peers' reference
+  p = {k: jnp.asarray(v) for k, v in torch_layout.items()}
+  h = x
+  for b in range(4):
+    h = jax.lax.conv_general_dilated(h, jnp.transpose(p[f"conv{b}.weight"], (2, 3, 1, 0)), (1, 1),
+                                     ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + p[f"conv{b}.bias"]
+    m = jnp.mean(h, (0, 1, 2))
+    v = jnp.mean(jnp.square(h - m), (0, 1, 2))
+    h = (h - m) * jax.lax.rsqrt(v + 1e-5) * p[f"bn{b}.weight"] + p[f"bn{b}.bias"]
+    h = jax.lax.reduce_window(jax.nn.relu(h), -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+                              "VALID")
+  ref = h.reshape(7, -1) @ p["fc.weight"].T + p["fc.bias"]
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-4, atol=1e-4)
