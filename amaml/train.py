@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amaml import losses, meta, sharding
+from amaml import losses, meta, sharding, validate
 from amaml.configs import Config
 from amaml.env import versions
 from amaml.hypergradient import current_learning_rate
@@ -88,6 +88,13 @@ def build(cfg: Config) -> Experiment:
     learner = meta.alpha_maml(loss_fn, alpha_lr=cfg.alpha_lr, beta_lr=cfg.beta_lr, **kwargs)
   else:
     learner = meta.maml(loss_fn, **kwargs)
+  # one batch of each split, checked on the host before anything is compiled for them
+  for name, images in data.items():
+    first = sample(jax.random.key(0), images, 2)
+    if cfg.task == "omniglot":
+      validate.check_classification_batch(first, cfg.ways, tuple(images.shape[2:]))
+    else:
+      validate.check_regression_batch(first)
   return Experiment(cfg, learner, params, data, sample)
 
 
@@ -112,6 +119,22 @@ def _make_chunk(exp: Experiment, length: int, mesh=None):
   if mesh is None:
     return jax.jit(chunk, donate_argnums=(0,))
   return jax.jit(chunk, donate_argnums=(0,), out_shardings=sharding.replicated(mesh))
+
+
+_CACHE: dict = {}
+
+
+def _cached_build(cfg: Config, mesh=None):
+  """``build(cfg)`` and its jitted training chunk, reused by later runs of the same
+  configuration in this process (a resumed run, or a longer one, compiles nothing new)."""
+  key = (dataclasses.replace(cfg, iterations=1), None if mesh is None else tuple(mesh.devices.flat))
+  if key not in _CACHE:
+    if len(_CACHE) >= 2:
+      _CACHE.pop(next(iter(_CACHE)))
+    exp = build(cfg)
+    _CACHE[key] = (exp, _make_chunk(exp, cfg.log_every, mesh))
+  exp, chunk = _CACHE[key]
+  return exp._replace(config=cfg), chunk
 
 
 def evaluate(exp: Experiment, params, alpha, split: str = "test", num_tasks: int | None = None,
@@ -170,7 +193,14 @@ def _summarise_chunk(ms: dict) -> dict:
 def _truncate_metrics(path: Path, last_step: int) -> None:
   if not path.exists():
     return
-  keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= last_step]
+  keep = []
+  for line in path.read_text().splitlines():
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:  # a line cut short by a killed process
+      continue
+    if rec.get("step", 0) <= last_step:
+      keep.append(line)
   tmp = path.with_suffix(".tmp")
   tmp.write_text("".join(l + "\n" for l in keep))
   os.replace(tmp, path)
@@ -208,9 +238,9 @@ def train(cfg: Config, out_dir: str | os.PathLike, *, resume: bool = False, prog
   tmp.write_text(cfg.to_json())
   os.replace(tmp, cfg_path)
 
-  exp = build(cfg)
+  exp, chunk = _cached_build(cfg, mesh)
   ckpt = Checkpointer(out / "checkpoints")
-  state = exp.learner.init(exp.params)
+  state = exp.learner.init(jax.tree.map(jnp.copy, exp.params))  # the chunk donates it
   start = 0
   if resume and ckpt.latest_step() is not None:
     state = ckpt.restore(state)
@@ -220,7 +250,6 @@ def train(cfg: Config, out_dir: str | os.PathLike, *, resume: bool = False, prog
   train_images = exp.data["train"]
   if mesh is not None:  # data parallel: tasks split over devices, state and images replicated
     state, train_images = sharding.replicate((state, train_images), mesh)
-  chunk = _make_chunk(exp, cfg.log_every, mesh)
 
   bar = None
   if progress:
