@@ -9,8 +9,11 @@ the same arithmetic as a matrix product. :func:`conv3x3` therefore has two forms
 
 - ``"matmul"``: the 9 shifted copies of the zero-padded input concatenated on the
   channel axis ("patches", im2col), then one ``dot_general`` with the kernel
-  reshaped to ``[9 * C, O]``. Under ``vmap`` this is a batched matrix product and
-  its gradients (slices, pads, products) are ordinary, fast XLA:CPU operations.
+  reshaped to ``[9 * C, O]``. Under ``vmap`` this is a batched matrix product. Its
+  gradient is a custom VJP written with the same two operations (see
+  ``_conv3x3_matmul_bwd``), so every derivative, of any order, is again patches and
+  matrix products. Reverse mode only (``grad``, ``vjp``, grad-of-grad); for forward
+  mode (``jax.jvp``, ``jacfwd``) use ``"xla"``.
 - ``"xla"``: ``lax.conv_general_dilated`` (cuDNN on GPU, where it is the better one).
 
 All functions take NHWC activations and HWIO kernels and are pure: use them under
@@ -52,21 +55,58 @@ def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
   if kernel.shape[:3] != (3, 3, c):
     raise ValueError(f"kernel must be [3, 3, {c}, O] for an input with {c} channels, "
                      f"got {kernel.shape}")
-  out = kernel.shape[3]
   if impl == "xla":
     y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
   else:
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    # tap (i, j) of the kernel meets input pixel (r + i - 1, s + j - 1) = xp[r + i, s + j];
-    # channel order of the patches (i, j, c) matches kernel.reshape(9 * c, out).
-    patches = jnp.concatenate(
-        [xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)], axis=-1)
-    y = jax.lax.dot_general(patches.reshape(n * h * w, 9 * c), kernel.reshape(9 * c, out),
-                            (((1,), (0,)), ((), ()))).reshape(n, h, w, out)
+    y = _conv3x3_matmul(x, kernel)
   if bias is not None:
     y = y + bias
   return y
+
+
+def _patches(x: jax.Array) -> jax.Array:
+  """``[n, H, W, C]`` -> ``[n * H * W, 9 * C]``: the 3x3 neighbourhood of every pixel
+  (zero padded), in (i, j, c) order, matching ``kernel.reshape(9 * C, O)``."""
+  n, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  # tap (i, j) meets input pixel (r + i - 1, s + j - 1) = xp[r + i, s + j]
+  return jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)],
+                         axis=-1).reshape(n * h * w, 9 * c)
+
+
+def _matmul(a, b, contract):
+  return jax.lax.dot_general(a, b, (contract, ((), ())))
+
+
+@jax.custom_vjp
+def _conv3x3_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  n, h, w, c = x.shape
+  out = kernel.shape[3]
+  return _matmul(_patches(x), kernel.reshape(9 * c, out), ((1,), (0,))).reshape(n, h, w, out)
+
+
+def _conv3x3_matmul_fwd(x, kernel):
+  return _conv3x3_matmul(x, kernel), (x, kernel)
+
+
+def _conv3x3_matmul_bwd(res, dy):
+  # The input gradient of a 3x3 "same" convolution is the 3x3 "same" convolution of dy
+  # with the kernel flipped in space and transposed in channels. Writing it so (patches
+  # of dy, one matrix product) instead of letting autodiff transpose the patches
+  # (dy @ kernel^T, then a sum of 9 shifted pads: a 9x wider, slower product and a
+  # scatter-like sum) is the difference that matters on XLA:CPU, most of all in the
+  # second-order terms. The rule is itself made of differentiable ops (this same
+  # function), so grad-of-grad works; forward mode (jax.jvp) does not, use impl="xla".
+  x, kernel = res
+  n, h, w, c = x.shape
+  out = kernel.shape[3]
+  dkernel = _matmul(_patches(x), dy.reshape(n * h * w, out), ((0,), (0,))).reshape(kernel.shape)
+  flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+  return _conv3x3_matmul(dy, flipped), dkernel
+
+
+_conv3x3_matmul.defvjp(_conv3x3_matmul_fwd, _conv3x3_matmul_bwd)
 
 
 def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, *,
