@@ -47,8 +47,10 @@ class Config:
   image_size: int = 28
   data_dir: str = ""
   sampler: str = "device"
+  track_pre_adaptation: bool = True  # also log the query loss before adaptation (+1 forward)
   # run
   iterations: int = 20000
+  max_minutes: float = 0.0  # stop (checkpoint, evaluate) after this much training; 0 = no limit
   seed: int = 0
   log_every: int = 500
   val_every: int = 5000
@@ -78,6 +80,8 @@ class Config:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
     if self.devices < 0:
       raise ValueError(f"devices={self.devices} must be >= 0 (0 = all devices, 1 = one device)")
+    if self.max_minutes < 0:
+      raise ValueError(f"max_minutes={self.max_minutes} must be >= 0 (0 = no time limit)")
     if self.eval_inner_steps < 0:
       raise ValueError(f"eval_inner_steps={self.eval_inner_steps} must be >= 0")
     for name in ("checkpoint_every", "val_every"):
@@ -98,7 +102,7 @@ class Config:
 
 _OMNIGLOT = dict(task="omniglot", hidden=64, meta_batch=32, queries=15, iterations=60000,
                  log_every=100, val_every=1000, checkpoint_every=1000, eval_batch=50,
-                 alpha_lr=1e-4, beta_lr=1e-7, alpha_max=10.0)
+                 alpha_lr=1e-3, beta_lr=1e-7, alpha_max=10.0, track_pre_adaptation=False)
 CONFIGS: dict[str, Config] = {
     # MAML's sinusoid regression: 10 support and 10 query points, MLP 1-40-40-1.
     "sinusoid": Config(),

@@ -83,6 +83,7 @@ def build(cfg: Config) -> Experiment:
 
   kwargs = dict(alpha=cfg.alpha, beta=cfg.beta, num_steps=cfg.inner_steps,
                 first_order=cfg.method == "fomaml", rate_rule=cfg.rate_rule,
+                track_pre_adaptation=cfg.track_pre_adaptation,
                 alpha_bounds=(cfg.alpha_min, cfg.alpha_max), beta_bounds=(cfg.beta_min, cfg.beta_max))
   if cfg.method == "alpha-maml":
     learner = meta.alpha_maml(loss_fn, alpha_lr=cfg.alpha_lr, beta_lr=cfg.beta_lr, **kwargs)
@@ -127,7 +128,7 @@ _CACHE: dict = {}
 def _cached_build(cfg: Config, mesh=None):
   """``build(cfg)`` and its jitted training chunk, reused by later runs of the same
   configuration in this process (a resumed run, or a longer one, compiles nothing new)."""
-  key = (dataclasses.replace(cfg, iterations=1), None if mesh is None else tuple(mesh.devices.flat))
+  key = (dataclasses.replace(cfg, iterations=1, max_minutes=0.0), None if mesh is None else tuple(mesh.devices.flat))
   if key not in _CACHE:
     if len(_CACHE) >= 2:
       _CACHE.pop(next(iter(_CACHE)))
@@ -227,10 +228,10 @@ def train(cfg: Config, out_dir: str | os.PathLike, *, resume: bool = False, prog
   if cfg_path.exists() and resume:
     old = Config.from_json(cfg_path.read_text())
     diff = {f.name: (getattr(old, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(Config)
-            if getattr(old, f.name) != getattr(cfg, f.name) and f.name not in ("iterations", "devices")}
+            if getattr(old, f.name) != getattr(cfg, f.name) and f.name not in ("iterations", "devices", "max_minutes")}
     if diff:
       raise ValueError(f"--resume with a configuration that differs from {cfg_path}: {diff}; "
-                       "use the same settings (only iterations and devices may change) or a new --out")
+                       "use the same settings (only iterations, devices and max_minutes may change) or a new --out")
   elif (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()) and not resume:
     raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or "
                           "choose another --out")
@@ -292,8 +293,12 @@ def train(cfg: Config, out_dir: str | os.PathLike, *, resume: bool = False, prog
             f"{cfg.max_nonfinite} non-finite meta steps in a row by step {step}: the state was "
             f"kept finite and the last good checkpoint is in {ckpt.directory}. Lower --alpha or "
             "--beta (or their hypergradient rates --alpha_lr/--beta_lr), or use --rate_rule normalized")
-      if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step >= cfg.iterations:
+      out_of_time = cfg.max_minutes and time.perf_counter() - t_start >= 60 * cfg.max_minutes
+      if ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step >= cfg.iterations
+          or out_of_time):
         ckpt.save(step, state)
+      if out_of_time:
+        break
   if bar is not None:
     bar.close()
   ckpt.close()

@@ -86,3 +86,12 @@ def test_cli_train_evaluate_plot(tmp_path, capsys):
   with pytest.raises(SystemExit):
     cli.main(["train", "--alpha", "fast"])  # wrong type: argparse names the flag
   assert "--alpha" in capsys.readouterr().err
+
+
+def test_time_budget_stops_after_a_chunk_and_evaluates(tmp_path):
+  cfg = _tiny(iterations=1000, max_minutes=1e-6)
+  state, results = train.train(cfg, tmp_path / "t", progress=False)
+  assert int(state.step) == 10 and results["steps"] == 10
+  assert "post_loss" in results["test"]
+  from amaml.checkpoint import Checkpointer
+  assert Checkpointer(tmp_path / "t" / "checkpoints").latest_step() == 10
