@@ -27,6 +27,40 @@ defaults the large ones are fresh ``mmap`` s whose pages fault in on every step.
 every worker process (amaml's and the peers') gets ``MALLOC_MMAP_THRESHOLD_`` /
 ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_TOP_PAD_`` so that freed memory is reused;
 ``--no-malloc-tuning`` turns that off.
+
+Findings (omniglot-5w1s meta-gradient, jitted, 2-core Xeon with AMX, jax 0.10.2; this
+machine is shared, so numbers are of one load level only where they sit in one row: A/B
+pairs were timed alternately in one process; absolute values drift 2x with the load):
+
+| what | s/step | note |
+| --- | --- | --- |
+| plain JAX ref (lax.conv, vmap) | ~156 | shared/peers README: grouped-conv gradient |
+| lax.conv under lax.map over tasks | >300 | timed out; XLA:CPU second-order conv forms |
+| patches+matmul conv, reshape-max pool | 4.1 | WRONG meta-gradient (below) |
+| patches+matmul, reduce_window pool | 13.3 | select-and-scatter gradient |
+| patches+matmul, strided-slice pool | 9.1 | strided pads in the gradient |
+| patches+matmul, "pairs" pool (kept) | 4.0 | max of contiguous halves, rows then columns |
+| conv as sum of 9 shifted matmuls | 11.3 | 9 narrow products + 9 adds |
+| conv as one matmul to 9*O + shift-add | 15.4 | 9x larger product output |
+| channel-major [C, n*H*W] patches | 13-20 | W@P is faster alone (118 vs 68 GFLOP/s) but
+  the weight-gradient contraction and layout changes lose it all |
+| tasks: vmap / lax.map / map of vmap(4 or 8) | 4.0 / 3.7 / 5.2-8.2 | vmap kept (meta.py) |
+| batch-norm one-pass variance | no gain | two-pass kept (stabler) |
+| custom VJP conv (dx = patches(dy) @ flipped kernel) | 7.4 -> 7.0 | A/B under load; layer-2
+  micro: first-order grad 9.3 -> 7.2 s, second-order 10.5 -> 3.6 s (kept) |
+| bfloat16 matmul operands (AMX: 514 vs 176 GFLOP/s at 2048^2) | 6.7 -> 6.8 | no gain: the
+  step is bound by patch copies, not products; meta-gradient off by 0.5%; dropped |
+| glibc malloc tuning (env above) | elementwise 1.5-2x | page faults of fresh buffers |
+
+- XLA:CPU (jax 0.10.2) miscompiles the second-order gradient of a max-pool written as
+  ``x.reshape(n, H/2, 2, W/2, 2, C).max((2, 4))`` (also as a custom_jvp with the same
+  rule) under ``vmap`` with >= 2 tasks: loss right, meta-gradient 4-9% off per leaf
+  (norm 33.22 vs 34.10 of the float64 PyTorch reference); un-jitted (op by op) it is
+  right. ``tests/test_conv4.py::test_second_order_meta_gradient_vmap_equals_loop`` guards it.
+- Profile of the step (XLA traceme): thunks run one after another; products are ~35% of
+  op time, patch copies and their transposes ~45%, batch norm / pool / element-wise the
+  rest, single-threaded. Products alone: [L,576]@[576,64] 68 GFLOP/s, [L,64]@[64,576]
+  28 GFLOP/s (what autodiff's input gradient was), 2048^2 square 176-200 GFLOP/s.
 """
 from __future__ import annotations
 
