@@ -91,3 +91,18 @@ def test_design_doc_example_runs(capsys):
   exec(compile(code, str(design), "exec"), {})
   mean, ci = eval(capsys.readouterr().out.strip().splitlines()[-1])
   assert 0.0 <= mean <= 1.0 and ci >= 0.0
+
+
+def test_committed_notebooks_match_build_script():
+  """The .ipynb cells are those of notebooks/_build.py (edit there, then --execute)."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("_nb_build", NOTEBOOKS / "_build.py")
+  build = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(build)
+  for name in EXPECTED:
+    committed = nbformat.read(NOTEBOOKS / name, as_version=4)
+    assert [c.source for c in committed.cells] == [c.source for c in build.build(name).cells], (
+        f"{name} differs from notebooks/_build.py: run python notebooks/_build.py --execute")
+    assert any(c.get("outputs") for c in committed.cells if c.cell_type == "code"), (
+        f"{name} is committed without outputs")
