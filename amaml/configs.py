@@ -46,7 +46,6 @@ class Config:
   protocol: str = "maml"
   image_size: int = 28
   data_dir: str = ""
-  sampler: str = "device"
   track_pre_adaptation: bool = True  # also log the query loss before adaptation (+1 forward)
   # run
   iterations: int = 20000
@@ -70,8 +69,6 @@ class Config:
       raise ValueError(f"method={self.method!r}: use one of {METHODS}")
     if self.rate_rule not in ("additive", "log", "normalized"):
       raise ValueError(f"rate_rule={self.rate_rule!r}: use additive, log or normalized")
-    if self.sampler not in ("device", "host"):
-      raise ValueError(f"sampler={self.sampler!r}: use device or host")
     if self.protocol not in ("maml", "lake"):
       raise ValueError(f"protocol={self.protocol!r}: use maml or lake")
     for name in ("ways", "shots", "queries", "meta_batch", "inner_steps", "iterations",

@@ -6,8 +6,9 @@ A run is a directory holding ``config.json``, ``metrics.jsonl`` (one line every
 the versions that produced it).
 
 Speed: training advances ``log_every`` meta steps per host call, as one
-``lax.scan`` with episodes sampled on the device (``sampler="device"``), so the
-host only draws the progress bar. The batch of step ``i`` depends only on
+``lax.scan`` with episodes sampled on the device (:func:`amaml.data.sample_tasks`),
+so the host only draws the progress bar. (The host sampler,
+:class:`amaml.data.EpisodeIterator`, serves loops of your own around ``learner.step``.) The batch of step ``i`` depends only on
 ``(seed, i)``, so a resumed run repeats an uninterrupted one exactly.
 """
 from __future__ import annotations
