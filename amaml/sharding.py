@@ -29,8 +29,8 @@ gets the same share); :func:`check_divisible` says so with the fix.
 (coordinator address, number of processes and process id, or the cluster's
 auto-detection) *before* any other JAX call; then ``jax.devices()`` lists the
 devices of all processes and ``task_mesh()`` is a global mesh over them. Run
-the same program on every host. On-device sampling (``amaml train``, the
-default ``sampler="device"``) needs nothing else: every process traces the same
+the same program on every host. On-device sampling (as ``amaml train``
+does) needs nothing else: every process traces the same
 global batch and computes its own shards. Batches made on the host are passed
 as each process's local slice of the global batch: :func:`shard_batch` then
 uses :func:`jax.make_array_from_process_local_data`. Every process must call
