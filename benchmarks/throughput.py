@@ -56,7 +56,9 @@ pairs were timed alternately in one process; absolute values drift 2x with the l
   ``x.reshape(n, H/2, 2, W/2, 2, C).max((2, 4))`` (also as a custom_jvp with the same
   rule) under ``vmap`` with >= 2 tasks: loss right, meta-gradient 4-9% off per leaf
   (norm 33.22 vs 34.10 of the float64 PyTorch reference); un-jitted (op by op) it is
-  right. ``tests/test_conv4.py::test_second_order_meta_gradient_vmap_equals_loop`` guards it.
+  right. It shows in this full step (32 or 2 tasks) with the plain-autodiff patches conv;
+  the vmap-equals-loop tests of ``tests/test_conv4.py`` check the property, but at their
+  scale they did not reproduce the miscompile, so the pool's form is what avoids it.
 - Profile of the step (XLA traceme): thunks run one after another; products are ~35% of
   op time, patch copies and their transposes ~45%, batch norm / pool / element-wise the
   rest, single-threaded. Products alone: [L,576]@[576,64] 68 GFLOP/s, [L,64]@[64,576]

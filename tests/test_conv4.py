@@ -88,15 +88,16 @@ def test_conv4_is_transductive():
   """Batch statistics: an image's logits depend on the rest of its batch."""
   model = Conv4(5, hidden=8)
   x = jax.random.uniform(jax.random.key(4), (4, 28, 28, 1))
-  params = model.init(jax.random.key(5), x)["params"]
-  a = model.apply({"params": params}, x)
-  b = model.apply({"params": params}, x.at[1:].set(jnp.flip(x[1:], axis=2)))
+  params = jax.jit(model.init)(jax.random.key(5), x)["params"]
+  apply = jax.jit(lambda x: model.apply({"params": params}, x))
+  a = apply(x)
+  b = apply(x.at[1:].set(jnp.flip(x[1:], axis=2)))
   assert not np.allclose(np.asarray(a[0]), np.asarray(b[0]), atol=1e-4)
 
 
 def test_conv4_params_and_init():
   model = Conv4(5)
-  params = model.init(jax.random.key(6), jnp.zeros((1, 28, 28, 1)))["params"]
+  params = jax.jit(model.init)(jax.random.key(6), jnp.zeros((1, 28, 28, 1)))["params"]
   assert params["conv0"]["kernel"].shape == (3, 3, 1, 64)
   assert params["conv3"]["kernel"].shape == (3, 3, 64, 64)
   assert params["head"]["kernel"].shape == (64, 5)
@@ -108,21 +109,23 @@ def test_conv4_params_and_init():
 
 
 def test_conv4_shapes_omniglot_and_miniimagenet():
+  # shapes only: jax.eval_shape traces without computing
   model = Conv4(20)
   x = jnp.zeros((3, 28, 28, 1))
-  params = model.init(jax.random.key(7), x)["params"]
-  assert model.apply({"params": params}, x).shape == (3, 20)
+  params = jax.eval_shape(model.init, jax.random.key(7), x)["params"]
+  assert jax.eval_shape(lambda p, x: model.apply({"params": p}, x), params, x).shape == (3, 20)
   mini = Conv4(5, hidden=32)
   x = jnp.zeros((2, 84, 84, 3))
-  params = mini.init(jax.random.key(8), x)["params"]
+  params = jax.eval_shape(mini.init, jax.random.key(8), x)["params"]
+  assert params["conv0"]["kernel"].shape == (3, 3, 3, 32)
   assert params["head"]["kernel"].shape == (5 * 5 * 32, 5)
-  assert mini.apply({"params": params}, x).shape == (2, 5)
+  assert jax.eval_shape(lambda p, x: mini.apply({"params": p}, x), params, x).shape == (2, 5)
 
 
 def test_conv4_impls_agree():
   x = jax.random.uniform(jax.random.key(9), (6, 28, 28, 1))
-  m, params = Conv4(5, hidden=8, conv_impl="matmul"), None
-  params = m.init(jax.random.key(10), x)["params"]
+  m = Conv4(5, hidden=8, conv_impl="matmul")
+  params = jax.jit(m.init)(jax.random.key(10), x)["params"]
   a = m.apply({"params": params}, x)
   b = Conv4(5, hidden=8, conv_impl="xla").apply({"params": params}, x)
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
@@ -169,8 +172,8 @@ def test_vmap_over_per_task_params_equals_loop():
   model, params, (xs, ys, xq, yq), _ = _maml_setup()
   # per-task parameters (as after adaptation): a stacked pytree
   keys = jax.random.split(jax.random.key(13), xs.shape[0])
-  stacked = jax.vmap(lambda k: model.init(k, xs[0])["params"])(keys)
-  apply = lambda p, x: model.apply({"params": p}, x)
+  stacked = jax.jit(jax.vmap(lambda k: model.init(k, xs[0])["params"]))(keys)
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
   out = jax.jit(jax.vmap(apply))(stacked, xq)
   for t in range(xs.shape[0]):
     p_t = jax.tree.map(lambda a: a[t], stacked)
@@ -180,8 +183,8 @@ def test_vmap_over_per_task_params_equals_loop():
 
 def test_second_order_meta_gradient_vmap_equals_loop():
   """The MAML meta-gradient (grad through an inner grad step), jitted and vmapped over
-  tasks, equals the sum of per-task gradients computed one task at a time. (A
-  reshape-and-reduce max-pool fails this under XLA:CPU: see layers.max_pool_2x2.)"""
+  tasks, equals the mean of per-task gradients computed one task at a time (the
+  property XLA:CPU broke for a reshape-and-reduce max-pool: see layers.max_pool_2x2)."""
   _, params, (xs, ys, xq, yq), task_loss = _maml_setup()
   meta = lambda p: jnp.mean(jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(p, xs, ys, xq, yq))
   g_vmap = jax.jit(jax.grad(meta))(params)
@@ -225,3 +228,38 @@ def test_matches_peer_reference_forward_from_shared_init():
                               "VALID")
   ref = h.reshape(7, -1) @ p["fc.weight"].T + p["fc.bias"]
   np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_second_order_meta_gradient_vmap_equals_loop_on_omniglot():
+  """As above, on two real Omniglot 5-way 1-shot tasks (15 queries per class) from the
+  peers' episode sampler (many exactly equal activations: ties in the max-pool),
+  full-width Conv4 from the peers' weights."""
+  peers = _load_peers_bridge()
+  if not peers.peers_available():
+    pytest.skip("shared/peers (Omniglot episodes) not found")
+  common = peers.peers_common()
+  try:
+    xs, ys, xq, yq = common.make_pool(common.CONFIGS["omniglot-5w1s"], 0, 1)[0]
+  except (OSError, ImportError) as e:  # no Omniglot data here
+    pytest.skip(f"Omniglot data unavailable: {e}")
+  xs, xq = jnp.asarray(xs[:2, ..., None]), jnp.asarray(xq[:2, ..., None])
+  ys, yq = jnp.asarray(ys[:2].astype(np.int32)), jnp.asarray(yq[:2].astype(np.int32))
+  model = Conv4(5)
+  params = peers.conv4_params_from_torch(common.init_params(0, 5))
+
+  def xent(p, x, y):
+    logits = model.apply({"params": p}, x)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+  def task_loss(p, xs, ys, xq, yq):
+    g = jax.grad(xent)(p, xs, ys)
+    return xent(jax.tree.map(lambda a, b: a - 0.4 * b, p, g), xq, yq)
+
+  meta = lambda p: jnp.mean(jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(p, xs, ys, xq, yq))
+  g_vmap = jax.jit(jax.grad(meta))(params)
+  one = jax.jit(jax.grad(task_loss))
+  g_loop = jax.tree.map(lambda a, b: (a + b) / 2, one(params, xs[0], ys[0], xq[0], yq[0]),
+                        one(params, xs[1], ys[1], xq[1], yq[1]))
+  for a, b in zip(jax.tree.leaves(g_vmap), jax.tree.leaves(g_loop)):
+    if float(jnp.max(jnp.abs(b))) > 1e-4:  # conv biases: ~0 (batch norm removes them)
+      assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-4
