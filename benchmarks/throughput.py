@@ -59,6 +59,17 @@ pairs were timed alternately in one process; absolute values drift 2x with the l
   right. It shows in this full step (32 or 2 tasks) with the plain-autodiff patches conv;
   the vmap-equals-loop tests of ``tests/test_conv4.py`` check the property, but at their
   scale they did not reproduce the miscompile, so the pool's form is what avoids it.
+- Measured 2026-11-25 (``--config omniglot-20w1s omniglot-5w1s --peers --rounds 1 --steps 3
+  --warmup 1``, load average 1.7-1.9 i.e. nearly quiet), s/step, peer torch.func loop:
+  5w1s  amaml-maml 3.56, amaml-alpha 3.67, torch 1.89 (torch 1.9x faster; compile 9.7 s;
+        180 GFLOP/step, 25% of 200 GFLOP/s; peak RSS 5.2 GB vs torch 2.3 GB);
+  20w1s amaml-maml 6.90, amaml-alpha 6.90, torch 4.80 (torch 1.4x faster; compile 16.7 s;
+        392 GFLOP/step, 28% of peak; RSS 7.8 GB vs 3.6 GB).
+  Under heavy load from other users (load 4-7) the ratio inverts: torch (OpenMP, 2
+  threads) degrades 10-30x (55-105 s/step), XLA about 2x (6.6-15 s/step).
+  First meta-loss equals torch's (5w1s 2.904988 both); in float64 the 20w1s meta-loss
+  and meta-gradient equal torch.func's to 1e-15 / 4e-12 (in float32 both libraries sit
+  1e-3 / 20% off float64 there: 5 inner steps amplify rounding).
 - Profile of the step (XLA traceme): thunks run one after another; products are ~35% of
   op time, patch copies and their transposes ~45%, batch norm / pool / element-wise the
   rest, single-threaded. Products alone: [L,576]@[576,64] 68 GFLOP/s, [L,64]@[64,576]
