@@ -13,6 +13,18 @@ from amaml.models import Conv4
 from amaml.models import layers
 
 
+
+def _maml_task_loss(model, alpha=0.4):
+  """Query cross-entropy after one inner SGD step (amaml's own adapt and loss)."""
+  import amaml
+  loss_fn = amaml.losses.cross_entropy(lambda p, x: model.apply({"params": p}, x))
+
+  def task_loss(p, xs, ys, xq, yq):
+    adapted, _ = amaml.adapt(loss_fn, p, alpha, xs, ys, num_steps=1)
+    return loss_fn(adapted, xq, yq)[0]
+
+  return task_loss
+
 def _conv_args(key, n=3, h=6, w=5, c=4, o=7, dtype=jnp.float32):
   k1, k2, k3 = jax.random.split(key, 3)
   return (jax.random.normal(k1, (n, h, w, c), dtype),
@@ -157,13 +169,7 @@ def _maml_setup(num_tasks=3, n_support=4, n_query=6, hidden=8):
   yq = jax.random.randint(ks[3], (num_tasks, n_query), 0, 3)
   params = model.init(ks[4], xs[0])["params"]
 
-  def xent(p, x, y):
-    logits = model.apply({"params": p}, x)
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
-
-  def task_loss(p, xs, ys, xq, yq):
-    g = jax.grad(xent)(p, xs, ys)
-    return xent(jax.tree.map(lambda a, b: a - 0.4 * b, p, g), xq, yq)
+  task_loss = _maml_task_loss(model)
 
   return model, params, (xs, ys, xq, yq), task_loss
 
@@ -247,13 +253,7 @@ def test_second_order_meta_gradient_vmap_equals_loop_on_omniglot():
   model = Conv4(5)
   params = peers.conv4_params_from_torch(common.init_params(0, 5))
 
-  def xent(p, x, y):
-    logits = model.apply({"params": p}, x)
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
-
-  def task_loss(p, xs, ys, xq, yq):
-    g = jax.grad(xent)(p, xs, ys)
-    return xent(jax.tree.map(lambda a, b: a - 0.4 * b, p, g), xq, yq)
+  task_loss = _maml_task_loss(model)
 
   meta = lambda p: jnp.mean(jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(p, xs, ys, xq, yq))
   g_vmap = jax.jit(jax.grad(meta))(params)
