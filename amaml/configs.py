@@ -30,6 +30,7 @@ class Config:
   conv_impl: str = "auto"
   # inner loop
   inner_steps: int = 1
+  remat: bool = False  # recompute inner steps in the backward pass (jax.checkpoint): less memory
   eval_inner_steps: int = 10
   alpha: float = 0.01
   # outer loop (Adam)
@@ -97,7 +98,10 @@ class Config:
     return cls(**json.loads(text))
 
 
-_OMNIGLOT = dict(task="omniglot", hidden=64, meta_batch=32, queries=15, iterations=60000,
+# 5 query examples per class (the 5w1s meta-loss sees 32 x 25 query images a step): on the
+# 2-core CPU a step with 15 queries per class takes 2.5x longer and, step for step, learns no
+# faster (BENCHMARKS.md, "Omniglot accuracy"). Pass --queries 15 for the larger query set.
+_OMNIGLOT = dict(task="omniglot", hidden=64, meta_batch=32, queries=5, iterations=60000,
                  log_every=100, val_every=1000, checkpoint_every=1000, eval_batch=50,
                  alpha_lr=1e-3, beta_lr=1e-7, alpha_max=10.0, track_pre_adaptation=False)
 CONFIGS: dict[str, Config] = {
@@ -107,9 +111,9 @@ CONFIGS: dict[str, Config] = {
     # 20-way alpha 0.1, 5 steps, 16 tasks; Adam 1e-3; 60k iterations.
     "omniglot-5w1s": Config(**{**_OMNIGLOT, "ways": 5, "shots": 1, "alpha": 0.4}),
     "omniglot-5w5s": Config(**{**_OMNIGLOT, "ways": 5, "shots": 5, "alpha": 0.4}),
-    "omniglot-20w1s": Config(**{**_OMNIGLOT, "ways": 20, "shots": 1, "queries": 5, "alpha": 0.1,
+    "omniglot-20w1s": Config(**{**_OMNIGLOT, "ways": 20, "shots": 1, "alpha": 0.1,
                                 "inner_steps": 5, "meta_batch": 16}),
-    "omniglot-20w5s": Config(**{**_OMNIGLOT, "ways": 20, "shots": 5, "queries": 5, "alpha": 0.1,
+    "omniglot-20w5s": Config(**{**_OMNIGLOT, "ways": 20, "shots": 5, "alpha": 0.1,
                                 "inner_steps": 5, "meta_batch": 16}),
 }
 

@@ -1,0 +1,103 @@
+"""Peak memory of the second-order meta step against the number of inner steps, with and
+without rematerialisation of the inner loop (``remat=True``: ``jax.checkpoint`` per step).
+
+    python benchmarks/memory.py                         # omniglot-20w1s, 1/5/10/20 steps
+    python benchmarks/memory.py --inner-steps 1 5 --config omniglot-5w1s
+
+Each (inner steps, remat) point runs in a fresh process (so peak RSS is its own): build the
+config, compile one Alpha MAML step, run it ``--steps`` times. Reported: XLA's buffer
+assignment for the compiled step (``memory_analysis()``: temporaries, i.e. the step's
+working memory, plus arguments and outputs), the process's peak resident memory, the
+compile time and the median step time. Users switch remat on with ``--remat true``
+(``amaml train``) or ``alpha_maml(..., remat=True)``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker(config: str, inner_steps: int, remat: bool, steps: int) -> dict:
+  import jax
+
+  from amaml import train
+  from amaml.configs import get_config
+  from amaml.env import versions
+
+  cfg = get_config(config, inner_steps=inner_steps, remat=remat)
+  exp = train.build(cfg)
+  state = exp.learner.init(exp.params)
+  batches = [exp.sample(jax.random.key(i), exp.data["train"], cfg.meta_batch) for i in range(2)]
+  rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  t0 = time.perf_counter()
+  compiled = jax.jit(exp.learner.update).lower(state, batches[0]).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  times = []
+  for i in range(steps):
+    t = time.perf_counter()
+    state, m = compiled(state, batches[i % 2])
+    jax.block_until_ready(m["loss"])
+    times.append(time.perf_counter() - t)
+  mb = lambda b: b / 2**20
+  return {"config": config, "inner_steps": inner_steps, "remat": remat,
+          "meta_batch": cfg.meta_batch, "ways": cfg.ways, "queries": cfg.queries,
+          "xla_temp_mb": mb(mem.temp_size_in_bytes),
+          "xla_argument_mb": mb(mem.argument_size_in_bytes),
+          "xla_output_mb": mb(mem.output_size_in_bytes),
+          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          "rss_before_compile_mb": rss_before,
+          "compile_s": compile_s, "median_step_s": statistics.median(times),
+          "loss": float(m["loss"]), "versions": versions()}
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--config", default="omniglot-20w1s")
+  ap.add_argument("--inner-steps", type=int, nargs="+", default=[1, 5, 10, 20])
+  ap.add_argument("--steps", type=int, default=2, help="timed meta steps per point")
+  ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory.jsonl"))
+  ap.add_argument("--worker", nargs=3, metavar=("INNER_STEPS", "REMAT", "STEPS"), help=argparse.SUPPRESS)
+  args = ap.parse_args(argv)
+  if args.worker:
+    n, remat, steps = args.worker
+    print(json.dumps(worker(args.config, int(n), remat == "1", int(steps))))
+    return
+  rows = []
+  for n in args.inner_steps:
+    for remat in (False, True):
+      cmd = [sys.executable, __file__, "--config", args.config, "--worker", str(n),
+             "1" if remat else "0", str(args.steps)]
+      res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+      if res.returncode != 0:
+        print(res.stderr[-2000:], file=sys.stderr)
+        raise SystemExit(f"worker {n} steps, remat={remat} failed")
+      row = json.loads(res.stdout.strip().splitlines()[-1])
+      print(json.dumps(row), flush=True)
+      rows.append(row)
+  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+  print(f"\n{args.config} (meta-batch {rows[0]['meta_batch']}, {rows[0]['ways']}-way, "
+        f"{rows[0]['queries']} queries per class), {time.strftime('%Y-%m-%d')}\n")
+  print("| inner steps | XLA temp MB (no remat / remat) | peak RSS MB (no remat / remat) | "
+        "s/step (no remat / remat) | compile s (no remat / remat) |")
+  print("| --- | --- | --- | --- | --- |")
+  for n in args.inner_steps:
+    a, b = [r for r in rows if r["inner_steps"] == n and not r["remat"]][0], \
+           [r for r in rows if r["inner_steps"] == n and r["remat"]][0]
+    print(f"| {n} | {a['xla_temp_mb']:.0f} / {b['xla_temp_mb']:.0f} | {a['peak_rss_mb']:.0f} / "
+          f"{b['peak_rss_mb']:.0f} | {a['median_step_s']:.2f} / {b['median_step_s']:.2f} | "
+          f"{a['compile_s']:.1f} / {b['compile_s']:.1f} |")
+
+
+if __name__ == "__main__":
+  main()
