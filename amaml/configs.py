@@ -30,7 +30,8 @@ class Config:
   conv_impl: str = "auto"
   # inner loop
   inner_steps: int = 1
-  remat: bool = False  # recompute inner steps in the backward pass (jax.checkpoint): less memory
+  unroll: bool = True  # unroll the inner loop (faster steps); False: a rolled lax.scan
+  remat: bool = False  # recompute inner steps in the backward pass (rolled loop): less memory
   eval_inner_steps: int = 10
   alpha: float = 0.01
   # outer loop (Adam)

@@ -91,7 +91,10 @@ def adapt(loss_fn: LossFn, params: Any, alpha: Any, x: Any, y: Any, *, num_steps
     unroll: passed to ``lax.scan``; ``True`` unrolls the loop fully (faster on
       CPU for few steps, see BENCHMARKS.md), ``1`` keeps a rolled loop (faster compile).
     remat: rematerialise each inner step in the backward pass (``jax.checkpoint``):
-      memory independent of ``num_steps`` at the cost of recomputation.
+      memory nearly independent of ``num_steps`` at the cost of recomputation. It
+      implies a rolled loop (``unroll=True`` is taken as ``1``): in a fully unrolled
+      loop XLA schedules the recomputation early and saves nothing (measured,
+      BENCHMARKS.md, "Memory").
 
   Returns:
     ``(adapted_params, support_losses)`` with ``support_losses`` of shape
@@ -105,6 +108,8 @@ def adapt(loss_fn: LossFn, params: Any, alpha: Any, x: Any, y: Any, *, num_steps
 
   if remat:
     body = jax.checkpoint(body)
+    if unroll is True:
+      unroll = 1
   if num_steps == 0:
     return params, jnp.zeros((0,))
   return jax.lax.scan(body, params, None, length=num_steps, unroll=unroll)

@@ -141,7 +141,8 @@ def alpha_maml(
     track_pre_adaptation: also report the query loss before adaptation (one
       extra forward pass over the query sets).
     unroll: ``lax.scan`` unrolling of the inner loop (``True`` = fully unrolled).
-    remat: rematerialise inner steps in the backward pass (saves memory).
+    remat: rematerialise inner steps in the backward pass (saves memory; runs the
+      inner loop rolled, see :func:`amaml.adapt`).
     donate: donate the input state's buffers to ``step`` (saves memory; the
       state passed in can no longer be used).
     **optimizer_kwargs: passed to ``optimizer`` (``b1``, ``momentum``, ...).

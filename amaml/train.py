@@ -85,6 +85,7 @@ def build(cfg: Config) -> Experiment:
   kwargs = dict(alpha=cfg.alpha, beta=cfg.beta, num_steps=cfg.inner_steps,
                 first_order=cfg.method == "fomaml", rate_rule=cfg.rate_rule,
                 track_pre_adaptation=cfg.track_pre_adaptation, remat=cfg.remat,
+                unroll=True if cfg.unroll else 1,
                 alpha_bounds=(cfg.alpha_min, cfg.alpha_max), beta_bounds=(cfg.beta_min, cfg.beta_max))
   if cfg.method == "alpha-maml":
     learner = meta.alpha_maml(loss_fn, alpha_lr=cfg.alpha_lr, beta_lr=cfg.beta_lr, **kwargs)

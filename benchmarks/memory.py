@@ -1,15 +1,16 @@
-"""Peak memory of the second-order meta step against the number of inner steps, with and
-without rematerialisation of the inner loop (``remat=True``: ``jax.checkpoint`` per step).
+"""Peak memory of the second-order meta step against the number of inner steps, for three
+forms of the inner loop: unrolled (the default), rolled (``lax.scan``, ``--unroll false``) and
+rolled with rematerialisation (``remat=True``: ``jax.checkpoint`` per step).
 
     python benchmarks/memory.py                         # omniglot-20w1s, 1/5/10/20 steps
     python benchmarks/memory.py --inner-steps 1 5 --config omniglot-5w1s
 
-Each (inner steps, remat) point runs in a fresh process (so peak RSS is its own): build the
+Each (inner steps, variant) point runs in a fresh process (so peak RSS is its own): build the
 config, compile one Alpha MAML step, run it ``--steps`` times. Reported: XLA's buffer
 assignment for the compiled step (``memory_analysis()``: temporaries, i.e. the step's
 working memory, plus arguments and outputs), the process's peak resident memory, the
-compile time and the median step time. Users switch remat on with ``--remat true``
-(``amaml train``) or ``alpha_maml(..., remat=True)``.
+compile time and the median step time. Users choose with ``--unroll false`` / ``--remat true``
+(``amaml train``) or ``alpha_maml(..., unroll=1, remat=True)``.
 """
 from __future__ import annotations
 
@@ -26,14 +27,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def worker(config: str, inner_steps: int, remat: bool, steps: int) -> dict:
+VARIANTS = {"unrolled": dict(unroll=True, remat=False), "scan": dict(unroll=False, remat=False),
+            "remat": dict(unroll=False, remat=True)}
+
+
+def worker(config: str, inner_steps: int, variant: str, steps: int) -> dict:
   import jax
 
   from amaml import train
   from amaml.configs import get_config
   from amaml.env import versions
 
-  cfg = get_config(config, inner_steps=inner_steps, remat=remat)
+  cfg = get_config(config, inner_steps=inner_steps, **VARIANTS[variant])
   exp = train.build(cfg)
   state = exp.learner.init(exp.params)
   batches = [exp.sample(jax.random.key(i), exp.data["train"], cfg.meta_batch) for i in range(2)]
@@ -49,7 +54,7 @@ def worker(config: str, inner_steps: int, remat: bool, steps: int) -> dict:
     jax.block_until_ready(m["loss"])
     times.append(time.perf_counter() - t)
   mb = lambda b: b / 2**20
-  return {"config": config, "inner_steps": inner_steps, "remat": remat,
+  return {"config": config, "inner_steps": inner_steps, "variant": variant, **VARIANTS[variant],
           "meta_batch": cfg.meta_batch, "ways": cfg.ways, "queries": cfg.queries,
           "xla_temp_mb": mb(mem.temp_size_in_bytes),
           "xla_argument_mb": mb(mem.argument_size_in_bytes),
@@ -66,37 +71,46 @@ def main(argv=None):
   ap.add_argument("--inner-steps", type=int, nargs="+", default=[1, 5, 10, 20])
   ap.add_argument("--steps", type=int, default=2, help="timed meta steps per point")
   ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory.jsonl"))
-  ap.add_argument("--worker", nargs=3, metavar=("INNER_STEPS", "REMAT", "STEPS"), help=argparse.SUPPRESS)
+  ap.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
+  ap.add_argument("--worker", nargs=3, metavar=("INNER_STEPS", "VARIANT", "STEPS"), help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.worker:
-    n, remat, steps = args.worker
-    print(json.dumps(worker(args.config, int(n), remat == "1", int(steps))))
+    n, variant, steps = args.worker
+    print(json.dumps(worker(args.config, int(n), variant, int(steps))))
     return
   rows = []
   for n in args.inner_steps:
-    for remat in (False, True):
-      cmd = [sys.executable, __file__, "--config", args.config, "--worker", str(n),
-             "1" if remat else "0", str(args.steps)]
+    for variant in args.variants:
+      cmd = [sys.executable, __file__, "--config", args.config, "--worker", str(n), variant,
+             str(args.steps)]
       res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-      if res.returncode != 0:
+      if res.returncode != 0:  # -9: killed, on this machine by the out-of-memory killer
         print(res.stderr[-2000:], file=sys.stderr)
-        raise SystemExit(f"worker {n} steps, remat={remat} failed")
-      row = json.loads(res.stdout.strip().splitlines()[-1])
+        row = {"config": args.config, "inner_steps": n, "variant": variant, "failed": True,
+               "returncode": res.returncode}
+      else:
+        row = json.loads(res.stdout.strip().splitlines()[-1])
       print(json.dumps(row), flush=True)
       rows.append(row)
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
-  print(f"\n{args.config} (meta-batch {rows[0]['meta_batch']}, {rows[0]['ways']}-way, "
-        f"{rows[0]['queries']} queries per class), {time.strftime('%Y-%m-%d')}\n")
-  print("| inner steps | XLA temp MB (no remat / remat) | peak RSS MB (no remat / remat) | "
-        "s/step (no remat / remat) | compile s (no remat / remat) |")
+  ok = [r for r in rows if not r.get("failed")]
+  if ok:
+    print(f"\n{args.config} (meta-batch {ok[0]['meta_batch']}, {ok[0]['ways']}-way, "
+          f"{ok[0]['queries']} queries per class), {time.strftime('%Y-%m-%d')}\n")
+  names = " / ".join(args.variants)
+  print(f"| inner steps | XLA temp MB ({names}) | peak RSS MB ({names}) | s/step ({names}) | "
+        f"compile s ({names}) |")
   print("| --- | --- | --- | --- | --- |")
+
+  def cell(r, key, fmt):
+    return f"killed (rc {r['returncode']})" if r.get("failed") else format(r[key], fmt)
+
   for n in args.inner_steps:
-    a, b = [r for r in rows if r["inner_steps"] == n and not r["remat"]][0], \
-           [r for r in rows if r["inner_steps"] == n and r["remat"]][0]
-    print(f"| {n} | {a['xla_temp_mb']:.0f} / {b['xla_temp_mb']:.0f} | {a['peak_rss_mb']:.0f} / "
-          f"{b['peak_rss_mb']:.0f} | {a['median_step_s']:.2f} / {b['median_step_s']:.2f} | "
-          f"{a['compile_s']:.1f} / {b['compile_s']:.1f} |")
+    rs = [[r for r in rows if r["inner_steps"] == n and r["variant"] == v][0] for v in args.variants]
+    print(f"| {n} | " + " | ".join(" / ".join(cell(r, k, f) for r in rs) for k, f in
+                                     [("xla_temp_mb", ".0f"), ("peak_rss_mb", ".0f"),
+                                      ("median_step_s", ".2f"), ("compile_s", ".1f")]) + " |")
 
 
 if __name__ == "__main__":

@@ -117,8 +117,11 @@ def run_cells(exp, cells, steps: int, log_every: int):
   return state, hist, wall, compile_s
 
 
-def evaluate_cells(exp, state, test_batch, num_steps: int, chunk: int = 50):
-  """Per cell: mean query loss and accuracy (classification) after ``num_steps`` inner steps."""
+def evaluate_cells(exp, state, test_batch, num_steps: int, max_tasks: int = 64):
+  """Per cell: query loss (and accuracy) of every test task after ``num_steps`` inner
+  steps. At most ``max_tasks`` (cells x tasks) are evaluated per call, to bound memory."""
+  cells = jax.tree.leaves(state.params)[0].shape[0]
+  chunk = max(1, max_tasks // cells)
   ev = jax.jit(jax.vmap(lambda p, a, b: exp.learner.evaluate(p, a, b, num_steps=num_steps),
                         in_axes=(0, 0, None)))
   outs = []
@@ -141,8 +144,9 @@ def grid(task: str, method: str, budget: dict, alphas, betas, seeds: int, cells_
     state, hist, w, c = run_cells(exp, part, budget["steps"], budget["log_every"])
     wall, compile_s = wall + w, compile_s + c
     steps_eval = 10
-    ev = evaluate_cells(exp, state, test, steps_eval)
-    ev1 = evaluate_cells(exp, state, test, 1) if task == "sinusoid" else None
+    max_tasks = 64 if task == "omniglot" else 1 << 20  # Conv4 evaluation is memory-bound
+    ev = evaluate_cells(exp, state, test, steps_eval, max_tasks)
+    ev1 = evaluate_cells(exp, state, test, 1, max_tasks) if task == "sinusoid" else None
     for j, (a0, b0, seed) in enumerate(part):
       r = {"task": task, "method": method, "alpha0": a0, "beta0": b0, "seed": seed,
            "steps": budget["steps"], "meta_batch": budget["meta_batch"],
@@ -158,7 +162,8 @@ def grid(task: str, method: str, budget: dict, alphas, betas, seeds: int, cells_
         r["test_accuracy"], r["test_accuracy_ci"] = amaml.mean_confidence_interval(acc)
       else:
         r["test_mse_10step"], r["test_mse_10step_ci"] = amaml.mean_confidence_interval(post)
-        r["test_mse_1step"], _ = amaml.mean_confidence_interval(ev1["post_loss"][j])
+        r["test_mse_1step"], r["test_mse_1step_ci"] = amaml.mean_confidence_interval(
+            ev1["post_loss"][j])
       rows.append(r)
   return rows, wall, compile_s, exp
 
@@ -174,7 +179,7 @@ def sequential_time(exp, cells, steps: int, log_every: int) -> float:
 
 def metric(task):
   return ("test_accuracy", "meta-test accuracy (%)") if task == "omniglot" else \
-         ("test_mse_10step", "meta-test MSE after 10 steps")
+         ("test_mse_1step", "meta-test MSE after 1 step")
 
 
 def table(rows, task, alphas, betas) -> str:
@@ -273,7 +278,22 @@ def main(argv=None):
                   help="cells also timed one after another, for the speed-up")
   ap.add_argument("--out", default=None, help="JSON lines (default benchmarks/results/robustness-<task>.jsonl)")
   ap.add_argument("--images", default=str(ROOT / "docs" / "images"))
+  ap.add_argument("--render", metavar="JSONL", help="only print the table and draw the figures "
+                  "of an earlier run's JSON lines")
   args = ap.parse_args(argv)
+  if args.render:
+    recs = [json.loads(l) for l in Path(args.render).read_text().splitlines() if l.strip()]
+    rows = [r for r in recs if "alpha0" in r]
+    task = rows[0]["task"]
+    alphas = sorted({r["alpha0"] for r in rows})
+    betas = sorted({r["beta0"] for r in rows})
+    for r in recs:
+      if "grid_wall_s" in r:
+        print(json.dumps(r))
+    print(table(rows, task, alphas, betas))
+    for p in plot(rows, task, alphas, betas, Path(args.images)):
+      print(f"wrote {p}")
+    return
 
   budget = dict(BUDGETS[args.task]["full" if args.full else "cpu"])
   for k in ("steps", "meta_batch", "eval_tasks"):

@@ -138,3 +138,23 @@ def test_scan_rolled_unrolled_and_remat_agree():
   for o in outs[1:]:
     for a, b in zip(jax.tree.leaves(o), jax.tree.leaves(outs[0])):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_remat_bounds_the_memory_of_the_meta_gradient():
+  """XLA's buffer assignment of the second-order meta-gradient: remat keeps the working
+  memory from growing with every inner step (also when asked for an unrolled loop, which
+  remat turns into a rolled one: unrolled, XLA would undo the rematerialisation)."""
+  model = amaml.models.MLP(hidden=(256, 256))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 1)))["params"]
+  loss_fn = amaml.losses.mse(lambda p, x: model.apply({"params": p}, x))
+  x = jnp.linspace(-1.0, 1.0, 1024)[:, None]
+  y = jnp.sin(3 * x)
+
+  def temp_mb(remat, unroll=True):
+    f = lambda p: loss_fn(amaml.adapt(loss_fn, p, 0.01, x, y, num_steps=12, unroll=unroll,
+                                      remat=remat)[0], x, y)[0]
+    mem = jax.jit(jax.grad(f)).lower(params).compile().memory_analysis()
+    return mem.temp_size_in_bytes / 2**20
+
+  plain, rolled = temp_mb(False), temp_mb(False, unroll=1)
+  assert temp_mb(True) < 0.5 * min(plain, rolled), (temp_mb(True), plain, rolled)
