@@ -26,3 +26,16 @@ def test_readme_optax_snippet_runs():
   exec(compile(code.replace("amaml.current_learning_rate(opt_state)", "pass"), "README.md", "exec"), env)
   state = env["opt"].init(params)
   assert abs(float(amaml.current_learning_rate(state)) - 0.01) < 1e-9
+
+
+def test_readme_commands_parse():
+  """Every `amaml ...` command in the README's shell blocks is accepted by the CLI parser."""
+  import shlex
+  from amaml import cli
+  shell = "\n".join(re.findall(r"```bash\n(.*?)```", README.read_text(), re.S))
+  commands = [line.split("amaml ", 1)[1].split("#")[0] for line in shell.splitlines()
+              if "bin/amaml " in line]
+  assert len(commands) >= 5
+  for c in commands:
+    args = cli._parser().parse_args(shlex.split(c))
+    assert args.command in ("train", "evaluate", "plot")
