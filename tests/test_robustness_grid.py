@@ -44,7 +44,7 @@ def test_grid_cells_equal_separate_runs(method):
 
 
 def test_table_marks_diverged_cells():
-  rows = [dict(method=m, alpha0=a, beta0=1e-3, seed=0, test_mse_10step=v)
+  rows = [dict(method=m, alpha0=a, beta0=1e-3, seed=0, test_mse_1step=v)
           for m, a, v in [("maml", 0.1, 0.5), ("alpha-maml", 0.1, 0.4),
                           ("maml", 4.0, float("nan")), ("alpha-maml", 4.0, 2.0)]]
   text = robustness.table(rows, "sinusoid", [0.1, 4.0], [1e-3])
