@@ -122,8 +122,11 @@ def evaluate_cells(exp, state, test_batch, num_steps: int, max_tasks: int = 64):
   steps. At most ``max_tasks`` (cells x tasks) are evaluated per call, to bound memory."""
   cells = jax.tree.leaves(state.params)[0].shape[0]
   chunk = max(1, max_tasks // cells)
-  ev = jax.jit(jax.vmap(lambda p, a, b: exp.learner.evaluate(p, a, b, num_steps=num_steps),
-                        in_axes=(0, 0, None)))
+  key = ("evaluate", id(exp), num_steps)
+  if key not in _COMPILED:  # one jitted function per (experiment, steps): no recompiles
+    _COMPILED[key] = jax.jit(jax.vmap(
+        lambda p, a, b: exp.learner.evaluate(p, a, b, num_steps=num_steps), in_axes=(0, 0, None)))
+  ev = _COMPILED[key]
   outs = []
   n = test_batch.support_x.shape[0]
   for i in range(0, n, chunk):
@@ -138,14 +141,13 @@ def grid(task: str, method: str, budget: dict, alphas, betas, seeds: int, cells_
   cells = list(itertools.product(alphas, betas, range(seeds)))
   _, eval_key = train._keys(cfg)
   test = exp.sample(eval_key, exp.data["test"], budget["eval_tasks"])
+  max_tasks = 64 if task == "omniglot" else 1 << 20  # Conv4 evaluation is memory-bound
   rows, wall, compile_s = [], 0.0, 0.0
   for lo in range(0, len(cells), cells_per_call):
     part = cells[lo:lo + cells_per_call]
     state, hist, w, c = run_cells(exp, part, budget["steps"], budget["log_every"])
     wall, compile_s = wall + w, compile_s + c
-    steps_eval = 10
-    max_tasks = 64 if task == "omniglot" else 1 << 20  # Conv4 evaluation is memory-bound
-    ev = evaluate_cells(exp, state, test, steps_eval, max_tasks)
+    ev = evaluate_cells(exp, state, test, 10, max_tasks)
     ev1 = evaluate_cells(exp, state, test, 1, max_tasks) if task == "sinusoid" else None
     for j, (a0, b0, seed) in enumerate(part):
       r = {"task": task, "method": method, "alpha0": a0, "beta0": b0, "seed": seed,
@@ -182,12 +184,19 @@ def metric(task):
          ("test_mse_1step", "meta-test MSE after 1 step")
 
 
-def table(rows, task, alphas, betas) -> str:
+def by_cell(rows, task) -> dict:
+  """``(method, alpha0, beta0) -> [metric of each seed]`` (accuracy in %)."""
   key, _ = metric(task)
   scale = 100.0 if task == "omniglot" else 1.0
   by = {}
   for r in rows:
     by.setdefault((r["method"], r["alpha0"], r["beta0"]), []).append(r[key] * scale)
+  return by
+
+
+def table(rows, task, alphas, betas) -> str:
+  by = by_cell(rows, task)
+
   def fmt(v):
     if not np.all(np.isfinite(v)):
       return f"diverged ({int(np.sum(~np.isfinite(v)))}/{len(v)})"
@@ -207,16 +216,11 @@ def plot(rows, task, alphas, betas, out_dir: Path):
   import matplotlib.pyplot as plt
   from matplotlib.colors import LogNorm
 
-  key, label = metric(task)
-  scale = 100.0 if task == "omniglot" else 1.0
-  grids = {}
-  for m in METHODS:
-    g = np.full((len(alphas), len(betas)), np.nan)
-    for i, a in enumerate(alphas):
-      for j, b in enumerate(betas):
-        v = [r[key] * scale for r in rows if (r["method"], r["alpha0"], r["beta0"]) == (m, a, b)]
-        g[i, j] = np.mean(v) if v else np.nan
-    grids[m] = g
+  out_dir.mkdir(parents=True, exist_ok=True)
+  _, label = metric(task)
+  by = by_cell(rows, task)
+  grids = {m: np.array([[np.mean(by.get((m, a, b), [np.nan])) for b in betas] for a in alphas])
+           for m in METHODS}
   allv = np.concatenate([g.ravel() for g in grids.values()])
   allv = allv[np.isfinite(allv)]
   if task == "omniglot":
