@@ -2,7 +2,8 @@
 
 MAML whose inner learning rate ``alpha`` and meta learning rate ``beta`` adapt
 online by hypergradient descent (Behl, Baydin & Torr, 2019), as small pure
-functions: :func:`alpha_maml` / :func:`maml` / :func:`fomaml` build a jitted,
+functions: :func:`alpha_maml` (amaml's tuning-free default) / :func:`alpha_maml_paper` /
+:func:`maml` / :func:`fomaml` build a jitted,
 task-vmapped meta step; :func:`hypergradient` is the Optax transform that
 adapts any optimizer's learning rate.
 """
@@ -10,7 +11,7 @@ from amaml import losses
 from amaml import models
 from amaml.hypergradient import HypergradientState, current_learning_rate, hypergradient
 from amaml.inner import adapt, init_alpha
-from amaml.meta import MetaLearner, MetaState, alpha_maml, fomaml, maml
+from amaml.meta import MetaLearner, MetaState, alpha_maml, alpha_maml_paper, fomaml, maml
 from amaml.rates import hd_step
 from amaml.sinusoid import sinusoid_tasks
 from amaml.stats import mean_confidence_interval
@@ -18,6 +19,7 @@ from amaml.task import TaskBatch
 
 __all__ = [
     "HypergradientState", "MetaLearner", "MetaState", "TaskBatch", "adapt", "alpha_maml",
+    "alpha_maml_paper",
     "current_learning_rate", "fomaml", "hd_step", "hypergradient", "init_alpha", "losses",
     "maml", "mean_confidence_interval", "models", "sinusoid_tasks",
 ]

@@ -38,14 +38,17 @@ def _parser() -> argparse.ArgumentParser:
   tr.add_argument("--no_progress", action="store_true", help="no progress bar")
   group = tr.add_argument_group("configuration fields (override the named config)")
   for f in dataclasses.fields(Config):
-    typ = {"int": int, "float": float, "str": str, "bool": _bool}[f.type if isinstance(f.type, str) else f.type.__name__]
-    group.add_argument(f"--{f.name}", type=typ, default=None, metavar=f.type.upper() if isinstance(f.type, str) else None)
+    name = (f.type if isinstance(f.type, str) else f.type.__name__).removesuffix(" | None")
+    typ = {"int": int, "float": float, "str": str, "bool": _bool}[name]
+    group.add_argument(f"--{f.name}", type=typ, default=None, metavar=name.upper())
   ev = sub.add_parser("evaluate", help="evaluate a run's checkpoint on meta-test tasks")
   ev.add_argument("--run", required=True, help="run directory written by amaml train")
   ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   ev.add_argument("--split", default="test", choices=["train", "val", "test"])
   ev.add_argument("--tasks", type=int, default=None, help="number of tasks (default: eval_tasks)")
-  ev.add_argument("--inner_steps", type=int, default=None, help="test-time inner steps")
+  ev.add_argument("--inner_steps", type=int, default=None,
+                  help="test-time inner steps at the trained alpha (default: the run's "
+                       "test_adaptation, chosen on validation tasks unless it is 'fixed')")
   pl = sub.add_parser("plot", help="PNG learning curves and alpha/beta trajectories of runs")
   pl.add_argument("--run", required=True, nargs="+", help="run directories")
   pl.add_argument("--out", default=None, help="output folder (default: the first run)")
@@ -73,11 +76,14 @@ def main(argv=None) -> int:
     from amaml import train
 
     exp, state = train.load_run(args.run, args.step)
-    summary = train.evaluate(exp, state.params, state.alpha, args.split, args.tasks,
-                             args.inner_steps, progress=True)
+    if args.inner_steps is None and args.split == "test":  # the run's own test protocol
+      results = train.meta_test(exp, state.params, state.alpha, args.tasks, progress=True)
+    else:
+      results = {"test": train.evaluate(exp, state.params, state.alpha, args.split, args.tasks,
+                                        args.inner_steps, progress=True)}
     print(train.format_results({"config": dataclasses.asdict(exp.config), "steps": int(state.step),
-                                "test": summary}))
-    print(json.dumps(summary))
+                                **results}))
+    print(json.dumps(results["test"]))
     return 0
   if args.command == "plot":
     from amaml.plot import plot_runs

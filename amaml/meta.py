@@ -10,15 +10,18 @@
    hypergradient ``d L / d alpha`` in the same backward pass;
 3. ``params`` take an Optax step; by default the optimizer is wrapped in
    :func:`amaml.hypergradient`, which adapts the outer rate ``beta``;
-4. ``alpha`` takes a hypergradient-descent step (:func:`amaml.rates.hd_step`)
-   from the batch hypergradient, which is the *mean* over tasks: it is the
-   derivative of the meta loss, itself a mean, so ``alpha_lr`` does not have to
-   change with the meta-batch size;
-5. a non-finite guard: if the loss, a gradient, a hypergradient or the new
+4. ``alpha`` takes a hypergradient-descent step (:mod:`amaml.rates`, by default the
+   scale-free ``"normalized"`` rule) from the batch hypergradient, which is the
+   *mean* over tasks: it is the derivative of the meta loss, itself a mean, so
+   ``alpha_lr`` does not have to change with the meta-batch size;
+5. backtracking (amaml's, on by default): if adaptation more than doubled the mean
+   query loss of not adapting, only ``alpha`` changes: it halves;
+6. a non-finite guard: if the loss, a gradient, a hypergradient or the new
    state is not finite, the state is left as it was (only ``step`` and
    ``nonfinite_streak`` advance) and ``metrics["nonfinite"]`` says so.
 
-``maml`` and ``fomaml`` are the same code with ``alpha_lr = beta_lr = 0``.
+``maml`` and ``fomaml`` are the same code with ``alpha_lr = beta_lr = 0`` and no
+backtracking; ``alpha_maml_paper`` is the paper's additive rule.
 
 A complete training loop on sinusoid regression:
 
@@ -26,14 +29,14 @@ A complete training loop on sinusoid regression:
 >>> model = amaml.models.MLP()
 >>> params = model.init(jax.random.key(0), jax.numpy.zeros((1, 1)))["params"]
 >>> loss_fn = amaml.losses.mse(lambda p, x: model.apply({"params": p}, x))
->>> learner = amaml.alpha_maml(loss_fn, alpha=0.01, beta=1e-3)
+>>> learner = amaml.alpha_maml(loss_fn)   # alpha0 = 0.1, beta0 = 1e-3, both adapted
 >>> state = learner.init(params)
 >>> key = jax.random.key(1)
 >>> for i in range(3):
 ...   key, sub = jax.random.split(key)
 ...   state, metrics = learner.step(state, amaml.sinusoid_tasks(sub, num_tasks=25))
->>> sorted(metrics)[:4]
-['alpha', 'alpha_hypergradient', 'beta', 'beta_hypergradient']
+>>> sorted(metrics)[:5]
+['alpha', 'alpha_hypergradient', 'backtracked', 'beta', 'beta_hypergradient']
 """
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ import optax
 
 from amaml import inner
 from amaml.hypergradient import current_hypergradient, current_learning_rate, hypergradient
+from amaml.rates import (DEFAULT_HYPER_LR, DEFAULT_RULE, PAPER_ALPHA_LR, PAPER_BETA_LR,
+                         PAPER_RULE)
 from amaml.rates import rate_rule as _rate_rule
 from amaml.task import TaskBatch
 
@@ -73,6 +78,10 @@ class MetaLearner(NamedTuple):
     meta_loss: ``(params, alpha, TaskBatch) -> (loss, aux)``, the mean over tasks
       of the query loss after adaptation; differentiable in ``params`` and ``alpha``.
     update: the un-jitted ``step``, to compose under ``lax.scan``, ``vmap``, ``jit``.
+    adaptation_curve: jitted ``(params, alpha, TaskBatch, num_steps) -> per-task
+      metrics`` of shape ``[tasks, num_steps + 1]``: the query loss (and aux) after
+      0, 1, ..., ``num_steps`` inner steps, one pass for every test-time step count
+      (see :func:`amaml.train.select_adaptation`).
   """
 
   init: Callable[[Any], MetaState]
@@ -80,6 +89,7 @@ class MetaLearner(NamedTuple):
   evaluate: Callable[..., dict]
   meta_loss: Callable[[Any, Any, TaskBatch], tuple[jax.Array, dict]]
   update: Callable[[MetaState, TaskBatch], tuple[MetaState, dict]]
+  adaptation_curve: Callable[..., dict]
 
 
 def _all_finite(tree) -> jax.Array:
@@ -96,15 +106,16 @@ def _tree_mean(tree) -> jax.Array:
 def alpha_maml(
     loss_fn: Callable[..., tuple[jax.Array, dict]],
     *,
-    alpha: float = 0.01,
+    alpha: float = 0.1,
     beta: float = 1e-3,
-    alpha_lr: float = 1e-4,
-    beta_lr: float = 1e-7,
+    alpha_lr: float | None = None,
+    beta_lr: float | None = None,
     optimizer: Callable[..., optax.GradientTransformation] | optax.GradientTransformation = optax.adam,
     num_steps: int = 1,
     first_order: bool = False,
     alpha_granularity: str = "scalar",
-    rate_rule: str = "additive",
+    rate_rule: str = DEFAULT_RULE,
+    backtrack: bool = True,
     alpha_bounds: tuple[float | None, float | None] = (0.0, None),
     beta_bounds: tuple[float | None, float | None] = (0.0, None),
     track_pre_adaptation: bool = True,
@@ -114,32 +125,50 @@ def alpha_maml(
     **optimizer_kwargs: Any,
 ) -> MetaLearner:
   """Alpha MAML (Behl, Baydin & Torr, 2019): MAML with ``alpha`` and ``beta`` adapted
-  online by hypergradient descent.
+  online by hypergradient descent, with amaml's tuning-free defaults.
+
+  What is the paper's and what is amaml's: the paper adapts ``alpha`` and ``beta``
+  by hypergradient descent with the additive rule ``rate <- rate - kappa * h``
+  (``rate_rule="additive"``; :func:`alpha_maml_paper` gives it with the HD paper's
+  ``kappa``). The paper's text is not available here; we follow the natural
+  derivation of HD through the MAML update, and for ``num_steps > 1`` we use the
+  exact derivative ``d L_query / d alpha`` through every inner step (one
+  ``jax.grad``), not a one-step approximation. amaml's additions, all on by
+  default, are the scale-free ``"normalized"`` rule with one hyper-learning rate
+  for every problem (:data:`amaml.rates.DEFAULT_HYPER_LR`), and ``backtrack``.
 
   Args:
     loss_fn: ``loss_fn(params, x, y) -> (loss, aux)`` for one task's set (see
       :mod:`amaml.losses`); ``aux`` is a dict of scalars (e.g. accuracy) or ``{}``.
     alpha: initial inner rate ``alpha_0``.
     beta: initial outer (meta) rate ``beta_0``.
-    alpha_lr: hypergradient rate for ``alpha`` (``0`` freezes it: MAML).
-    beta_lr: hypergradient rate for ``beta`` (``0`` freezes it). The default suits
-      Adam, whose hypergradient is large; SGD needs about ``1e-3``.
+    alpha_lr: hypergradient rate for ``alpha`` (``0`` freezes it: MAML). ``None``
+      takes the rule's default: :data:`amaml.rates.DEFAULT_HYPER_LR` for
+      ``"normalized"`` (a relative change per step), the HD paper's ``1e-3`` for
+      ``"additive"``.
+    beta_lr: hypergradient rate for ``beta`` (``0`` freezes it). ``None``: the
+      same default for ``"normalized"``, the HD paper's Adam value ``1e-7`` for
+      ``"additive"``.
     optimizer: an Optax optimizer factory taking ``learning_rate`` (``optax.adam``,
       ``optax.sgd``, ...), wrapped in :func:`amaml.hypergradient`; or a built
-      ``GradientTransformation`` used as it is (``beta`` and ``beta_lr`` unused).
+      ``GradientTransformation`` used as it is (``beta`` and ``beta_lr`` unused),
+      for example a learning-rate-free ``optax.contrib.prodigy()``.
     num_steps: inner SGD steps per task.
     first_order: FOMAML (no second derivatives in the meta-gradient).
     alpha_granularity: ``"scalar"`` (the paper), ``"tensor"`` or ``"parameter"``
       (see :func:`amaml.init_alpha`); each rate follows its own hypergradient.
     rate_rule: how ``alpha`` and ``beta`` follow their hypergradients
-      (:func:`amaml.rates.rate_rule`): ``"additive"`` (the paper), ``"log"``
-      (multiplicative, log space) or ``"normalized"`` (Adam on the log rate:
-      scale-free, robust to the initial rates; ``alpha_lr``/``beta_lr`` are then
-      relative changes per step such as ``1e-3``).
+      (:func:`amaml.rates.rate_rule`): ``"normalized"`` (the default: Adam on the
+      log rate, scale-free), ``"additive"`` (the paper) or ``"log"``.
+    backtrack: amaml's guard against a far too large ``alpha``: a step whose
+      adaptation more than doubles the mean query loss of no adaptation at all (or
+      makes it non-finite) changes nothing but ``alpha``, which halves. ``params`` and
+      ``beta`` then never train against an ``alpha`` that hurts, and ``alpha``
+      drops from any start by a factor of 1,000 in 10 steps.
     alpha_bounds, beta_bounds: ``(min, max)`` clips (``None`` = unbounded). The
       default keeps both rates non-negative.
     track_pre_adaptation: also report the query loss before adaptation (one
-      extra forward pass over the query sets).
+      extra forward pass over the query sets; ``backtrack`` needs it anyway).
     unroll: ``lax.scan`` unrolling of the inner loop (``True`` = fully unrolled).
     remat: rematerialise inner steps in the backward pass (saves memory; runs the
       inner loop rolled, see :func:`amaml.adapt`).
@@ -147,6 +176,7 @@ def alpha_maml(
       state passed in can no longer be used).
     **optimizer_kwargs: passed to ``optimizer`` (``b1``, ``momentum``, ...).
   """
+  alpha_lr, beta_lr = _default_hyper_lrs(rate_rule, alpha_lr, beta_lr)
   if isinstance(optimizer, optax.GradientTransformation):
     if optimizer_kwargs:
       raise TypeError("optimizer_kwargs need an optimizer factory, not a built optimizer")
@@ -197,21 +227,47 @@ def alpha_maml(
         nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32))
     metrics = {"loss": loss,
                "grad_norm": optax.tree.norm(grads),
-               "alpha": _tree_mean(new_state.alpha),
-               "alpha_hypergradient": _tree_mean(alpha_grad),
-               "nonfinite": jnp.logical_not(ok),
-               "nonfinite_streak": new_state.nonfinite_streak}
+               "alpha_hypergradient": _tree_mean(alpha_grad)}
     metrics.update({k: v for k, v in aux.items()})
+    if track_pre_adaptation or backtrack:
+      pre_loss, pre_aux = jax.vmap(loss_fn, in_axes=(None, 0, 0))(
+          jax.lax.stop_gradient(state.params), batch.query_x, batch.query_y)
+      pre_loss = jnp.mean(pre_loss)
+      metrics["pre_loss"] = pre_loss
+      metrics.update({f"pre_{k}": jnp.mean(v) for k, v in pre_aux.items()})
+    if backtrack:
+      # adaptation more than doubles the loss (or overflows) on a batch that is itself fine:
+      # halve alpha, hold everything else. Smaller harm is left to the hypergradient steps (at
+      # a tiny alpha, noise alone makes some batches a little worse after adaptation). A
+      # batch whose un-adapted query or support loss is not finite is the non-finite
+      # guard's business: bad data, not a bad alpha.
+      batch_ok = jnp.isfinite(pre_loss) & jnp.isfinite(aux["support_loss"])
+      hurts = batch_ok & jnp.logical_not(loss - pre_loss <= jnp.abs(pre_loss))
+      halved = jax.tree.map(
+          lambda a: jnp.clip(0.5 * a, alpha_bounds[0], alpha_bounds[1]).astype(a.dtype),
+          state.alpha)
+      new_state = jax.tree.map(lambda b, n: jnp.where(hurts, b, n),
+                               state._replace(alpha=halved), new_state)
+      new_state = new_state._replace(step=state.step + 1, nonfinite_streak=jnp.where(
+          ok | hurts, 0, state.nonfinite_streak + 1).astype(jnp.int32))
+      metrics["backtracked"] = hurts
+    metrics.update({"alpha": _tree_mean(new_state.alpha),
+                    "nonfinite": jnp.logical_not(ok),
+                    "nonfinite_streak": new_state.nonfinite_streak})
     beta_now = current_learning_rate(new_state.opt_state)
     if beta_now is not None:
       metrics["beta"] = beta_now
       metrics["beta_hypergradient"] = current_hypergradient(opt_state)
-    if track_pre_adaptation:
-      pre_loss, pre_aux = jax.vmap(loss_fn, in_axes=(None, 0, 0))(
-          jax.lax.stop_gradient(state.params), batch.query_x, batch.query_y)
-      metrics["pre_loss"] = jnp.mean(pre_loss)
-      metrics.update({f"pre_{k}": jnp.mean(v) for k, v in pre_aux.items()})
     return new_state, metrics
+
+  def adapt_eval(params, alpha_, sx, sy, qx, qy, steps):
+    """Query loss and aux after 0, 1, ..., ``steps`` inner steps (first order)."""
+    def body(p, _):
+      q = loss_fn(p, qx, qy)
+      return inner.sgd_step(loss_fn, p, alpha_, sx, sy, first_order=True)[0], q
+    last, curve = jax.lax.scan(body, params, None, length=steps)
+    final = loss_fn(last, qx, qy)
+    return jax.tree.map(lambda c, f: jnp.concatenate([c, f[None]]), curve, final)
 
   def evaluate(params, alpha_, batch: TaskBatch, num_steps: int | None = None):
     steps = num_steps_default if num_steps is None else num_steps
@@ -228,16 +284,43 @@ def alpha_maml(
 
     return jax.vmap(one)(*batch)
 
+  def adaptation_curve(params, alpha_, batch: TaskBatch, num_steps: int):
+    loss, aux = jax.vmap(adapt_eval, in_axes=(None, None, 0, 0, 0, 0, None))(
+        params, alpha_, *batch, num_steps)
+    return {"loss": loss, **aux}
+
   num_steps_default = num_steps
   step = jax.jit(update, donate_argnums=(0,) if donate else ())
   return MetaLearner(init=init, step=step,
                      evaluate=jax.jit(evaluate, static_argnames=("num_steps",)),
-                     meta_loss=meta_loss, update=update)
+                     meta_loss=meta_loss, update=update,
+                     adaptation_curve=jax.jit(adaptation_curve, static_argnames=("num_steps",)))
+
+
+def _default_hyper_lrs(rule: str, alpha_lr: float | None, beta_lr: float | None):
+  """``alpha_lr``/``beta_lr`` with ``None`` replaced by the rule's default."""
+  defaults = {"normalized": (DEFAULT_HYPER_LR, DEFAULT_HYPER_LR),
+              "additive": (PAPER_ALPHA_LR, PAPER_BETA_LR)}
+  if (alpha_lr is None or beta_lr is None) and rule not in defaults:
+    raise ValueError(f"rate_rule={rule!r} has no default hypergradient rates: pass alpha_lr "
+                     "and beta_lr, or use rate_rule='normalized'")
+  da, db = defaults.get(rule, (None, None))
+  return (da if alpha_lr is None else alpha_lr), (db if beta_lr is None else beta_lr)
+
+
+def alpha_maml_paper(loss_fn: Callable, **kwargs: Any) -> MetaLearner:
+  """Alpha MAML as the paper describes it: the additive rule ``rate <- rate - kappa * h``
+  for ``alpha`` and ``beta``, with the HD paper's ``kappa`` (``1e-3`` for the SGD rate
+  ``alpha``, ``1e-7`` for Adam's ``beta``) unless given, and no backtracking."""
+  kwargs = {"rate_rule": PAPER_RULE, "backtrack": False, **kwargs}
+  return alpha_maml(loss_fn, **kwargs)
 
 
 def maml(loss_fn: Callable, *, alpha: float = 0.01, beta: float = 1e-3, num_steps: int = 1,
          first_order: bool = False, **kwargs: Any) -> MetaLearner:
-  """MAML (Finn et al., 2017): :func:`alpha_maml` with ``alpha`` and ``beta`` fixed."""
+  """MAML (Finn et al., 2017): :func:`alpha_maml` with ``alpha`` and ``beta`` fixed
+  (and no backtracking)."""
+  kwargs = {"backtrack": False, **kwargs}
   return alpha_maml(loss_fn, alpha=alpha, beta=beta, alpha_lr=0.0, beta_lr=0.0,
                     num_steps=num_steps, first_order=first_order, **kwargs)
 

@@ -7,9 +7,10 @@ One rule serves both of Alpha MAML's rates (the inner ``alpha`` and the outer
 * ``"log"`` (multiplicative): ``rate <- rate * exp(-hyper_lr * rate * h)``, plain
   gradient descent on ``log(rate)`` (``d loss / d log rate = rate * h``), which
   can never change the rate's sign;
-* ``"normalized"``: Adam on ``log(rate)`` with step ``hyper_lr``: each step changes
-  the rate by a factor of at most about ``exp(hyper_lr)`` whatever the scale of
-  the loss, so one ``hyper_lr`` fits every problem and every initial rate.
+* ``"normalized"`` (amaml's default, not the papers'): Adam on ``log(rate)`` with
+  step ``hyper_lr``: each step changes the rate by a factor of at most about
+  ``exp(hyper_lr)`` whatever the scale of the loss, so one ``hyper_lr``
+  (:data:`DEFAULT_HYPER_LR`) fits every problem and every initial rate.
 
 then an optional clip to ``[min_rate, max_rate]``, and a guard: a non-finite
 result leaves the rate as it was. Rates may be a scalar or any pytree (one rate
@@ -36,6 +37,22 @@ import jax.numpy as jnp
 import optax
 
 RULES = ("additive", "log", "normalized")
+
+#: amaml's default, the same for ``alpha`` and ``beta`` on every problem: the
+#: scale-free rule, moving a rate by at most about 5% per step (chosen by measurement,
+#: BENCHMARKS.md, "Tuning-free defaults").
+DEFAULT_RULE = "normalized"
+DEFAULT_HYPER_LR = 0.05
+#: The papers' setting: Alpha MAML's additive rule with the hypergradient rates
+#: (kappa) of the HD paper, 1e-3 for an SGD rate (the inner ``alpha``) and 1e-7 for
+#: Adam's rate (the outer ``beta``).
+PAPER_RULE = "additive"
+PAPER_ALPHA_LR = 1e-3
+PAPER_BETA_LR = 1e-7
+# Adam's epsilon for the normalized rule: far below any real hypergradient, so the rule
+# stays scale-free down to tiny losses (a float32 square underflows only below 1e-19).
+_EPS = 1e-30
+_B1, _B2 = 0.9, 0.99
 
 
 def hd_step(rate: Any, hypergradient: Any, hyper_lr: float, *, log_space: bool = False,
@@ -98,17 +115,17 @@ def rate_rule(hyper_lr: float, rule: str = "additive", *, min_rate: float | None
                      max_rate=max_rate), state
     return RateRule(init, update)
 
-  adam = optax.adam(hyper_lr)
+  adam = optax.adam(hyper_lr, b1=_B1, b2=_B2, eps=_EPS)
 
   def init_n(rate):
     return adam.init(rate)
 
   def update_n(rate, h, state):
-    log_grad = jax.tree.map(lambda r, g: (r * g).astype(jnp.result_type(r)), rate, h)
-    step, new_state = adam.update(log_grad, state)
+    h = jax.tree.map(lambda r, g: g.astype(jnp.result_type(r)), rate, h)
+    step, new_state = adam.update(h, state)
     new = jax.tree.map(lambda r, s: _clip_and_guard(r * jnp.exp(s), r, min_rate, max_rate),
                        rate, step)
-    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(log_grad)]))
+    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(h)]))
     new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, state)
     return new, new_state
   return RateRule(init_n, update_n)

@@ -82,15 +82,7 @@ def build(cfg: Config) -> Experiment:
     def sample(k, images, n):
       return sample_tasks(k, images, cfg.ways, cfg.shots, cfg.queries, n)
 
-  kwargs = dict(alpha=cfg.alpha, beta=cfg.beta, num_steps=cfg.inner_steps,
-                first_order=cfg.method == "fomaml", rate_rule=cfg.rate_rule,
-                track_pre_adaptation=cfg.track_pre_adaptation, remat=cfg.remat,
-                unroll=True if cfg.unroll else 1,
-                alpha_bounds=(cfg.alpha_min, cfg.alpha_max), beta_bounds=(cfg.beta_min, cfg.beta_max))
-  if cfg.method == "alpha-maml":
-    learner = meta.alpha_maml(loss_fn, alpha_lr=cfg.alpha_lr, beta_lr=cfg.beta_lr, **kwargs)
-  else:
-    learner = meta.maml(loss_fn, **kwargs)
+  learner = make_learner(cfg, loss_fn)
   # one batch of each split, checked on the host before anything is compiled for them
   for name, images in data.items():
     first = sample(jax.random.key(0), images, 2)
@@ -99,6 +91,34 @@ def build(cfg: Config) -> Experiment:
     else:
       validate.check_regression_batch(first)
   return Experiment(cfg, learner, params, data, sample)
+
+
+def outer_optimizer(name: str):
+  """The outer optimizer: ``optax.adam`` (a factory, wrapped in :func:`amaml.hypergradient`
+  so that ``beta`` can adapt) or a built learning-rate-free optimizer of ``optax.contrib``."""
+  import optax
+
+  if name == "adam":
+    return optax.adam
+  if name == "mechanize":
+    return optax.contrib.mechanize(optax.adam(1.0))
+  return getattr(optax.contrib, name)()
+
+
+def make_learner(cfg: Config, loss_fn) -> meta.MetaLearner:
+  """The :class:`~amaml.meta.MetaLearner` of ``cfg.method`` for ``loss_fn``."""
+  kwargs = dict(alpha=cfg.alpha, beta=cfg.beta, num_steps=cfg.inner_steps,
+                optimizer=outer_optimizer(cfg.outer_optimizer),
+                track_pre_adaptation=cfg.track_pre_adaptation, remat=cfg.remat,
+                unroll=True if cfg.unroll else 1,
+                alpha_bounds=(cfg.alpha_min, cfg.alpha_max), beta_bounds=(cfg.beta_min, cfg.beta_max))
+  rates = dict(alpha_lr=cfg.alpha_lr, beta_lr=cfg.beta_lr)
+  if cfg.method == "alpha-maml":
+    return meta.alpha_maml(loss_fn, rate_rule=cfg.rate_rule, backtrack=cfg.backtrack,
+                           **rates, **kwargs)
+  if cfg.method == "alpha-maml-paper":
+    return meta.alpha_maml_paper(loss_fn, **rates, **kwargs)
+  return meta.maml(loss_fn, first_order=cfg.method == "fomaml", **kwargs)
 
 
 def _keys(cfg: Config):
@@ -140,39 +160,111 @@ def _cached_build(cfg: Config, mesh=None):
   return exp._replace(config=cfg), chunk
 
 
+ALPHA_SCALES = (2.0, 1.0, 0.5, 0.25, 0.125)
+
+
+def _eval_batches(exp: Experiment, split: str, num_tasks: int):
+  """The fixed evaluation batches of ``split`` (they depend only on the seed and the split)."""
+  cfg = exp.config
+  images = exp.data.get(split)
+  if cfg.task == "omniglot" and images is None:
+    raise ValueError(f"this protocol has no {split!r} split")
+  _, eval_key = _keys(cfg)
+  eval_key = jax.random.fold_in(eval_key, {"train": 0, "val": 1, "test": 2}[split])
+  for b in range(math.ceil(num_tasks / cfg.eval_batch)):
+    yield exp.sample(jax.random.fold_in(eval_key, b), images, cfg.eval_batch)
+
+
+def select_adaptation(exp: Experiment, params, alpha, split: str = "val",
+                      num_tasks: int | None = None, max_steps: int | None = None,
+                      scales=ALPHA_SCALES) -> dict:
+  """Test-time adaptation chosen on meta-validation tasks, so that it cannot diverge.
+
+  Every ``(scale, steps)`` with ``scale`` in ``scales`` (the inner rate is ``scale *
+  alpha``) and ``steps`` in ``0..max_steps`` (default ``eval_inner_steps``) is scored
+  on ``num_tasks`` (default ``val_tasks``) tasks of ``split``, by query accuracy when
+  the loss reports one, else by query loss. One :attr:`MetaLearner.adaptation_curve`
+  pass per scale scores every step count. Returns the best ``inner_steps`` and
+  ``alpha_scale``, and the score of each candidate.
+  """
+  cfg = exp.config
+  num_tasks = num_tasks or cfg.val_tasks
+  max_steps = max_steps or cfg.eval_inner_steps
+  batches = list(_eval_batches(exp, split, num_tasks))
+  curves = {}
+  for scale in scales:
+    a = jax.tree.map(lambda x: x * scale, alpha)
+    outs = [exp.learner.adaptation_curve(params, a, b, num_steps=max_steps) for b in batches]
+    key = "accuracy" if "accuracy" in outs[0] else "loss"
+    curves[scale] = np.concatenate([np.asarray(o[key]) for o in outs])[:num_tasks].mean(axis=0)
+  scale, steps, scores = best_adaptation(curves, higher_is_better=key == "accuracy")
+  return {"inner_steps": steps, "alpha_scale": scale, "split": split, "tasks": num_tasks,
+          "selected_by": key, "scores": scores}
+
+
+def best_adaptation(curves: dict, higher_is_better: bool) -> tuple[float, int, dict]:
+  """The best ``(alpha_scale, inner_steps)`` of mean adaptation curves ``{scale: metric after
+  0..K steps}``, and every candidate's score by ``"<scale>x<steps>"``. Non-finite scores
+  lose; ties go to scale 1, then to fewer steps. Zero steps (no adaptation) is a candidate
+  too: where every rate and step count makes the validation tasks worse, none is taken."""
+  scores = {}
+  for scale, curve in curves.items():
+    score = np.asarray(curve, np.float64) * (1 if higher_is_better else -1)
+    for k in range(0 if scale == 1.0 else 1, len(score)):
+      scores[(scale, k)] = float(score[k]) if np.isfinite(score[k]) else -np.inf
+  scale, steps = max(scores, key=lambda c: (scores[c], c[0] == 1.0, -c[1]))
+  return scale, steps, {f"{s:g}x{k}": v for (s, k), v in scores.items()}
+
+
 def evaluate(exp: Experiment, params, alpha, split: str = "test", num_tasks: int | None = None,
-             inner_steps: int | None = None, progress: bool = False) -> dict:
+             inner_steps: int | None = None, progress: bool = False,
+             alpha_scale: float = 1.0) -> dict:
   """Meta-test: adapt on ``num_tasks`` fresh tasks of ``split`` and summarise.
 
   Returns means and 95% confidence half-widths over tasks of the query loss (and
   accuracy) before and after ``inner_steps`` adaptation steps (default:
-  ``eval_inner_steps``). Tasks depend only on the seed and the split.
+  ``eval_inner_steps``) at the rate ``alpha_scale * alpha``. Tasks depend only on
+  the seed and the split.
   """
   cfg = exp.config
   num_tasks = num_tasks or cfg.eval_tasks
   inner_steps = cfg.eval_inner_steps if inner_steps is None else inner_steps
-  images = exp.data.get(split)
-  if exp.config.task == "omniglot" and images is None:
-    raise ValueError(f"this protocol has no {split!r} split")
-  _, eval_key = _keys(cfg)
-  eval_key = jax.random.fold_in(eval_key, {"train": 0, "val": 1, "test": 2}[split])
+  a = jax.tree.map(lambda x: x * alpha_scale, alpha)
   per_task: dict[str, list] = {}
-  batches = math.ceil(num_tasks / cfg.eval_batch)
-  it = range(batches)
+  it = _eval_batches(exp, split, num_tasks)
   if progress:
     from tqdm.auto import tqdm
-    it = tqdm(it, desc=f"evaluate {split}", unit="batch", leave=False)
-  for b in it:
-    batch = exp.sample(jax.random.fold_in(eval_key, b), images, cfg.eval_batch)
-    out = exp.learner.evaluate(params, alpha, batch, num_steps=inner_steps)
+    it = tqdm(it, total=math.ceil(num_tasks / cfg.eval_batch), desc=f"evaluate {split}",
+              unit="batch", leave=False)
+  for batch in it:
+    out = exp.learner.evaluate(params, a, batch, num_steps=inner_steps)
     for k, v in out.items():
       per_task.setdefault(k, []).append(np.asarray(v))
-  summary = {"split": split, "tasks": num_tasks, "inner_steps": inner_steps}
+  summary = {"split": split, "tasks": num_tasks, "inner_steps": inner_steps,
+             "alpha_scale": alpha_scale}
   for k, v in per_task.items():
     m, ci = mean_confidence_interval(np.concatenate(v)[:num_tasks])
     summary[k] = m
     summary[f"{k}_ci95"] = ci
   return summary
+
+
+def meta_test(exp: Experiment, params, alpha, num_tasks: int | None = None,
+              progress: bool = False) -> dict:
+  """The final evaluation on the meta-test split, with the test-time adaptation of
+  ``test_adaptation``: ``"select"`` chooses it on meta-validation tasks
+  (:func:`select_adaptation`) and also reports MAML's fixed protocol when it differs."""
+  cfg = exp.config
+  if cfg.test_adaptation == "fixed":
+    return {"test": evaluate(exp, params, alpha, "test", num_tasks, progress=progress)}
+  split = "val" if exp.data.get("val") is not None or cfg.task != "omniglot" else "train"
+  choice = select_adaptation(exp, params, alpha, split)
+  out = {"test": evaluate(exp, params, alpha, "test", num_tasks, choice["inner_steps"],
+                          progress, choice["alpha_scale"]),
+         "test_adaptation": choice}
+  if (choice["inner_steps"], choice["alpha_scale"]) != (cfg.eval_inner_steps, 1.0):
+    out["test_fixed"] = evaluate(exp, params, alpha, "test", num_tasks, progress=progress)
+  return out
 
 
 def _jsonable(tree) -> dict:
@@ -294,7 +386,7 @@ def train(cfg: Config, out_dir: str | os.PathLike, *, resume: bool = False, prog
         raise FloatingPointError(
             f"{cfg.max_nonfinite} non-finite meta steps in a row by step {step}: the state was "
             f"kept finite and the last good checkpoint is in {ckpt.directory}. Lower --alpha or "
-            "--beta (or their hypergradient rates --alpha_lr/--beta_lr), or use --rate_rule normalized")
+            "--beta, or use the default --method alpha-maml (normalized rule with backtracking)")
       out_of_time = cfg.max_minutes and time.perf_counter() - t_start >= 60 * cfg.max_minutes
       if ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step >= cfg.iterations
           or out_of_time):
@@ -312,7 +404,7 @@ def train(cfg: Config, out_dir: str | os.PathLike, *, resume: bool = False, prog
   beta = current_learning_rate(state.opt_state)
   results["final_beta"] = None if beta is None else float(beta)
   if evaluate_at_end:
-    results["test"] = evaluate(exp, state.params, state.alpha, "test", progress=progress)
+    results.update(meta_test(exp, state.params, state.alpha, progress=progress))
   tmp = out / "results.tmp"
   tmp.write_text(json.dumps(results, indent=1))
   os.replace(tmp, out / "results.json")
@@ -340,11 +432,25 @@ def format_results(results: dict) -> str:
   t = results["test"]
   lines = [f"{cfg.get('method', '?')} on {cfg.get('task', '?')}: {results.get('steps', '?')} meta steps"
            + (f" in {results['train_seconds']:.0f} s" if "train_seconds" in results else "")]
+  how = f"{t['inner_steps']} inner steps"
+  if t.get("alpha_scale", 1.0) != 1.0:
+    how += f" at {t['alpha_scale']:g} x alpha"
+  if "test_adaptation" in results:
+    how += f", chosen on {results['test_adaptation']['tasks']} {results['test_adaptation']['split']} tasks"
   if "post_accuracy" in t:
-    lines.append(f"  meta-test accuracy on {t['tasks']} tasks ({t['inner_steps']} inner steps): "
+    lines.append(f"  meta-test accuracy on {t['tasks']} tasks ({how}): "
                  f"{100 * t['post_accuracy']:.2f}% +- {100 * t['post_accuracy_ci95']:.2f}% (95% CI)")
+  else:
+    lines.append(f"  meta-test on {t['tasks']} tasks ({how})")
   lines.append(f"  query loss before adaptation {t['pre_loss']:.4f} +- {t['pre_loss_ci95']:.4f}, "
                f"after {t['post_loss']:.4f} +- {t['post_loss_ci95']:.4f}")
+  fixed = results.get("test_fixed")
+  if fixed is not None and "post_accuracy" in fixed:
+    lines.append(f"  with MAML's fixed protocol ({fixed['inner_steps']} steps at alpha): "
+                 f"{100 * fixed['post_accuracy']:.2f}% +- {100 * fixed['post_accuracy_ci95']:.2f}%")
+  elif fixed is not None:
+    lines.append(f"  with MAML's fixed protocol ({fixed['inner_steps']} steps at alpha): query loss "
+                 f"{fixed['post_loss']:.4f} +- {fixed['post_loss_ci95']:.4f}")
   if "final_alpha" in results:
     beta = results.get("final_beta")
     lines.append(f"  final alpha {results['final_alpha']:.4g}"

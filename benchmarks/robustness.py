@@ -1,20 +1,36 @@
-"""Robustness to the initial learning rates: MAML vs Alpha MAML over an alpha0 x beta0 grid.
+"""Robustness to untuned initial learning rates: MAML, the paper's Alpha MAML and amaml's
+default over an alpha0 x beta0 grid, with optax.contrib's learning-rate-free optimizers as
+anchors for the outer rate.
 
     python benchmarks/robustness.py --task sinusoid    # sinusoid MSE grid (minutes)
     python benchmarks/robustness.py --task omniglot    # Omniglot 5w1s grid, CPU budget
+    python benchmarks/robustness.py --task omniglot-20w1s --alphas 0.01 0.1 1 --betas 1e-3
     python benchmarks/robustness.py --task omniglot --full   # paper-scale budget (GPU)
+
+Methods (``--methods``): ``maml`` (fixed rates), ``alpha-maml-paper`` (the paper's additive
+rule with the HD paper's kappa), ``alpha-maml`` (amaml's default: normalized rule,
+backtracking, test-time adaptation chosen on validation tasks) and ``maml+<opt>`` for
+``<opt>`` in prodigy, dog, mechanize, cocob, dadapt_adamw (MAML whose outer optimizer has
+no rate: beta0 does not apply, so these run one column).
 
 Every cell (alpha0, beta0, seed) is an independent training run with its own parameters,
 optimizer state, alpha and beta. The cells of a method train together as ONE jitted
 computation: ``jax.vmap`` of the meta step over cells inside a ``lax.scan`` over steps
 (``--cells-per-call`` splits a large grid into chunks that fit in memory). Cells with the
 same seed start from the same weights and see the same tasks, so they differ only in their
-rates. Each method is also timed running single cells one after another (same code, one
-cell per call) to report the vmapped grid's speed-up.
+rates.
+
+Every cell is scored two ways on the same meta-test tasks: MAML's protocol (``fixed``: 10
+inner steps at the trained alpha; on sinusoid also the 1-step MSE of MAML's paper) and the
+test-time adaptation amaml's default uses (``selected``: the inner steps, 1 to 10, and a
+multiple of alpha, chosen per cell on meta-validation tasks). The table reports each method
+by its own protocol (``alpha-maml``: selected; the others: fixed) and the JSON lines hold
+both for every cell.
 
 Writes ``benchmarks/results/robustness-<task>.jsonl`` (one line per cell, with the alpha and
-beta trajectories), heat maps ``docs/images/robustness-<task>.png``, trajectories
-``docs/images/robustness-<task>-rates.png``, and prints the markdown table of BENCHMARKS.md.
+beta trajectories), heat maps ``docs/images/robustness-<task>.png``, alpha/beta trajectories
+of the corner cells ``docs/images/robustness-<task>-rates.png``, and prints the markdown
+tables of BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -31,34 +47,50 @@ import numpy as np
 
 import amaml
 from amaml import train
-from amaml.configs import get_config
+from amaml.configs import OUTER_OPTIMIZERS, get_config
 from amaml.env import versions
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPHAS = (0.01, 0.04, 0.1, 0.4, 1.0, 4.0)
 BETAS = (1e-4, 1e-3, 1e-2)
-METHODS = ("maml", "alpha-maml")
-# CPU budgets (all cells of both methods in well under an hour on 2 cores), and --full.
+METHODS = ("maml", "alpha-maml-paper", "alpha-maml")
+ANCHORS = tuple(f"maml+{o}" for o in OUTER_OPTIMIZERS if o != "adam")
+LABELS = {"maml": "MAML (fixed rates)", "alpha-maml-paper": "Alpha MAML, paper's additive rule",
+          "alpha-maml": "amaml default"}
+CONFIG_NAMES = {"sinusoid": "sinusoid", "omniglot": "omniglot-5w1s",
+                "omniglot-20w1s": "omniglot-20w1s"}
+# CPU budgets (a method's 18 cells in about half an hour on 2 cores), and --full.
+_OMNIGLOT_BUDGET = dict(cpu=dict(steps=300, meta_batch=8, eval_tasks=100, val_tasks=50,
+                                 log_every=50),
+                        full=dict(steps=60000, meta_batch=32, eval_tasks=600, val_tasks=200,
+                                  log_every=500))
 BUDGETS = {
-    "sinusoid": dict(cpu=dict(steps=5000, meta_batch=25, eval_tasks=600, log_every=250),
-                     full=dict(steps=70000, meta_batch=25, eval_tasks=600, log_every=1000)),
-    "omniglot": dict(cpu=dict(steps=50, meta_batch=4, eval_tasks=100, log_every=10),
-                     full=dict(steps=60000, meta_batch=32, eval_tasks=600, log_every=500)),
+    "sinusoid": dict(cpu=dict(steps=5000, meta_batch=25, eval_tasks=600, val_tasks=200,
+                              log_every=250),
+                     full=dict(steps=70000, meta_batch=25, eval_tasks=600, val_tasks=200,
+                               log_every=1000)),
+    "omniglot": _OMNIGLOT_BUDGET,
+    "omniglot-20w1s": _OMNIGLOT_BUDGET,
 }
+EVAL_STEPS = 10  # MAML's test-time inner steps, and the most the selection may choose
 
 
 def make_config(task: str, method: str, budget: dict):
-  name = "sinusoid" if task == "sinusoid" else "omniglot-5w1s"
-  return get_config(name, method=method, iterations=budget["steps"],
+  """The named config of ``task`` at the budget; ``maml+<opt>`` is MAML with an
+  ``optax.contrib`` learning-rate-free outer optimizer."""
+  kw = {}
+  if method.startswith("maml+"):
+    method, kw["outer_optimizer"] = "maml", method.split("+", 1)[1]
+  return get_config(CONFIG_NAMES[task], method=method, iterations=budget["steps"],
                     meta_batch=budget["meta_batch"], log_every=budget["log_every"],
-                    checkpoint_every=0, val_every=0)
+                    checkpoint_every=0, val_every=0, eval_inner_steps=EVAL_STEPS, **kw)
 
 
 def init_cells(cfg, exp, cells):
   """Stacked MetaStates, one per (alpha0, beta0, seed): the seed's initial weights, with
   alpha and beta (held in the hypergradient optimizer's state) set to the cell's initial
-  rates. The rate rules' states do not depend on the rates' values, so one ``update``
-  serves every cell."""
+  rates (``beta0`` is ``None`` for an outer optimizer without a rate). The rate rules'
+  states do not depend on the rates' values, so one ``update`` serves every cell."""
   params = {}
   states = []
   for a0, b0, seed in cells:
@@ -66,12 +98,13 @@ def init_cells(cfg, exp, cells):
       params[seed] = (exp.params if seed == cfg.seed else
                       train.build(dataclasses.replace(cfg, seed=seed)).params)
     st = exp.learner.init(params[seed])
+    st = st._replace(alpha=jax.tree.map(lambda x: jnp.full_like(x, a0), st.alpha))
     hd = st.opt_state
-    if not isinstance(hd, amaml.HypergradientState):
-      raise TypeError("the grid needs the hypergradient-wrapped optimizer (beta in the state)")
-    states.append(st._replace(
-        alpha=jax.tree.map(lambda x: jnp.full_like(x, a0), st.alpha),
-        opt_state=hd._replace(learning_rate=jnp.asarray(b0, hd.learning_rate.dtype))))
+    if b0 is not None:
+      if not isinstance(hd, amaml.HypergradientState):
+        raise TypeError("a beta0 needs the hypergradient-wrapped optimizer (beta in the state)")
+      st = st._replace(opt_state=hd._replace(learning_rate=jnp.asarray(b0, hd.learning_rate.dtype)))
+    states.append(st)
   return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
@@ -85,7 +118,8 @@ def make_chunk(exp, length: int):
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), i)
         return exp.learner.update(s, exp.sample(key, images, cfg.meta_batch))
       st, m = jax.vmap(one)(st, seeds)
-      return st, {k: m[k] for k in ("loss", "alpha", "beta")}
+      nan = jnp.full_like(m["alpha"], jnp.nan)
+      return st, {"loss": m["loss"], "alpha": m["alpha"], "beta": m.get("beta", nan)}
     return jax.lax.scan(body, state, start + jnp.arange(length))
 
   return jax.jit(chunk, donate_argnums=(0,))
@@ -117,97 +151,150 @@ def run_cells(exp, cells, steps: int, log_every: int):
   return state, hist, wall, compile_s
 
 
-def evaluate_cells(exp, state, test_batch, num_steps: int, max_tasks: int = 64):
-  """Per cell: query loss (and accuracy) of every test task after ``num_steps`` inner
-  steps. At most ``max_tasks`` (cells x tasks) are evaluated per call, to bound memory."""
+def curves_cells(exp, state, batch, scale: float, num_steps: int, max_tasks: int = 64):
+  """Per cell and task: the query metric after 0..``num_steps`` inner steps at ``scale *
+  alpha`` (:attr:`MetaLearner.adaptation_curve`), ``[cells, tasks, steps + 1]`` for each
+  metric. At most ``max_tasks`` (cells x tasks) per call, to bound memory."""
   cells = jax.tree.leaves(state.params)[0].shape[0]
   chunk = max(1, max_tasks // cells)
-  key = ("evaluate", id(exp), num_steps)
+  key = ("curve", id(exp), num_steps)
   if key not in _COMPILED:  # one jitted function per (experiment, steps): no recompiles
     _COMPILED[key] = jax.jit(jax.vmap(
-        lambda p, a, b: exp.learner.evaluate(p, a, b, num_steps=num_steps), in_axes=(0, 0, None)))
-  ev = _COMPILED[key]
+        lambda p, a, b: exp.learner.adaptation_curve(p, a, b, num_steps=num_steps),
+        in_axes=(0, 0, None)))
+  fn = _COMPILED[key]
+  scale = jnp.asarray(scale, jnp.float32)  # a scalar, or one per cell
+  alpha = jax.tree.map(lambda a: a * scale.reshape((-1,) + (1,) * (a.ndim - 1)) if scale.ndim
+                       else a * scale, state.alpha)
   outs = []
-  n = test_batch.support_x.shape[0]
+  n = batch.support_x.shape[0]
   for i in range(0, n, chunk):
-    part = jax.tree.map(lambda x: x[i:i + chunk], test_batch)
-    outs.append(jax.device_get(ev(state.params, state.alpha, part)))
-  return {k: np.concatenate([o[k] for o in outs], axis=1) for k in outs[0]}  # [cells, tasks]
+    part = jax.tree.map(lambda x: x[i:i + chunk], batch)
+    outs.append(jax.device_get(fn(state.params, alpha, part)))
+  return {k: np.concatenate([o[k] for o in outs], axis=1) for k in outs[0]}
+
+
+def evaluate_cells(exp, state, val_batch, test_batch, max_tasks: int):
+  """Per cell: MAML's fixed protocol and the selected test-time adaptation (chosen on
+  ``val_batch`` by :func:`amaml.train.best_adaptation`, scored on ``test_batch``)."""
+  val = {scale: curves_cells(exp, state, val_batch, scale, EVAL_STEPS, max_tasks)
+         for scale in train.ALPHA_SCALES}
+  key = "accuracy" if "accuracy" in val[1.0] else "loss"
+  cells = val[1.0][key].shape[0]
+  chosen = [train.best_adaptation({s: val[s][key][j].mean(axis=0) for s in val},
+                                  higher_is_better=key == "accuracy")[:2] for j in range(cells)]
+  at_alpha = curves_cells(exp, state, test_batch, 1.0, EVAL_STEPS, max_tasks)[key]
+  at_chosen = curves_cells(exp, state, test_batch, [c[0] for c in chosen], EVAL_STEPS,
+                           max_tasks)[key]
+  return [{"fixed": at_alpha[j, :, EVAL_STEPS], "one_step": at_alpha[j, :, 1],
+           "selected": at_chosen[j, :, chosen[j][1]], "selected_scale": chosen[j][0],
+           "selected_steps": chosen[j][1]} for j in range(cells)]
 
 
 def grid(task: str, method: str, budget: dict, alphas, betas, seeds: int, cells_per_call: int):
   cfg = make_config(task, method, budget)
   exp = train.build(cfg)
+  if method.startswith("maml+"):
+    betas = (None,)  # no outer rate to set
   cells = list(itertools.product(alphas, betas, range(seeds)))
   _, eval_key = train._keys(cfg)
-  test = exp.sample(eval_key, exp.data["test"], budget["eval_tasks"])
-  max_tasks = 64 if task == "omniglot" else 1 << 20  # Conv4 evaluation is memory-bound
+  test = exp.sample(jax.random.fold_in(eval_key, 2), exp.data["test"], budget["eval_tasks"])
+  val_split = "val" if exp.data.get("val") is not None or task == "sinusoid" else "train"
+  val = exp.sample(jax.random.fold_in(eval_key, 1), exp.data[val_split], budget["val_tasks"])
+  max_tasks = 64 if task != "sinusoid" else 1 << 20  # Conv4 evaluation is memory-bound
   rows, wall, compile_s = [], 0.0, 0.0
   for lo in range(0, len(cells), cells_per_call):
     part = cells[lo:lo + cells_per_call]
     state, hist, w, c = run_cells(exp, part, budget["steps"], budget["log_every"])
     wall, compile_s = wall + w, compile_s + c
-    ev = evaluate_cells(exp, state, test, 10, max_tasks)
-    ev1 = evaluate_cells(exp, state, test, 1, max_tasks) if task == "sinusoid" else None
+    ev = evaluate_cells(exp, state, val, test, max_tasks)
     for j, (a0, b0, seed) in enumerate(part):
+      e = ev[j]
       r = {"task": task, "method": method, "alpha0": a0, "beta0": b0, "seed": seed,
            "steps": budget["steps"], "meta_batch": budget["meta_batch"],
-           "eval_tasks": budget["eval_tasks"],
+           "eval_tasks": budget["eval_tasks"], "val_tasks": budget["val_tasks"],
            "final_alpha": float(hist["alpha"][-1, j]), "final_beta": float(hist["beta"][-1, j]),
            "final_train_loss": float(hist["loss"][-1, j]),
+           "selected_scale": e["selected_scale"], "selected_steps": e["selected_steps"],
            "alpha_traj": [float(x) for x in hist["alpha"][:, j]],
            "beta_traj": [float(x) for x in hist["beta"][:, j]]}
-      post = ev["post_loss"][j]
-      r["test_loss_10step"] = float(np.mean(post))
-      if "post_accuracy" in ev:
-        acc = ev["post_accuracy"][j]
-        r["test_accuracy"], r["test_accuracy_ci"] = amaml.mean_confidence_interval(acc)
-      else:
-        r["test_mse_10step"], r["test_mse_10step_ci"] = amaml.mean_confidence_interval(post)
-        r["test_mse_1step"], r["test_mse_1step_ci"] = amaml.mean_confidence_interval(
-            ev1["post_loss"][j])
+      names = ["fixed", "selected"] + (["one_step"] if task == "sinusoid" else [])
+      for name in names:
+        m, ci = amaml.mean_confidence_interval(e[name])
+        r[f"test_{name}"], r[f"test_{name}_ci"] = m, ci
       rows.append(r)
   return rows, wall, compile_s, exp
 
 
-def sequential_time(exp, cells, steps: int, log_every: int) -> float:
-  """Seconds to train ``cells`` one after another (one cell per call, compile excluded)."""
-  total = 0.0
-  for cell in cells:
-    _, _, wall, _ = run_cells(exp, [cell], steps, log_every)
-    total += wall
-  return total
-
-
 def metric(task):
-  return ("test_accuracy", "meta-test accuracy (%)") if task == "omniglot" else \
-         ("test_mse_1step", "meta-test MSE after 1 step")
+  return ("meta-test accuracy (%)" if task != "sinusoid" else "meta-test MSE")
 
 
-def by_cell(rows, task) -> dict:
-  """``(method, alpha0, beta0) -> [metric of each seed]`` (accuracy in %)."""
-  key, _ = metric(task)
-  scale = 100.0 if task == "omniglot" else 1.0
+def protocol(method: str, task: str) -> str:
+  """The row field that scores ``method`` by its own test-time protocol."""
+  if method == "alpha-maml":
+    return "test_selected"
+  return "test_one_step" if task == "sinusoid" else "test_fixed"
+
+
+def by_cell(rows, task, field=None) -> dict:
+  """``(method, alpha0, beta0) -> [metric of each seed]`` (accuracy in %), each method by its
+  own protocol unless ``field`` names one."""
+  scale = 100.0 if task != "sinusoid" else 1.0
   by = {}
   for r in rows:
+    key = field or protocol(r["method"], task)
     by.setdefault((r["method"], r["alpha0"], r["beta0"]), []).append(r[key] * scale)
   return by
 
 
-def table(rows, task, alphas, betas) -> str:
-  by = by_cell(rows, task)
+def _fmt(v, task):
+  if not np.all(np.isfinite(v)):
+    return f"diverged ({int(np.sum(~np.isfinite(v)))}/{len(v)})"
+  spread = f" ± {np.std(v):.1f}" if len(v) > 1 else ""
+  return f"{np.mean(v):.1f}{spread}" if task != "sinusoid" else \
+      (f"{np.mean(v):.3g}" + (f" ± {np.std(v):.2g}" if len(v) > 1 else ""))
 
-  def fmt(v):
-    if not np.all(np.isfinite(v)):
-      return f"diverged ({int(np.sum(~np.isfinite(v)))}/{len(v)})"
-    return f"{np.mean(v):.1f} ± {np.std(v):.1f}" if task == "omniglot" else \
-        f"{np.mean(v):.3g} ± {np.std(v):.2g}"
-  lines = ["| alpha0 | " + " | ".join(f"beta0={b:g}: MAML / Alpha MAML" for b in betas) + " |",
+
+def table(rows, task, alphas, betas, field=None) -> str:
+  """One row per alpha0, one column per beta0; each cell lists the grid methods present."""
+  by = by_cell(rows, task, field)
+  methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+  head = " / ".join(LABELS[m] for m in methods)
+  lines = ["| alpha0 | " + " | ".join(f"beta0={b:g}" for b in betas) + " |",
            "| --- |" + " --- |" * len(betas)]
   for a in alphas:
-    cells = [f"{fmt(by[('maml', a, b)])} / **{fmt(by[('alpha-maml', a, b)])}**" for b in betas]
+    cells = [" / ".join(f"**{_fmt(by[(m, a, b)], task)}**" if m == "alpha-maml" else
+                        _fmt(by[(m, a, b)], task) for m in methods if (m, a, b) in by)
+             for b in betas]
     lines.append(f"| {a:g} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  return f"{metric(task)}: {head}\n\n" + "\n".join(lines)
+
+
+def anchor_table(rows, task, alphas, field=None) -> str:
+  """Methods without a beta0 (the learning-rate-free anchors) and the grid methods' best
+  beta0 column, one row per method, one column per alpha0."""
+  by = by_cell(rows, task, field)
+  higher = task != "sinusoid"
+  methods = [m for m in METHODS + ANCHORS if any(r["method"] == m for r in rows)]
+  lines = ["| method | " + " | ".join(f"alpha0={a:g}" for a in alphas) + " | worst | best |",
+           "| --- |" + " --- |" * (len(alphas) + 2)]
+  for m in methods:
+    vals = {}
+    for a in alphas:
+      cands = [np.mean(v) for (mm, aa, _), v in by.items() if mm == m and aa == a]
+      if cands:
+        vals[a] = max(cands) if higher else min(cands)
+    if not vals:
+      continue
+    finite = [v for v in vals.values() if np.isfinite(v)]
+    worst = (min(finite) if higher else max(finite)) if len(finite) == len(vals) else float("nan")
+    best = (max(finite) if higher else min(finite)) if finite else float("nan")
+    f = (lambda v: f"{v:.1f}") if higher else (lambda v: f"{v:.3g}")
+    lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(f(vals[a]) if a in vals else "" for a in alphas)
+                 + f" | {f(worst)} | {f(best)} |")
+  note = ("(methods with beta0: their best beta0 for each alpha0)")
+  return note + "\n\n" + "\n".join(lines)
 
 
 def plot(rows, task, alphas, betas, out_dir: Path):
@@ -217,52 +304,76 @@ def plot(rows, task, alphas, betas, out_dir: Path):
   from matplotlib.colors import LogNorm
 
   out_dir.mkdir(parents=True, exist_ok=True)
-  _, label = metric(task)
+  label = metric(task)
   by = by_cell(rows, task)
+  methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
   grids = {m: np.array([[np.mean(by.get((m, a, b), [np.nan])) for b in betas] for a in alphas])
-           for m in METHODS}
+           for m in methods}
   allv = np.concatenate([g.ravel() for g in grids.values()])
   allv = allv[np.isfinite(allv)]
-  if task == "omniglot":
+  if task != "sinusoid":
     norm, cmap = dict(vmin=float(allv.min()), vmax=float(allv.max())), "viridis"
   else:
     norm, cmap = dict(norm=LogNorm(vmin=max(float(allv.min()), 1e-3), vmax=float(allv.max()))), "viridis_r"
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), constrained_layout=True)
-  for ax, m in zip(axes, METHODS):
+  fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 4.2), constrained_layout=True,
+                           squeeze=False)
+  for ax, m in zip(axes[0], methods):
     im = ax.imshow(grids[m], cmap=cmap, aspect="auto", **norm)
     ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas])
     ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
     ax.set_xlabel("initial beta (outer rate)")
     ax.set_ylabel("initial alpha (inner rate)")
-    ax.set_title({"maml": "MAML (fixed rates)", "alpha-maml": "Alpha MAML (adapted rates)"}[m])
+    ax.set_title(LABELS[m])
     for i in range(len(alphas)):
       for j in range(len(betas)):
         v = grids[m][i, j]
-        txt = ("div." if not np.isfinite(v) else f"{v:.1f}" if task == "omniglot" else f"{v:.2g}")
+        txt = ("div." if not np.isfinite(v) else f"{v:.1f}" if task != "sinusoid" else f"{v:.2g}")
         ax.text(j, i, txt, ha="center", va="center", color="w" if np.isfinite(v) else "k",
                 fontsize=8)
-  fig.colorbar(im, ax=axes, label=label)
-  fig.suptitle(f"{task}: {label}, mean over seeds")
+  fig.colorbar(im, ax=axes[0].tolist(), label=label)
+  fig.suptitle(f"{task}: {label}, each method by its own test protocol, mean over seeds")
   heat = out_dir / f"robustness-{task}.png"
   fig.savefig(heat, dpi=110)
   plt.close(fig)
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
-  mid = betas[len(betas) // 2]
-  for r in rows:
-    if r["method"] == "alpha-maml" and r["seed"] == 0 and r["beta0"] == mid:
-      axes[0].plot(r["alpha_traj"], label=f"alpha0={r['alpha0']:g}")
-    if r["method"] == "alpha-maml" and r["seed"] == 0 and r["alpha0"] == alphas[len(alphas) // 2]:
-      axes[1].plot(r["beta_traj"], label=f"beta0={r['beta0']:g}")
-  axes[0].set(yscale="log", xlabel="meta step", ylabel="alpha", title=f"Alpha MAML alpha (beta0={mid:g}, seed 0)")
-  axes[1].set(yscale="log", xlabel="meta step", ylabel="beta",
-              title=f"Alpha MAML beta (alpha0={alphas[len(alphas) // 2]:g}, seed 0)")
+  corners = {(a, b) for a in (min(alphas), max(alphas)) for b in (min(betas), max(betas))}
+  for m, style in (("alpha-maml", "-"), ("alpha-maml-paper", ":")):
+    for r in rows:
+      if r["method"] == m and r["seed"] == 0 and (r["alpha0"], r["beta0"]) in corners:
+        lab = f"{'amaml' if m == 'alpha-maml' else 'paper'} a0={r['alpha0']:g} b0={r['beta0']:g}"
+        axes[0].plot(r["alpha_traj"], style, label=lab)
+        axes[1].plot(r["beta_traj"], style, label=lab)
+  axes[0].set(yscale="log", xlabel="meta step", ylabel="alpha", title="alpha, corner cells (seed 0)")
+  axes[1].set(yscale="log", xlabel="meta step", ylabel="beta", title="beta, corner cells (seed 0)")
   for ax in axes:
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
   rates = out_dir / f"robustness-{task}-rates.png"
   fig.savefig(rates, dpi=110)
   plt.close(fig)
   return heat, rates
+
+
+def report(rows, task, alphas, betas) -> str:
+  """The markdown tables: the grid (each method by its own protocol), the same grid with
+  every method scored by the selected test-time adaptation, and the per-alpha0 summary
+  with the learning-rate-free anchors."""
+  parts = [table(rows, task, alphas, betas)]
+  parts.append("Every method with the test-time adaptation selected on validation tasks:\n\n"
+               + table(rows, task, alphas, betas, field="test_selected"))
+  parts.append(anchor_table(rows, task, alphas))
+  return "\n\n".join(parts)
+
+
+def _render(rows, task, images: Path):
+  alphas = sorted({r["alpha0"] for r in rows})
+  betas = sorted({r["beta0"] for r in rows if r["beta0"] is not None})
+  print(report(rows, task, alphas, betas))
+  try:
+    for p in plot(rows, task, alphas, betas, images):
+      print(f"wrote {p}")
+  except ImportError:
+    print("matplotlib not installed: no heat maps (pip install amaml[plot])")
 
 
 def main(argv=None):
@@ -272,35 +383,31 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, help="override the budget's meta steps per cell")
   ap.add_argument("--meta-batch", type=int, help="override the budget's tasks per step")
   ap.add_argument("--eval-tasks", type=int, help="override the budget's meta-test tasks")
+  ap.add_argument("--val-tasks", type=int, help="override the budget's meta-validation tasks")
   ap.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
   ap.add_argument("--betas", type=float, nargs="+", default=list(BETAS))
   ap.add_argument("--seeds", type=int, default=3)
-  ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+  ap.add_argument("--methods", nargs="+", choices=METHODS + ANCHORS, default=list(METHODS))
   ap.add_argument("--cells-per-call", type=int, default=18,
                   help="cells trained together in one vmapped computation")
-  ap.add_argument("--sequential-cells", type=int, default=2,
-                  help="cells also timed one after another, for the speed-up")
   ap.add_argument("--out", default=None, help="JSON lines (default benchmarks/results/robustness-<task>.jsonl)")
+  ap.add_argument("--append", action="store_true",
+                  help="add these methods' cells to --out (replacing the same methods' cells)")
   ap.add_argument("--images", default=str(ROOT / "docs" / "images"))
-  ap.add_argument("--render", metavar="JSONL", help="only print the table and draw the figures "
+  ap.add_argument("--render", metavar="JSONL", help="only print the tables and draw the figures "
                   "of an earlier run's JSON lines")
   args = ap.parse_args(argv)
   if args.render:
     recs = [json.loads(l) for l in Path(args.render).read_text().splitlines() if l.strip()]
-    rows = [r for r in recs if "alpha0" in r]
-    task = rows[0]["task"]
-    alphas = sorted({r["alpha0"] for r in rows})
-    betas = sorted({r["beta0"] for r in rows})
     for r in recs:
-      if "grid_wall_s" in r:
+      if "grid_wall_s" in r or "budget" in r:
         print(json.dumps(r))
-    print(table(rows, task, alphas, betas))
-    for p in plot(rows, task, alphas, betas, Path(args.images)):
-      print(f"wrote {p}")
+    rows = [r for r in recs if "alpha0" in r]
+    _render(rows, rows[0]["task"], Path(args.images))
     return
 
   budget = dict(BUDGETS[args.task]["full" if args.full else "cpu"])
-  for k in ("steps", "meta_batch", "eval_tasks"):
+  for k in ("steps", "meta_batch", "eval_tasks", "val_tasks"):
     if getattr(args, k) is not None:
       budget[k] = getattr(args, k)
   budget["log_every"] = min(budget["log_every"], budget["steps"])
@@ -308,35 +415,26 @@ def main(argv=None):
     ap.error(f"--steps must be a multiple of {budget['log_every']}")
   out = Path(args.out or ROOT / "benchmarks" / "results" / f"robustness-{args.task}.jsonl")
   out.parent.mkdir(parents=True, exist_ok=True)
-  head = {"task": args.task, "budget": budget, "full": args.full, "seeds": args.seeds,
-          "date": time.strftime("%Y-%m-%d"), "versions": versions()}
-  lines = [head]
+  lines = []
+  if args.append and out.exists():
+    lines = [json.loads(l) for l in out.read_text().splitlines() if l.strip()]
+    lines = [l for l in lines if l.get("method") not in args.methods]
+  head = {"task": args.task, "methods": args.methods, "budget": budget, "full": args.full,
+          "seeds": args.seeds, "date": time.strftime("%Y-%m-%d"), "versions": versions()}
+  lines.append(head)
   print(json.dumps(head), flush=True)
-  rows = []
   for method in args.methods:
-    r, wall, compile_s, exp = grid(args.task, method, budget, args.alphas, args.betas,
-                                   args.seeds, args.cells_per_call)
-    n_seq = min(args.sequential_cells, len(r))
-    seq = sequential_time(exp, [(x["alpha0"], x["beta0"], x["seed"]) for x in r[:n_seq]],
-                          budget["steps"], budget["log_every"]) if n_seq else float("nan")
+    r, wall, compile_s, _ = grid(args.task, method, budget, args.alphas, args.betas,
+                                 args.seeds, args.cells_per_call)
     timing = {"method": method, "cells": len(r), "cells_per_call": args.cells_per_call,
-              "grid_wall_s": wall, "grid_compile_s": compile_s,
-              "sequential_s_per_cell": seq / max(n_seq, 1),
-              "speedup_vs_sequential": len(r) * seq / max(n_seq, 1) / wall}
+              "grid_wall_s": wall, "grid_compile_s": compile_s}
     print(json.dumps(timing), flush=True)
-    lines.append(timing)
-    rows += r
-    lines += r
-  out.write_text("".join(json.dumps(l) + "\n" for l in lines))
-  print(f"wrote {out}")
-  if set(args.methods) == set(METHODS):
-    print()
-    print(table(rows, args.task, args.alphas, args.betas))
-    try:
-      for p in plot(rows, args.task, args.alphas, args.betas, Path(args.images)):
-        print(f"wrote {p}")
-    except ImportError:
-      print("matplotlib not installed: no heat maps (pip install amaml[plot])")
+    lines += [timing] + r
+    tmp = out.with_suffix(".tmp")  # after every method: a stopped run keeps what it finished
+    tmp.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    tmp.replace(out)
+  print(f"wrote {out}\n")
+  _render([l for l in lines if "alpha0" in l], args.task, Path(args.images))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ def test_vmap_over_tasks_equals_python_loop():
 def test_step_applies_hand_computed_updates():
   alpha_lr, beta = 1e-5, 0.01
   learner = amaml.alpha_maml(LOSS, alpha=0.05, beta=beta, alpha_lr=alpha_lr, beta_lr=0.0,
-                             optimizer=optax.sgd, alpha_bounds=(None, None))
+                             optimizer=optax.sgd, alpha_bounds=(None, None),
+                             rate_rule="additive", backtrack=False)
   params, batch = _params(), _batch()
   state = learner.init(params)
   (_, _), (g, ga) = jax.value_and_grad(learner.meta_loss, argnums=(0, 1), has_aux=True)(
@@ -122,8 +123,8 @@ def test_alpha_bounds_hold_and_log_space_stays_positive():
   assert min(seen) >= lo and max(seen) <= hi
   assert lo in seen or hi in seen  # the bound was hit, and held
   for rule in ("additive", "log", "normalized"):
-    learner = amaml.alpha_maml(LOSS, alpha=0.05, alpha_lr=1e-3, rate_rule=rule,
-                               alpha_bounds=(None, None))
+    learner = amaml.alpha_maml(LOSS, alpha=0.05, alpha_lr=1e-3, beta_lr=0.0, rate_rule=rule,
+                               alpha_bounds=(None, None), backtrack=False)
     state = learner.init(_params())
     for _ in range(3):
       state, m = learner.step(state, batch)
@@ -140,13 +141,14 @@ def test_alpha_bounds_hold_and_log_space_stays_positive():
 def test_per_tensor_alpha_steps(granularity):
   learner = amaml.alpha_maml(LOSS, alpha=0.05, alpha_lr=1e-2, alpha_granularity=granularity)
   state = learner.init(_params())
-  state, m = learner.step(state, _batch())
+  for seed in range(3):  # the normalized rule's first step is +-alpha_lr for every rate alike
+    state, m = learner.step(state, _batch(seed=seed))
   values = np.concatenate([np.ravel(a) for a in jax.tree.leaves(state.alpha)])
   assert np.unique(values).size > 1  # each rate followed its own hypergradient
 
 
 def test_alpha_maml_training_lowers_the_loss():
-  learner = amaml.alpha_maml(LOSS, alpha=0.01, beta=1e-3, alpha_lr=2e-6)
+  learner = amaml.alpha_maml(LOSS)  # the defaults: alpha0 = 0.1, beta0 = 1e-3, no rate to tune
   state = learner.init(_params())
   eval_batch = amaml.sinusoid_tasks(jax.random.key(99), num_tasks=100)
   before = learner.evaluate(state.params, state.alpha, eval_batch)
@@ -162,7 +164,7 @@ def test_alpha_maml_training_lowers_the_loss():
   assert np.mean(losses[-100:]) < 0.6 * np.mean(losses[:100])
   assert float(after["post_loss"].mean()) < 0.5 * float(before["post_loss"].mean())
   assert float(after["post_loss"].mean()) < float(after["pre_loss"].mean())
-  assert float(m["alpha"]) != pytest.approx(0.01)  # alpha adapted
+  assert not 0.05 < float(m["alpha"]) < 0.2  # alpha adapted, by more than a factor of 2
 
 
 def test_bad_configuration_errors():

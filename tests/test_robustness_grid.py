@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import robustness  # noqa: E402
 
 
-@pytest.mark.parametrize("method", ["maml", "alpha-maml"])
+@pytest.mark.parametrize("method", ["maml", "alpha-maml-paper", "alpha-maml"])
 def test_grid_cells_equal_separate_runs(method):
   budget = dict(steps=6, meta_batch=5, eval_tasks=8, log_every=3)
   cfg = robustness.make_config("sinusoid", method, budget)
@@ -43,10 +43,21 @@ def test_grid_cells_equal_separate_runs(method):
       assert hist["alpha"][-1, j] != pytest.approx(a0, rel=1e-9)
 
 
-def test_table_marks_diverged_cells():
-  rows = [dict(method=m, alpha0=a, beta0=1e-3, seed=0, test_mse_1step=v)
-          for m, a, v in [("maml", 0.1, 0.5), ("alpha-maml", 0.1, 0.4),
-                          ("maml", 4.0, float("nan")), ("alpha-maml", 4.0, 2.0)]]
+def test_table_marks_diverged_cells_and_scores_each_method_by_its_protocol():
+  rows = [dict(method=m, alpha0=a, beta0=1e-3, seed=0, test_one_step=v, test_selected=w)
+          for m, a, v, w in [("maml", 0.1, 0.5, 0.3), ("alpha-maml", 0.1, 9.0, 0.4),
+                             ("maml", 4.0, float("nan"), 1.0), ("alpha-maml", 4.0, 9.0, 2.0)]]
   text = robustness.table(rows, "sinusoid", [0.1, 4.0], [1e-3])
-  assert "| 4 | diverged (1/1) / **2 ± 0**" in text
-  assert "| 0.1 | 0.5 ± 0 / **0.4 ± 0**" in text
+  assert "| 4 | diverged (1/1) / **2** |" in text  # MAML: 1 step; amaml: selected
+  assert "| 0.1 | 0.5 / **0.4** |" in text
+  text = robustness.table(rows, "sinusoid", [0.1, 4.0], [1e-3], field="test_selected")
+  assert "| 4 | 1 / **2** |" in text
+
+
+def test_anchor_table_takes_each_methods_best_beta0():
+  rows = [dict(method="alpha-maml", alpha0=0.1, beta0=b, seed=0, test_selected=v)
+          for b, v in [(1e-4, 0.9), (1e-2, 0.5)]]
+  rows += [dict(method="maml+prodigy", alpha0=0.1, beta0=None, seed=0, test_one_step=0.7)]
+  text = robustness.anchor_table(rows, "sinusoid", [0.1])
+  assert "| amaml default | 0.5 | 0.5 | 0.5 |" in text
+  assert "| maml+prodigy | 0.7 | 0.7 | 0.7 |" in text
