@@ -81,8 +81,9 @@ def hypergradient(
       ``1e-7`` to ``1e-8`` for Adam.
     rule: how the rate follows its hypergradient (:func:`amaml.rates.rate_rule`):
       ``"additive"`` (the HD paper), ``"log"`` (multiplicative, keeps it positive)
-      or ``"normalized"`` (Adam on ``log beta``: scale-free, ``hyper_lr`` is then
-      the largest relative change per step, e.g. ``1e-3``).
+      or ``"normalized"`` (amaml's: Adam's normalised step on ``h`` applied to
+      ``log beta``; scale-free, ``hyper_lr`` is then about the largest relative
+      change per step, e.g. ``amaml.rates.DEFAULT_HYPER_LR``).
     min_lr, max_lr: optional bounds on the rate.
     **optimizer_kwargs: passed to ``optimizer`` (``b1``, ``momentum``, ...).
 

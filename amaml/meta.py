@@ -158,8 +158,9 @@ def alpha_maml(
     alpha_granularity: ``"scalar"`` (the paper), ``"tensor"`` or ``"parameter"``
       (see :func:`amaml.init_alpha`); each rate follows its own hypergradient.
     rate_rule: how ``alpha`` and ``beta`` follow their hypergradients
-      (:func:`amaml.rates.rate_rule`): ``"normalized"`` (the default: Adam on the
-      log rate, scale-free), ``"additive"`` (the paper) or ``"log"``.
+      (:func:`amaml.rates.rate_rule`): ``"normalized"`` (the default: Adam's
+      normalised step on the hypergradient, applied to the log rate; scale-free),
+      ``"additive"`` (the paper) or ``"log"``.
     backtrack: amaml's guard against a far too large ``alpha``: a step whose
       adaptation more than doubles the mean query loss of no adaptation at all (or
       makes it non-finite) changes nothing but ``alpha``, which halves. ``params`` and

@@ -7,10 +7,15 @@ One rule serves both of Alpha MAML's rates (the inner ``alpha`` and the outer
 * ``"log"`` (multiplicative): ``rate <- rate * exp(-hyper_lr * rate * h)``, plain
   gradient descent on ``log(rate)`` (``d loss / d log rate = rate * h``), which
   can never change the rate's sign;
-* ``"normalized"`` (amaml's default, not the papers'): Adam on ``log(rate)`` with
-  step ``hyper_lr``: each step changes the rate by a factor of at most about
-  ``exp(hyper_lr)`` whatever the scale of the loss, so one ``hyper_lr``
-  (:data:`DEFAULT_HYPER_LR`) fits every problem and every initial rate.
+* ``"normalized"`` (amaml's default, not the papers'): Adam's normalised step on
+  the hypergradient ``h`` (moments ``b1 = 0.9``, ``b2 = 0.99``), applied to
+  ``log(rate)``: ``rate <- rate * exp(-hyper_lr * m_hat / sqrt(v_hat))``. Each
+  step changes the rate by a factor of at most about ``exp(hyper_lr)`` whatever
+  the scale of the loss, so one ``hyper_lr`` (:data:`DEFAULT_HYPER_LR`) fits
+  every problem and every initial rate. Normalising ``h`` rather than
+  ``rate * h`` keeps the step from shrinking with the rate, and the short
+  ``b2`` lets the normalisation follow a hypergradient whose scale changes as
+  training goes (BENCHMARKS.md, "Tuning-free defaults").
 
 then an optional clip to ``[min_rate, max_rate]``, and a guard: a non-finite
 result leaves the rate as it was. Rates may be a scalar or any pytree (one rate

@@ -81,6 +81,13 @@ def test_cli_train_evaluate_plot(tmp_path, capsys):
   assert "query loss before adaptation" in out and "final alpha" in out
   assert cli.main(["evaluate", "--run", run, "--tasks", "10", "--inner_steps", "3"]) == 0
   assert '"inner_steps": 3' in capsys.readouterr().out
+  # without --inner_steps: the run's own protocol, chosen on validation tasks, as in train
+  assert cli.main(["evaluate", "--run", run, "--tasks", "10"]) == 0
+  out = capsys.readouterr().out
+  assert "chosen on 100 val tasks" in out and '"alpha_scale"' in out
+  # an outer optimizer amaml does not offer: one line naming the field and the choices
+  assert cli.main(["train", "--config", "sinusoid", "--outer_optimizer", "lion"]) == 2
+  assert "outer_optimizer='lion': use one of" in capsys.readouterr().err
   pytest.importorskip("matplotlib")
   assert cli.main(["plot", "--run", run]) == 0
   for name in ("learning_curves.png", "rates.png"):
