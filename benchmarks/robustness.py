@@ -128,17 +128,25 @@ def make_chunk(exp, length: int):
 _COMPILED: dict = {}
 
 
+def _compiled(exp, extra, make):
+  """The compiled function of ``exp`` and ``extra``, made once by ``make()``. Keyed by the
+  experiment's identity and holding it, so that a new experiment that happens to get a
+  freed one's ``id`` never reuses its compiled code."""
+  key = (id(exp), extra)
+  if key not in _COMPILED or _COMPILED[key][0] is not exp:
+    _COMPILED[key] = (exp, make())
+  return _COMPILED[key][1]
+
+
 def run_cells(exp, cells, steps: int, log_every: int):
   """Trains the cells as one computation; returns (final state, per-step metrics, seconds,
   compile seconds)."""
   state = init_cells(exp.config, exp, cells)
   seeds = jnp.asarray([c[2] for c in cells], jnp.int32)
   images = exp.data["train"]
-  key = (id(exp), len(cells), log_every)
   t0 = time.perf_counter()
-  if key not in _COMPILED:
-    _COMPILED[key] = make_chunk(exp, log_every).lower(state, images, seeds, jnp.int32(0)).compile()
-  compiled = _COMPILED[key]
+  compiled = _compiled(exp, ("chunk", len(cells), log_every), lambda: make_chunk(
+      exp, log_every).lower(state, images, seeds, jnp.int32(0)).compile())
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   hist = []
@@ -157,12 +165,9 @@ def curves_cells(exp, state, batch, scale: float, num_steps: int, max_tasks: int
   metric. At most ``max_tasks`` (cells x tasks) per call, to bound memory."""
   cells = jax.tree.leaves(state.params)[0].shape[0]
   chunk = max(1, max_tasks // cells)
-  key = ("curve", id(exp), num_steps)
-  if key not in _COMPILED:  # one jitted function per (experiment, steps): no recompiles
-    _COMPILED[key] = jax.jit(jax.vmap(
-        lambda p, a, b: exp.learner.adaptation_curve(p, a, b, num_steps=num_steps),
-        in_axes=(0, 0, None)))
-  fn = _COMPILED[key]
+  fn = _compiled(exp, ("curve", num_steps), lambda: jax.jit(jax.vmap(  # no recompiles
+      lambda p, a, b: exp.learner.adaptation_curve(p, a, b, num_steps=num_steps),
+      in_axes=(0, 0, None))))
   scale = jnp.asarray(scale, jnp.float32)  # a scalar, or one per cell
   alpha = jax.tree.map(lambda a: a * scale.reshape((-1,) + (1,) * (a.ndim - 1)) if scale.ndim
                        else a * scale, state.alpha)
