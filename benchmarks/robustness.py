@@ -332,7 +332,8 @@ def plot(rows, task, alphas, betas, out_dir: Path):
     for i in range(len(alphas)):
       for j in range(len(betas)):
         v = grids[m][i, j]
-        txt = ("div." if not np.isfinite(v) else f"{v:.1f}" if task != "sinusoid" else f"{v:.2g}")
+        txt = ("not run" if (m, alphas[i], betas[j]) not in by else "div." if not np.isfinite(v)
+               else f"{v:.1f}" if task != "sinusoid" else f"{v:.2g}")
         ax.text(j, i, txt, ha="center", va="center", color="w" if np.isfinite(v) else "k",
                 fontsize=8)
   fig.colorbar(im, ax=axes[0].tolist(), label=label)
