@@ -218,14 +218,6 @@ def alpha_maml(
     params = optax.apply_updates(state.params, updates)
     new_alpha, alpha_state = alpha_rule.update(state.alpha, alpha_grad, state.alpha_state)
     ok = _all_finite((loss, grads, alpha_grad, params, new_alpha, opt_state))
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    new_state = MetaState(
-        params=keep(params, state.params),
-        alpha=keep(new_alpha, state.alpha),
-        alpha_state=keep(alpha_state, state.alpha_state),
-        opt_state=keep(opt_state, state.opt_state),
-        step=state.step + 1,
-        nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32))
     metrics = {"loss": loss,
                "grad_norm": optax.tree.norm(grads),
                "alpha_hypergradient": _tree_mean(alpha_grad)}
@@ -236,6 +228,8 @@ def alpha_maml(
       pre_loss = jnp.mean(pre_loss)
       metrics["pre_loss"] = pre_loss
       metrics.update({f"pre_{k}": jnp.mean(v) for k, v in pre_aux.items()})
+    held = state  # what a step that is not taken leaves (the guard: everything as it was)
+    hurts = jnp.array(False)
     if backtrack:
       # adaptation more than doubles the loss (or overflows) on a batch that is itself fine:
       # halve alpha, hold everything else. Smaller harm is left to the hypergradient steps (at
@@ -247,11 +241,18 @@ def alpha_maml(
       halved = jax.tree.map(
           lambda a: jnp.clip(0.5 * a, alpha_bounds[0], alpha_bounds[1]).astype(a.dtype),
           state.alpha)
-      new_state = jax.tree.map(lambda b, n: jnp.where(hurts, b, n),
-                               state._replace(alpha=halved), new_state)
-      new_state = new_state._replace(step=state.step + 1, nonfinite_streak=jnp.where(
-          ok | hurts, 0, state.nonfinite_streak + 1).astype(jnp.int32))
+      held = state._replace(alpha=jax.tree.map(lambda h, a: jnp.where(hurts, h, a),
+                                               halved, state.alpha))
       metrics["backtracked"] = hurts
+    take = ok & jnp.logical_not(hurts)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(take, a, b), new, old)
+    new_state = MetaState(
+        params=keep(params, held.params),
+        alpha=keep(new_alpha, held.alpha),
+        alpha_state=keep(alpha_state, held.alpha_state),
+        opt_state=keep(opt_state, held.opt_state),
+        step=state.step + 1,
+        nonfinite_streak=jnp.where(ok | hurts, 0, state.nonfinite_streak + 1).astype(jnp.int32))
     metrics.update({"alpha": _tree_mean(new_state.alpha),
                     "nonfinite": jnp.logical_not(ok),
                     "nonfinite_streak": new_state.nonfinite_streak})
