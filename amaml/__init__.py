@@ -4,12 +4,12 @@ MAML whose inner learning rate ``alpha`` and meta learning rate ``beta`` adapt
 online by hypergradient descent (Behl, Baydin & Torr, 2019), as small pure
 functions: :func:`alpha_maml` (amaml's tuning-free default) / :func:`alpha_maml_paper` /
 :func:`maml` / :func:`fomaml` build a jitted,
-task-vmapped meta step; :func:`hypergradient` is the Optax transform that
-adapts any optimizer's learning rate.
+task-vmapped meta step; :func:`hypergradient` (module :mod:`amaml.hd`) is the Optax transform
+that adapts any optimizer's learning rate.
 """
 from amaml import losses
 from amaml import models
-from amaml.hypergradient import HypergradientState, current_learning_rate, hypergradient
+from amaml.hd import HypergradientState, current_hypergradient, current_learning_rate, hypergradient
 from amaml.inner import adapt, init_alpha
 from amaml.meta import MetaLearner, MetaState, alpha_maml, alpha_maml_paper, fomaml, maml
 from amaml.rates import hd_step
@@ -20,7 +20,7 @@ from amaml.task import TaskBatch
 __all__ = [
     "HypergradientState", "MetaLearner", "MetaState", "TaskBatch", "adapt", "alpha_maml",
     "alpha_maml_paper",
-    "current_learning_rate", "fomaml", "hd_step", "hypergradient", "init_alpha", "losses",
+    "current_hypergradient", "current_learning_rate", "fomaml", "hd_step", "hypergradient", "init_alpha", "losses",
     "maml", "mean_confidence_interval", "models", "sinusoid_tasks",
 ]
 __version__ = "0.1.0"

@@ -32,15 +32,24 @@ def _parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="amaml", description="Alpha MAML in JAX")
   sub = ap.add_subparsers(dest="command", required=True)
   tr = sub.add_parser("train", help="meta-train, then evaluate on the meta-test split")
-  tr.add_argument("--config", default="sinusoid", choices=sorted(CONFIGS))
+  tr.add_argument("--config", default="sinusoid", choices=sorted(CONFIGS),
+                  help="the named configuration to start from (amaml.configs.CONFIGS) "
+                       "[default: sinusoid]")
   tr.add_argument("--out", default=None, help="run directory (default runs/<config>-<method>)")
   tr.add_argument("--resume", action="store_true", help="continue the run in --out")
   tr.add_argument("--no_progress", action="store_true", help="no progress bar")
-  group = tr.add_argument_group("configuration fields (override the named config)")
+  group = tr.add_argument_group(
+      "configuration fields", "each flag overrides one field of the named --config; a field "
+      "the config does not set has the default shown")
   for f in dataclasses.fields(Config):
     name = (f.type if isinstance(f.type, str) else f.type.__name__).removesuffix(" | None")
     typ = {"int": int, "float": float, "str": str, "bool": _bool}[name]
-    group.add_argument(f"--{f.name}", type=typ, default=None, metavar=name.upper())
+    choices = f.metadata.get("choices")
+    shown = "none" if f.default is None else ("true" if f.default is True else
+                                              "false" if f.default is False else f.default)
+    group.add_argument(f"--{f.name}", type=typ, default=None, choices=choices,
+                       metavar=name.upper() if choices is None else None,
+                       help=f"{f.metadata.get('help', '')} [default: {shown!s}]")
   ev = sub.add_parser("evaluate", help="evaluate a run's checkpoint on meta-test tasks")
   ev.add_argument("--run", required=True, help="run directory written by amaml train")
   ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -55,43 +64,63 @@ def _parser() -> argparse.ArgumentParser:
   return ap
 
 
+# Errors a user can cause (a missing run, a wrong data folder, an optional package not
+# installed, a bad flag value): one line naming the problem and the fix, exit code 2.
+_USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, ImportError)
+
+
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
-  if args.command == "train":
-    from amaml import train
+  try:
+    return _COMMANDS[args.command](args)
+  except _USER_ERRORS as e:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, ImportError) and e.name:
+      msg += f" (install it: pip install 'amaml[{_EXTRAS.get(e.name, 'all')}]')"
+    print(f"amaml {args.command}: {msg}", file=sys.stderr)
+    return 2
 
-    fields = {f.name for f in dataclasses.fields(Config)}
-    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    try:
-      cfg = get_config(args.config, **overrides)
-    except ValueError as e:
-      print(f"amaml train: {e}", file=sys.stderr)
-      return 2
-    out = args.out or f"runs/{args.config}-{cfg.method}"
-    _, results = train.train(cfg, out, resume=args.resume, progress=not args.no_progress)
-    print(train.format_results(results))
-    print(f"  run directory: {out} (results.json, metrics.jsonl, checkpoints/)")
-    return 0
-  if args.command == "evaluate":
-    from amaml import train
 
-    exp, state = train.load_run(args.run, args.step)
-    if args.inner_steps is None and args.split == "test":  # the run's own test protocol
-      results = train.meta_test(exp, state.params, state.alpha, args.tasks, progress=True)
-    else:
-      results = {"test": train.evaluate(exp, state.params, state.alpha, args.split, args.tasks,
-                                        args.inner_steps, progress=True)}
-    print(train.format_results({"config": dataclasses.asdict(exp.config), "steps": int(state.step),
-                                **results}))
-    print(json.dumps(results["test"]))
-    return 0
-  if args.command == "plot":
-    from amaml.plot import plot_runs
+_EXTRAS = {"matplotlib": "plot", "tensorflow_datasets": "tfds"}
 
-    for path in plot_runs(args.run, args.out):
-      print(path)
-    return 0
-  return 2
+
+def _train(args) -> int:
+  from amaml import train
+
+  fields = {f.name for f in dataclasses.fields(Config)}
+  overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+  cfg = get_config(args.config, **overrides)
+  out = args.out or f"runs/{args.config}-{cfg.method}"
+  _, results = train.train(cfg, out, resume=args.resume, progress=not args.no_progress)
+  print(train.format_results(results))
+  print(f"  run directory: {out} (results.json, metrics.jsonl, checkpoints/)")
+  return 0
+
+
+def _evaluate(args) -> int:
+  from amaml import train
+
+  exp, state = train.load_run(args.run, args.step)
+  if args.inner_steps is None and args.split == "test":  # the run's own test protocol
+    results = train.meta_test(exp, state.params, state.alpha, args.tasks, progress=True)
+  else:
+    results = {"test": train.evaluate(exp, state.params, state.alpha, args.split, args.tasks,
+                                      args.inner_steps, progress=True)}
+  print(train.format_results({"config": dataclasses.asdict(exp.config), "steps": int(state.step),
+                              **results}))
+  print(json.dumps(results["test"]))
+  return 0
+
+
+def _plot(args) -> int:
+  from amaml.plot import plot_runs
+
+  for path in plot_runs(args.run, args.out):
+    print(path)
+  return 0
+
+
+_COMMANDS = {"train": _train, "evaluate": _evaluate, "plot": _plot}
 
 
 if __name__ == "__main__":

@@ -16,63 +16,84 @@ METHODS = ("alpha-maml", "alpha-maml-paper", "maml", "fomaml")
 # methods) or one of optax.contrib's learning-rate-free optimizers (beta then unused)
 OUTER_OPTIMIZERS = ("adam", "prodigy", "dog", "mechanize", "cocob", "dadapt_adamw")
 TEST_ADAPTATIONS = ("select", "fixed")
+RATE_RULES = ("additive", "log", "normalized")
+
+
+def _field(default: Any, help: str, choices: tuple | None = None) -> Any:
+  """A ``Config`` field with its documentation: the command line's help text comes from here."""
+  return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """One training run. Sinusoid uses ``shots``/``queries`` as points per task."""
+  """One training run. Every field is a command-line flag; its help text is its
+  ``metadata["help"]`` (``amaml train --help``). Sinusoid uses ``shots``/``queries``
+  as points per task."""
 
-  task: str = "sinusoid"
-  method: str = "alpha-maml"
+  task: str = _field("sinusoid", "the problem", TASKS)
+  method: str = _field("alpha-maml", "the meta-learning method: alpha-maml is amaml's "
+                       "tuning-free default, alpha-maml-paper the paper's additive rule", METHODS)
   # episodes
-  ways: int = 1
-  shots: int = 10
-  queries: int = 10
-  meta_batch: int = 25
+  ways: int = _field(1, "classes per task (1 for sinusoid)")
+  shots: int = _field(10, "support examples per class")
+  queries: int = _field(10, "query examples per class")
+  meta_batch: int = _field(25, "tasks per meta step")
   # model
-  hidden: int = 40
-  conv_impl: str = "auto"
+  hidden: int = _field(40, "hidden units (MLP) or filters (Conv4)")
+  conv_impl: str = _field("auto", "Conv4's convolution: matmul (patches, fast on CPU), "
+                          "xla (lax.conv, cuDNN on GPU) or auto (by backend)",
+                          ("auto", "matmul", "xla"))
   # inner loop
-  inner_steps: int = 1
-  unroll: bool = True  # unroll the inner loop (faster steps); False: a rolled lax.scan
-  remat: bool = False  # recompute inner steps in the backward pass (rolled loop): less memory
-  alpha: float = 0.1
+  inner_steps: int = _field(1, "inner SGD steps per task in training")
+  unroll: bool = _field(True, "unroll the inner loop (faster steps); false: a rolled lax.scan")
+  remat: bool = _field(False, "recompute inner steps in the backward pass: less memory, "
+                       "more time (rolled loop)")
+  alpha: float = _field(0.1, "initial inner rate alpha0 (adapted by alpha-maml)")
   # outer loop
-  beta: float = 1e-3
-  outer_optimizer: str = "adam"
+  beta: float = _field(1e-3, "initial outer rate beta0 (adapted by alpha-maml)")
+  outer_optimizer: str = _field("adam", "outer optimizer: Adam, or a learning-rate-free one "
+                                "from optax.contrib (beta then unused)", OUTER_OPTIMIZERS)
   # hypergradient descent on the rates: the library's defaults (amaml.rates), the same in
-  # every named config; None = the rule's default hypergradient rate
-  rate_rule: str = "normalized"
-  alpha_lr: float | None = None
-  beta_lr: float | None = None
-  backtrack: bool = True  # alpha-maml: halve alpha, hold the rest, when adaptation hurts
-  alpha_min: float = 0.0
-  alpha_max: float | None = None
-  beta_min: float = 0.0
-  beta_max: float | None = None
-  # test-time adaptation: "select" picks the inner steps (1..eval_inner_steps) and a
-  # multiple of the trained alpha on val_tasks meta-validation tasks; "fixed" adapts
-  # eval_inner_steps steps at the trained alpha (MAML's protocol)
-  test_adaptation: str = "select"
-  eval_inner_steps: int = 10
+  # every named config; None = the rule's default
+  rate_rule: str = _field("normalized", "how alpha and beta follow their hypergradients",
+                          RATE_RULES)
+  alpha_lr: float | None = _field(None, "hypergradient rate of alpha (none: the rule's default)")
+  beta_lr: float | None = _field(None, "hypergradient rate of beta (none: the rule's default)")
+  backtrack: bool = _field(True, "alpha-maml: halve alpha and hold the rest when adaptation "
+                           "more than doubles the query loss")
+  alpha_min: float = _field(0.0, "lower bound on alpha")
+  alpha_max: float | None = _field(None, "upper bound on alpha (none: unbounded)")
+  beta_min: float = _field(0.0, "lower bound on beta")
+  beta_max: float | None = _field(None, "upper bound on beta (none: unbounded)")
+  # test-time adaptation
+  test_adaptation: str = _field("select", "select: inner steps (0..eval_inner_steps) and a "
+                                "multiple of alpha chosen on val_tasks validation tasks; fixed: "
+                                "eval_inner_steps steps at the trained alpha (MAML's protocol)",
+                                TEST_ADAPTATIONS)
+  eval_inner_steps: int = _field(10, "test-time inner steps (the most that select may choose)")
   # data
-  protocol: str = "maml"
-  image_size: int = 28
-  data_dir: str = ""
-  track_pre_adaptation: bool = True  # also log the query loss before adaptation (+1 forward)
+  protocol: str = _field("maml", "Omniglot split: maml (1200 training characters, rotations "
+                         "as classes) or lake (background/evaluation alphabets)", ("maml", "lake"))
+  image_size: int = _field(28, "Omniglot image side in pixels")
+  data_dir: str = _field("", "folder of the Omniglot arrays (empty: $AMAML_OMNIGLOT_DIR, "
+                      "then shared/data/omniglot)")
+  track_pre_adaptation: bool = _field(True, "also log the query loss before adaptation (one "
+                                      "more forward pass)")
   # run
-  iterations: int = 20000
-  max_minutes: float = 0.0  # stop (checkpoint, evaluate) after this much training; 0 = no limit
-  seed: int = 0
-  log_every: int = 500
-  val_every: int = 5000
-  val_tasks: int = 100
-  checkpoint_every: int = 5000
-  eval_tasks: int = 600
-  eval_batch: int = 100
-  max_nonfinite: int = 50
+  iterations: int = _field(20000, "meta steps to train")
+  max_minutes: float = _field(0.0, "stop (checkpoint, evaluate) after this much training; "
+                              "0 = no limit")
+  seed: int = _field(0, "the one seed every random choice flows from")
+  log_every: int = _field(500, "meta steps between metric lines in metrics.jsonl")
+  val_every: int = _field(5000, "meta steps between validations (0 = never; a multiple of log_every)")
+  val_tasks: int = _field(100, "meta-validation tasks per validation and for select")
+  checkpoint_every: int = _field(5000, "meta steps between checkpoints (0 = only at the end; "
+                                 "a multiple of log_every)")
+  eval_tasks: int = _field(600, "meta-test tasks at the end of training")
+  eval_batch: int = _field(100, "tasks evaluated at once (lower it to save memory)")
+  max_nonfinite: int = _field(50, "stop after this many consecutive non-finite steps")
   # data parallelism (amaml.sharding): 1 = one device; 0 = all devices; n = the first n
-  devices: int = 1
+  devices: int = _field(1, "devices to shard the meta-batch over: 1 = one, 0 = all, n = the first n")
 
   def validate(self) -> "Config":
     """Raises ``ValueError`` naming the bad field and what it accepts."""
@@ -80,8 +101,8 @@ class Config:
       raise ValueError(f"task={self.task!r}: use one of {TASKS}")
     if self.method not in METHODS:
       raise ValueError(f"method={self.method!r}: use one of {METHODS}")
-    if self.rate_rule not in ("additive", "log", "normalized"):
-      raise ValueError(f"rate_rule={self.rate_rule!r}: use additive, log or normalized")
+    if self.rate_rule not in RATE_RULES:
+      raise ValueError(f"rate_rule={self.rate_rule!r}: use one of {RATE_RULES}")
     if self.outer_optimizer not in OUTER_OPTIMIZERS:
       raise ValueError(f"outer_optimizer={self.outer_optimizer!r}: use one of {OUTER_OPTIMIZERS}")
     if self.test_adaptation not in TEST_ADAPTATIONS:

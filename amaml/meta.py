@@ -47,11 +47,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from amaml import inner
-from amaml.hypergradient import current_hypergradient, current_learning_rate, hypergradient
+from amaml import inner, rates
+from amaml.hd import current_hypergradient, current_learning_rate, hypergradient
 from amaml.rates import (DEFAULT_HYPER_LR, DEFAULT_RULE, PAPER_ALPHA_LR, PAPER_BETA_LR,
                          PAPER_RULE)
-from amaml.rates import rate_rule as _rate_rule
 from amaml.task import TaskBatch
 
 
@@ -90,6 +89,14 @@ class MetaLearner(NamedTuple):
   meta_loss: Callable[[Any, Any, TaskBatch], tuple[jax.Array, dict]]
   update: Callable[[MetaState, TaskBatch], tuple[MetaState, dict]]
   adaptation_curve: Callable[..., dict]
+
+
+#: How a training log reduces each metric of :attr:`MetaLearner.step` over the steps of one
+#: log line (:func:`amaml.train.train`): ``"last"`` keeps the value at the line's last step,
+#: ``"sum"`` adds them up (logged as ``nonfinite_steps``); every other metric is averaged
+#: over its finite values.
+METRIC_REDUCTIONS = {"alpha": "last", "beta": "last", "nonfinite_streak": "last",
+                     "nonfinite": "sum"}
 
 
 def _all_finite(tree) -> jax.Array:
@@ -189,7 +196,7 @@ def alpha_maml(
     raise ValueError(f"alpha_granularity must be one of {inner.GRANULARITIES}, got {alpha_granularity!r}")
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1 for meta-learning, got {num_steps}")
-  alpha_rule = _rate_rule(alpha_lr, rate_rule, min_rate=alpha_bounds[0], max_rate=alpha_bounds[1])
+  alpha_rule = rates.rate_rule(alpha_lr, rate_rule, min_rate=alpha_bounds[0], max_rate=alpha_bounds[1])
   adapt = functools.partial(inner.adapt, loss_fn, first_order=first_order, unroll=unroll,
                             remat=remat)
 

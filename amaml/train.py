@@ -28,7 +28,7 @@ import numpy as np
 from amaml import losses, meta, sharding, validate
 from amaml.configs import Config
 from amaml.env import versions
-from amaml.hypergradient import current_learning_rate
+from amaml.hd import current_learning_rate
 from amaml.stats import mean_confidence_interval
 from amaml.task import TaskBatch
 
@@ -46,8 +46,7 @@ class Experiment(NamedTuple):
 def build(cfg: Config) -> Experiment:
   """Model, loss, learner and data for ``cfg``."""
   cfg.validate()
-  key = jax.random.key(cfg.seed)
-  init_key = jax.random.fold_in(key, 0)
+  init_key = run_keys(cfg).init
   if cfg.task == "sinusoid":
     from amaml.models import MLP
     from amaml.sinusoid import sinusoid_tasks
@@ -121,15 +120,27 @@ def make_learner(cfg: Config, loss_fn) -> meta.MetaLearner:
   return meta.maml(loss_fn, first_order=cfg.method == "fomaml", **kwargs)
 
 
-def _keys(cfg: Config):
-  root = jax.random.key(cfg.seed)
-  return jax.random.fold_in(root, 1), jax.random.fold_in(root, 2)  # train, evaluation
+class RunKeys(NamedTuple):
+  """The random keys of a run, all derived from ``cfg.seed`` here and nowhere else."""
+
+  init: jax.Array  # the model's initial weights
+  train: jax.Array  # meta step i samples its tasks with fold_in(train, i)
+  eval: jax.Array  # split s, batch b of an evaluation: fold_in(fold_in(eval, s), b)
 
 
-def _make_chunk(exp: Experiment, length: int, mesh=None):
-  """``length`` meta steps as one jitted scan; with a ``mesh`` (:mod:`amaml.sharding`) each
-  sampled batch is split over its devices by task and the state stays replicated."""
-  train_key, _ = _keys(exp.config)
+def run_keys(cfg: Config | int | jax.Array) -> RunKeys:
+  """The keys of ``cfg``'s run, or of the run with this seed (see :class:`RunKeys`); a
+  traced seed works too (a vmap over seeds)."""
+  root = jax.random.key(cfg.seed if isinstance(cfg, Config) else cfg)
+  return RunKeys(*(jax.random.fold_in(root, i) for i in range(3)))
+
+
+def make_train_chunk(exp: Experiment, length: int, mesh=None):
+  """``length`` meta steps as one jitted ``lax.scan``: ``(state, images, start) -> (state,
+  metrics stacked over the steps)``; step ``i`` samples its tasks from ``(seed, i)`` on the
+  device. With a ``mesh`` (:mod:`amaml.sharding`) each batch is split over its devices by
+  task and the state stays replicated. The input state is donated."""
+  train_key = run_keys(exp.config).train
 
   def chunk(state, images, start):
     def body(st, i):
@@ -144,22 +155,6 @@ def _make_chunk(exp: Experiment, length: int, mesh=None):
   return jax.jit(chunk, donate_argnums=(0,), out_shardings=sharding.replicated(mesh))
 
 
-_CACHE: dict = {}
-
-
-def _cached_build(cfg: Config, mesh=None):
-  """``build(cfg)`` and its jitted training chunk, reused by later runs of the same
-  configuration in this process (a resumed run, or a longer one, compiles nothing new)."""
-  key = (dataclasses.replace(cfg, iterations=1, max_minutes=0.0), None if mesh is None else tuple(mesh.devices.flat))
-  if key not in _CACHE:
-    if len(_CACHE) >= 2:
-      _CACHE.pop(next(iter(_CACHE)))
-    exp = build(cfg)
-    _CACHE[key] = (exp, _make_chunk(exp, cfg.log_every, mesh))
-  exp, chunk = _CACHE[key]
-  return exp._replace(config=cfg), chunk
-
-
 ALPHA_SCALES = (2.0, 1.0, 0.5, 0.25, 0.125)
 
 
@@ -169,8 +164,7 @@ def _eval_batches(exp: Experiment, split: str, num_tasks: int):
   images = exp.data.get(split)
   if cfg.task == "omniglot" and images is None:
     raise ValueError(f"this protocol has no {split!r} split")
-  _, eval_key = _keys(cfg)
-  eval_key = jax.random.fold_in(eval_key, {"train": 0, "val": 1, "test": 2}[split])
+  eval_key = jax.random.fold_in(run_keys(cfg).eval, {"train": 0, "val": 1, "test": 2}[split])
   for b in range(math.ceil(num_tasks / cfg.eval_batch)):
     yield exp.sample(jax.random.fold_in(eval_key, b), images, cfg.eval_batch)
 
@@ -271,14 +265,16 @@ def _jsonable(tree) -> dict:
   return {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in tree.items()}
 
 
-def _summarise_chunk(ms: dict) -> dict:
+def _summarise(ms: dict) -> dict:
+  """One log line from metrics stacked over its steps (:data:`amaml.meta.METRIC_REDUCTIONS`)."""
   out = {}
   for k, v in ms.items():
     v = np.asarray(v)
-    if k in ("alpha", "beta", "nonfinite_streak"):
+    how = meta.METRIC_REDUCTIONS.get(k, "mean")
+    if how == "last":
       out[k] = float(v[-1])
-    elif k == "nonfinite":
-      out["nonfinite_steps"] = int(v.sum())
+    elif how == "sum":
+      out[f"{k}_steps"] = int(v.sum())
     else:
       finite = v[np.isfinite(v)]
       out[k] = float(finite.mean()) if finite.size else float("nan")
@@ -301,6 +297,24 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
   os.replace(tmp, path)
 
 
+#: Training advances in chunks (one jitted ``lax.scan`` each) of at most this many seconds, so
+#: that the progress bar moves and ``max_minutes`` is honoured at least this often.
+CHUNK_SECONDS = 5.0
+
+
+class _Run(NamedTuple):
+  """What :func:`train` prepares: where the run lives, what it trains, and from where."""
+
+  cfg: Config
+  out: Path
+  exp: Experiment
+  state: meta.MetaState
+  start: int
+  images: Any  # the training split (replicated over the mesh when sharded)
+  mesh: Any
+  ckpt: Any  # amaml.checkpoint.Checkpointer
+
+
 def train(cfg: Config, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
           evaluate_at_end: bool = True) -> tuple[meta.MetaState, dict]:
   """Trains ``cfg`` into ``out_dir``; with ``resume`` continues from its last checkpoint.
@@ -309,6 +323,13 @@ def train(cfg: Config, out_dir: str | os.PathLike, *, resume: bool = False, prog
   Stops with ``FloatingPointError`` after ``max_nonfinite`` non-finite steps in a
   row (the guard keeps the state finite, so no checkpoint holds NaN).
   """
+  run = _prepare(cfg, Path(out_dir), resume)
+  state, step, train_s, compile_s = _loop(run, progress)
+  return state, _finish(run, state, step, train_s, compile_s, evaluate_at_end, progress)
+
+
+def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
+  """Checks ``cfg`` and ``out``, writes ``config.json``, builds the experiment, restores."""
   from amaml.checkpoint import Checkpointer
 
   cfg.validate()
@@ -316,16 +337,16 @@ def train(cfg: Config, out_dir: str | os.PathLike, *, resume: bool = False, prog
   if cfg.devices != 1:  # before any file is written: fails on too few devices or an uneven split
     mesh = sharding.task_mesh(cfg.devices)
     sharding.check_divisible(cfg.meta_batch, mesh)
-  out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   cfg_path = out / "config.json"
   if cfg_path.exists() and resume:
     old = Config.from_json(cfg_path.read_text())
+    may_change = ("iterations", "devices", "max_minutes")
     diff = {f.name: (getattr(old, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(Config)
-            if getattr(old, f.name) != getattr(cfg, f.name) and f.name not in ("iterations", "devices", "max_minutes")}
+            if getattr(old, f.name) != getattr(cfg, f.name) and f.name not in may_change}
     if diff:
       raise ValueError(f"--resume with a configuration that differs from {cfg_path}: {diff}; "
-                       "use the same settings (only iterations, devices and max_minutes may change) or a new --out")
+                       f"use the same settings (only {', '.join(may_change)} may change) or a new --out")
   elif (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()) and not resume:
     raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or "
                           "choose another --out")
@@ -333,82 +354,125 @@ def train(cfg: Config, out_dir: str | os.PathLike, *, resume: bool = False, prog
   tmp.write_text(cfg.to_json())
   os.replace(tmp, cfg_path)
 
-  exp, chunk = _cached_build(cfg, mesh)
+  exp = build(cfg)
   ckpt = Checkpointer(out / "checkpoints")
-  state = exp.learner.init(jax.tree.map(jnp.copy, exp.params))  # the chunk donates it
+  state = exp.learner.init(jax.tree.map(jnp.copy, exp.params))  # the chunks donate it
   start = 0
   if resume and ckpt.latest_step() is not None:
     state = ckpt.restore(state)
     start = int(state.step)
-  metrics_path = out / "metrics.jsonl"
-  _truncate_metrics(metrics_path, start)
-  train_images = exp.data["train"]
+  _truncate_metrics(out / "metrics.jsonl", start)
+  images = exp.data["train"]
   if mesh is not None:  # data parallel: tasks split over devices, state and images replicated
-    state, train_images = sharding.replicate((state, train_images), mesh)
+    state, images = sharding.replicate((state, images), mesh)
+  return _Run(cfg, out, exp, state, start, images, mesh, ckpt)
 
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.iterations, initial=start, desc=f"{cfg.method} {cfg.task}", unit="step",
-               dynamic_ncols=True)
-  t_start = time.perf_counter()
+
+def _loop(run: _Run, progress: bool):
+  """Meta steps from ``run.start`` to ``iterations`` (or ``max_minutes``): a log line every
+  ``log_every`` steps, validation and checkpoints at their multiples, a checkpoint at the end.
+
+  The first chunks are single steps; once a step's time is known, chunks grow to the
+  largest divisor of ``log_every`` that takes at most :data:`CHUNK_SECONDS`. The tasks
+  of step ``i`` depend only on ``(seed, i)``, so chunking changes no result."""
+  cfg, exp, state, step = run.cfg, run.exp, run.state, run.start
+  chunks = {1: make_train_chunk(exp, 1, run.mesh)}
+  length, pending, step_s = 1, [], None
+  budget_s = 60 * cfg.max_minutes
+  bar = _progress_bar(cfg, step) if progress else None
+  t_start = t_line = time.perf_counter()
   compile_s = None
-  step = start
-  with open(metrics_path, "a") as log:
+  with open(run.out / "metrics.jsonl", "a") as log:
     while step < cfg.iterations:
+      n = length if step % length == 0 and step + length <= cfg.iterations else 1
       t0 = time.perf_counter()
-      state, ms = chunk(state, train_images, jnp.int32(step))
-      ms = jax.device_get(ms)
+      state, ms = chunks[n](state, run.images, jnp.int32(step))
+      streak = int(np.asarray(ms["nonfinite_streak"]).max())  # waits for the chunk
       dt = time.perf_counter() - t0
       if compile_s is None:
         compile_s = dt
-      step += cfg.log_every
-      rec = {"step": step, **_summarise_chunk(ms), "steps_per_s": cfg.log_every / dt}
-      if cfg.val_every and step % cfg.val_every == 0 and "val" in exp.data:
-        val = evaluate(exp, state.params, state.alpha, "val", cfg.val_tasks,
-                       inner_steps=cfg.inner_steps)
-        rec.update({f"val_{k}": v for k, v in val.items() if isinstance(v, float)})
-      log.write(json.dumps(rec) + "\n")
-      log.flush()
+      elif step_s is None:  # the second single step: no compilation in it
+        step_s = dt
+        length = max(d for d in range(1, cfg.log_every + 1)
+                     if cfg.log_every % d == 0 and d * step_s <= CHUNK_SECONDS or d == 1)
+        if length > 1:
+          chunks[length] = make_train_chunk(exp, length, run.mesh)
+      step += n
+      pending.append(ms)
+      elapsed = time.perf_counter() - t_start
+      out_of_time = budget_s > 0 and elapsed >= budget_s
+      if step % cfg.log_every == 0 or step >= cfg.iterations or out_of_time or streak >= cfg.max_nonfinite:
+        stacked = jax.device_get(jax.tree.map(lambda *x: np.concatenate(x), *pending))
+        steps_in_line = len(stacked["loss"])
+        rec = {"step": step, **_summarise(stacked),
+               "steps_per_s": steps_in_line / max(time.perf_counter() - t_line, 1e-9)}
+        pending, t_line = [], time.perf_counter()
+        if cfg.val_every and step % cfg.val_every == 0 and "val" in exp.data:
+          val = evaluate(exp, state.params, state.alpha, "val", cfg.val_tasks,
+                         inner_steps=cfg.inner_steps)
+          rec.update({f"val_{k}": v for k, v in val.items() if isinstance(v, float)})
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        if bar is not None:
+          bar.set_postfix(_bar_fields(rec), refresh=False)
       if bar is not None:
-        post = {"loss": f"{rec['loss']:.3f}"}
-        if "accuracy" in rec:
-          post["acc"] = f"{rec['accuracy']:.3f}"
-        post["alpha"] = f"{rec['alpha']:.3g}"
-        if "beta" in rec:
-          post["beta"] = f"{rec['beta']:.3g}"
-        post["it/s"] = f"{rec['steps_per_s']:.1f}"
-        bar.set_postfix(post, refresh=False)
-        bar.update(cfg.log_every)
-      if int(np.asarray(ms["nonfinite_streak"]).max()) >= cfg.max_nonfinite:
+        bar.update(min(elapsed, budget_s) - bar.n if budget_s else n)
+      if streak >= cfg.max_nonfinite:
         if bar is not None:
           bar.close()
         raise FloatingPointError(
             f"{cfg.max_nonfinite} non-finite meta steps in a row by step {step}: the state was "
-            f"kept finite and the last good checkpoint is in {ckpt.directory}. Lower --alpha or "
+            f"kept finite and the last good checkpoint is in {run.ckpt.directory}. Lower --alpha or "
             "--beta, or use the default --method alpha-maml (normalized rule with backtracking)")
-      out_of_time = cfg.max_minutes and time.perf_counter() - t_start >= 60 * cfg.max_minutes
       if ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step >= cfg.iterations
           or out_of_time):
-        ckpt.save(step, state)
+        run.ckpt.save(step, state)
       if out_of_time:
         break
   if bar is not None:
     bar.close()
-  ckpt.close()
-  train_s = time.perf_counter() - t_start
-  results = {"config": dataclasses.asdict(cfg), "steps": step, "train_seconds": train_s,
+  run.ckpt.close()
+  return state, step, time.perf_counter() - t_start, compile_s
+
+
+def _progress_bar(cfg: Config, start: int):
+  """Steps against ``iterations``; with ``max_minutes``, seconds against the time budget."""
+  from tqdm.auto import tqdm
+
+  desc = f"{cfg.method} {cfg.task}"
+  if cfg.max_minutes:
+    return tqdm(total=round(60 * cfg.max_minutes), desc=f"{desc} (time budget)", unit="s",
+                dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")
+  return tqdm(total=cfg.iterations, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+
+
+def _bar_fields(rec: dict) -> dict:
+  post = {"step": rec["step"], "loss": f"{rec['loss']:.3f}"}
+  if "accuracy" in rec:
+    post["acc"] = f"{rec['accuracy']:.3f}"
+  post["alpha"] = f"{rec['alpha']:.3g}"
+  if "beta" in rec:
+    post["beta"] = f"{rec['beta']:.3g}"
+  post["it/s"] = f"{rec['steps_per_s']:.2g}"
+  return post
+
+
+def _finish(run: _Run, state, step: int, train_s: float, compile_s, evaluate_at_end: bool,
+            progress: bool) -> dict:
+  """The final evaluation, written atomically to ``results.json``."""
+  results = {"config": dataclasses.asdict(run.cfg), "steps": step, "train_seconds": train_s,
              "first_chunk_seconds_incl_compile": compile_s,
              "final_alpha": float(meta._tree_mean(state.alpha)),
              "versions": versions()}
   beta = current_learning_rate(state.opt_state)
   results["final_beta"] = None if beta is None else float(beta)
   if evaluate_at_end:
-    results.update(meta_test(exp, state.params, state.alpha, progress=progress))
-  tmp = out / "results.tmp"
+    results.update(meta_test(run.exp, state.params, state.alpha, progress=progress))
+  tmp = run.out / "results.tmp"
   tmp.write_text(json.dumps(results, indent=1))
-  os.replace(tmp, out / "results.json")
-  return state, results
+  os.replace(tmp, run.out / "results.json")
+  return results
 
 
 def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[Experiment, meta.MetaState]:

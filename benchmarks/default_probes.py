@@ -31,14 +31,16 @@ VARIANTS = [{"alpha_lr": 0.03, "beta_lr": 0.03}, {"alpha_lr": 0.03, "beta_lr": 0
             {"alpha_lr": 0.03, "beta_lr": 0.1}, {"alpha_lr": 0.05, "beta_lr": 0.05}]
 
 
-def probe(overrides: dict, seeds: int, steps: int) -> dict:
+def probe(overrides: dict, seeds: int, steps: int, alphas=ALPHAS, betas=BETAS) -> dict:
   budget = dict(steps=steps, meta_batch=25, eval_tasks=600, val_tasks=200, log_every=250)
   cfg = dataclasses.replace(robustness.make_config("sinusoid", "alpha-maml", budget), **overrides)
   exp = train.build(cfg)
-  cells = list(itertools.product(ALPHAS, BETAS, range(seeds)))
+  if cfg.outer_optimizer != "adam":
+    betas = (None,)  # a learning-rate-free outer optimizer has no beta0
+  cells = list(itertools.product(alphas, betas, range(seeds)))
   t0 = time.perf_counter()
   state, hist, _, _ = robustness.run_cells(exp, cells, steps, budget["log_every"])
-  _, key = train._keys(cfg)
+  key = train.run_keys(cfg).eval
   test = exp.sample(jax.random.fold_in(key, 2), None, budget["eval_tasks"])
   val = exp.sample(jax.random.fold_in(key, 1), None, budget["val_tasks"])
   ev = robustness.evaluate_cells(exp, state, val, test, 1 << 20)
@@ -47,7 +49,8 @@ def probe(overrides: dict, seeds: int, steps: int) -> dict:
     by = {}
     for c, e in zip(cells, ev):
       by.setdefault(c[:2], []).append(float(np.mean(e[name])))
-    means = {f"{a:g},{b:g}": float(np.mean(v)) for (a, b), v in by.items()}
+    means = {f"{a:g},{b if b is None else format(b, 'g')}": float(np.mean(v))
+             for (a, b), v in by.items()}
     out[name] = means
     out[f"{name}_worst_over_best"] = max(means.values()) / min(means.values())
   out["final_alpha"] = [float(x) for x in hist["alpha"][-1]]
@@ -60,9 +63,12 @@ def main(argv=None):
   ap.add_argument("--variants", type=json.loads, default=VARIANTS)
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--steps", type=int, default=5000)
+  ap.add_argument("--alphas", type=float, nargs="+", default=ALPHAS)
+  ap.add_argument("--betas", type=float, nargs="+", default=BETAS,
+                  help="beta0 values (one is enough for a learning-rate-free outer optimizer)")
   args = ap.parse_args(argv)
   for v in args.variants:
-    r = probe(v, args.seeds, args.steps)
+    r = probe(v, args.seeds, args.steps, args.alphas, args.betas)
     print(json.dumps(r), flush=True)
     print(f"# {v}: worst/best {r['one_step_worst_over_best']:.2f} (1 step), "
           f"{r['selected_worst_over_best']:.2f} (selected); "

@@ -115,7 +115,7 @@ def make_chunk(exp, length: int):
   def chunk(state, images, seeds, start):
     def body(st, i):
       def one(s, seed):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), i)
+        key = jax.random.fold_in(train.run_keys(seed).train, i)
         return exp.learner.update(s, exp.sample(key, images, cfg.meta_batch))
       st, m = jax.vmap(one)(st, seeds)
       nan = jnp.full_like(m["alpha"], jnp.nan)
@@ -202,7 +202,7 @@ def grid(task: str, method: str, budget: dict, alphas, betas, seeds: int, cells_
   if method.startswith("maml+"):
     betas = (None,)  # no outer rate to set
   cells = list(itertools.product(alphas, betas, range(seeds)))
-  _, eval_key = train._keys(cfg)
+  eval_key = train.run_keys(cfg).eval
   test = exp.sample(jax.random.fold_in(eval_key, 2), exp.data["test"], budget["eval_tasks"])
   val_split = "val" if exp.data.get("val") is not None or task == "sinusoid" else "train"
   val = exp.sample(jax.random.fold_in(eval_key, 1), exp.data[val_split], budget["val_tasks"])

@@ -60,7 +60,7 @@ def worker(task: str, devices: int, length: int, repeats: int) -> dict:
   if mesh is not None:
     sharding.check_divisible(cfg.meta_batch, mesh)
     state, images = sharding.replicate((state, images), mesh)
-  chunk = train._make_chunk(exp, length, mesh)
+  chunk = train.make_train_chunk(exp, length, mesh)
   t0 = time.perf_counter()
   state, ms = chunk(state, images, jnp.int32(0))
   jax.block_until_ready(ms)

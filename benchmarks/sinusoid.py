@@ -78,7 +78,7 @@ def loop_time(method: str, alpha0: float, iterations: int, chunk: int = 1000) ->
   cfg = get_config("sinusoid", method=method, iterations=iterations, alpha=alpha0,
                    log_every=chunk, checkpoint_every=0, val_every=0)
   exp = train.build(cfg)
-  step = train._make_chunk(exp, chunk)
+  step = train.make_train_chunk(exp, chunk)
   st = exp.learner.init(exp.params)
   warm = exp.learner.init(jax.tree.map(jnp.copy, exp.params))  # (donated by the call)
   jax.block_until_ready(step(warm, None, jnp.int32(0)))  # compile

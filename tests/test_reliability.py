@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -496,7 +497,7 @@ def test_seed_decides_the_run():
   def first(seed):  # initial weights and the first training batch of a seed
     cfg = get_config("sinusoid", seed=seed, hidden=8, meta_batch=2)
     exp = train.build(cfg)
-    batch = exp.sample(jax.random.fold_in(train._keys(cfg)[0], 0), None, cfg.meta_batch)
+    batch = exp.sample(jax.random.fold_in(train.run_keys(cfg).train, 0), None, cfg.meta_batch)
     return [np.asarray(x) for x in jax.tree.leaves((exp.params, batch))]
 
   a, b, c = first(0), first(0), first(1)
@@ -519,3 +520,19 @@ def test_checkpoints_are_arrays_and_restore_without_unpickling(tmp_path, monkeyp
   _, restored = train.load_run(tmp_path / "r")
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["evaluate", "--run", "{t}/missing"], r"^amaml evaluate: .*missing has no config\.json.*amaml train"),
+    (["plot", "--run", "{t}/missing"], r"^amaml plot: .*metrics\.jsonl not found.*run directory"),
+    (["train", "--config", "omniglot-5w1s", "--data_dir", "{t}/nowhere", "--out", "{t}/r"],
+     r"^amaml train: .*nowhere"),
+])
+def test_every_subcommand_reports_user_errors_in_one_line(tmp_path, args, match):
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    code = cli.main([a.format(t=tmp_path) for a in args])
+  assert code == 2
+  text = err.getvalue()
+  assert text.count("\n") == 1 and "Traceback" not in text, text
+  assert re.search(match, text), text

@@ -85,8 +85,8 @@ out["errors"] = errors
 cfg = get_config("sinusoid", hidden=16, meta_batch=8, log_every=5, iterations=10, val_every=0,
                  checkpoint_every=0)
 exp = train.build(cfg)
-ref = train._make_chunk(exp, 5)
-chunk = train._make_chunk(exp, 5, mesh)
+ref = train.make_train_chunk(exp, 5)
+chunk = train.make_train_chunk(exp, 5, mesh)
 s_mesh = sharding.replicate(jax.tree.map(np.array, exp.learner.init(exp.params)), mesh)
 s_ref = exp.learner.init(exp.params)  # donated below (with exp.params): s_mesh holds copies
 for start in (0, 5, 10):

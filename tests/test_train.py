@@ -85,9 +85,11 @@ def test_cli_train_evaluate_plot(tmp_path, capsys):
   assert cli.main(["evaluate", "--run", run, "--tasks", "10"]) == 0
   out = capsys.readouterr().out
   assert "chosen on 100 val tasks" in out and '"alpha_scale"' in out
-  # an outer optimizer amaml does not offer: one line naming the field and the choices
-  assert cli.main(["train", "--config", "sinusoid", "--outer_optimizer", "lion"]) == 2
-  assert "outer_optimizer='lion': use one of" in capsys.readouterr().err
+  # an outer optimizer amaml does not offer: argparse names the flag and the choices
+  with pytest.raises(SystemExit) as e:
+    cli.main(["train", "--config", "sinusoid", "--outer_optimizer", "lion"])
+  assert e.value.code == 2
+  assert "--outer_optimizer: invalid choice: 'lion' (choose from 'adam'" in capsys.readouterr().err
   pytest.importorskip("matplotlib")
   assert cli.main(["plot", "--run", run]) == 0
   for name in ("learning_curves.png", "rates.png"):
@@ -98,12 +100,30 @@ def test_cli_train_evaluate_plot(tmp_path, capsys):
 
 
 def test_time_budget_stops_after_a_chunk_and_evaluates(tmp_path):
+  # a budget shorter than one step: the run stops after its first chunk (one step), between
+  # log lines, and still logs, checkpoints and evaluates it
   cfg = _tiny(iterations=1000, max_minutes=1e-6)
   state, results = train.train(cfg, tmp_path / "t", progress=False)
-  assert int(state.step) == 10 and results["steps"] == 10
+  assert int(state.step) == 1 and results["steps"] == 1
   assert "post_loss" in results["test"]
   from amaml.checkpoint import Checkpointer
-  assert Checkpointer(tmp_path / "t" / "checkpoints").latest_step() == 10
+  assert Checkpointer(tmp_path / "t" / "checkpoints").latest_step() == 1
+  recs = [json.loads(l) for l in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in recs] == [1]
+
+
+def test_chunks_grow_to_the_time_target_and_change_no_result(tmp_path, monkeypatch):
+  # the same run with chunks of one step (a tiny time target) and of log_every steps
+  cfg = _tiny(iterations=30, log_every=10, checkpoint_every=0)
+  big, _ = train.train(cfg, tmp_path / "big", progress=False, evaluate_at_end=False)
+  monkeypatch.setattr(train, "CHUNK_SECONDS", 0.0)
+  small, _ = train.train(cfg, tmp_path / "small", progress=False, evaluate_at_end=False)
+  for a, b in zip(jax.tree.leaves(big), jax.tree.leaves(small)):
+    np.testing.assert_array_equal(a, b)
+  strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "steps_per_s"}
+                     for l in (p / "metrics.jsonl").read_text().splitlines()]
+  assert strip(tmp_path / "big") == strip(tmp_path / "small")
+  assert [r["step"] for r in strip(tmp_path / "big")] == [10, 20, 30]
 
 
 def test_remat_flag_reaches_the_learner_and_changes_nothing_but_memory():

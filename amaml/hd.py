@@ -13,6 +13,13 @@ u_t``), and the rate is adapted with the hypergradient
     beta_t = beta_{t-1} - hyper_lr * h_t,
 
 one global dot product per step over all parameters, before ``u_t`` is scaled.
+With ``discount = mu > 0`` the hypergradient looks further back:
+``h_t = <g_t, z_{t-1}>`` with ``z_t = mu z_{t-1} + u_t``, the discounted sum of
+past directions. This is the Hessian-free form of MARTHE's discounted
+hypergradient (Donini et al., "MARTHE: Scheduling the Learning Rate Via Online
+Hypergradients", IJCAI 2020): ``mu = 0`` is HD, whose one-step horizon is known
+to drive the rate too low (Wu et al., "Understanding Short-Horizon Bias in
+Stochastic Meta-Optimization", ICLR 2018).
 For SGD, ``u = -g`` and this is ``beta_t = beta_{t-1} + hyper_lr <g_t, g_{t-1}>``.
 For Adam, ``u_{t-1} = -m_hat/(sqrt(v_hat) + eps)`` and this is the rule of the
 HD paper's reference AdamHD (there ``eps`` is added before bias correction,
@@ -50,14 +57,9 @@ class HypergradientState(NamedTuple):
   learning_rate: jax.Array  # beta_t, the rate used for the last update
   hypergradient: jax.Array  # h_t = <g_t, u_{t-1}>
   rate_state: Any  # state of the rate's update rule (amaml.rates.rate_rule)
-  prev_direction: optax.Updates  # u_{t-1}: the wrapped optimizer's update at unit rate
+  prev_direction: optax.Updates  # z_{t-1}: past directions at unit rate (u_{t-1} if discount=0)
   inner_state: optax.OptState  # the wrapped optimizer's state
   count: jax.Array  # number of updates so far
-
-
-def _tree_vdot(a, b):
-  leaves = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.vdot(x, y), a, b))
-  return sum(leaves[1:], leaves[0]) if leaves else jnp.zeros(())
 
 
 def hypergradient(
@@ -68,6 +70,7 @@ def hypergradient(
     rule: str = "additive",
     min_lr: float | None = None,
     max_lr: float | None = None,
+    discount: float = 0.0,
     **optimizer_kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps an Optax optimizer so that its learning rate adapts by hypergradient descent.
@@ -85,6 +88,9 @@ def hypergradient(
       ``log beta``; scale-free, ``hyper_lr`` is then about the largest relative
       change per step, e.g. ``amaml.rates.DEFAULT_HYPER_LR``).
     min_lr, max_lr: optional bounds on the rate.
+    discount: ``mu`` in ``[0, 1)``, how far back the hypergradient looks (about
+      ``1 / (1 - mu)`` steps): ``h_t = <g_t, z_{t-1}>``, ``z_t = mu z_{t-1} + u_t``.
+      ``0`` (the default here) is the HD paper's one-step hypergradient.
     **optimizer_kwargs: passed to ``optimizer`` (``b1``, ``momentum``, ...).
 
   Returns:
@@ -96,6 +102,8 @@ def hypergradient(
     raise TypeError(
         "hypergradient() takes an optimizer factory such as optax.adam, not a built "
         "optimizer: write hypergradient(optax.adam, learning_rate=1e-3, hyper_lr=1e-7, b1=0.9)")
+  if not 0.0 <= discount < 1.0:
+    raise ValueError(f"discount must be in [0, 1), got {discount}; 0 is plain HD")
   base = optax.with_extra_args_support(optimizer(learning_rate=1.0, **optimizer_kwargs))
   rate = rate_rule(hyper_lr, rule, min_rate=min_lr, max_rate=max_lr)
 
@@ -111,43 +119,32 @@ def hypergradient(
         count=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
-    # h_t = <g_t, u_{t-1}>: zero on the first step, where u_0 = 0.
-    h = _tree_vdot(updates, state.prev_direction).astype(state.learning_rate.dtype)
+    # h_t = <g_t, z_{t-1}>: zero on the first step, where z_0 = 0.
+    h = optax.tree_utils.tree_vdot(updates, state.prev_direction).astype(state.learning_rate.dtype)
     lr, rate_state = rate.update(state.learning_rate, h, state.rate_state)
     direction, inner_state = base.update(updates, state.inner_state, params, **extra_args)
     new_updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), direction)
+    if discount:
+      direction = jax.tree.map(lambda z, u: (discount * z + u).astype(u.dtype),
+                               state.prev_direction, direction)
     return new_updates, HypergradientState(lr, h, rate_state, direction, inner_state,
                                            state.count + 1)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _find_hd_states(opt_state) -> list[HypergradientState]:
-  found = []
-
-  def visit(x):
-    if isinstance(x, HypergradientState):
-      found.append(x)
-      return
-    if isinstance(x, (tuple, list)):
-      for y in x:
-        visit(y)
-    elif isinstance(x, dict):
-      for y in x.values():
-        visit(y)
-
-  visit(opt_state)
-  return found
+def _hd_state(opt_state) -> HypergradientState | None:
+  return optax.tree_utils.tree_get(opt_state, "HypergradientState")
 
 
 def current_learning_rate(opt_state: optax.OptState) -> jax.Array | None:
   """The adapted learning rate inside ``opt_state`` (``None`` if it holds no
   :class:`HypergradientState`, e.g. a plain ``optax.adam`` state)."""
-  found = _find_hd_states(opt_state)
-  return found[0].learning_rate if found else None
+  found = _hd_state(opt_state)
+  return None if found is None else found.learning_rate
 
 
 def current_hypergradient(opt_state: optax.OptState) -> jax.Array | None:
-  """The last hypergradient ``<g_t, u_{t-1}>`` inside ``opt_state`` (or ``None``)."""
-  found = _find_hd_states(opt_state)
-  return found[0].hypergradient if found else None
+  """The last hypergradient ``<g_t, z_{t-1}>`` inside ``opt_state`` (or ``None``)."""
+  found = _hd_state(opt_state)
+  return None if found is None else found.hypergradient

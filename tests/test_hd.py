@@ -137,3 +137,26 @@ def test_bad_arguments_are_named():
   with pytest.raises(TypeError, match="factory"):
     amaml.hypergradient(optax.adam(1e-3), learning_rate=1e-3, hyper_lr=1e-7)
   assert amaml.current_learning_rate(optax.adam(1e-3).init(jnp.ones(2))) is None
+
+
+def test_discounted_hypergradient_matches_reference_sequence(x64):
+  beta, kappa, mu = 0.1, 0.01, 0.8
+  # h_t = <g_t, z_{t-1}>, z_t = mu z_{t-1} + u_t with u = -g for SGD (MARTHE, Hessian-free)
+  p, z, ref = P0.copy(), np.zeros(3), []
+  for _ in range(6):
+    g = grad_np(p)
+    beta = beta - kappa * g @ z
+    p = p - beta * g
+    z = mu * z - g
+    ref.append(beta)
+  rates, traj = _run(amaml.hypergradient(optax.sgd, learning_rate=0.1, hyper_lr=kappa,
+                                         discount=mu), 6)
+  np.testing.assert_allclose(rates, ref, rtol=1e-12)
+  np.testing.assert_allclose(traj[-1], p, rtol=1e-12)
+  plain, _ = _run(amaml.hypergradient(optax.sgd, learning_rate=0.1, hyper_lr=kappa), 6)
+  assert np.all(rates[:2] == plain[:2]) and abs(rates[-1] - plain[-1]) > 1e-4  # differs from step 3
+
+
+def test_discount_out_of_range_is_refused():
+  with pytest.raises(ValueError, match="discount must be in"):
+    amaml.hypergradient(optax.sgd, learning_rate=0.1, hyper_lr=0.01, discount=1.0)
