@@ -23,4 +23,4 @@ __all__ = [
     "current_hypergradient", "current_learning_rate", "fomaml", "hd_step", "hypergradient", "init_alpha", "losses",
     "maml", "mean_confidence_interval", "models", "sinusoid_tasks",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

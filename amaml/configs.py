@@ -13,8 +13,12 @@ from typing import Any
 TASKS = ("sinusoid", "omniglot")
 METHODS = ("alpha-maml", "alpha-maml-paper", "maml", "fomaml")
 # the outer optimizer: Adam (its rate beta adapted by hypergradient for the Alpha MAML
-# methods) or one of optax.contrib's learning-rate-free optimizers (beta then unused)
+# methods) or one of optax.contrib's learning-rate-free optimizers (beta then unused).
+# Each method's own: amaml's default (alpha-maml) uses D-Adaptation's AdamW, the paper's
+# rule and MAML use Adam.
 OUTER_OPTIMIZERS = ("adam", "prodigy", "dog", "mechanize", "cocob", "dadapt_adamw")
+METHOD_OUTER_OPTIMIZER = {"alpha-maml": "dadapt_adamw", "alpha-maml-paper": "adam",
+                          "maml": "adam", "fomaml": "adam"}
 TEST_ADAPTATIONS = ("select", "fixed")
 RATE_RULES = ("additive", "log", "normalized")
 
@@ -50,9 +54,13 @@ class Config:
                        "more time (rolled loop)")
   alpha: float = _field(0.1, "initial inner rate alpha0 (adapted by alpha-maml)")
   # outer loop
-  beta: float = _field(1e-3, "initial outer rate beta0 (adapted by alpha-maml)")
-  outer_optimizer: str = _field("adam", "outer optimizer: Adam, or a learning-rate-free one "
-                                "from optax.contrib (beta then unused)", OUTER_OPTIMIZERS)
+  beta: float = _field(1e-3, "outer rate (beta0) of outer_optimizer adam: adapted by "
+                       "hypergradient for the alpha-maml methods, fixed for maml")
+  outer_optimizer: str | None = _field(
+      None, "outer optimizer: adam (its rate beta adapted by hypergradient for the alpha-maml "
+      "methods, fixed for maml) or a learning-rate-free one from optax.contrib (beta then "
+      "unused); none: the method's own (dadapt_adamw for alpha-maml, adam for the others)",
+      OUTER_OPTIMIZERS)
   # hypergradient descent on the rates: the library's defaults (amaml.rates), the same in
   # every named config; None = the rule's default
   rate_rule: str = _field("normalized", "how alpha and beta follow their hypergradients",
@@ -103,7 +111,7 @@ class Config:
       raise ValueError(f"method={self.method!r}: use one of {METHODS}")
     if self.rate_rule not in RATE_RULES:
       raise ValueError(f"rate_rule={self.rate_rule!r}: use one of {RATE_RULES}")
-    if self.outer_optimizer not in OUTER_OPTIMIZERS:
+    if self.outer_optimizer is not None and self.outer_optimizer not in OUTER_OPTIMIZERS:
       raise ValueError(f"outer_optimizer={self.outer_optimizer!r}: use one of {OUTER_OPTIMIZERS}")
     if self.test_adaptation not in TEST_ADAPTATIONS:
       raise ValueError(f"test_adaptation={self.test_adaptation!r}: use one of {TEST_ADAPTATIONS}")

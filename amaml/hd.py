@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from amaml.rates import rate_rule
+from amaml import rates
 
 
 class HypergradientState(NamedTuple):
@@ -67,9 +67,9 @@ def hypergradient(
     learning_rate: float,
     hyper_lr: float,
     *,
-    rule: str = "additive",
-    min_lr: float | None = None,
-    max_lr: float | None = None,
+    rate_rule: str = "additive",
+    min_rate: float | None = None,
+    max_rate: float | None = None,
     discount: float = 0.0,
     **optimizer_kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
@@ -82,12 +82,12 @@ def hypergradient(
     hyper_lr: the hypergradient learning rate ``kappa`` (``0`` gives exactly the
       wrapped optimizer at a fixed rate). The HD paper uses ``1e-3`` for SGD and
       ``1e-7`` to ``1e-8`` for Adam.
-    rule: how the rate follows its hypergradient (:func:`amaml.rates.rate_rule`):
+    rate_rule: how the rate follows its hypergradient (:func:`amaml.rates.rate_rule`):
       ``"additive"`` (the HD paper), ``"log"`` (multiplicative, keeps it positive)
       or ``"normalized"`` (amaml's: Adam's normalised step on ``h`` applied to
       ``log beta``; scale-free, ``hyper_lr`` is then about the largest relative
       change per step, e.g. ``amaml.rates.DEFAULT_HYPER_LR``).
-    min_lr, max_lr: optional bounds on the rate.
+    min_rate, max_rate: optional bounds on the rate.
     discount: ``mu`` in ``[0, 1)``, how far back the hypergradient looks (about
       ``1 / (1 - mu)`` steps): ``h_t = <g_t, z_{t-1}>``, ``z_t = mu z_{t-1} + u_t``.
       ``0`` (the default here) is the HD paper's one-step hypergradient.
@@ -105,7 +105,7 @@ def hypergradient(
   if not 0.0 <= discount < 1.0:
     raise ValueError(f"discount must be in [0, 1), got {discount}; 0 is plain HD")
   base = optax.with_extra_args_support(optimizer(learning_rate=1.0, **optimizer_kwargs))
-  rate = rate_rule(hyper_lr, rule, min_rate=min_lr, max_rate=max_lr)
+  rate = rates.rate_rule(hyper_lr, rate_rule, min_rate=min_rate, max_rate=max_rate)
 
   def init_fn(params):
     dtype = jnp.result_type(float)
@@ -138,10 +138,14 @@ def _hd_state(opt_state) -> HypergradientState | None:
 
 
 def current_learning_rate(opt_state: optax.OptState) -> jax.Array | None:
-  """The adapted learning rate inside ``opt_state`` (``None`` if it holds no
-  :class:`HypergradientState`, e.g. a plain ``optax.adam`` state)."""
+  """The adapted learning rate inside ``opt_state``: the rate of a :class:`HypergradientState`,
+  else the step size a learning-rate-free optimizer estimated (``estim_lr`` of
+  ``optax.contrib.dadapt_adamw`` and ``prodigy``), else ``None`` (e.g. a plain
+  ``optax.adam`` state)."""
   found = _hd_state(opt_state)
-  return None if found is None else found.learning_rate
+  if found is not None:
+    return found.learning_rate
+  return optax.tree_utils.tree_get(opt_state, "estim_lr")
 
 
 def current_hypergradient(opt_state: optax.OptState) -> jax.Array | None:

@@ -8,7 +8,7 @@ Alpha MAML hypergradient ``d L_query / d alpha`` from one backward pass.
 >>> loss_fn = lambda p, x, y: (jnp.mean((x * p["w"] - y) ** 2), {})
 >>> params = {"w": jnp.array(0.0)}
 >>> x, y = jnp.array([1.0, 2.0]), jnp.array([2.0, 4.0])
->>> new, losses = adapt(loss_fn, params, 0.1, x, y, num_steps=2)
+>>> new, losses = adapt(loss_fn, params, 0.1, x, y, inner_steps=2)
 >>> round(float(new["w"]), 4)   # w <- w - 0.1 * d/dw mean((w x - y)^2), twice
 1.5
 """
@@ -76,32 +76,32 @@ def sgd_step(loss_fn: LossFn, params: Any, alpha: Any, x: Any, y: Any, *,
   return new, loss
 
 
-def adapt(loss_fn: LossFn, params: Any, alpha: Any, x: Any, y: Any, *, num_steps: int = 1,
+def adapt(loss_fn: LossFn, params: Any, alpha: Any, x: Any, y: Any, *, inner_steps: int = 1,
           first_order: bool = False, unroll: bool | int = True,
           remat: bool = False) -> tuple[Any, jax.Array]:
-  """Adapts ``params`` to one task by ``num_steps`` SGD steps on its support set.
+  """Adapts ``params`` to one task by ``inner_steps`` SGD steps on its support set.
 
   Args:
     loss_fn: ``loss_fn(params, x, y) -> (loss, aux)``.
     params: the meta-parameters (pytree).
     alpha: the inner rate: a scalar, or a pytree like ``params`` (see :func:`init_alpha`).
     x, y: the support set of ONE task (vmap this function over tasks).
-    num_steps: number of inner steps (static).
+    inner_steps: number of inner steps (static).
     first_order: FOMAML (inner gradients under ``stop_gradient``).
     unroll: passed to ``lax.scan``; ``True`` unrolls the loop fully (faster on
       CPU for few steps, see BENCHMARKS.md), ``1`` keeps a rolled loop (faster compile).
     remat: rematerialise each inner step in the backward pass (``jax.checkpoint``):
-      memory nearly independent of ``num_steps`` at the cost of recomputation. It
+      memory nearly independent of ``inner_steps`` at the cost of recomputation. It
       implies a rolled loop (``unroll=True`` is taken as ``1``): in a fully unrolled
       loop XLA schedules the recomputation early and saves nothing (measured,
       BENCHMARKS.md, "Memory").
 
   Returns:
     ``(adapted_params, support_losses)`` with ``support_losses`` of shape
-    ``[num_steps]`` (the loss before each step).
+    ``[inner_steps]`` (the loss before each step).
   """
-  if num_steps < 0:
-    raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+  if inner_steps < 0:
+    raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
 
   def body(p, _):
     return sgd_step(loss_fn, p, alpha, x, y, first_order=first_order)
@@ -110,6 +110,6 @@ def adapt(loss_fn: LossFn, params: Any, alpha: Any, x: Any, y: Any, *, num_steps
     body = jax.checkpoint(body)
     if unroll is True:
       unroll = 1
-  if num_steps == 0:
+  if inner_steps == 0:
     return params, jnp.zeros((0,))
-  return jax.lax.scan(body, params, None, length=num_steps, unroll=unroll)
+  return jax.lax.scan(body, params, None, length=inner_steps, unroll=unroll)

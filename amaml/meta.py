@@ -8,8 +8,10 @@
 2. one ``jax.value_and_grad`` of the mean query loss with respect to
    ``(params, alpha)`` together gives the meta-gradient and the inner
    hypergradient ``d L / d alpha`` in the same backward pass;
-3. ``params`` take an Optax step; by default the optimizer is wrapped in
-   :func:`amaml.hypergradient`, which adapts the outer rate ``beta``;
+3. ``params`` take an Optax step: by default D-Adaptation's AdamW, which sets the
+   outer rate ``beta`` itself; an optimizer factory such as ``optax.adam`` is wrapped
+   in :func:`amaml.hypergradient`, which adapts ``beta`` by hypergradient descent
+   (the paper's rule, used by :func:`alpha_maml_paper`);
 4. ``alpha`` takes a hypergradient-descent step (:mod:`amaml.rates`, by default the
    scale-free ``"normalized"`` rule) from the batch hypergradient, which is the
    *mean* over tasks: it is the derivative of the meta loss, itself a mean, so
@@ -20,8 +22,8 @@
    state is not finite, the state is left as it was (only ``step`` and
    ``nonfinite_streak`` advance) and ``metrics["nonfinite"]`` says so.
 
-``maml`` and ``fomaml`` are the same code with ``alpha_lr = beta_lr = 0`` and no
-backtracking; ``alpha_maml_paper`` is the paper's additive rule.
+``maml`` and ``fomaml`` are the same code with Adam at a fixed ``beta``, ``alpha_lr = 0``
+and no backtracking; ``alpha_maml_paper`` is the paper's additive rule for both rates.
 
 A complete training loop on sinusoid regression:
 
@@ -29,14 +31,14 @@ A complete training loop on sinusoid regression:
 >>> model = amaml.models.MLP()
 >>> params = model.init(jax.random.key(0), jax.numpy.zeros((1, 1)))["params"]
 >>> loss_fn = amaml.losses.mse(lambda p, x: model.apply({"params": p}, x))
->>> learner = amaml.alpha_maml(loss_fn)   # alpha0 = 0.1, beta0 = 1e-3, both adapted
+>>> learner = amaml.alpha_maml(loss_fn)   # alpha0 = 0.1 adapted; D-Adaptation sets beta
 >>> state = learner.init(params)
 >>> key = jax.random.key(1)
 >>> for i in range(3):
 ...   key, sub = jax.random.split(key)
 ...   state, metrics = learner.step(state, amaml.sinusoid_tasks(sub, num_tasks=25))
 >>> sorted(metrics)[:5]
-['alpha', 'alpha_hypergradient', 'backtracked', 'beta', 'beta_hypergradient']
+['alpha', 'alpha_hypergradient', 'backtracked', 'beta', 'grad_norm']
 """
 from __future__ import annotations
 
@@ -71,15 +73,15 @@ class MetaLearner(NamedTuple):
   Attributes:
     init: ``params -> MetaState``.
     step: jitted ``(MetaState, TaskBatch) -> (MetaState, metrics)``.
-    evaluate: jitted ``(params, alpha, TaskBatch, num_steps=None) -> per-task metrics``:
-      adapt on each support set (``num_steps`` defaults to training's), report
+    evaluate: jitted ``(params, alpha, TaskBatch, inner_steps=None) -> per-task metrics``:
+      adapt on each support set (``inner_steps`` defaults to training's), report
       query loss and aux before and after adaptation, one value per task.
     meta_loss: ``(params, alpha, TaskBatch) -> (loss, aux)``, the mean over tasks
       of the query loss after adaptation; differentiable in ``params`` and ``alpha``.
     update: the un-jitted ``step``, to compose under ``lax.scan``, ``vmap``, ``jit``.
-    adaptation_curve: jitted ``(params, alpha, TaskBatch, num_steps) -> per-task
-      metrics`` of shape ``[tasks, num_steps + 1]``: the query loss (and aux) after
-      0, 1, ..., ``num_steps`` inner steps, one pass for every test-time step count
+    adaptation_curve: jitted ``(params, alpha, TaskBatch, inner_steps) -> per-task
+      metrics`` of shape ``[tasks, inner_steps + 1]``: the query loss (and aux) after
+      0, 1, ..., ``inner_steps`` inner steps, one pass for every test-time step count
       (see :func:`amaml.train.select_adaptation`).
   """
 
@@ -117,38 +119,46 @@ def alpha_maml(
     beta: float = 1e-3,
     alpha_lr: float | None = None,
     beta_lr: float | None = None,
-    optimizer: Callable[..., optax.GradientTransformation] | optax.GradientTransformation = optax.adam,
-    num_steps: int = 1,
+    optimizer: Callable[..., optax.GradientTransformation] | optax.GradientTransformation | None = None,
+    inner_steps: int = 1,
     first_order: bool = False,
     alpha_granularity: str = "scalar",
     rate_rule: str = DEFAULT_RULE,
     backtrack: bool = True,
-    alpha_bounds: tuple[float | None, float | None] = (0.0, None),
-    beta_bounds: tuple[float | None, float | None] = (0.0, None),
+    alpha_min: float | None = 0.0,
+    alpha_max: float | None = None,
+    beta_min: float | None = 0.0,
+    beta_max: float | None = None,
     track_pre_adaptation: bool = True,
     unroll: bool | int = True,
     remat: bool = False,
     donate: bool = False,
     **optimizer_kwargs: Any,
 ) -> MetaLearner:
-  """Alpha MAML (Behl, Baydin & Torr, 2019): MAML with ``alpha`` and ``beta`` adapted
-  online by hypergradient descent, with amaml's tuning-free defaults.
+  """Alpha MAML (Behl, Baydin & Torr, 2019): MAML with ``alpha`` (and, with an optimizer
+  factory, ``beta``) adapted online by hypergradient descent, with amaml's tuning-free
+  defaults.
 
   What is the paper's and what is amaml's: the paper adapts ``alpha`` and ``beta``
   by hypergradient descent with the additive rule ``rate <- rate - kappa * h``
   (``rate_rule="additive"``; :func:`alpha_maml_paper` gives it with the HD paper's
   ``kappa``). The paper's text is not available here; we follow the natural
-  derivation of HD through the MAML update, and for ``num_steps > 1`` we use the
+  derivation of HD through the MAML update, and for ``inner_steps > 1`` we use the
   exact derivative ``d L_query / d alpha`` through every inner step (one
   ``jax.grad``), not a one-step approximation. amaml's additions, all on by
   default, are the scale-free ``"normalized"`` rule with one hyper-learning rate
-  for every problem (:data:`amaml.rates.DEFAULT_HYPER_LR`), and ``backtrack``.
+  for every problem (:data:`amaml.rates.DEFAULT_HYPER_LR`), ``backtrack``, and the
+  outer optimizer: D-Adaptation instead of Adam with ``beta`` by hypergradient
+  (``optimizer=optax.adam`` gives that back), because the one-step hypergradient of
+  ``beta`` is biased low over a long run (Wu et al., ICLR 2018) and took ``beta``
+  from 1e-3 to 4e-5 in 30 minutes of Omniglot (BENCHMARKS.md).
 
   Args:
     loss_fn: ``loss_fn(params, x, y) -> (loss, aux)`` for one task's set (see
       :mod:`amaml.losses`); ``aux`` is a dict of scalars (e.g. accuracy) or ``{}``.
     alpha: initial inner rate ``alpha_0``.
-    beta: initial outer (meta) rate ``beta_0``.
+    beta: initial outer (meta) rate ``beta_0`` of an optimizer factory (unused by the
+      default optimizer, which sets its own).
     alpha_lr: hypergradient rate for ``alpha`` (``0`` freezes it: MAML). ``None``
       takes the rule's default: :data:`amaml.rates.DEFAULT_HYPER_LR` for
       ``"normalized"`` (a relative change per step), the HD paper's ``1e-3`` for
@@ -156,11 +166,15 @@ def alpha_maml(
     beta_lr: hypergradient rate for ``beta`` (``0`` freezes it). ``None``: the
       same default for ``"normalized"``, the HD paper's Adam value ``1e-7`` for
       ``"additive"``.
-    optimizer: an Optax optimizer factory taking ``learning_rate`` (``optax.adam``,
-      ``optax.sgd``, ...), wrapped in :func:`amaml.hypergradient`; or a built
-      ``GradientTransformation`` used as it is (``beta`` and ``beta_lr`` unused),
-      for example a learning-rate-free ``optax.contrib.prodigy()``.
-    num_steps: inner SGD steps per task.
+    optimizer: the outer optimizer. ``None`` (the default): amaml's choice,
+      D-Adaptation's AdamW (``optax.contrib.dadapt_adamw()``, Defazio & Mishchenko,
+      2023), which estimates the meta rate itself, so ``beta`` and ``beta_lr`` are
+      unused (``metrics["beta"]`` reports its estimate). An Optax optimizer *factory*
+      taking ``learning_rate`` (``optax.adam``, ``optax.sgd``, ...): wrapped in
+      :func:`amaml.hypergradient`, its rate starts at ``beta`` and follows its
+      hypergradient, the paper's outer rule. A built ``GradientTransformation``: used
+      as it is (``beta`` and ``beta_lr`` unused).
+    inner_steps: inner SGD steps per task.
     first_order: FOMAML (no second derivatives in the meta-gradient).
     alpha_granularity: ``"scalar"`` (the paper), ``"tensor"`` or ``"parameter"``
       (see :func:`amaml.init_alpha`); each rate follows its own hypergradient.
@@ -173,7 +187,7 @@ def alpha_maml(
       makes it non-finite) changes nothing but ``alpha``, which halves. ``params`` and
       ``beta`` then never train against an ``alpha`` that hurts, and ``alpha``
       drops from any start by a factor of 1,000 in 10 steps.
-    alpha_bounds, beta_bounds: ``(min, max)`` clips (``None`` = unbounded). The
+    alpha_min, alpha_max, beta_min, beta_max: bounds on the rates (``None`` = unbounded). The
       default keeps both rates non-negative.
     track_pre_adaptation: also report the query loss before adaptation (one
       extra forward pass over the query sets; ``backtrack`` needs it anyway).
@@ -185,23 +199,25 @@ def alpha_maml(
     **optimizer_kwargs: passed to ``optimizer`` (``b1``, ``momentum``, ...).
   """
   alpha_lr, beta_lr = _default_hyper_lrs(rate_rule, alpha_lr, beta_lr)
+  if optimizer is None:
+    optimizer = default_outer_optimizer()
   if isinstance(optimizer, optax.GradientTransformation):
     if optimizer_kwargs:
       raise TypeError("optimizer_kwargs need an optimizer factory, not a built optimizer")
     opt = optimizer
   else:
-    opt = hypergradient(optimizer, learning_rate=beta, hyper_lr=beta_lr, rule=rate_rule,
-                        min_lr=beta_bounds[0], max_lr=beta_bounds[1], **optimizer_kwargs)
+    opt = hypergradient(optimizer, learning_rate=beta, hyper_lr=beta_lr, rate_rule=rate_rule,
+                        min_rate=beta_min, max_rate=beta_max, **optimizer_kwargs)
   if alpha_granularity not in inner.GRANULARITIES:
     raise ValueError(f"alpha_granularity must be one of {inner.GRANULARITIES}, got {alpha_granularity!r}")
-  if num_steps < 1:
-    raise ValueError(f"num_steps must be >= 1 for meta-learning, got {num_steps}")
-  alpha_rule = rates.rate_rule(alpha_lr, rate_rule, min_rate=alpha_bounds[0], max_rate=alpha_bounds[1])
+  if inner_steps < 1:
+    raise ValueError(f"inner_steps must be >= 1 for meta-learning, got {inner_steps}")
+  alpha_rule = rates.rate_rule(alpha_lr, rate_rule, min_rate=alpha_min, max_rate=alpha_max)
   adapt = functools.partial(inner.adapt, loss_fn, first_order=first_order, unroll=unroll,
                             remat=remat)
 
   def task_loss(params, alpha_, sx, sy, qx, qy):
-    adapted, support_losses = adapt(params, alpha_, sx, sy, num_steps=num_steps)
+    adapted, support_losses = adapt(params, alpha_, sx, sy, inner_steps=inner_steps)
     loss, aux = loss_fn(adapted, qx, qy)
     return loss, {**aux, "support_loss": support_losses[0]}
 
@@ -246,7 +262,7 @@ def alpha_maml(
       batch_ok = jnp.isfinite(pre_loss) & jnp.isfinite(aux["support_loss"])
       hurts = batch_ok & jnp.logical_not(loss - pre_loss <= jnp.abs(pre_loss))
       halved = jax.tree.map(
-          lambda a: jnp.clip(0.5 * a, alpha_bounds[0], alpha_bounds[1]).astype(a.dtype),
+          lambda a: jnp.clip(0.5 * a, alpha_min, alpha_max).astype(a.dtype),
           state.alpha)
       held = state._replace(alpha=jax.tree.map(lambda h, a: jnp.where(hurts, h, a),
                                                halved, state.alpha))
@@ -266,7 +282,9 @@ def alpha_maml(
     beta_now = current_learning_rate(new_state.opt_state)
     if beta_now is not None:
       metrics["beta"] = beta_now
-      metrics["beta_hypergradient"] = current_hypergradient(opt_state)
+    beta_h = current_hypergradient(opt_state)
+    if beta_h is not None:
+      metrics["beta_hypergradient"] = beta_h
     return new_state, metrics
 
   def adapt_eval(params, alpha_, sx, sy, qx, qy, steps):
@@ -278,32 +296,41 @@ def alpha_maml(
     final = loss_fn(last, qx, qy)
     return jax.tree.map(lambda c, f: jnp.concatenate([c, f[None]]), curve, final)
 
-  def evaluate(params, alpha_, batch: TaskBatch, num_steps: int | None = None):
-    steps = num_steps_default if num_steps is None else num_steps
+  def evaluate(params, alpha_, batch: TaskBatch, inner_steps: int | None = None):
+    steps = default_inner_steps if inner_steps is None else inner_steps
 
     def one(sx, sy, qx, qy):
       pre_loss, pre_aux = loss_fn(params, qx, qy)
-      adapted, _ = inner.adapt(loss_fn, params, alpha_, sx, sy, num_steps=steps,
+      adapted, _ = inner.adapt(loss_fn, params, alpha_, sx, sy, inner_steps=steps,
                                first_order=True, unroll=1)
       post_loss, post_aux = loss_fn(adapted, qx, qy)
-      out = {"pre_loss": pre_loss, "post_loss": post_loss}
+      out = {"pre_loss": pre_loss, "loss": post_loss}
       out.update({f"pre_{k}": v for k, v in pre_aux.items()})
-      out.update({f"post_{k}": v for k, v in post_aux.items()})
+      out.update(post_aux)
       return out
 
     return jax.vmap(one)(*batch)
 
-  def adaptation_curve(params, alpha_, batch: TaskBatch, num_steps: int):
+  def adaptation_curve(params, alpha_, batch: TaskBatch, inner_steps: int):
     loss, aux = jax.vmap(adapt_eval, in_axes=(None, None, 0, 0, 0, 0, None))(
-        params, alpha_, *batch, num_steps)
+        params, alpha_, *batch, inner_steps)
     return {"loss": loss, **aux}
 
-  num_steps_default = num_steps
+  default_inner_steps = inner_steps
   step = jax.jit(update, donate_argnums=(0,) if donate else ())
   return MetaLearner(init=init, step=step,
-                     evaluate=jax.jit(evaluate, static_argnames=("num_steps",)),
+                     evaluate=jax.jit(evaluate, static_argnames=("inner_steps",)),
                      meta_loss=meta_loss, update=update,
-                     adaptation_curve=jax.jit(adaptation_curve, static_argnames=("num_steps",)))
+                     adaptation_curve=jax.jit(adaptation_curve, static_argnames=("inner_steps",)))
+
+
+def default_outer_optimizer() -> optax.GradientTransformation:
+  """amaml's outer optimizer: D-Adaptation's AdamW with its defaults (learning-rate
+  multiplier 1, no weight decay). It needs no meta rate: on sinusoid and Omniglot it
+  trained better from every alpha0 than Adam with beta adapted by hypergradient, whose
+  one-step hypergradient lowers beta through a long run (BENCHMARKS.md, "Tuning-free
+  defaults")."""
+  return optax.contrib.dadapt_adamw()
 
 
 def _default_hyper_lrs(rule: str, alpha_lr: float | None, beta_lr: float | None):
@@ -321,17 +348,17 @@ def alpha_maml_paper(loss_fn: Callable, **kwargs: Any) -> MetaLearner:
   """Alpha MAML as the paper describes it: the additive rule ``rate <- rate - kappa * h``
   for ``alpha`` and ``beta``, with the HD paper's ``kappa`` (``1e-3`` for the SGD rate
   ``alpha``, ``1e-7`` for Adam's ``beta``) unless given, and no backtracking."""
-  kwargs = {"rate_rule": PAPER_RULE, "backtrack": False, **kwargs}
+  kwargs = {"rate_rule": PAPER_RULE, "backtrack": False, "optimizer": optax.adam, **kwargs}
   return alpha_maml(loss_fn, **kwargs)
 
 
-def maml(loss_fn: Callable, *, alpha: float = 0.01, beta: float = 1e-3, num_steps: int = 1,
+def maml(loss_fn: Callable, *, alpha: float = 0.01, beta: float = 1e-3, inner_steps: int = 1,
          first_order: bool = False, **kwargs: Any) -> MetaLearner:
   """MAML (Finn et al., 2017): :func:`alpha_maml` with ``alpha`` and ``beta`` fixed
   (and no backtracking)."""
-  kwargs = {"backtrack": False, **kwargs}
+  kwargs = {"backtrack": False, "optimizer": optax.adam, **kwargs}
   return alpha_maml(loss_fn, alpha=alpha, beta=beta, alpha_lr=0.0, beta_lr=0.0,
-                    num_steps=num_steps, first_order=first_order, **kwargs)
+                    inner_steps=inner_steps, first_order=first_order, **kwargs)
 
 
 def fomaml(loss_fn: Callable, **kwargs: Any) -> MetaLearner:

@@ -17,6 +17,11 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
   return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
+def _val(rec: dict, name: str):
+  """A validation metric of a log line (``val_<name>``; ``val_post_<name>`` before 0.2)."""
+  return rec.get(f"val_{name}", rec.get(f"val_post_{name}"))
+
+
 def _label(run_dir: Path) -> str:
   cfg_path = run_dir / "config.json"
   if cfg_path.exists():
@@ -41,14 +46,14 @@ def plot_runs(run_dirs, out_dir: str | os.PathLike | None = None) -> list[Path]:
   for r, recs in data.items():
     steps = [x["step"] for x in recs]
     line, = axes[0, 0].plot(steps, [x["loss"] for x in recs], label=f"{_label(r)} query loss")
-    if any("val_post_loss" in x for x in recs):
-      vs = [(x["step"], x["val_post_loss"]) for x in recs if "val_post_loss" in x]
+    if any(_val(x, "loss") is not None for x in recs):
+      vs = [(x["step"], _val(x, "loss")) for x in recs if _val(x, "loss") is not None]
       axes[0, 0].plot(*zip(*vs), "--", color=line.get_color(), label=f"{r.name} val")
     if has_acc:
       axes[0, 1].plot(steps, [x.get("accuracy", float("nan")) for x in recs], color=line.get_color(),
                       label=_label(r))
-      if any("val_post_accuracy" in x for x in recs):
-        vs = [(x["step"], x["val_post_accuracy"]) for x in recs if "val_post_accuracy" in x]
+      if any(_val(x, "accuracy") is not None for x in recs):
+        vs = [(x["step"], _val(x, "accuracy")) for x in recs if _val(x, "accuracy") is not None]
         axes[0, 1].plot(*zip(*vs), "--", color=line.get_color())
   axes[0, 0].set(xlabel="meta step", ylabel="query loss after adaptation", yscale="log",
                  title="learning curve")

@@ -95,28 +95,28 @@ class RateRule(NamedTuple):
   update: Callable[[Any, Any, Any], tuple[Any, Any]]
 
 
-def rate_rule(hyper_lr: float, rule: str = "additive", *, min_rate: float | None = None,
+def rate_rule(hyper_lr: float, rate_rule: str = "additive", *, min_rate: float | None = None,
               max_rate: float | None = None) -> RateRule:
   """The hypergradient-descent rule for a rate (see the module docstring).
 
   Args:
     hyper_lr: the hypergradient learning rate; ``0`` freezes the rate.
-    rule: ``"additive"``, ``"log"`` or ``"normalized"``.
+    rate_rule: ``"additive"``, ``"log"`` or ``"normalized"``.
     min_rate, max_rate: optional bounds.
   """
-  if rule not in RULES:
-    raise ValueError(f"rate rule must be one of {RULES}, got {rule!r}")
+  if rate_rule not in RULES:
+    raise ValueError(f"rate_rule must be one of {RULES}, got {rate_rule!r}")
   if min_rate is not None and max_rate is not None and min_rate > max_rate:
     raise ValueError(f"min_rate={min_rate} is above max_rate={max_rate}; swap them")
   if hyper_lr < 0:
     raise ValueError(f"hyper_lr must be >= 0, got {hyper_lr}")
 
-  if rule in ("additive", "log"):
+  if rate_rule in ("additive", "log"):
     def init(rate):
       return optax.EmptyState()
 
     def update(rate, h, state):
-      return hd_step(rate, h, hyper_lr, log_space=rule == "log", min_rate=min_rate,
+      return hd_step(rate, h, hyper_lr, log_space=rate_rule == "log", min_rate=min_rate,
                      max_rate=max_rate), state
     return RateRule(init, update)
 

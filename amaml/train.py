@@ -5,11 +5,16 @@ A run is a directory holding ``config.json``, ``metrics.jsonl`` (one line every
 ``checkpoints/`` (Orbax, atomic) and ``results.json`` (the final evaluation, with
 the versions that produced it).
 
-Speed: training advances ``log_every`` meta steps per host call, as one
-``lax.scan`` with episodes sampled on the device (:func:`amaml.data.sample_tasks`),
-so the host only draws the progress bar. (The host sampler,
-:class:`amaml.data.EpisodeIterator`, serves loops of your own around ``learner.step``.) The batch of step ``i`` depends only on
-``(seed, i)``, so a resumed run repeats an uninterrupted one exactly.
+Speed: training advances in jitted ``lax.scan`` chunks (a whole log line of fast
+steps, or one slow step; :data:`CHUNK_SECONDS`) with episodes sampled on the device
+(:func:`amaml.data.sample_tasks`), so the host only draws the progress bar and
+checks the time budget. (The host sampler, :class:`amaml.data.EpisodeIterator`,
+serves loops of your own around ``learner.step``.) The batch of step ``i`` depends
+only on ``(seed, i)``, so a resumed run repeats an uninterrupted one exactly.
+
+``train()`` reads top-down: :func:`_prepare` (run directory, configuration, resume),
+:func:`_loop` (chunks, log lines, validation, checkpoints, time budget) and
+:func:`_finish` (the final evaluation into ``results.json``).
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amaml import losses, meta, sharding, validate
-from amaml.configs import Config
+from amaml.configs import METHOD_OUTER_OPTIMIZER, Config
 from amaml.env import versions
 from amaml.hd import current_learning_rate
 from amaml.stats import mean_confidence_interval
@@ -106,11 +111,12 @@ def outer_optimizer(name: str):
 
 def make_learner(cfg: Config, loss_fn) -> meta.MetaLearner:
   """The :class:`~amaml.meta.MetaLearner` of ``cfg.method`` for ``loss_fn``."""
-  kwargs = dict(alpha=cfg.alpha, beta=cfg.beta, num_steps=cfg.inner_steps,
-                optimizer=outer_optimizer(cfg.outer_optimizer),
+  kwargs = dict(alpha=cfg.alpha, beta=cfg.beta, inner_steps=cfg.inner_steps,
+                optimizer=outer_optimizer(cfg.outer_optimizer or METHOD_OUTER_OPTIMIZER[cfg.method]),
                 track_pre_adaptation=cfg.track_pre_adaptation, remat=cfg.remat,
                 unroll=True if cfg.unroll else 1,
-                alpha_bounds=(cfg.alpha_min, cfg.alpha_max), beta_bounds=(cfg.beta_min, cfg.beta_max))
+                alpha_min=cfg.alpha_min, alpha_max=cfg.alpha_max, beta_min=cfg.beta_min,
+                beta_max=cfg.beta_max)
   rates = dict(alpha_lr=cfg.alpha_lr, beta_lr=cfg.beta_lr)
   if cfg.method == "alpha-maml":
     return meta.alpha_maml(loss_fn, rate_rule=cfg.rate_rule, backtrack=cfg.backtrack,
@@ -188,7 +194,7 @@ def select_adaptation(exp: Experiment, params, alpha, split: str = "val",
   curves = {}
   for scale in scales:
     a = jax.tree.map(lambda x: x * scale, alpha)
-    outs = [exp.learner.adaptation_curve(params, a, b, num_steps=max_steps) for b in batches]
+    outs = [exp.learner.adaptation_curve(params, a, b, inner_steps=max_steps) for b in batches]
     key = "accuracy" if "accuracy" in outs[0] else "loss"
     curves[scale] = np.concatenate([np.asarray(o[key]) for o in outs])[:num_tasks].mean(axis=0)
   scale, steps, scores = best_adaptation(curves, higher_is_better=key == "accuracy")
@@ -231,7 +237,7 @@ def evaluate(exp: Experiment, params, alpha, split: str = "test", num_tasks: int
     it = tqdm(it, total=math.ceil(num_tasks / cfg.eval_batch), desc=f"evaluate {split}",
               unit="batch", leave=False)
   for batch in it:
-    out = exp.learner.evaluate(params, a, batch, num_steps=inner_steps)
+    out = exp.learner.evaluate(params, a, batch, inner_steps=inner_steps)
     for k, v in out.items():
       per_task.setdefault(k, []).append(np.asarray(v))
   summary = {"split": split, "tasks": num_tasks, "inner_steps": inner_steps,
@@ -297,8 +303,9 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
   os.replace(tmp, path)
 
 
-#: Training advances in chunks (one jitted ``lax.scan`` each) of at most this many seconds, so
-#: that the progress bar moves and ``max_minutes`` is honoured at least this often.
+#: Training advances in chunks (one jitted ``lax.scan`` each) of one step, or of a whole log
+#: line when that takes at most this many seconds, so that the progress bar moves and
+#: ``max_minutes`` is honoured at least this often (or once per step, if a step is longer).
 CHUNK_SECONDS = 5.0
 
 
@@ -372,9 +379,11 @@ def _loop(run: _Run, progress: bool):
   """Meta steps from ``run.start`` to ``iterations`` (or ``max_minutes``): a log line every
   ``log_every`` steps, validation and checkpoints at their multiples, a checkpoint at the end.
 
-  The first chunks are single steps; once a step's time is known, chunks grow to the
-  largest divisor of ``log_every`` that takes at most :data:`CHUNK_SECONDS`. The tasks
-  of step ``i`` depend only on ``(seed, i)``, so chunking changes no result."""
+  The first chunks are single steps; once a step's time is known, a whole log line
+  (``log_every`` steps) becomes one chunk if it takes at most :data:`CHUNK_SECONDS`
+  (fast steps: one host call per line), else every step stays its own chunk (slow
+  steps: a second compilation would cost more than the calls save). The tasks of step
+  ``i`` depend only on ``(seed, i)``, so chunking changes no result."""
   cfg, exp, state, step = run.cfg, run.exp, run.state, run.start
   chunks = {1: make_train_chunk(exp, 1, run.mesh)}
   length, pending, step_s = 1, [], None
@@ -393,8 +402,7 @@ def _loop(run: _Run, progress: bool):
         compile_s = dt
       elif step_s is None:  # the second single step: no compilation in it
         step_s = dt
-        length = max(d for d in range(1, cfg.log_every + 1)
-                     if cfg.log_every % d == 0 and d * step_s <= CHUNK_SECONDS or d == 1)
+        length = cfg.log_every if cfg.log_every * step_s <= CHUNK_SECONDS else 1
         if length > 1:
           chunks[length] = make_train_chunk(exp, length, run.mesh)
       step += n
@@ -501,20 +509,20 @@ def format_results(results: dict) -> str:
     how += f" at {t['alpha_scale']:g} x alpha"
   if "test_adaptation" in results:
     how += f", chosen on {results['test_adaptation']['tasks']} {results['test_adaptation']['split']} tasks"
-  if "post_accuracy" in t:
+  if "accuracy" in t:
     lines.append(f"  meta-test accuracy on {t['tasks']} tasks ({how}): "
-                 f"{100 * t['post_accuracy']:.2f}% +- {100 * t['post_accuracy_ci95']:.2f}% (95% CI)")
+                 f"{100 * t['accuracy']:.2f}% +- {100 * t['accuracy_ci95']:.2f}% (95% CI)")
   else:
     lines.append(f"  meta-test on {t['tasks']} tasks ({how})")
   lines.append(f"  query loss before adaptation {t['pre_loss']:.4f} +- {t['pre_loss_ci95']:.4f}, "
-               f"after {t['post_loss']:.4f} +- {t['post_loss_ci95']:.4f}")
+               f"after {t['loss']:.4f} +- {t['loss_ci95']:.4f}")
   fixed = results.get("test_fixed")
-  if fixed is not None and "post_accuracy" in fixed:
+  if fixed is not None and "accuracy" in fixed:
     lines.append(f"  with MAML's fixed protocol ({fixed['inner_steps']} steps at alpha): "
-                 f"{100 * fixed['post_accuracy']:.2f}% +- {100 * fixed['post_accuracy_ci95']:.2f}%")
+                 f"{100 * fixed['accuracy']:.2f}% +- {100 * fixed['accuracy_ci95']:.2f}%")
   elif fixed is not None:
     lines.append(f"  with MAML's fixed protocol ({fixed['inner_steps']} steps at alpha): query loss "
-                 f"{fixed['post_loss']:.4f} +- {fixed['post_loss_ci95']:.4f}")
+                 f"{fixed['loss']:.4f} +- {fixed['loss_ci95']:.4f}")
   if "final_alpha" in results:
     beta = results.get("final_beta")
     lines.append(f"  final alpha {results['final_alpha']:.4g}"

@@ -35,7 +35,7 @@ def probe(overrides: dict, seeds: int, steps: int, alphas=ALPHAS, betas=BETAS) -
   budget = dict(steps=steps, meta_batch=25, eval_tasks=600, val_tasks=200, log_every=250)
   cfg = dataclasses.replace(robustness.make_config("sinusoid", "alpha-maml", budget), **overrides)
   exp = train.build(cfg)
-  if cfg.outer_optimizer != "adam":
+  if not robustness.has_beta0(cfg):
     betas = (None,)  # a learning-rate-free outer optimizer has no beta0
   cells = list(itertools.product(alphas, betas, range(seeds)))
   t0 = time.perf_counter()

@@ -7,11 +7,14 @@ anchors for the outer rate.
     python benchmarks/robustness.py --task omniglot-20w1s --alphas 0.01 0.1 1 --betas 1e-3
     python benchmarks/robustness.py --task omniglot --full   # paper-scale budget (GPU)
 
-Methods (``--methods``): ``maml`` (fixed rates), ``alpha-maml-paper`` (the paper's additive
-rule with the HD paper's kappa), ``alpha-maml`` (amaml's default: normalized rule,
-backtracking, test-time adaptation chosen on validation tasks) and ``maml+<opt>`` for
-``<opt>`` in prodigy, dog, mechanize, cocob, dadapt_adamw (MAML whose outer optimizer has
-no rate: beta0 does not apply, so these run one column).
+Methods (``--methods``): ``maml`` (fixed rates, Adam), ``alpha-maml-paper`` (the paper's
+additive rule for alpha and Adam's beta, with the HD paper's kappa), ``alpha-maml`` (amaml's
+default: normalized rule and backtracking for alpha, D-Adaptation's AdamW as the outer
+optimizer, test-time adaptation chosen on validation tasks), ``alpha-maml+adam`` (the same
+with Adam whose beta follows the normalized rule: amaml's default before D-Adaptation) and
+``maml+<opt>`` for ``<opt>`` in prodigy, dog, mechanize, cocob, dadapt_adamw (MAML whose outer
+optimizer has no rate). A method whose outer optimizer has no rate has no beta0: it runs
+one column, repeated under every beta0 in the tables.
 
 Every cell (alpha0, beta0, seed) is an independent training run with its own parameters,
 optimizer state, alpha and beta. The cells of a method train together as ONE jitted
@@ -53,10 +56,10 @@ from amaml.env import versions
 ROOT = Path(__file__).resolve().parents[1]
 ALPHAS = (0.01, 0.04, 0.1, 0.4, 1.0, 4.0)
 BETAS = (1e-4, 1e-3, 1e-2)
-METHODS = ("maml", "alpha-maml-paper", "alpha-maml")
+METHODS = ("maml", "alpha-maml-paper", "alpha-maml+adam", "alpha-maml")
 ANCHORS = tuple(f"maml+{o}" for o in OUTER_OPTIMIZERS if o != "adam")
 LABELS = {"maml": "MAML (fixed rates)", "alpha-maml-paper": "Alpha MAML, paper's additive rule",
-          "alpha-maml": "amaml default"}
+          "alpha-maml+adam": "amaml, beta by hypergradient (Adam)", "alpha-maml": "amaml default"}
 CONFIG_NAMES = {"sinusoid": "sinusoid", "omniglot": "omniglot-5w1s",
                 "omniglot-20w1s": "omniglot-20w1s"}
 # CPU budgets (a method's 18 cells in about half an hour on 2 cores), and --full.
@@ -76,11 +79,11 @@ EVAL_STEPS = 10  # MAML's test-time inner steps, and the most the selection may 
 
 
 def make_config(task: str, method: str, budget: dict):
-  """The named config of ``task`` at the budget; ``maml+<opt>`` is MAML with an
-  ``optax.contrib`` learning-rate-free outer optimizer."""
+  """The named config of ``task`` at the budget; ``<method>+<opt>`` is ``method`` with the
+  outer optimizer ``opt``."""
   kw = {}
-  if method.startswith("maml+"):
-    method, kw["outer_optimizer"] = "maml", method.split("+", 1)[1]
+  if "+" in method:
+    method, kw["outer_optimizer"] = method.split("+", 1)
   return get_config(CONFIG_NAMES[task], method=method, iterations=budget["steps"],
                     meta_batch=budget["meta_batch"], log_every=budget["log_every"],
                     checkpoint_every=0, val_every=0, eval_inner_steps=EVAL_STEPS, **kw)
@@ -159,14 +162,14 @@ def run_cells(exp, cells, steps: int, log_every: int):
   return state, hist, wall, compile_s
 
 
-def curves_cells(exp, state, batch, scale: float, num_steps: int, max_tasks: int = 64):
-  """Per cell and task: the query metric after 0..``num_steps`` inner steps at ``scale *
+def curves_cells(exp, state, batch, scale: float, inner_steps: int, max_tasks: int = 64):
+  """Per cell and task: the query metric after 0..``inner_steps`` inner steps at ``scale *
   alpha`` (:attr:`MetaLearner.adaptation_curve`), ``[cells, tasks, steps + 1]`` for each
   metric. At most ``max_tasks`` (cells x tasks) per call, to bound memory."""
   cells = jax.tree.leaves(state.params)[0].shape[0]
   chunk = max(1, max_tasks // cells)
-  fn = _compiled(exp, ("curve", num_steps), lambda: jax.jit(jax.vmap(  # no recompiles
-      lambda p, a, b: exp.learner.adaptation_curve(p, a, b, num_steps=num_steps),
+  fn = _compiled(exp, ("curve", inner_steps), lambda: jax.jit(jax.vmap(  # no recompiles
+      lambda p, a, b: exp.learner.adaptation_curve(p, a, b, inner_steps=inner_steps),
       in_axes=(0, 0, None))))
   scale = jnp.asarray(scale, jnp.float32)  # a scalar, or one per cell
   alpha = jax.tree.map(lambda a: a * scale.reshape((-1,) + (1,) * (a.ndim - 1)) if scale.ndim
@@ -199,7 +202,7 @@ def evaluate_cells(exp, state, val_batch, test_batch, max_tasks: int):
 def grid(task: str, method: str, budget: dict, alphas, betas, seeds: int, cells_per_call: int):
   cfg = make_config(task, method, budget)
   exp = train.build(cfg)
-  if method.startswith("maml+"):
+  if not has_beta0(cfg):
     betas = (None,)  # no outer rate to set
   cells = list(itertools.product(alphas, betas, range(seeds)))
   eval_key = train.run_keys(cfg).eval
@@ -231,25 +234,33 @@ def grid(task: str, method: str, budget: dict, alphas, betas, seeds: int, cells_
   return rows, wall, compile_s, exp
 
 
+def has_beta0(cfg) -> bool:
+  """Whether ``cfg``'s outer optimizer has a rate to start (Adam) or sets its own."""
+  return (cfg.outer_optimizer or train.METHOD_OUTER_OPTIMIZER[cfg.method]) == "adam"
+
+
 def metric(task):
   return ("meta-test accuracy (%)" if task != "sinusoid" else "meta-test MSE")
 
 
 def protocol(method: str, task: str) -> str:
   """The row field that scores ``method`` by its own test-time protocol."""
-  if method == "alpha-maml":
+  if method in ("alpha-maml", "alpha-maml+adam"):
     return "test_selected"
   return "test_one_step" if task == "sinusoid" else "test_fixed"
 
 
-def by_cell(rows, task, field=None) -> dict:
+def by_cell(rows, task, field=None, betas=()) -> dict:
   """``(method, alpha0, beta0) -> [metric of each seed]`` (accuracy in %), each method by its
-  own protocol unless ``field`` names one."""
+  own protocol unless ``field`` names one. A method without beta0 also fills every column
+  of ``betas`` (its cells are the same whatever beta0 would be)."""
   scale = 100.0 if task != "sinusoid" else 1.0
   by = {}
   for r in rows:
     key = field or protocol(r["method"], task)
-    by.setdefault((r["method"], r["alpha0"], r["beta0"]), []).append(r[key] * scale)
+    cols = [r["beta0"]] if r["beta0"] is not None or r["method"] in ANCHORS else [None, *betas]
+    for b in cols:
+      by.setdefault((r["method"], r["alpha0"], b), []).append(r[key] * scale)
   return by
 
 
@@ -263,7 +274,7 @@ def _fmt(v, task):
 
 def table(rows, task, alphas, betas, field=None) -> str:
   """One row per alpha0, one column per beta0; each cell lists the grid methods present."""
-  by = by_cell(rows, task, field)
+  by = by_cell(rows, task, field, betas)
   methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
   head = " / ".join(LABELS[m] for m in methods)
   lines = ["| alpha0 | " + " | ".join(f"beta0={b:g}" for b in betas) + " |",
@@ -310,7 +321,7 @@ def plot(rows, task, alphas, betas, out_dir: Path):
 
   out_dir.mkdir(parents=True, exist_ok=True)
   label = metric(task)
-  by = by_cell(rows, task)
+  by = by_cell(rows, task, betas=betas)
   methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
   grids = {m: np.array([[np.mean(by.get((m, a, b), [np.nan])) for b in betas] for a in alphas])
            for m in methods}
@@ -344,10 +355,13 @@ def plot(rows, task, alphas, betas, out_dir: Path):
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
   corners = {(a, b) for a in (min(alphas), max(alphas)) for b in (min(betas), max(betas))}
-  for m, style in (("alpha-maml", "-"), ("alpha-maml-paper", ":")):
+  short = {"alpha-maml": "amaml", "alpha-maml+adam": "amaml+adam", "alpha-maml-paper": "paper"}
+  for m, style in (("alpha-maml", "-"), ("alpha-maml+adam", "--"), ("alpha-maml-paper", ":")):
     for r in rows:
-      if r["method"] == m and r["seed"] == 0 and (r["alpha0"], r["beta0"]) in corners:
-        lab = f"{'amaml' if m == 'alpha-maml' else 'paper'} a0={r['alpha0']:g} b0={r['beta0']:g}"
+      corner = r["beta0"] is None or (r["alpha0"], r["beta0"]) in corners
+      if r["method"] == m and r["seed"] == 0 and r["alpha0"] in (min(alphas), max(alphas)) and corner:
+        b0 = "" if r["beta0"] is None else f" b0={r['beta0']:g}"
+        lab = f"{short[m]} a0={r['alpha0']:g}{b0}"
         axes[0].plot(r["alpha_traj"], style, label=lab)
         axes[1].plot(r["beta_traj"], style, label=lab)
   axes[0].set(yscale="log", xlabel="meta step", ylabel="alpha", title="alpha, corner cells (seed 0)")

@@ -63,8 +63,8 @@ def grid(method: str, alphas, seeds: int, iterations: int, chunk: int = 1000):
     st = jax.tree.map(lambda x: x[c], stacked)
     r = {"method": method, "alpha0": float(alphas[c // seeds]), "seed": c % seeds}
     for steps in (1, 10):
-      ev = exp.learner.evaluate(st.params, st.alpha, test, num_steps=steps)
-      m, ci = amaml.mean_confidence_interval(np.asarray(ev["post_loss"]))
+      ev = exp.learner.evaluate(st.params, st.alpha, test, inner_steps=steps)
+      m, ci = amaml.mean_confidence_interval(np.asarray(ev["loss"]))
       r[f"mse_{steps}step"], r[f"ci_{steps}step"] = m, ci
     r["final_alpha"] = float(st.alpha)
     r["final_beta"] = float(amaml.current_learning_rate(st.opt_state))
@@ -89,12 +89,12 @@ def loop_time(method: str, alpha0: float, iterations: int, chunk: int = 1000) ->
   return time.perf_counter() - t0
 
 
-def step_speed(num_steps: int, unroll, repeats: int = 200) -> dict:
-  cfg = get_config("sinusoid", inner_steps=num_steps)
+def step_speed(inner_steps: int, unroll, repeats: int = 200) -> dict:
+  cfg = get_config("sinusoid", inner_steps=inner_steps)
   exp = train.build(cfg)
   learner = amaml.alpha_maml(
       amaml.losses.mse(lambda p, x: amaml.models.MLP().apply({"params": p}, x)),
-      alpha=0.01, alpha_lr=cfg.alpha_lr, num_steps=num_steps, unroll=unroll)
+      alpha=0.01, alpha_lr=cfg.alpha_lr, inner_steps=inner_steps, unroll=unroll)
   state = learner.init(exp.params)
   batches = [amaml.sinusoid_tasks(jax.random.key(i), 25) for i in range(8)]
   t0 = time.perf_counter()
@@ -107,7 +107,7 @@ def step_speed(num_steps: int, unroll, repeats: int = 200) -> dict:
     jax.block_until_ready(m["loss"])
     times.append(time.perf_counter() - t)
   med = statistics.median(times[10:])
-  return {"inner_steps": num_steps, "unroll": str(unroll), "compile_s": compile_s,
+  return {"inner_steps": inner_steps, "unroll": str(unroll), "compile_s": compile_s,
           "median_step_ms": 1e3 * med, "steps_per_s": 1.0 / med}
 
 

@@ -132,7 +132,7 @@ def worker(args) -> dict:
 
   common = _peers.peers_common()
   cfg = common.CONFIGS[args.config]
-  ways, num_steps, alpha = cfg["ways"], cfg["inner_steps"], cfg["alpha"]
+  ways, inner_steps, alpha = cfg["ways"], cfg["inner_steps"], cfg["alpha"]
   n_pool = min(args.pool, args.steps + args.warmup)
   pool = [amaml.TaskBatch(jnp.asarray(xs[..., None]), jnp.asarray(ys.astype(np.int32)),
                           jnp.asarray(xq[..., None]), jnp.asarray(yq.astype(np.int32)))
@@ -143,7 +143,7 @@ def worker(args) -> dict:
   loss_fn = amaml.losses.cross_entropy(apply_fn)
 
   if args.impl in ("amaml-maml", "amaml-alpha"):
-    kw = dict(alpha=alpha, beta=cfg["outer_lr"], num_steps=num_steps,
+    kw = dict(alpha=alpha, beta=cfg["outer_lr"], inner_steps=inner_steps,
               track_pre_adaptation=False, donate=args.donate)
     learner = (amaml.maml(loss_fn, **kw) if args.impl == "amaml-maml"
                else amaml.alpha_maml(loss_fn, alpha_lr=args.alpha_lr, **kw))
@@ -160,7 +160,7 @@ def worker(args) -> dict:
       return loss_fn(p, x, y)[0]
 
     def task_loss(p, xs, ys, xq, yq):
-      for _ in range(num_steps):
+      for _ in range(inner_steps):
         g = jax.grad(xent)(p, xs, ys)
         p = jax.tree.map(lambda a, b: a - alpha * b, p, g)
       return xent(p, xq, yq)

@@ -199,17 +199,17 @@ EVAL_TASKS = 100 if FAST else 600      # held-out tasks for the final evaluation
                                                     return_params=True)
     x_plot = jnp.linspace(-5, 5, 200)[:, None]
 
-    @functools.partial(jax.jit, static_argnames="num_steps")
-    def adapted_predictions(params, alpha, support_x, support_y, num_steps):
+    @functools.partial(jax.jit, static_argnames="inner_steps")
+    def adapted_predictions(params, alpha, support_x, support_y, inner_steps):
       def one(sx, sy):
-        adapted, _ = amaml.adapt(loss_fn, params, alpha, sx, sy, num_steps=num_steps)
+        adapted, _ = amaml.adapt(loss_fn, params, alpha, sx, sy, inner_steps=inner_steps)
         return model.apply({"params": adapted}, x_plot)[:, 0]
       return jax.vmap(one)(support_x, support_y)
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.4), sharey=True)
     for n, style in ((0, ":"), (1, "-"), (10, "-")):
       pred = adapted_predictions(state.params, state.alpha, test_batch.support_x,
-                                 test_batch.support_y, num_steps=n)
+                                 test_batch.support_y, inner_steps=n)
       for i, ax in enumerate(axes):
         label = "before adaptation" if n == 0 else f"after {n} step{'s' * (n > 1)}"
         ax.plot(x_plot[:, 0], pred[i], style, label=label)
@@ -234,11 +234,11 @@ EVAL_TASKS = 100 if FAST else 600      # held-out tasks for the final evaluation
     print(f"query MSE on {EVAL_TASKS} held-out tasks at alpha = {float(state.alpha):.4g} "
           "(mean +- 95% CI half-width)")
     for n in (1, 10):
-      out = learner.evaluate(state.params, state.alpha, held_out, num_steps=n)
+      out = learner.evaluate(state.params, state.alpha, held_out, inner_steps=n)
       if n == 1:
         m, ci = amaml.mean_confidence_interval(np.asarray(out["pre_loss"]))
         print(f"  before adaptation: {m:6.3f} +- {ci:.3f}")
-      m, ci = amaml.mean_confidence_interval(np.asarray(out["post_loss"]))
+      m, ci = amaml.mean_confidence_interval(np.asarray(out["loss"]))
       print(f"  after {n:2d} step{'s' * (n > 1)}:{' ' * (n == 1)}    {m:6.3f} +- {ci:.3f}")
     """),
     md("""
@@ -394,7 +394,7 @@ EVAL_TASKS = 10 if FAST else 200    # validation and meta-test tasks (the conven
     code("""
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     step = [r["step"] for r in recs]
-    val = [(r["step"], r["val_post_accuracy"]) for r in recs if "val_post_accuracy" in r]
+    val = [(r["step"], r["val_accuracy"]) for r in recs if "val_accuracy" in r]
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.3))
     axes[0].plot(step, [r["loss"] for r in recs], label="after adaptation")
@@ -502,7 +502,7 @@ TRAIN_STEPS = 150 if FAST else 500   # SGD steps of the logistic regression
       return amaml.TaskBatch(x[:, :n_support], y[:, :n_support], x[:, n_support:], y[:, n_support:])
 
     loss_fn = amaml.losses.mse(lambda p, x: x @ p["w"] + p["b"])
-    learner = amaml.alpha_maml(loss_fn, num_steps=1)
+    learner = amaml.alpha_maml(loss_fn, inner_steps=1)
     theta = {"w": jnp.zeros(D), "b": jnp.zeros(())}
     batch = linear_tasks(jax.random.key(0), NUM_TASKS)
 
@@ -653,8 +653,8 @@ TRAIN_STEPS = 150 if FAST else 500   # SGD steps of the logistic regression
     p0 = {"w": jnp.zeros(d), "b": jnp.zeros(())}
     RATES = jnp.array([0.001, 0.01, 0.1, 1.0, 3.0, 10.0])
 
-    def run(hyper_lr, rule="additive"):
-      opt = amaml.hypergradient(optax.sgd, learning_rate=1.0, hyper_lr=hyper_lr, rule=rule)
+    def run(hyper_lr, rate_rule="additive"):
+      opt = amaml.hypergradient(optax.sgd, learning_rate=1.0, hyper_lr=hyper_lr, rate_rule=rate_rule)
 
       def one(rate0):
         opt_state = opt.init(p0)._replace(learning_rate=rate0)   # the initial rate, vmapped
@@ -752,7 +752,8 @@ EVAL_TASKS = 100 if FAST else 600
     model = amaml.models.MLP(hidden=(cfg.hidden, cfg.hidden))
     params = model.init(jax.random.key(0), jnp.zeros((1, 1)))["params"]
     loss_fn = amaml.losses.mse(lambda p, x: model.apply({"params": p}, x))
-    bounds = dict(alpha_bounds=(cfg.alpha_min, cfg.alpha_max), beta_bounds=(cfg.beta_min, cfg.beta_max))
+    bounds = dict(alpha_min=cfg.alpha_min, alpha_max=cfg.alpha_max, beta_min=cfg.beta_min,
+                  beta_max=cfg.beta_max)
     learners = {
         "MAML": amaml.maml(loss_fn, **bounds),
         "paper's rule": amaml.alpha_maml_paper(loss_fn, **bounds),
@@ -800,9 +801,9 @@ EVAL_TASKS = 100 if FAST else 600
 
     held_out = amaml.sinusoid_tasks(jax.random.key(777), EVAL_TASKS)
 
-    def test_mse(learner, states, num_steps=1):
+    def test_mse(learner, states, inner_steps=1):
       per_cell = jax.vmap(lambda s: learner.evaluate(s.params, s.alpha, held_out,
-                                                     num_steps=num_steps)["post_loss"])(states)
+                                                     inner_steps=inner_steps)["loss"])(states)
       return np.asarray(per_cell.mean(axis=1)).reshape(a_grid.shape)
 
     results = {}

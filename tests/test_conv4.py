@@ -20,7 +20,7 @@ def _maml_task_loss(model, alpha=0.4):
   loss_fn = amaml.losses.cross_entropy(lambda p, x: model.apply({"params": p}, x))
 
   def task_loss(p, xs, ys, xq, yq):
-    adapted, _ = amaml.adapt(loss_fn, p, alpha, xs, ys, num_steps=1)
+    adapted, _ = amaml.adapt(loss_fn, p, alpha, xs, ys, inner_steps=1)
     return loss_fn(adapted, xq, yq)[0]
 
   return task_loss

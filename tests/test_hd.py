@@ -115,11 +115,11 @@ def test_log_space_keeps_rate_positive_and_bounds_hold():
   add, _ = _run(amaml.hypergradient(optax.sgd, learning_rate=0.9, hyper_lr=10.0), 5,
                 dtype=jnp.float32)
   assert add.min() < 0
-  log, _ = _run(amaml.hypergradient(optax.sgd, learning_rate=0.9, hyper_lr=10.0, rule="log"), 5,
+  log, _ = _run(amaml.hypergradient(optax.sgd, learning_rate=0.9, hyper_lr=10.0, rate_rule="log"), 5,
                 dtype=jnp.float32)
   assert log.min() >= 0 and log[-1] < 0.9
   bounded, _ = _run(amaml.hypergradient(optax.sgd, learning_rate=0.9, hyper_lr=10.0,
-                                        min_lr=0.05, max_lr=1.0), 5, dtype=jnp.float32)
+                                        min_rate=0.05, max_rate=1.0), 5, dtype=jnp.float32)
   assert bounded.min() >= 0.05 and bounded.max() <= 1.0
   assert np.isclose(bounded.min(), 0.05)
 

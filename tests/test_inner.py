@@ -25,8 +25,8 @@ def _problem(seed=0, n_support=6, n_query=8):
   return loss_fn, params, xs, f(xs), xq, f(xq)
 
 
-def _query_loss(loss_fn, params, alpha, xs, ys, xq, yq, num_steps, first_order=False):
-  adapted, _ = amaml.adapt(loss_fn, params, alpha, xs, ys, num_steps=num_steps,
+def _query_loss(loss_fn, params, alpha, xs, ys, xq, yq, inner_steps, first_order=False):
+  adapted, _ = amaml.adapt(loss_fn, params, alpha, xs, ys, inner_steps=inner_steps,
                            first_order=first_order)
   return loss_fn(adapted, xq, yq)[0]
 
@@ -84,7 +84,7 @@ def test_first_order_gradient_is_query_gradient_at_adapted_params(x64):
   alpha = jnp.asarray(0.25)
   g_fo = jax.grad(lambda p: _query_loss(loss_fn, p, alpha, xs, ys, xq, yq, 2, True))(params)
   g_so = jax.grad(lambda p: _query_loss(loss_fn, p, alpha, xs, ys, xq, yq, 2, False))(params)
-  adapted, _ = amaml.adapt(loss_fn, params, alpha, xs, ys, num_steps=2)
+  adapted, _ = amaml.adapt(loss_fn, params, alpha, xs, ys, inner_steps=2)
   g_at_adapted = jax.grad(lambda p: loss_fn(p, xq, yq)[0])(adapted)
   for a, b in zip(jax.tree.leaves(g_fo), jax.tree.leaves(g_at_adapted)):
     np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
@@ -132,7 +132,7 @@ def test_scan_rolled_unrolled_and_remat_agree():
   loss_fn, params, xs, ys, xq, yq = _problem(seed=5)
   outs = []
   for unroll, remat in [(True, False), (1, False), (1, True)]:
-    f = lambda p: loss_fn(amaml.adapt(loss_fn, p, 0.1, xs, ys, num_steps=4, unroll=unroll,
+    f = lambda p: loss_fn(amaml.adapt(loss_fn, p, 0.1, xs, ys, inner_steps=4, unroll=unroll,
                                       remat=remat)[0], xq, yq)[0]
     outs.append(jax.grad(f)(params))
   for o in outs[1:]:
@@ -151,7 +151,7 @@ def test_remat_bounds_the_memory_of_the_meta_gradient():
   y = jnp.sin(3 * x)
 
   def temp_mb(remat, unroll=True):
-    f = lambda p: loss_fn(amaml.adapt(loss_fn, p, 0.01, x, y, num_steps=12, unroll=unroll,
+    f = lambda p: loss_fn(amaml.adapt(loss_fn, p, 0.01, x, y, inner_steps=12, unroll=unroll,
                                       remat=remat)[0], x, y)[0]
     mem = jax.jit(jax.grad(f)).lower(params).compile().memory_analysis()
     return mem.temp_size_in_bytes / 2**20

@@ -21,14 +21,14 @@ def _batch(seed=1, tasks=5):
 
 
 def test_vmap_over_tasks_equals_python_loop():
-  learner = amaml.alpha_maml(LOSS, alpha=0.05, num_steps=2)
+  learner = amaml.alpha_maml(LOSS, alpha=0.05, inner_steps=2)
   params, batch = _params(), _batch()
   alpha = jnp.float32(0.05)
   (loss, _), (g, ga) = jax.value_and_grad(learner.meta_loss, argnums=(0, 1), has_aux=True)(
       params, alpha, batch)
 
   def one(p, a, i):
-    adapted, _ = amaml.adapt(LOSS, p, a, batch.support_x[i], batch.support_y[i], num_steps=2)
+    adapted, _ = amaml.adapt(LOSS, p, a, batch.support_x[i], batch.support_y[i], inner_steps=2)
     return LOSS(adapted, batch.query_x[i], batch.query_y[i])[0]
 
   losses, grads, agrads = [], [], []
@@ -45,7 +45,7 @@ def test_vmap_over_tasks_equals_python_loop():
 def test_step_applies_hand_computed_updates():
   alpha_lr, beta = 1e-5, 0.01
   learner = amaml.alpha_maml(LOSS, alpha=0.05, beta=beta, alpha_lr=alpha_lr, beta_lr=0.0,
-                             optimizer=optax.sgd, alpha_bounds=(None, None),
+                             optimizer=optax.sgd, alpha_min=None,
                              rate_rule="additive", backtrack=False)
   params, batch = _params(), _batch()
   state = learner.init(params)
@@ -113,7 +113,7 @@ def test_nan_batch_leaves_state_unchanged():
 
 def test_alpha_bounds_hold_and_log_space_stays_positive():
   batch = _batch(seed=6)
-  learner = amaml.alpha_maml(LOSS, alpha=0.05, alpha_lr=10.0, alpha_bounds=(0.01, 0.06))
+  learner = amaml.alpha_maml(LOSS, alpha=0.05, alpha_lr=10.0, alpha_min=0.01, alpha_max=0.06)
   state = learner.init(_params())
   seen = []
   for _ in range(5):
@@ -124,7 +124,7 @@ def test_alpha_bounds_hold_and_log_space_stays_positive():
   assert lo in seen or hi in seen  # the bound was hit, and held
   for rule in ("additive", "log", "normalized"):
     learner = amaml.alpha_maml(LOSS, alpha=0.05, alpha_lr=1e-3, beta_lr=0.0, rate_rule=rule,
-                               alpha_bounds=(None, None), backtrack=False)
+                               alpha_min=None, backtrack=False)
     state = learner.init(_params())
     for _ in range(3):
       state, m = learner.step(state, batch)
@@ -148,7 +148,7 @@ def test_per_tensor_alpha_steps(granularity):
 
 
 def test_alpha_maml_training_lowers_the_loss():
-  learner = amaml.alpha_maml(LOSS)  # the defaults: alpha0 = 0.1, beta0 = 1e-3, no rate to tune
+  learner = amaml.alpha_maml(LOSS)  # the defaults: alpha0 = 0.1, D-Adaptation outside, no rate to tune
   state = learner.init(_params())
   eval_batch = amaml.sinusoid_tasks(jax.random.key(99), num_tasks=100)
   before = learner.evaluate(state.params, state.alpha, eval_batch)
@@ -160,16 +160,16 @@ def test_alpha_maml_training_lowers_the_loss():
   losses = np.asarray(ms["loss"])
   m = jax.tree.map(lambda x: x[-1], ms)
   after = learner.evaluate(state.params, state.alpha, eval_batch)
-  assert after["post_loss"].shape == (100,)
+  assert after["loss"].shape == (100,)
   assert np.mean(losses[-100:]) < 0.6 * np.mean(losses[:100])
-  assert float(after["post_loss"].mean()) < 0.5 * float(before["post_loss"].mean())
-  assert float(after["post_loss"].mean()) < float(after["pre_loss"].mean())
+  assert float(after["loss"].mean()) < 0.5 * float(before["loss"].mean())
+  assert float(after["loss"].mean()) < float(after["pre_loss"].mean())
   assert not 0.05 < float(m["alpha"]) < 0.2  # alpha adapted, by more than a factor of 2
 
 
 def test_bad_configuration_errors():
-  with pytest.raises(ValueError, match="num_steps"):
-    amaml.alpha_maml(LOSS, num_steps=0)
+  with pytest.raises(ValueError, match="inner_steps"):
+    amaml.alpha_maml(LOSS, inner_steps=0)
   with pytest.raises(ValueError, match="alpha_granularity"):
     amaml.alpha_maml(LOSS, alpha_granularity="layer")
   with pytest.raises(TypeError, match="factory"):

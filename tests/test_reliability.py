@@ -460,8 +460,8 @@ BAD_INPUT = {
                                                t / "r", progress=False),
                          ValueError, r"device\(s\) are available; use --devices"),
     # the meta step's own arguments
-    "inner steps": (lambda t: amaml.alpha_maml(amaml.losses.mse(lambda p, x: x), num_steps=0),
-                    ValueError, r"num_steps must be >= 1"),
+    "inner steps": (lambda t: amaml.alpha_maml(amaml.losses.mse(lambda p, x: x), inner_steps=0),
+                    ValueError, r"inner_steps must be >= 1"),
     "alpha granularity": (lambda t: amaml.alpha_maml(amaml.losses.mse(lambda p, x: x),
                                                      alpha_granularity="layer"),
                           ValueError, r"alpha_granularity must be one of"),

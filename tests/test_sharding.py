@@ -231,7 +231,7 @@ def test_cli_training_on_four_devices_matches_one_device(tmp_path):
   import os
   print(json.dumps({{"diff": diff, "bitwise_repeat": same, "uneven": uneven,
                      "uneven_wrote": os.path.exists("{tmp_path}/uneven"),
-                     "test": [runs[k][1]["post_loss"] for k in runs]}}))
+                     "test": [runs[k][1]["loss"] for k in runs]}}))
   """)
   assert result["diff"] < 1e-4
   assert result["bitwise_repeat"]

@@ -39,7 +39,7 @@ def test_same_seed_same_metrics_and_loss_falls(tmp_path):
   assert r1["test"] == r2["test"]
   recs = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
   assert recs[-1]["loss"] < recs[0]["loss"]
-  assert r1["test"]["post_loss"] < r1["test"]["pre_loss"]
+  assert r1["test"]["loss"] < r1["test"]["pre_loss"]
 
 
 def test_refuses_to_overwrite_or_resume_another_config(tmp_path):
@@ -105,7 +105,7 @@ def test_time_budget_stops_after_a_chunk_and_evaluates(tmp_path):
   cfg = _tiny(iterations=1000, max_minutes=1e-6)
   state, results = train.train(cfg, tmp_path / "t", progress=False)
   assert int(state.step) == 1 and results["steps"] == 1
-  assert "post_loss" in results["test"]
+  assert "loss" in results["test"]
   from amaml.checkpoint import Checkpointer
   assert Checkpointer(tmp_path / "t" / "checkpoints").latest_step() == 1
   recs = [json.loads(l) for l in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]

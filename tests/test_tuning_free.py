@@ -36,15 +36,19 @@ def _run(learner, params, steps, seed=1):
   return state, np.array(alphas), np.array(betas)
 
 
-def test_default_is_scale_invariant(x64):
-  """Loss x 1000 with alpha0 / 1000 is the same run: the inner step is unchanged, Adam and
-  the normalized rule see gradients and hypergradients 1000x (1e6x for alpha) larger and
-  take the same steps. So alpha's trajectory is exactly 1/1000 of the original, beta's is
-  the same, and so are the weights (float64, and Adam's epsilon for the weights far below
-  every gradient, so that only rounding differs)."""
+@pytest.mark.parametrize("outer", ["default", "adam"])
+def test_default_is_scale_invariant(x64, outer):
+  """Loss x 1000 with alpha0 / 1000 is the same run: the inner step is unchanged, the outer
+  optimizer (D-Adaptation's AdamW, or Adam with beta by the normalized rule) and alpha's
+  normalized rule see gradients and hypergradients 1000x (1e6x for alpha) larger and take
+  the same steps. So alpha's trajectory is exactly 1/1000 of the original, beta's (D-Adaptation's
+  estimate, or the hypergradient-adapted rate) is the same, and so are the weights (float64,
+  and the optimizer's epsilon far below every gradient, so that only rounding differs)."""
   params = _params()
-  s1, a1, b1 = _run(amaml.alpha_maml(_mse(), alpha=0.3, eps=1e-30), params, 25)
-  s2, a2, b2 = _run(amaml.alpha_maml(_mse(1000.0), alpha=0.3e-3, eps=1e-30), params, 25)
+  optimizer = (optax.contrib.dadapt_adamw(eps=1e-30, estim_lr0=1e-6) if outer == "default" else None)
+  kw = dict(optimizer=optax.adam, eps=1e-30) if outer == "adam" else dict(optimizer=optimizer)
+  s1, a1, b1 = _run(amaml.alpha_maml(_mse(), alpha=0.3, **kw), params, 25)
+  s2, a2, b2 = _run(amaml.alpha_maml(_mse(1000.0), alpha=0.3e-3, **kw), params, 25)
   assert np.ptp(np.log(a1)) > 0.3  # alpha really moved (and backtracked on the way)
   assert np.ptp(np.log(b1)) > 0.1  # so did beta
   np.testing.assert_allclose(a2 * 1000, a1, rtol=1e-6)
@@ -135,7 +139,7 @@ def test_backtracking_recovers_from_an_overflowing_alpha():
 
 
 def test_guards_hold_under_the_default():
-  learner = amaml.alpha_maml(_mse(), alpha=0.05, alpha_bounds=(0.04, 0.06))
+  learner = amaml.alpha_maml(_mse(), alpha=0.05, alpha_min=0.04, alpha_max=0.06)
   state = learner.init(_params())
   key = jax.random.key(0)
   for _ in range(30):
@@ -173,10 +177,17 @@ def test_configs_carry_no_rate_settings_of_their_own(name):
   assert cfg.rate_rule == lib["rate_rule"] == rates.DEFAULT_RULE
   assert cfg.alpha_lr is None and cfg.beta_lr is None  # the rule's default
   assert cfg.backtrack is lib["backtrack"] is True
-  assert (cfg.alpha_min, cfg.alpha_max) == lib["alpha_bounds"]
-  assert (cfg.beta_min, cfg.beta_max) == lib["beta_bounds"]
+  assert (cfg.alpha_min, cfg.alpha_max) == (lib["alpha_min"], lib["alpha_max"])
+  assert (cfg.beta_min, cfg.beta_max) == (lib["beta_min"], lib["beta_max"])
   assert (cfg.alpha, cfg.beta) == (lib["alpha"], lib["beta"]) == (default.alpha, default.beta)
   assert cfg.test_adaptation == "select"
+  # the outer optimizer is the method's own: for alpha-maml the library's default
+  assert cfg.outer_optimizer is None and lib["optimizer"] is None
+  assert configs.METHOD_OUTER_OPTIMIZER["alpha-maml"] == "dadapt_adamw"
+  built = train.outer_optimizer("dadapt_adamw")
+  params = {"w": jnp.ones(3)}
+  assert jax.tree.structure(built.init(params)) == jax.tree.structure(
+      meta.default_outer_optimizer().init(params))
 
 
 def _tiny(**kw):
@@ -188,11 +199,11 @@ def _tiny(**kw):
 def test_adaptation_curve_equals_evaluate_at_each_step_count():
   exp = train.build(_tiny())
   batch = exp.sample(jax.random.key(5), None, 6)
-  curve = exp.learner.adaptation_curve(exp.params, jnp.float32(0.02), batch, num_steps=3)
+  curve = exp.learner.adaptation_curve(exp.params, jnp.float32(0.02), batch, inner_steps=3)
   assert curve["loss"].shape == (6, 4)
   for k in range(4):
-    out = exp.learner.evaluate(exp.params, jnp.float32(0.02), batch, num_steps=k)
-    np.testing.assert_allclose(curve["loss"][:, k], out["post_loss"], rtol=1e-5, atol=1e-6)
+    out = exp.learner.evaluate(exp.params, jnp.float32(0.02), batch, inner_steps=k)
+    np.testing.assert_allclose(curve["loss"][:, k], out["loss"], rtol=1e-5, atol=1e-6)
 
 
 def test_selected_test_adaptation_cannot_diverge():
@@ -202,14 +213,14 @@ def test_selected_test_adaptation_cannot_diverge():
   exp = train.build(cfg)
   alpha = jnp.float32(0.08)  # at the initial weights, 10 steps at 0.08 overshoot
   fixed = train.evaluate(exp, exp.params, alpha, "test", 50, inner_steps=10)
-  assert not fixed["post_loss"] < fixed["pre_loss"]  # diverges (or at best does not help)
+  assert not fixed["loss"] < fixed["pre_loss"]  # diverges (or at best does not help)
   choice = train.select_adaptation(exp, exp.params, alpha, "val", 50)
   assert (choice["inner_steps"], choice["alpha_scale"]) != (10, 1.0)
   assert choice["scores"][f"{choice['alpha_scale']:g}x{choice['inner_steps']}"] == max(
       choice["scores"].values())
   chosen = train.evaluate(exp, exp.params, alpha, "test", 50, choice["inner_steps"],
                           alpha_scale=choice["alpha_scale"])
-  assert chosen["post_loss"] < 0.9 * chosen["pre_loss"]
+  assert chosen["loss"] < 0.9 * chosen["pre_loss"]
   # far too large for any candidate rate: the choice is not to adapt at all
   none = train.select_adaptation(exp, exp.params, jnp.float32(40.0), "val", 50)
   assert none["inner_steps"] == 0 and none["alpha_scale"] == 1.0
@@ -241,4 +252,7 @@ def test_learning_rate_free_outer_optimizers_train_maml(name):
     state, m = exp.learner.step(state, exp.sample(sub, None, 10))
     losses.append(float(m["loss"]))
   assert np.mean(losses[-20:]) < 0.8 * np.mean(losses[:20])
-  assert "beta" not in m  # no beta to adapt
+  if name in ("prodigy", "dadapt_adamw"):  # "beta" reports the rate they estimate
+    assert float(m["beta"]) > 0 and "beta_hypergradient" not in m
+  else:
+    assert "beta" not in m  # no rate to report
