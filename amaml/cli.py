@@ -4,6 +4,7 @@
     amaml train --config omniglot-5w1s --method maml --iterations 2000 --out runs/o5
     amaml train --config omniglot-5w1s --out runs/o5 --resume
     amaml evaluate --run runs/o5 --tasks 600 --inner_steps 10
+    amaml evaluate --run runs/o5 runs/o5-maml        # several runs: a comparison table
     amaml plot --run runs/o5
 
 Every field of :class:`amaml.configs.Config` is a flag (``--alpha 0.1``,
@@ -51,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                        metavar=name.upper() if choices is None else None,
                        help=f"{f.metadata.get('help', '')} [default: {shown!s}]")
   ev = sub.add_parser("evaluate", help="evaluate a run's checkpoint on meta-test tasks")
-  ev.add_argument("--run", required=True, help="run directory written by amaml train")
+  ev.add_argument("--run", required=True, nargs="+",
+                  help="run directories written by amaml train (several: a comparison table)")
   ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   ev.add_argument("--split", default="test", choices=["train", "val", "test"])
   ev.add_argument("--tasks", type=int, default=None, help="number of tasks (default: eval_tasks)")
@@ -100,16 +102,36 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
   from amaml import train
 
-  exp, state = train.load_run(args.run, args.step)
-  if args.inner_steps is None and args.split == "test":  # the run's own test protocol
-    results = train.meta_test(exp, state.params, state.alpha, args.tasks, progress=True)
-  else:
-    results = {"test": train.evaluate(exp, state.params, state.alpha, args.split, args.tasks,
-                                      args.inner_steps, progress=True)}
-  print(train.format_results({"config": dataclasses.asdict(exp.config), "steps": int(state.step),
-                              **results}))
-  print(json.dumps(results["test"]))
+  rows = []
+  for run in args.run:
+    exp, state = train.load_run(run, args.step)
+    if args.inner_steps is None and args.split == "test":  # the run's own test protocol
+      results = train.meta_test(exp, state.params, state.alpha, args.tasks, progress=True)
+    else:
+      results = {"test": train.evaluate(exp, state.params, state.alpha, args.split, args.tasks,
+                                        args.inner_steps, progress=True)}
+    results = {"config": dataclasses.asdict(exp.config), "steps": int(state.step), **results}
+    print(f"{run}: " + train.format_results(results))
+    print(json.dumps(results["test"]))
+    rows.append((run, results))
+  if len(rows) > 1:
+    print(comparison_table(rows))
   return 0
+
+
+def comparison_table(rows) -> str:
+  """A markdown table of evaluated runs: ``rows`` is ``[(run directory, results)]``."""
+  lines = ["| run | method | alpha0 | meta steps | test protocol | accuracy (95% CI) | query loss |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+  for run, r in rows:
+    t, cfg = r["test"], r["config"]
+    how = f"{t['inner_steps']} steps" + (f" at {t['alpha_scale']:g} x alpha"
+                                          if t.get("alpha_scale", 1.0) != 1.0 else "")
+    acc = (f"{100 * t['accuracy']:.2f}% +- {100 * t['accuracy_ci95']:.2f}%"
+           if "accuracy" in t else "")
+    lines.append(f"| {run} | {cfg['method']} | {cfg['alpha']:g} | {r['steps']} | {how} | {acc} "
+                 f"| {t['loss']:.4g} +- {t['loss_ci95']:.2g} |")
+  return "\n".join(lines)
 
 
 def _plot(args) -> int:

@@ -142,19 +142,31 @@ def run_keys(cfg: Config | int | jax.Array) -> RunKeys:
 
 
 def make_train_chunk(exp: Experiment, length: int, mesh=None):
-  """``length`` meta steps as one jitted ``lax.scan``: ``(state, images, start) -> (state,
-  metrics stacked over the steps)``; step ``i`` samples its tasks from ``(seed, i)`` on the
-  device. With a ``mesh`` (:mod:`amaml.sharding`) each batch is split over its devices by
-  task and the state stays replicated. The input state is donated."""
+  """Up to ``length`` meta steps as one jitted loop: ``(state, images, start, steps) ->
+  (state, metrics)`` runs ``min(steps, length)`` steps from step ``start`` and returns the
+  metrics stacked over ``length`` rows (the first ``steps`` are the steps taken). Step ``i``
+  samples its tasks from ``(seed, i)`` on the device. The number of steps is a traced
+  argument: one compiled loop serves every chunk size, so how a run is cut into chunks
+  never changes its numbers (a resumed run equals an uninterrupted one bitwise). With a
+  ``mesh`` (:mod:`amaml.sharding`) each batch is split over its devices by task and the
+  state stays replicated. The input state is donated."""
   train_key = run_keys(exp.config).train
 
-  def chunk(state, images, start):
-    def body(st, i):
-      batch = exp.sample(jax.random.fold_in(train_key, i), images, exp.config.meta_batch)
-      if mesh is not None:
-        batch = sharding.constrain_batch(batch, mesh)
-      return exp.learner.update(st, batch)
-    return jax.lax.scan(body, state, start + jnp.arange(length))
+  def one(st, images, i):
+    batch = exp.sample(jax.random.fold_in(train_key, i), images, exp.config.meta_batch)
+    if mesh is not None:
+      batch = sharding.constrain_batch(batch, mesh)
+    return exp.learner.update(st, batch)
+
+  def chunk(state, images, start, steps):
+    shapes = jax.eval_shape(one, state, images, start)[1]
+    rows = jax.tree.map(lambda s: jnp.zeros((length, *s.shape), s.dtype), shapes)
+
+    def body(j, carry):
+      st, rows = carry
+      st, m = one(st, images, start + j)
+      return st, jax.tree.map(lambda r, v: r.at[j].set(v), rows, m)
+    return jax.lax.fori_loop(0, jnp.minimum(steps, length), body, (state, rows))
 
   if mesh is None:
     return jax.jit(chunk, donate_argnums=(0,))
@@ -303,10 +315,12 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
   os.replace(tmp, path)
 
 
-#: Training advances in chunks (one jitted ``lax.scan`` each) of one step, or of a whole log
-#: line when that takes at most this many seconds, so that the progress bar moves and
-#: ``max_minutes`` is honoured at least this often (or once per step, if a step is longer).
-CHUNK_SECONDS = 5.0
+#: Training advances in calls of the jitted loop (:func:`make_train_chunk`) of about this many
+#: seconds (at least one step, at most a log line), so that ``max_minutes`` is honoured to
+#: within this much (or one step, if a step is longer). Each call has a fixed cost (on CPU,
+#: about 0.35 s for Omniglot 5w1s: its temporary buffers are allocated per call), so calls
+#: of one step would train about 20% slower there (BENCHMARKS.md, "Training loop").
+CHUNK_SECONDS = 30.0
 
 
 class _Run(NamedTuple):
@@ -379,68 +393,99 @@ def _loop(run: _Run, progress: bool):
   """Meta steps from ``run.start`` to ``iterations`` (or ``max_minutes``): a log line every
   ``log_every`` steps, validation and checkpoints at their multiples, a checkpoint at the end.
 
-  The first chunks are single steps; once a step's time is known, a whole log line
-  (``log_every`` steps) becomes one chunk if it takes at most :data:`CHUNK_SECONDS`
-  (fast steps: one host call per line), else every step stays its own chunk (slow
-  steps: a second compilation would cost more than the calls save). The tasks of step
-  ``i`` depend only on ``(seed, i)``, so chunking changes no result."""
+  The first two calls take single steps; once a step's time is known, each call takes
+  as many steps as fit in :data:`CHUNK_SECONDS` (at least one, at most to the next log
+  line). One compiled loop serves every call size (:func:`make_train_chunk`), so chunking
+  changes no result. The progress bar is refreshed every second by a thread, so it
+  moves (elapsed time, and time against the budget) while a call runs."""
   cfg, exp, state, step = run.cfg, run.exp, run.state, run.start
-  chunks = {1: make_train_chunk(exp, 1, run.mesh)}
-  length, pending, step_s = 1, [], None
+  chunk = make_train_chunk(exp, cfg.log_every, run.mesh)
+  per_call, pending, step_s = 1, [], None
   budget_s = 60 * cfg.max_minutes
   bar = _progress_bar(cfg, step) if progress else None
   t_start = t_line = time.perf_counter()
+  ticker = _Ticker(bar, t_start, budget_s)
   compile_s = None
-  with open(run.out / "metrics.jsonl", "a") as log:
-    while step < cfg.iterations:
-      n = length if step % length == 0 and step + length <= cfg.iterations else 1
-      t0 = time.perf_counter()
-      state, ms = chunks[n](state, run.images, jnp.int32(step))
-      streak = int(np.asarray(ms["nonfinite_streak"]).max())  # waits for the chunk
-      dt = time.perf_counter() - t0
-      if compile_s is None:
-        compile_s = dt
-      elif step_s is None:  # the second single step: no compilation in it
-        step_s = dt
-        length = cfg.log_every if cfg.log_every * step_s <= CHUNK_SECONDS else 1
-        if length > 1:
-          chunks[length] = make_train_chunk(exp, length, run.mesh)
-      step += n
-      pending.append(ms)
-      elapsed = time.perf_counter() - t_start
-      out_of_time = budget_s > 0 and elapsed >= budget_s
-      if step % cfg.log_every == 0 or step >= cfg.iterations or out_of_time or streak >= cfg.max_nonfinite:
-        stacked = jax.device_get(jax.tree.map(lambda *x: np.concatenate(x), *pending))
-        steps_in_line = len(stacked["loss"])
-        rec = {"step": step, **_summarise(stacked),
-               "steps_per_s": steps_in_line / max(time.perf_counter() - t_line, 1e-9)}
-        pending, t_line = [], time.perf_counter()
-        if cfg.val_every and step % cfg.val_every == 0 and "val" in exp.data:
-          val = evaluate(exp, state.params, state.alpha, "val", cfg.val_tasks,
-                         inner_steps=cfg.inner_steps)
-          rec.update({f"val_{k}": v for k, v in val.items() if isinstance(v, float)})
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-        if bar is not None:
-          bar.set_postfix(_bar_fields(rec), refresh=False)
-      if bar is not None:
-        bar.update(min(elapsed, budget_s) - bar.n if budget_s else n)
-      if streak >= cfg.max_nonfinite:
-        if bar is not None:
-          bar.close()
-        raise FloatingPointError(
-            f"{cfg.max_nonfinite} non-finite meta steps in a row by step {step}: the state was "
-            f"kept finite and the last good checkpoint is in {run.ckpt.directory}. Lower --alpha or "
-            "--beta, or use the default --method alpha-maml (normalized rule with backtracking)")
-      if ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step >= cfg.iterations
-          or out_of_time):
-        run.ckpt.save(step, state)
-      if out_of_time:
-        break
-  if bar is not None:
-    bar.close()
+  try:
+    with ticker, open(run.out / "metrics.jsonl", "a") as log:
+      while step < cfg.iterations:
+        n = min(per_call, cfg.log_every - step % cfg.log_every, cfg.iterations - step)
+        t0 = time.perf_counter()
+        state, ms = chunk(state, run.images, jnp.int32(step), jnp.int32(n))
+        ms = jax.tree.map(lambda x: x[:n], ms)
+        streak = int(np.asarray(ms["nonfinite_streak"]).max())  # waits for the chunk
+        dt = time.perf_counter() - t0
+        if compile_s is None:
+          compile_s = dt
+        elif step_s is None:  # the second single step: no compilation in it
+          step_s = dt
+          per_call = max(1, min(cfg.log_every, int(CHUNK_SECONDS // max(step_s, 1e-9))))
+        step += n
+        pending.append(ms)
+        elapsed = time.perf_counter() - t_start
+        out_of_time = budget_s > 0 and elapsed >= budget_s
+        if step % cfg.log_every == 0 or step >= cfg.iterations or out_of_time or streak >= cfg.max_nonfinite:
+          stacked = jax.device_get(jax.tree.map(lambda *x: np.concatenate(x), *pending))
+          steps_in_line = len(stacked["loss"])
+          rec = {"step": step, **_summarise(stacked),
+                 "steps_per_s": steps_in_line / max(time.perf_counter() - t_line, 1e-9)}
+          pending, t_line = [], time.perf_counter()
+          if cfg.val_every and step % cfg.val_every == 0 and "val" in exp.data:
+            val = evaluate(exp, state.params, state.alpha, "val", cfg.val_tasks,
+                           inner_steps=cfg.inner_steps)
+            rec.update({f"val_{k}": v for k, v in val.items() if isinstance(v, float)})
+          log.write(json.dumps(rec) + "\n")
+          log.flush()
+          if bar is not None:
+            bar.set_postfix(_bar_fields(rec), refresh=False)
+        if bar is not None and not budget_s:
+          bar.update(n)
+        if streak >= cfg.max_nonfinite:
+          raise FloatingPointError(
+              f"{cfg.max_nonfinite} non-finite meta steps in a row by step {step}: the state was "
+              f"kept finite and the last good checkpoint is in {run.ckpt.directory}. Lower --alpha or "
+              "--beta, or use the default --method alpha-maml (normalized rule with backtracking)")
+        if ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step >= cfg.iterations
+            or out_of_time):
+          run.ckpt.save(step, state)
+        if out_of_time:
+          break
+  finally:
+    if bar is not None:
+      bar.close()
   run.ckpt.close()
   return state, step, time.perf_counter() - t_start, compile_s
+
+
+class _Ticker:
+  """Refreshes a progress bar every second from a thread while training runs; with a time
+  budget it also sets the bar to the seconds elapsed."""
+
+  def __init__(self, bar, t_start: float, budget_s: float):
+    import threading
+
+    self.bar, self.t_start, self.budget_s = bar, t_start, budget_s
+    self.stop = threading.Event()
+    self.thread = threading.Thread(target=self._run, daemon=True)
+
+  def _run(self):
+    while not self.stop.wait(1.0):
+      if self.budget_s:
+        self.bar.n = min(time.perf_counter() - self.t_start, self.budget_s)
+      self.bar.refresh()
+
+  def __enter__(self):
+    if self.bar is not None:
+      self.thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self.stop.set()
+    if self.bar is not None:
+      self.thread.join()
+      if self.budget_s:
+        self.bar.n = min(time.perf_counter() - self.t_start, self.budget_s)
+        self.bar.refresh()
 
 
 def _progress_bar(cfg: Config, start: int):

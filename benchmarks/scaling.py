@@ -62,13 +62,13 @@ def worker(task: str, devices: int, length: int, repeats: int) -> dict:
     state, images = sharding.replicate((state, images), mesh)
   chunk = train.make_train_chunk(exp, length, mesh)
   t0 = time.perf_counter()
-  state, ms = chunk(state, images, jnp.int32(0))
+  state, ms = chunk(state, images, jnp.int32(0), jnp.int32(length))
   jax.block_until_ready(ms)
   compile_s = time.perf_counter() - t0
   times = []
   for r in range(repeats):
     t0 = time.perf_counter()
-    state, ms = chunk(state, images, jnp.int32((r + 1) * length))
+    state, ms = chunk(state, images, jnp.int32((r + 1) * length), jnp.int32(length))
     jax.block_until_ready(ms)
     times.append(time.perf_counter() - t0)
   dt = statistics.median(times)

@@ -81,10 +81,10 @@ def loop_time(method: str, alpha0: float, iterations: int, chunk: int = 1000) ->
   step = train.make_train_chunk(exp, chunk)
   st = exp.learner.init(exp.params)
   warm = exp.learner.init(jax.tree.map(jnp.copy, exp.params))  # (donated by the call)
-  jax.block_until_ready(step(warm, None, jnp.int32(0)))  # compile
+  jax.block_until_ready(step(warm, None, jnp.int32(0), jnp.int32(chunk)))  # compile
   t0 = time.perf_counter()
   for start in range(0, iterations, chunk):
-    st, ms = step(st, None, jnp.int32(start))
+    st, ms = step(st, None, jnp.int32(start), jnp.int32(chunk))
   jax.block_until_ready(ms["loss"])
   return time.perf_counter() - t0
 

@@ -2,8 +2,12 @@
 
 Each notebook runs in a fresh ``python3`` kernel started with this interpreter (jupyter
 replaces the kernel spec's ``python`` by ``sys.executable``), must raise no error, and must
-draw at least its expected number of figures. Regenerate the committed notebooks (with their
-outputs) with ``python notebooks/_build.py --execute``.
+draw at least its expected number of figures.
+
+Each ``notebooks/NN_name.ipynb`` is generated from its paired jupytext source
+``notebooks/NN_name.py`` (percent format), and must hold exactly that file's cells. Edit the
+``.py`` file, then regenerate with ``python notebooks/_build.py`` (add ``--execute`` to save
+outputs).
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ EXPECTED = {
 
 def test_every_notebook_is_tested():
   assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(EXPECTED)
+  sources = sorted(p.with_suffix(".ipynb").name for p in NOTEBOOKS.glob("[0-9][0-9]_*.py"))
+  assert sources == sorted(EXPECTED), "every notebook needs its .py source, and vice versa"
 
 
 def test_kernel_runs_this_python():
@@ -93,16 +99,38 @@ def test_design_doc_example_runs(capsys):
   assert 0.0 <= mean <= 1.0 and ci >= 0.0
 
 
-def test_committed_notebooks_match_build_script():
-  """The .ipynb cells are those of notebooks/_build.py (edit there, then --execute)."""
+def _cells(nb):
+  return [(c.cell_type, c.source) for c in nb.cells]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_notebook_matches_its_jupytext_source(name):
+  """The .ipynb holds exactly the cells of its paired .py source, so the two cannot drift."""
+  jupytext = pytest.importorskip("jupytext")
+
+  source = NOTEBOOKS / name.replace(".ipynb", ".py")
+  text = source.read_text()
+  # the header names the format, so that `jupytext --to ipynb` reads it as we do
+  assert jupytext.formats.guess_format(text, ".py")[0] == "percent", f"{source.name}: no percent header"
+  from_source = jupytext.reads(text, fmt="py")
+  assert from_source.metadata.get("kernelspec", {}).get("name") == "python3", source.name
+  committed = nbformat.read(NOTEBOOKS / name, as_version=4)
+  assert _cells(committed) == _cells(from_source), (
+      f"{name} differs from {source.name}: edit the .py, then run python notebooks/_build.py")
+
+
+def test_build_script_writes_the_source_cells():
+  """notebooks/_build.py builds from the .py sources (what the committed .ipynb must equal)."""
+  pytest.importorskip("jupytext")
   import importlib.util
 
   spec = importlib.util.spec_from_file_location("_nb_build", NOTEBOOKS / "_build.py")
   build = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(build)
-  for name in EXPECTED:
-    committed = nbformat.read(NOTEBOOKS / name, as_version=4)
-    assert [c.source for c in committed.cells] == [c.source for c in build.build(name).cells], (
-        f"{name} differs from notebooks/_build.py: run python notebooks/_build.py --execute")
-    assert any(c.get("outputs") for c in committed.cells if c.cell_type == "code"), (
-        f"{name} is committed without outputs")
+  assert sorted(p.with_suffix(".ipynb").name for p in build.sources()) == sorted(EXPECTED)
+  for source in build.sources():
+    nb = build.build(source)
+    nbformat.validate(nb)
+    committed = nbformat.read(source.with_suffix(".ipynb"), as_version=4)
+    assert _cells(nb) == _cells(committed), source.name
+    assert nb.metadata["kernelspec"]["name"] == "python3"

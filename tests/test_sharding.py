@@ -90,8 +90,8 @@ chunk = train.make_train_chunk(exp, 5, mesh)
 s_mesh = sharding.replicate(jax.tree.map(np.array, exp.learner.init(exp.params)), mesh)
 s_ref = exp.learner.init(exp.params)  # donated below (with exp.params): s_mesh holds copies
 for start in (0, 5, 10):
-  s_ref, m_ref = ref(s_ref, None, jnp.int32(start))
-  s_mesh, m_mesh = chunk(s_mesh, None, jnp.int32(start))
+  s_ref, m_ref = ref(s_ref, None, jnp.int32(start), jnp.int32(5))
+  s_mesh, m_mesh = chunk(s_mesh, None, jnp.int32(start), jnp.int32(5))
 out["chunk_compiles"] = chunk._cache_size()
 out["chunk_loss"] = [np.asarray(m_ref["loss"]).tolist(), np.asarray(m_mesh["loss"]).tolist()]
 out["chunk_state_diff"] = rel_diff(s_ref, s_mesh)

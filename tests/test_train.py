@@ -54,7 +54,7 @@ def test_refuses_to_overwrite_or_resume_another_config(tmp_path):
 def test_divergence_stops_with_a_clear_message(tmp_path):
   # beta so large that the first update leaves weights whose un-adapted loss overflows:
   # backtracking cannot help (it only shrinks alpha), so the guard holds and the run stops
-  cfg = _tiny(beta=1e30, max_nonfinite=5, iterations=20)
+  cfg = _tiny(beta=1e30, outer_optimizer="adam", max_nonfinite=5, iterations=20)
   with pytest.raises(FloatingPointError, match="non-finite meta steps in a row"):
     train.train(cfg, tmp_path / "d", progress=False)
 
@@ -81,6 +81,14 @@ def test_cli_train_evaluate_plot(tmp_path, capsys):
   assert "query loss before adaptation" in out and "final alpha" in out
   assert cli.main(["evaluate", "--run", run, "--tasks", "10", "--inner_steps", "3"]) == 0
   assert '"inner_steps": 3' in capsys.readouterr().out
+  # several runs: one comparison table
+  other = str(tmp_path / "cli-maml")
+  assert cli.main(args[:4] + [other, "--method", "maml"] + args[5:]) == 0
+  capsys.readouterr()
+  assert cli.main(["evaluate", "--run", run, other, "--tasks", "10", "--inner_steps", "2"]) == 0
+  table = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ")]
+  assert table[0].startswith("| run | method") and len(table) == 4
+  assert f"| {run} | alpha-maml |" in table[2] and f"| {other} | maml |" in table[3]
   # without --inner_steps: the run's own protocol, chosen on validation tasks, as in train
   assert cli.main(["evaluate", "--run", run, "--tasks", "10"]) == 0
   out = capsys.readouterr().out
