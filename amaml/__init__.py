@@ -1,8 +1,9 @@
 """amaml: Alpha MAML in JAX.
 
-MAML whose inner learning rate ``alpha`` and meta learning rate ``beta`` adapt
-online by hypergradient descent (Behl, Baydin & Torr, 2019), as small pure
-functions: :func:`alpha_maml` (amaml's tuning-free default) / :func:`alpha_maml_paper` /
+MAML whose inner learning rate ``alpha`` adapts online by hypergradient descent
+(Behl, Baydin & Torr, 2019), and whose meta learning rate ``beta`` is set by a
+learning-rate-free outer optimizer (D-Adaptation, the default) or by hypergradient
+descent too (the paper's), as small pure functions: :func:`alpha_maml` (amaml's tuning-free default) / :func:`alpha_maml_paper` /
 :func:`maml` / :func:`fomaml` build a jitted,
 task-vmapped meta step; :func:`hypergradient` (module :mod:`amaml.hd`) is the Optax transform
 that adapts any optimizer's learning rate.

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     return 2
 
 
-_EXTRAS = {"matplotlib": "plot", "tensorflow_datasets": "tfds"}
+_EXTRAS = {"matplotlib": "plot", "tensorflow_datasets": "tfds", "tensorboardX": "tensorboard"}
 
 
 def _train(args) -> int:

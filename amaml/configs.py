@@ -100,6 +100,8 @@ class Config:
   eval_tasks: int = _field(600, "meta-test tasks at the end of training")
   eval_batch: int = _field(100, "tasks evaluated at once (lower it to save memory)")
   max_nonfinite: int = _field(50, "stop after this many consecutive non-finite steps")
+  tensorboard: bool = _field(False, "also write every logged scalar as a TensorBoard event "
+                             "in <out>/tensorboard (pip install 'amaml[tensorboard]')")
   # data parallelism (amaml.sharding): 1 = one device; 0 = all devices; n = the first n
   devices: int = _field(1, "devices to shard the meta-batch over: 1 = one, 0 = all, n = the first n")
 

@@ -362,7 +362,7 @@ def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
   cfg_path = out / "config.json"
   if cfg_path.exists() and resume:
     old = Config.from_json(cfg_path.read_text())
-    may_change = ("iterations", "devices", "max_minutes")
+    may_change = ("iterations", "devices", "max_minutes", "tensorboard")
     diff = {f.name: (getattr(old, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(Config)
             if getattr(old, f.name) != getattr(cfg, f.name) and f.name not in may_change}
     if diff:
@@ -405,6 +405,7 @@ def _loop(run: _Run, progress: bool):
   bar = _progress_bar(cfg, step) if progress else None
   t_start = t_line = time.perf_counter()
   ticker = _Ticker(bar, t_start, budget_s)
+  board = _tensorboard(run.out) if cfg.tensorboard else None
   compile_s = None
   try:
     with ticker, open(run.out / "metrics.jsonl", "a") as log:
@@ -436,6 +437,8 @@ def _loop(run: _Run, progress: bool):
             rec.update({f"val_{k}": v for k, v in val.items() if isinstance(v, float)})
           log.write(json.dumps(rec) + "\n")
           log.flush()
+          if board is not None:
+            _write_scalars(board, rec)
           if bar is not None:
             bar.set_postfix(_bar_fields(rec), refresh=False)
         if bar is not None and not budget_s:
@@ -453,8 +456,25 @@ def _loop(run: _Run, progress: bool):
   finally:
     if bar is not None:
       bar.close()
+    if board is not None:
+      board.close()
   run.ckpt.close()
   return state, step, time.perf_counter() - t_start, compile_s
+
+
+def _tensorboard(out: Path):
+  """A TensorBoard writer for ``out/tensorboard`` (tensorboardX: no TensorFlow needed)."""
+  from tensorboardX import SummaryWriter
+
+  return SummaryWriter(str(out / "tensorboard"))
+
+
+def _write_scalars(board, rec: dict) -> None:
+  """The numbers of one ``metrics.jsonl`` line, at its step, under the same names."""
+  for k, v in rec.items():
+    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+      board.add_scalar(k, v, rec["step"])
+  board.flush()
 
 
 class _Ticker:

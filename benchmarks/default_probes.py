@@ -5,7 +5,8 @@
 
 Each variant is a set of ``Config`` overrides of the ``alpha-maml`` method (the default rule
 with backtracking). Every variant trains the same cells, alpha0 in {0.01, 0.1, 1, 4} x beta0
-in {1e-4, 1e-3, 1e-2} x seeds, 5,000 meta steps on the ``sinusoid`` config, as one vmapped
+in {1e-4, 1e-3, 1e-2} x seeds (one beta0 column when the outer optimizer, like the
+default's D-Adaptation, has no rate), 5,000 meta steps on the ``sinusoid`` config, as one vmapped
 computation (:mod:`robustness`), and is scored on 600 meta-test tasks after one inner step
 and with the test-time adaptation selected on 200 validation tasks. It prints the mean MSE
 per (alpha0, beta0) over seeds and the worst/best ratio over cells, the quantity the default

@@ -147,3 +147,35 @@ def test_remat_flag_reaches_the_learner_and_changes_nothing_but_memory():
   # rematerialised: the backward pass recomputes the inner steps behind a barrier
   lowered = lambda e: jax.jit(e.learner.update).lower(e.learner.init(e.params), batch).as_text()
   assert "optimization_barrier" in lowered(remat) and "optimization_barrier" not in lowered(plain)
+
+
+def _read_events(folder):
+  """Scalars of TensorBoard event files, read with the protobuf that tensorboardX writes:
+  each record is a little-endian uint64 length, a 4-byte CRC, the Event bytes, a 4-byte CRC."""
+  import struct
+  from tensorboardX.proto import event_pb2
+
+  out = {}
+  for path in sorted(folder.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      for v in event.summary.value:
+        out.setdefault(v.tag, {})[event.step] = v.simple_value
+  return out
+
+
+def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
+  pytest.importorskip("tensorboardX")
+  cfg = _tiny(iterations=30, log_every=10, checkpoint_every=0, tensorboard=True)
+  train.train(cfg, tmp_path / "tb", progress=False, evaluate_at_end=False)
+  events = _read_events(tmp_path / "tb" / "tensorboard")
+  recs = [json.loads(l) for l in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()]
+  assert sorted(events["loss"]) == [10, 20, 30]
+  for rec in recs:
+    for name in ("loss", "alpha", "beta", "steps_per_s"):
+      assert events[name][rec["step"]] == pytest.approx(rec[name], rel=1e-6)
+  assert "step" not in events
