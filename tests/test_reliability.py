@@ -233,8 +233,10 @@ def _checkpoints_finite(run: Path, cfg: Config) -> list[int]:
 
 @pytest.mark.parametrize("overrides, outcome", [
     ({"alpha": 1.0}, "adapts"),  # alpha_0 100x the default: the hypergradient brings it back
-    ({"beta": 0.1}, "finite"),  # beta_0 100x: training stays finite
-    ({"beta": 1e30, "beta_max": 1e31, "max_nonfinite": 3}, "stops"),  # hopeless: stops
+    # beta_0 of Adam (adapted by hypergradient; the default's D-Adaptation has no beta_0)
+    ({"beta": 0.1, "outer_optimizer": "adam"}, "finite"),  # 100x: training stays finite
+    ({"beta": 1e30, "beta_max": 1e31, "max_nonfinite": 3, "outer_optimizer": "adam"},
+     "stops"),  # hopeless: stops
 ])
 def test_rates_far_too_large_adapt_back_or_stop_cleanly(tmp_path, overrides, outcome):
   cfg = get_config("sinusoid", **{**TINY, "meta_batch": 4, "hidden": 16, "iterations": 40,
