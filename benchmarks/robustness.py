@@ -30,7 +30,7 @@ multiple of alpha, chosen per cell on meta-validation tasks). The table reports 
 by its own protocol (``alpha-maml``: selected; the others: fixed) and the JSON lines hold
 both for every cell.
 
-Writes ``benchmarks/results/robustness-<task>.jsonl`` (one line per cell, with the alpha and
+Writes ``benchmarks/results/robustness-<task>.jsonl.gz`` (gzipped: the trajectories are large; one line per cell, with the alpha and
 beta trajectories), heat maps ``docs/images/robustness-<task>.png``, alpha/beta trajectories
 of the corner cells ``docs/images/robustness-<task>-rates.png``, and prints the markdown
 tables of BENCHMARKS.md.
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import itertools
 import json
 import time
@@ -396,6 +397,22 @@ def _render(rows, task, images: Path):
     print("matplotlib not installed: no heat maps (pip install amaml[plot])")
 
 
+def read_jsonl(path: Path) -> list[dict]:
+  """JSON lines from ``path`` (gzipped when its name ends in ``.gz``)."""
+  opener = gzip.open if path.suffix == ".gz" else open
+  with opener(path, "rt") as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def write_jsonl(path: Path, lines: list[dict]) -> None:
+  """Writes ``lines`` atomically (gzipped when the name ends in ``.gz``)."""
+  tmp = path.with_name(path.name + ".tmp")
+  opener = gzip.open if path.suffix == ".gz" else open
+  with opener(tmp, "wt") as f:
+    f.write("".join(json.dumps(l) + "\n" for l in lines))
+  tmp.replace(path)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--task", choices=tuple(BUDGETS), default="omniglot")
@@ -410,7 +427,8 @@ def main(argv=None):
   ap.add_argument("--methods", nargs="+", choices=METHODS + ANCHORS, default=list(METHODS))
   ap.add_argument("--cells-per-call", type=int, default=18,
                   help="cells trained together in one vmapped computation")
-  ap.add_argument("--out", default=None, help="JSON lines (default benchmarks/results/robustness-<task>.jsonl)")
+  ap.add_argument("--out", default=None, help="JSON lines, gzipped if the name ends in .gz "
+                  "(default benchmarks/results/robustness-<task>.jsonl.gz)")
   ap.add_argument("--append", action="store_true",
                   help="add these methods' cells to --out (replacing the same methods' cells)")
   ap.add_argument("--images", default=str(ROOT / "docs" / "images"))
@@ -418,7 +436,7 @@ def main(argv=None):
                   "of an earlier run's JSON lines")
   args = ap.parse_args(argv)
   if args.render:
-    recs = [json.loads(l) for l in Path(args.render).read_text().splitlines() if l.strip()]
+    recs = read_jsonl(Path(args.render))
     for r in recs:
       if "grid_wall_s" in r or "budget" in r:
         print(json.dumps(r))
@@ -433,11 +451,11 @@ def main(argv=None):
   budget["log_every"] = min(budget["log_every"], budget["steps"])
   if budget["steps"] % budget["log_every"]:
     ap.error(f"--steps must be a multiple of {budget['log_every']}")
-  out = Path(args.out or ROOT / "benchmarks" / "results" / f"robustness-{args.task}.jsonl")
+  out = Path(args.out or ROOT / "benchmarks" / "results" / f"robustness-{args.task}.jsonl.gz")
   out.parent.mkdir(parents=True, exist_ok=True)
   lines = []
   if args.append and out.exists():
-    lines = [json.loads(l) for l in out.read_text().splitlines() if l.strip()]
+    lines = read_jsonl(out)
     lines = [l for l in lines if l.get("method") not in args.methods]
   head = {"task": args.task, "methods": args.methods, "budget": budget, "full": args.full,
           "seeds": args.seeds, "date": time.strftime("%Y-%m-%d"), "versions": versions()}
@@ -450,9 +468,7 @@ def main(argv=None):
               "grid_wall_s": wall, "grid_compile_s": compile_s}
     print(json.dumps(timing), flush=True)
     lines += [timing] + r
-    tmp = out.with_suffix(".tmp")  # after every method: a stopped run keeps what it finished
-    tmp.write_text("".join(json.dumps(l) + "\n" for l in lines))
-    tmp.replace(out)
+    write_jsonl(out, lines)  # after every method: a stopped run keeps what it finished
   print(f"wrote {out}\n")
   _render([l for l in lines if "alpha0" in l], args.task, Path(args.images))
 

@@ -99,6 +99,9 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": 
 PEER_IMPLS = {
     "torchfunc-loop": ["torchfunc_maml.py", "--mode", "loop"],
     "torchopt-metasgd": ["l2l_maml.py", "--lib", "torchopt"],
+    # the same torch.func step on a CUDA device (benchmarks/torch_peer.py)
+    "torchfunc-loop-cuda": [os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                         "torch_peer.py"), "--mode", "loop", "--device", "cuda"],
 }
 AMAML_IMPLS = ("amaml-maml", "amaml-alpha", "raw")
 
@@ -199,12 +202,13 @@ def worker(args) -> dict:
               tasks_per_s=cfg["meta_batch"] / s["median_step_s"], compile_s=compile_s,
               xla_flops_per_step=flops,
               achieved_gflops=flops / s["median_step_s"] / 1e9,
-              fraction_of_peak=flops / s["median_step_s"] / 1e9 / PEAK_GFLOPS,
+              fraction_of_peak=flops / s["median_step_s"] / 1e9 / args.peak_gflops,
               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
               first_meta_loss=losses[0], final_meta_loss=losses[-1],
               losses=[round(l, 4) for l in losses], warmup=args.warmup, seed=args.seed,
               malloc_tuned=all(k in os.environ for k in MALLOC_ENV),
-              versions={"jax": jax.__version__, "backend": jax.default_backend()})
+              versions={"jax": jax.__version__, "backend": jax.default_backend(),
+                        "device": str(jax.devices()[0].device_kind)})
 
 
 def _run(cmd, cwd, env, timeout):
@@ -245,6 +249,9 @@ def main(argv=None):
   ap.add_argument("--peers-python", default=os.environ.get("PEERS_TORCH_PY",
                                                            "/tmp/venv-peers/bin/python"))
   ap.add_argument("--rounds", type=int, default=1)
+  ap.add_argument("--peak-gflops", type=float, default=PEAK_GFLOPS,
+                  help="the machine's fp32 peak, for fraction_of_peak (an H100's plain fp32 "
+                       "is about 67,000)")
   ap.add_argument("--no-malloc-tuning", action="store_true")
   ap.add_argument("--timeout", type=float, default=900)
   ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
@@ -266,7 +273,8 @@ def main(argv=None):
       cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--config", cfg,
              "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed),
              "--pool", str(args.pool), "--conv-impl", args.conv_impl,
-             "--alpha-lr", str(args.alpha_lr)] + (["--donate"] if args.donate else [])
+             "--alpha-lr", str(args.alpha_lr), "--peak-gflops", str(args.peak_gflops)
+             ] + (["--donate"] if args.donate else [])
       jobs.append((cfg, impl, cmd, ROOT))
     if args.peers:
       if not _peers.peers_available():
