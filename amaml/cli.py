@@ -1,4 +1,5 @@
-"""Command line: ``amaml train``, ``amaml evaluate``, ``amaml plot`` (or ``python -m amaml``).
+"""Command line: ``amaml train``, ``amaml evaluate``, ``amaml plot``, ``amaml download``
+(or ``python -m amaml``).
 
     amaml train --config sinusoid --out runs/sinusoid
     amaml train --config omniglot-5w1s --method maml --iterations 2000 --out runs/o5
@@ -6,6 +7,7 @@
     amaml evaluate --run runs/o5 --tasks 600 --inner_steps 10
     amaml evaluate --run runs/o5 runs/o5-maml        # several runs: a comparison table
     amaml plot --run runs/o5
+    amaml download omniglot                          # the official zips -> arrays folder
 
 Every field of :class:`amaml.configs.Config` is a flag (``--alpha 0.1``,
 ``--rate_rule normalized``, ...); ``amaml train --help`` lists them.
@@ -63,12 +65,21 @@ def _parser() -> argparse.ArgumentParser:
   pl = sub.add_parser("plot", help="PNG learning curves and alpha/beta trajectories of runs")
   pl.add_argument("--run", required=True, nargs="+", help="run directories")
   pl.add_argument("--out", default=None, help="output folder (default: the first run)")
+  dl = sub.add_parser("download", help="fetch a data set (the official zips, SHA-256 checked) "
+                      "and write the folder amaml reads")
+  dl.add_argument("dataset", choices=["omniglot"])
+  dl.add_argument("--out", default=None, help="arrays folder to write (default "
+                  "~/.cache/amaml/omniglot, where amaml train looks for it)")
+  dl.add_argument("--url", default=None, help="where the zips are (default: the data set's "
+                  "GitHub repository; file:// URLs work too)")
+  dl.add_argument("--no_progress", action="store_true", help="no progress bar")
   return ap
 
 
 # Errors a user can cause (a missing run, a wrong data folder, an optional package not
 # installed, a bad flag value): one line naming the problem and the fix, exit code 2.
-_USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, ImportError)
+_USER_ERRORS = (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError, ImportError,
+                ConnectionError)
 
 
 def main(argv=None) -> int:
@@ -134,6 +145,16 @@ def comparison_table(rows) -> str:
   return "\n".join(lines)
 
 
+def _download(args) -> int:
+  from amaml.data import omniglot_zips
+
+  kw = {} if args.url is None else {"url": args.url}
+  out = omniglot_zips.download_omniglot(args.out, progress=not args.no_progress, **kw)
+  print(f"Omniglot arrays in {out} (amaml finds them there"
+        + ("" if args.out is None else "; pass --data_dir or set $AMAML_OMNIGLOT_DIR") + ")")
+  return 0
+
+
 def _plot(args) -> int:
   from amaml.plot import plot_runs
 
@@ -142,7 +163,7 @@ def _plot(args) -> int:
   return 0
 
 
-_COMMANDS = {"train": _train, "evaluate": _evaluate, "plot": _plot}
+_COMMANDS = {"train": _train, "evaluate": _evaluate, "plot": _plot, "download": _download}
 
 
 if __name__ == "__main__":

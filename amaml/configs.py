@@ -137,6 +137,12 @@ class Config:
       raise ValueError(f"alpha={self.alpha} must be >= 0 and beta={self.beta} > 0")
     return self
 
+  @property
+  def resolved_outer_optimizer(self) -> str:
+    """``outer_optimizer``, or the method's own when it is ``None``
+    (``METHOD_OUTER_OPTIMIZER``: D-Adaptation's AdamW for ``alpha-maml``, else Adam)."""
+    return self.outer_optimizer or METHOD_OUTER_OPTIMIZER[self.method]
+
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
 

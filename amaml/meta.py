@@ -107,7 +107,9 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def _tree_mean(tree) -> jax.Array:
+def tree_mean(tree) -> jax.Array:
+  """The mean over leaves of each leaf's mean (how a per-layer or per-parameter ``alpha``
+  is reported as one number)."""
   leaves = jax.tree.leaves(tree)
   return jnp.mean(jnp.stack([jnp.mean(x) for x in leaves]))
 
@@ -243,7 +245,7 @@ def alpha_maml(
     ok = _all_finite((loss, grads, alpha_grad, params, new_alpha, opt_state))
     metrics = {"loss": loss,
                "grad_norm": optax.tree.norm(grads),
-               "alpha_hypergradient": _tree_mean(alpha_grad)}
+               "alpha_hypergradient": tree_mean(alpha_grad)}
     metrics.update({k: v for k, v in aux.items()})
     if track_pre_adaptation or backtrack:
       pre_loss, pre_aux = jax.vmap(loss_fn, in_axes=(None, 0, 0))(
@@ -276,7 +278,7 @@ def alpha_maml(
         opt_state=keep(opt_state, held.opt_state),
         step=state.step + 1,
         nonfinite_streak=jnp.where(ok | hurts, 0, state.nonfinite_streak + 1).astype(jnp.int32))
-    metrics.update({"alpha": _tree_mean(new_state.alpha),
+    metrics.update({"alpha": tree_mean(new_state.alpha),
                     "nonfinite": jnp.logical_not(ok),
                     "nonfinite_streak": new_state.nonfinite_streak})
     beta_now = current_learning_rate(new_state.opt_state)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amaml import losses, meta, sharding, validate
-from amaml.configs import METHOD_OUTER_OPTIMIZER, Config
+from amaml.configs import Config
 from amaml.env import versions
 from amaml.hd import current_learning_rate
 from amaml.stats import mean_confidence_interval
@@ -48,53 +48,77 @@ class Experiment(NamedTuple):
   sample: Callable[[jax.Array, Any, int], TaskBatch]  # (key, split data, num_tasks) -> batch
 
 
-def build(cfg: Config) -> Experiment:
-  """Model, loss, learner and data for ``cfg``."""
-  cfg.validate()
-  init_key = run_keys(cfg).init
-  if cfg.task == "sinusoid":
-    from amaml.models import MLP
-    from amaml.sinusoid import sinusoid_tasks
+class TaskSetup(NamedTuple):
+  """What a task family gives :func:`build`."""
 
-    model = MLP(hidden=(cfg.hidden, cfg.hidden), out=1)
-    params = model.init(init_key, jnp.zeros((1, 1), jnp.float32))["params"]
-    loss_fn = losses.mse(lambda p, x: model.apply({"params": p}, x))
-    data = {"train": None, "val": None, "test": None}
+  params: Any  # initial parameters of its model
+  loss_fn: Callable  # (params, x, y) -> (loss, aux)
+  data: dict  # split name -> device array of images (or None)
+  sample: Callable[[jax.Array, Any, int], TaskBatch]  # (key, split data, num_tasks) -> batch
+  check: Callable[[TaskBatch, Any], None]  # (a batch, its split's data): raises on bad data
 
-    def sample(k, _, n):
-      return sinusoid_tasks(k, n, num_support=cfg.shots, num_query=cfg.queries)
-  else:
-    from amaml.data import load_omniglot, sample_tasks
-    from amaml.models import Conv4
 
-    splits = load_omniglot(cfg.protocol, image_size=cfg.image_size,
-                           omniglot_dir=cfg.data_dir or None)
-    data = {name: jnp.asarray(getattr(splits, name).images)
-            for name in ("train", "val", "test") if getattr(splits, name) is not None}
-    for name, images in data.items():
-      if cfg.ways > images.shape[0]:
-        raise ValueError(f"ways={cfg.ways} is more than the {images.shape[0]} classes of the "
-                         f"{name} split; lower --ways")
-      if cfg.shots + cfg.queries > images.shape[1]:
-        raise ValueError(f"shots + queries = {cfg.shots + cfg.queries} is more than the "
-                         f"{images.shape[1]} examples per class; lower --shots or --queries")
-    model = Conv4(num_classes=cfg.ways, hidden=cfg.hidden, conv_impl=cfg.conv_impl)
-    shape = data["train"].shape[2:]
-    params = model.init(init_key, jnp.zeros((1, *shape), jnp.float32))["params"]
-    loss_fn = losses.cross_entropy(lambda p, x: model.apply({"params": p}, x))
+def sinusoid_setup(cfg: Config, key: jax.Array) -> TaskSetup:
+  """MAML's sinusoid regression: an MLP, mean squared error, tasks drawn on the device."""
+  from amaml.models import MLP
+  from amaml.sinusoid import sinusoid_tasks
 
-    def sample(k, images, n):
-      return sample_tasks(k, images, cfg.ways, cfg.shots, cfg.queries, n)
+  model = MLP(hidden=(cfg.hidden, cfg.hidden), out=1)
+  params = model.init(key, jnp.zeros((1, 1), jnp.float32))["params"]
+  loss_fn = losses.mse(lambda p, x: model.apply({"params": p}, x))
 
-  learner = make_learner(cfg, loss_fn)
-  # one batch of each split, checked on the host before anything is compiled for them
+  def sample(k, _, n):
+    return sinusoid_tasks(k, n, num_support=cfg.shots, num_query=cfg.queries)
+
+  return TaskSetup(params, loss_fn, {"train": None, "val": None, "test": None}, sample,
+                   lambda batch, _: validate.check_regression_batch(batch))
+
+
+def omniglot_setup(cfg: Config, key: jax.Array) -> TaskSetup:
+  """Omniglot N-way K-shot: Conv4, cross-entropy, episodes sampled on the device."""
+  from amaml.data import load_omniglot, sample_tasks
+  from amaml.models import Conv4
+
+  splits = load_omniglot(cfg.protocol, image_size=cfg.image_size,
+                         omniglot_dir=cfg.data_dir or None)
+  data = {name: jnp.asarray(getattr(splits, name).images)
+          for name in ("train", "val", "test") if getattr(splits, name) is not None}
   for name, images in data.items():
-    first = sample(jax.random.key(0), images, 2)
-    if cfg.task == "omniglot":
-      validate.check_classification_batch(first, cfg.ways, tuple(images.shape[2:]))
-    else:
-      validate.check_regression_batch(first)
-  return Experiment(cfg, learner, params, data, sample)
+    if cfg.ways > images.shape[0]:
+      raise ValueError(f"ways={cfg.ways} is more than the {images.shape[0]} classes of the "
+                       f"{name} split; lower --ways")
+    if cfg.shots + cfg.queries > images.shape[1]:
+      raise ValueError(f"shots + queries = {cfg.shots + cfg.queries} is more than the "
+                       f"{images.shape[1]} examples per class; lower --shots or --queries")
+  model = Conv4(num_classes=cfg.ways, hidden=cfg.hidden, conv_impl=cfg.conv_impl)
+  shape = data["train"].shape[2:]
+  params = model.init(key, jnp.zeros((1, *shape), jnp.float32))["params"]
+  loss_fn = losses.cross_entropy(lambda p, x: model.apply({"params": p}, x))
+
+  def sample(k, images, n):
+    return sample_tasks(k, images, cfg.ways, cfg.shots, cfg.queries, n)
+
+  def check(batch, images):
+    validate.check_classification_batch(batch, cfg.ways, tuple(images.shape[2:]))
+
+  return TaskSetup(params, loss_fn, data, sample, check)
+
+
+# Config.task -> its setup. A new task family is one function here and its name in
+# amaml.configs.TASKS.
+TASKS: dict[str, Callable[[Config, jax.Array], TaskSetup]] = {
+    "sinusoid": sinusoid_setup, "omniglot": omniglot_setup}
+
+
+def build(cfg: Config) -> Experiment:
+  """Model, loss, learner and data for ``cfg`` (its task's setup from :data:`TASKS`)."""
+  cfg.validate()
+  setup = TASKS[cfg.task](cfg, run_keys(cfg).init)
+  learner = make_learner(cfg, setup.loss_fn)
+  # one batch of each split, checked on the host before anything is compiled for them
+  for images in setup.data.values():
+    setup.check(setup.sample(jax.random.key(0), images, 2), images)
+  return Experiment(cfg, learner, setup.params, setup.data, setup.sample)
 
 
 def outer_optimizer(name: str):
@@ -112,7 +136,7 @@ def outer_optimizer(name: str):
 def make_learner(cfg: Config, loss_fn) -> meta.MetaLearner:
   """The :class:`~amaml.meta.MetaLearner` of ``cfg.method`` for ``loss_fn``."""
   kwargs = dict(alpha=cfg.alpha, beta=cfg.beta, inner_steps=cfg.inner_steps,
-                optimizer=outer_optimizer(cfg.outer_optimizer or METHOD_OUTER_OPTIMIZER[cfg.method]),
+                optimizer=outer_optimizer(cfg.resolved_outer_optimizer),
                 track_pre_adaptation=cfg.track_pre_adaptation, remat=cfg.remat,
                 unroll=True if cfg.unroll else 1,
                 alpha_min=cfg.alpha_min, alpha_max=cfg.alpha_max, beta_min=cfg.beta_min,
@@ -536,7 +560,7 @@ def _finish(run: _Run, state, step: int, train_s: float, compile_s, evaluate_at_
   """The final evaluation, written atomically to ``results.json``."""
   results = {"config": dataclasses.asdict(run.cfg), "steps": step, "train_seconds": train_s,
              "first_chunk_seconds_incl_compile": compile_s,
-             "final_alpha": float(meta._tree_mean(state.alpha)),
+             "final_alpha": float(meta.tree_mean(state.alpha)),
              "versions": versions()}
   beta = current_learning_rate(state.opt_state)
   results["final_beta"] = None if beta is None else float(beta)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements of BENCHMARKS.md, in one call on one NVIDIA GPU (H100 / H200), in the
 # order they matter, each writing its results as it goes:
-#   1. meta-step throughput of amaml against the torch.func peer on the same GPU;
-#   2. the Omniglot 20w1s robustness grid (alpha0 in {0.01, 0.1, 1}, beta0 = 1e-3, 5 inner
-#      steps) at the CPU budget, three methods;
+#   1. the Omniglot 20w1s robustness grid (alpha0 in {0.01, 0.1, 1}, beta0 = 1e-3, 5 inner
+#      steps) at the CPU budget, three methods, amaml's default first;
+#   2. meta-step throughput of amaml against the torch.func peer on the same GPU;
 #   3. the 60,000-step Omniglot 5w1s schedule, timed for $TRAIN_MINUTES minutes (steps/s
 #      and the time the full schedule takes at that rate), then evaluated on 600 tasks.
 #
@@ -26,7 +26,7 @@ if [ -n "${QUICK:-}" ]; then
   TR="--iterations 4 --log_every 2 --val_every 2 --checkpoint_every 2 --val_tasks 4 --eval_tasks 4"
   PEERS=""
 else
-  TP="--steps 20 --warmup 3"; RB="--alphas 0.01 0.1 1"; TR=""
+  TP="--steps 10 --warmup 2"; RB="--alphas 0.01 0.1 1"; TR=""
   PEERS="--peers --peer-impls torchfunc-loop-cuda --peers-python $PY"
 fi
 
@@ -35,15 +35,15 @@ fi
 'flax', flax.__version__, jax.devices())"; } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-echo "== 1. throughput"
+echo "== 1. 20w1s grid"
+$PY benchmarks/robustness.py --task omniglot-20w1s --betas 1e-3 --seeds 1 \
+  --methods alpha-maml maml alpha-maml-paper $RB \
+  --out "$OUT/robustness-omniglot-20w1s.jsonl" --images /tmp/amaml-gpu-images 2>&1 | tail -40
+
+echo "== 2. throughput"
 $PY benchmarks/throughput.py --config omniglot-5w1s omniglot-20w1s \
   --impls amaml-maml amaml-alpha $TP $PEERS --peak-gflops 67000 \
   --out "$OUT/throughput.jsonl" 2>&1 | cut -c1-400
-
-echo "== 2. 20w1s grid"
-$PY benchmarks/robustness.py --task omniglot-20w1s --betas 1e-3 --seeds 1 \
-  --methods maml alpha-maml-paper alpha-maml $RB \
-  --out "$OUT/robustness-omniglot-20w1s.jsonl" --images /tmp/amaml-gpu-images 2>&1 | tail -40
 
 echo "== 3. 5w1s schedule, $TRAIN_MINUTES minutes"
 rm -rf /tmp/amaml-gpu-run

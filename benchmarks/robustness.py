@@ -237,7 +237,7 @@ def grid(task: str, method: str, budget: dict, alphas, betas, seeds: int, cells_
 
 def has_beta0(cfg) -> bool:
   """Whether ``cfg``'s outer optimizer has a rate to start (Adam) or sets its own."""
-  return (cfg.outer_optimizer or train.METHOD_OUTER_OPTIMIZER[cfg.method]) == "adam"
+  return cfg.resolved_outer_optimizer == "adam"
 
 
 def metric(task):

@@ -28,52 +28,8 @@ every worker process (amaml's and the peers') gets ``MALLOC_MMAP_THRESHOLD_`` /
 ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_TOP_PAD_`` so that freed memory is reused;
 ``--no-malloc-tuning`` turns that off.
 
-Findings (omniglot-5w1s meta-gradient, jitted, 2-core Xeon with AMX, jax 0.10.2; this
-machine is shared, so numbers are of one load level only where they sit in one row: A/B
-pairs were timed alternately in one process; absolute values drift 2x with the load):
-
-| what | s/step | note |
-| --- | --- | --- |
-| plain JAX ref (lax.conv, vmap) | ~156 | shared/peers README: grouped-conv gradient |
-| lax.conv under lax.map over tasks | >300 | timed out; XLA:CPU second-order conv forms |
-| patches+matmul conv, reshape-max pool | 4.1 | WRONG meta-gradient (below) |
-| patches+matmul, reduce_window pool | 13.3 | select-and-scatter gradient |
-| patches+matmul, strided-slice pool | 9.1 | strided pads in the gradient |
-| patches+matmul, "pairs" pool (kept) | 4.0 | max of contiguous halves, rows then columns |
-| conv as sum of 9 shifted matmuls | 11.3 | 9 narrow products + 9 adds |
-| conv as one matmul to 9*O + shift-add | 15.4 | 9x larger product output |
-| channel-major [C, n*H*W] patches | 13-20 | W@P is faster alone (118 vs 68 GFLOP/s) but
-  the weight-gradient contraction and layout changes lose it all |
-| tasks: vmap / lax.map / map of vmap(4 or 8) | 4.0 / 3.7 / 5.2-8.2 | vmap kept (meta.py) |
-| batch-norm one-pass variance | no gain | two-pass kept (stabler) |
-| custom VJP conv (dx = patches(dy) @ flipped kernel) | 7.4 -> 7.0 | A/B under load; layer-2
-  micro: first-order grad 9.3 -> 7.2 s, second-order 10.5 -> 3.6 s (kept) |
-| bfloat16 matmul operands (AMX: 514 vs 176 GFLOP/s at 2048^2) | 6.7 -> 6.8 | no gain: the
-  step is bound by patch copies, not products; meta-gradient off by 0.5%; dropped |
-| glibc malloc tuning (env above) | elementwise 1.5-2x | page faults of fresh buffers |
-
-- XLA:CPU (jax 0.10.2) miscompiles the second-order gradient of a max-pool written as
-  ``x.reshape(n, H/2, 2, W/2, 2, C).max((2, 4))`` (also as a custom_jvp with the same
-  rule) under ``vmap`` with >= 2 tasks: loss right, meta-gradient 4-9% off per leaf
-  (norm 33.22 vs 34.10 of the float64 PyTorch reference); un-jitted (op by op) it is
-  right. It shows in this full step (32 or 2 tasks) with the plain-autodiff patches conv;
-  the vmap-equals-loop tests of ``tests/test_conv4.py`` check the property, but at their
-  scale they did not reproduce the miscompile, so the pool's form is what avoids it.
-- Measured 2026-11-25 (``--config omniglot-20w1s omniglot-5w1s --peers --rounds 1 --steps 3
-  --warmup 1``, load average 1.7-1.9 i.e. nearly quiet), s/step, peer torch.func loop:
-  5w1s  amaml-maml 3.56, amaml-alpha 3.67, torch 1.89 (torch 1.9x faster; compile 9.7 s;
-        180 GFLOP/step, 25% of 200 GFLOP/s; peak RSS 5.2 GB vs torch 2.3 GB);
-  20w1s amaml-maml 6.90, amaml-alpha 6.90, torch 4.80 (torch 1.4x faster; compile 16.7 s;
-        392 GFLOP/step, 28% of peak; RSS 7.8 GB vs 3.6 GB).
-  Under heavy load from other users (load 4-7) the ratio inverts: torch (OpenMP, 2
-  threads) degrades 10-30x (55-105 s/step), XLA about 2x (6.6-15 s/step).
-  First meta-loss equals torch's (5w1s 2.904988 both); in float64 the 20w1s meta-loss
-  and meta-gradient equal torch.func's to 1e-15 / 4e-12 (in float32 both libraries sit
-  1e-3 / 20% off float64 there: 5 inner steps amplify rounding).
-- Profile of the step (XLA traceme): thunks run one after another; products are ~35% of
-  op time, patch copies and their transposes ~45%, batch norm / pool / element-wise the
-  rest, single-threaded. Products alone: [L,576]@[576,64] 68 GFLOP/s, [L,64]@[64,576]
-  28 GFLOP/s (what autodiff's input gradient was), 2048^2 square 176-200 GFLOP/s.
+The findings of the probes behind the Conv4 step (formulations, XLA flags, the pool
+miscompile, the profile) are in BENCHMARKS.md, "Omniglot meta-step throughput".
 """
 from __future__ import annotations
 

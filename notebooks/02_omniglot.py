@@ -45,7 +45,7 @@ import numpy as np
 import amaml
 from amaml import data
 from amaml import train as amaml_train
-from amaml.configs import METHOD_OUTER_OPTIMIZER, get_config
+from amaml.configs import get_config
 
 print("amaml", amaml.__version__, "| jax", jax.__version__, "|", jax.devices()[0].platform)
 
@@ -128,7 +128,7 @@ print({k: getattr(cfg, k) for k in ("method", "ways", "shots", "queries", "inner
                                     "alpha", "rate_rule", "alpha_lr", "backtrack",
                                     "outer_optimizer", "meta_batch", "test_adaptation",
                                     "eval_inner_steps")})
-OUTER = cfg.outer_optimizer or METHOD_OUTER_OPTIMIZER[cfg.method]   # None: the method's own
+OUTER = cfg.resolved_outer_optimizer   # outer_optimizer=None: the method's own
 assert cfg.method == "alpha-maml" and cfg.alpha_lr is None   # the settings printed below
 print(f"inner rate alpha: from {cfg.alpha:g}, {cfg.rate_rule} rule, hypergradient rate "
       f"{amaml.rates.DEFAULT_HYPER_LR} (the rule's default), backtracking {cfg.backtrack}")

@@ -1,6 +1,19 @@
-"""Shared test fixtures."""
+"""Shared test fixtures: float64, a tiny sinusoid config, fake Omniglot folders.
+
+Trees are compared with ``chex.assert_trees_all_close`` / ``chex.assert_trees_all_equal``.
+"""
+from pathlib import Path
+
 import jax
+import numpy as np
 import pytest
+
+from amaml.configs import get_config
+from amaml.data.omniglot_arrays import write_omniglot_arrays
+
+# the sinusoid config cut to seconds of training
+TINY_SINUSOID = dict(hidden=16, meta_batch=4, iterations=40, log_every=10, checkpoint_every=20,
+                     val_every=0, eval_tasks=20, eval_batch=10)
 
 
 @pytest.fixture
@@ -8,3 +21,52 @@ def x64():
   """Run a test in float64 (for finite differences)."""
   with jax.enable_x64(True):
     yield
+
+
+@pytest.fixture
+def tiny_config():
+  """A factory of tiny sinusoid configs: ``tiny_config(**overrides)``."""
+  def make(**overrides):
+    return get_config("sinusoid", **{**TINY_SINUSOID, **overrides})
+  return make
+
+
+def write_fake_omniglot(path: Path, n_background: int = 6, n_evaluation: int = 4, *,
+                        drawers: int = 20, seed: int = 0, alphabets=None, ink: float = 0.15,
+                        pattern: str = "noise") -> Path:
+  """Omniglot arrays in ``path`` (``write_omniglot_arrays``' layout), made from ``seed``.
+
+  ``noise``: random ink with an asymmetric blob in one corner, so that the four rotations of
+  a character all differ. ``blobs``: one round blob per character whose position depends
+  on the class, jittered per drawing, so that a small network can learn the classes.
+  """
+  rng = np.random.default_rng(seed)
+  if pattern == "noise":
+    def chars(n, offset):
+      out = rng.random((n, drawers, 105, 105)) > ink  # True = paper
+      out[:, :, :30, :10] = False
+      return out
+  elif pattern == "blobs":
+    yy, xx = np.mgrid[:105, :105]
+
+    def chars(n, offset):
+      out = np.ones((n, drawers, 105, 105), bool)
+      for c in range(n):
+        cy, cx = 20 + 13 * ((c + offset) % 6), 20 + 30 * (((c + offset) // 6) % 3)
+        for d in range(drawers):
+          jy, jx = rng.integers(-4, 5, 2)
+          out[c, d] = (yy - cy - jy) ** 2 + (xx - cx - jx) ** 2 > 150
+      return out
+  else:
+    raise ValueError(f"pattern={pattern!r}: use noise or blobs")
+  background = chars(n_background, 0)
+  return write_omniglot_arrays(path, background, chars(n_evaluation, n_background), alphabets)
+
+
+@pytest.fixture
+def fake_omniglot(tmp_path):
+  """A factory of fake Omniglot folders under the test's ``tmp_path``:
+  ``fake_omniglot(name, n_background, n_evaluation, **write_fake_omniglot_kwargs)``."""
+  def make(name: str = "omniglot", *args, **kw) -> Path:
+    return write_fake_omniglot(tmp_path / name, *args, **kw)
+  return make

@@ -4,6 +4,7 @@ shapes and errors."""
 import importlib.util
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,8 +48,7 @@ def _conv_losses(x, k, b):
 
 
 def _assert_trees_close(a, b, rtol, atol):
-  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
+  chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
 
 
 def test_matmul_conv_equals_lax_conv_float32():

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import write_fake_omniglot
+
 from amaml.data import load_omniglot, omniglot_split_indices, rotate_classes, write_omniglot_arrays
 from amaml.data import omniglot as omniglot_mod
 from amaml.data.omniglot import ink_to_uint8, load_omniglot_characters
@@ -22,12 +24,8 @@ ALPHABETS = [Alphabet("background", "Alpha", 1, 4), Alphabet("background", "Beta
 
 
 def make_arrays(path, seed=0, n_bg=6, n_ev=4, drawers=20):
-  rng = np.random.default_rng(seed)
-  bg = rng.random((n_bg, drawers, 105, 105)) > 0.15
-  ev = rng.random((n_ev, drawers, 105, 105)) > 0.15
-  bg[:, :, :30, :10] = False  # asymmetric ink blob: rotations are all distinct
-  ev[:, :, :30, :10] = False
-  return write_omniglot_arrays(path, bg, ev, ALPHABETS if (n_bg, n_ev) == (6, 4) else None)
+  return write_fake_omniglot(path, n_bg, n_ev, drawers=drawers, seed=seed,
+                             alphabets=ALPHABETS if (n_bg, n_ev) == (6, 4) else None)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from amaml.data import load_omniglot, prepare_tfds_omniglot, write_omniglot_arrays  # noqa: E402
 from amaml.data import tfds_omniglot  # noqa: E402
+from conftest import write_fake_omniglot  # noqa: E402
 from amaml.data.omniglot_arrays import Alphabet, read_omniglot_arrays  # noqa: E402
 
 ALPHABETS = [Alphabet("background", "Alpha", 1, 3), Alphabet("background", "Beta", 4, 5),
@@ -28,10 +29,8 @@ def never_download(monkeypatch):
 
 @pytest.fixture(scope="module")
 def arrays_dir(tmp_path_factory):
-  rng = np.random.default_rng(0)
-  bg = rng.random((5, 20, 105, 105)) > 0.2
-  ev = rng.random((2, 20, 105, 105)) > 0.2
-  return write_omniglot_arrays(tmp_path_factory.mktemp("arrays"), bg, ev, ALPHABETS)
+  return write_fake_omniglot(tmp_path_factory.mktemp("arrays"), 5, 2, ink=0.2,
+                             alphabets=ALPHABETS)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +116,7 @@ def test_zips_give_the_same_examples_as_arrays(arrays_dir, tmp_path):
 
 def test_zips_with_wrong_checksums_are_rejected(arrays_dir, tmp_path):
   arrays = read_omniglot_arrays(arrays_dir)
-  for name in tfds_omniglot._ZIPS.values():
+  for name in tfds_omniglot.ZIPS.values():
     _fake_zip(arrays, "background", tmp_path / name)
   with pytest.raises(ValueError, match="not the official Omniglot zip"):
     prepare_tfds_omniglot(tmp_path / "out", zips_dir=tmp_path)

@@ -1,8 +1,10 @@
 """The inner loop and its hypergradient d L_query / d alpha, against closed forms and
 finite differences in float64."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import amaml
@@ -43,7 +45,7 @@ def test_alpha_hypergradient_one_step_closed_form(x64):
   g_support = jax.grad(lambda p: loss_fn(p, xs, ys)[0])(params)
   adapted = jax.tree.map(lambda p, g: p - alpha * g, params, g_support)
   g_query = jax.grad(lambda p: loss_fn(p, xq, yq)[0])(adapted)
-  closed = -sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g_query), jax.tree.leaves(g_support)))
+  closed = -optax.tree_utils.tree_vdot(g_query, g_support)
   assert dalpha.dtype == jnp.float64
   assert abs(float(dalpha)) > 1e-4  # not trivially zero
   assert _rel(dalpha, closed) < 1e-6
@@ -75,7 +77,7 @@ def test_second_order_meta_gradient_finite_differences(x64):
     plus = f(jax.tree.map(lambda p, d: p + eps * d, params, v))
     minus = f(jax.tree.map(lambda p, d: p - eps * d, params, v))
     fd = (plus - minus) / (2 * eps)
-    directional = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(v)))
+    directional = optax.tree_utils.tree_vdot(g, v)
     assert _rel(directional, fd) < 1e-6
 
 
@@ -86,8 +88,7 @@ def test_first_order_gradient_is_query_gradient_at_adapted_params(x64):
   g_so = jax.grad(lambda p: _query_loss(loss_fn, p, alpha, xs, ys, xq, yq, 2, False))(params)
   adapted, _ = amaml.adapt(loss_fn, params, alpha, xs, ys, inner_steps=2)
   g_at_adapted = jax.grad(lambda p: loss_fn(p, xq, yq)[0])(adapted)
-  for a, b in zip(jax.tree.leaves(g_fo), jax.tree.leaves(g_at_adapted)):
-    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+  chex.assert_trees_all_close(g_fo, g_at_adapted, rtol=1e-12, atol=1e-14)
   # the second-order gradient differs from the first-order one
   diff = max(_rel(a, b) for a, b in zip(jax.tree.leaves(g_so), jax.tree.leaves(g_fo)))
   assert diff > 1e-3
@@ -136,8 +137,7 @@ def test_scan_rolled_unrolled_and_remat_agree():
                                       remat=remat)[0], xq, yq)[0]
     outs.append(jax.grad(f)(params))
   for o in outs[1:]:
-    for a, b in zip(jax.tree.leaves(o), jax.tree.leaves(outs[0])):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(o, outs[0], rtol=1e-5, atol=1e-6)
 
 
 def test_remat_bounds_the_memory_of_the_meta_gradient():

@@ -1,5 +1,6 @@
 """The jitted, task-vmapped meta step: against a Python loop over tasks, hand-computed
 updates, its safeguards, and training that must lower the loss."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,8 +39,7 @@ def test_vmap_over_tasks_equals_python_loop():
   np.testing.assert_allclose(loss, np.mean(losses), rtol=1e-5)
   np.testing.assert_allclose(ga, np.mean(agrads), rtol=1e-4)
   mean_g = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *grads)
-  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(mean_g)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_close(g, mean_g, rtol=1e-4, atol=1e-6)
 
 
 def test_step_applies_hand_computed_updates():
@@ -53,8 +53,8 @@ def test_step_applies_hand_computed_updates():
       params, state.alpha, batch)
   new, metrics = learner.step(state, batch)
   np.testing.assert_allclose(new.alpha, 0.05 - alpha_lr * ga, rtol=1e-6)
-  for p1, p0, gi in zip(jax.tree.leaves(new.params), jax.tree.leaves(params), jax.tree.leaves(g)):
-    np.testing.assert_allclose(p1, p0 - beta * gi, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(new.params, jax.tree.map(lambda p, gi: p - beta * gi, params, g),
+                              rtol=1e-5, atol=1e-7)
   assert int(new.step) == 1 and not bool(metrics["nonfinite"])
   assert new.alpha.dtype == jnp.float32
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
@@ -73,8 +73,7 @@ def test_maml_keeps_rates_fixed_and_equals_plain_adam():
     upd, ref_state = opt.update(g, ref_state, ref_params)
     ref_params = optax.apply_updates(ref_params, upd)
   assert float(m["alpha"]) == pytest.approx(0.05) and float(m["beta"]) == pytest.approx(1e-3)
-  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_params)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(state.params, ref_params, rtol=1e-5, atol=1e-7)
 
 
 def test_jitted_step_does_not_recompile():
@@ -101,9 +100,7 @@ def test_nan_batch_leaves_state_unchanged():
   bad = bad._replace(query_y=bad.query_y.at[0, 0, 0].set(jnp.nan))
   new, metrics = learner.step(state, bad)
   assert bool(metrics["nonfinite"]) and int(metrics["nonfinite_streak"]) == 1
-  for a, b in zip(jax.tree.leaves((new.params, new.alpha, new.opt_state)),
-                  jax.tree.leaves((state.params, state.alpha, state.opt_state))):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal((new.params, new.alpha, new.opt_state), (state.params, state.alpha, state.opt_state))
   new2, metrics = learner.step(new, bad)
   assert int(metrics["nonfinite_streak"]) == 2
   new3, metrics = learner.step(new2, _batch(seed=5))

@@ -2,31 +2,21 @@
 bad settings are named."""
 import dataclasses
 
+import chex
 import jax
 import numpy as np
 import pytest
 
+from conftest import write_fake_omniglot
+
 from amaml import train
 from amaml.configs import get_config
-from amaml.data.omniglot_arrays import write_omniglot_arrays
 
 
 @pytest.fixture(scope="module")
 def omniglot_dir(tmp_path_factory):
   """12 + 8 'characters' of 20 drawings each: a blob whose position depends on the class."""
-  rng = np.random.default_rng(0)
-  yy, xx = np.mgrid[:105, :105]
-
-  def chars(n, offset):
-    out = np.ones((n, 20, 105, 105), bool)  # True = paper
-    for c in range(n):
-      cy, cx = 20 + 13 * ((c + offset) % 6), 20 + 30 * (((c + offset) // 6) % 3)
-      for d in range(20):
-        jy, jx = rng.integers(-4, 5, 2)
-        out[c, d] = (yy - cy - jy) ** 2 + (xx - cx - jx) ** 2 > 150
-    return out
-
-  return str(write_omniglot_arrays(tmp_path_factory.mktemp("omni"), chars(12, 0), chars(8, 12)))
+  return str(write_fake_omniglot(tmp_path_factory.mktemp("omni"), 12, 8, pattern="blobs"))
 
 
 @pytest.fixture(autouse=True)
@@ -65,8 +55,7 @@ def test_resume_is_bitwise(omniglot_dir, tmp_path):
               evaluate_at_end=False)
   resumed, _ = train.train(cfg, tmp_path / "split", resume=True, progress=False,
                            evaluate_at_end=False)
-  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(full, resumed)
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -25,17 +25,20 @@ import sys
 import time
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from conftest import write_fake_omniglot
 
 import amaml
 from amaml import cli, train, validate
 from amaml.checkpoint import Checkpointer
 from amaml.configs import Config, get_config
 from amaml.data import ClassImages, load_omniglot, read_omniglot_arrays, sample_episodes
-from amaml.data import sample_tasks, write_omniglot_arrays
+from amaml.data import sample_tasks
 from amaml.task import TaskBatch, check_task_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -285,8 +288,7 @@ def test_non_finite_inputs_are_flagged_and_skipped_by_the_guard():
   bad = batch._replace(support_x=batch.support_x.at[1, 2, 0].set(jnp.nan))
   new, metrics = learner.step(state, bad)
   assert bool(metrics["nonfinite"]) and int(metrics["nonfinite_streak"]) == 1
-  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
-    np.testing.assert_array_equal(a, b)  # the step was skipped
+  chex.assert_trees_all_equal(state.params, new.params)  # the step was skipped
   with pytest.raises(ValueError, match=r"support_x has 1 non-finite value.*clean the data"):
     validate.check_finite_batch(bad)
   good, metrics = learner.step(new, batch)
@@ -320,8 +322,7 @@ def _cls_batch(tasks=2, ways=3, shape=(4, 4, 1), x_dtype=np.float32, y_dtype=np.
 
 
 def _omniglot_dir(tmp: Path, corrupt: str) -> Path:
-  d = write_omniglot_arrays(tmp / "omniglot", np.ones((2, 2, 105, 105), bool),
-                            np.ones((2, 2, 105, 105), bool))
+  d = write_fake_omniglot(tmp / "omniglot", 2, 2, drawers=2)
   bg = d / "images_background.npz"
   if corrupt == "empty":
     bg.write_bytes(b"")
@@ -520,8 +521,7 @@ def test_checkpoints_are_arrays_and_restore_without_unpickling(tmp_path, monkeyp
   monkeypatch.setattr(pickle, "loads", refuse)
   monkeypatch.setattr(pickle, "Unpickler", refuse)
   _, restored = train.load_run(tmp_path / "r")
-  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(state, restored)
 
 
 @pytest.mark.parametrize("args, match", [

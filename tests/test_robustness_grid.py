@@ -3,6 +3,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,9 +37,7 @@ def test_grid_cells_equal_separate_runs(method):
       st, m = exp.learner.step(st, single.sample(key, None, budget["meta_batch"]))
     np.testing.assert_allclose(hist["alpha"][-1, j], m["alpha"], rtol=1e-5)
     np.testing.assert_allclose(hist["beta"][-1, j], m["beta"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[j], state.params)),
-                    jax.tree.leaves(st.params)):
-      np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[j], state.params), st.params, rtol=2e-4, atol=1e-6)
     if method == "maml":  # fixed rates stay at the cell's initial values
       assert hist["alpha"][-1, j] == pytest.approx(a0) and hist["beta"][-1, j] == pytest.approx(b0)
     else:

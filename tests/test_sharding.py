@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,8 +161,7 @@ def test_one_device_mesh_matches_plain_step():
     batch = amaml.sinusoid_tasks(jax.random.key(i), 5)
     a, _ = learner.step(a, batch)
     b, _ = step(b, batch)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-7)
   assert step.jitted._cache_size() == 1
 
 

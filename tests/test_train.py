@@ -3,7 +3,9 @@ works, bad configurations are named, plots are written."""
 import dataclasses
 import json
 
+import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -11,29 +13,22 @@ from amaml import cli, train
 from amaml.configs import Config, get_config
 
 
-def _tiny(**kw):
-  base = dict(hidden=16, meta_batch=4, iterations=40, log_every=10, checkpoint_every=20,
-              val_every=0, eval_tasks=20, eval_batch=10)
-  return get_config("sinusoid", **{**base, **kw})
-
-
-def test_resume_equals_uninterrupted_run(tmp_path):
-  cfg = _tiny()
+def test_resume_equals_uninterrupted_run(tmp_path, tiny_config):
+  cfg = tiny_config()
   full, _ = train.train(cfg, tmp_path / "full", progress=False, evaluate_at_end=False)
   half = dataclasses.replace(cfg, iterations=20)
   train.train(half, tmp_path / "split", progress=False, evaluate_at_end=False)
   resumed, _ = train.train(cfg, tmp_path / "split", resume=True, progress=False,
                            evaluate_at_end=False)
-  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
-    np.testing.assert_array_equal(a, b)  # bitwise on CPU
+  chex.assert_trees_all_equal(full, resumed)  # bitwise on CPU
   m_full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
   m_split = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
   strip = lambda lines: [{k: v for k, v in json.loads(l).items() if k != "steps_per_s"} for l in lines]
   assert strip(m_full) == strip(m_split) and len(m_full) == 4
 
 
-def test_same_seed_same_metrics_and_loss_falls(tmp_path):
-  cfg = _tiny(iterations=200, log_every=50, checkpoint_every=0)
+def test_same_seed_same_metrics_and_loss_falls(tmp_path, tiny_config):
+  cfg = tiny_config(iterations=200, log_every=50, checkpoint_every=0)
   _, r1 = train.train(cfg, tmp_path / "a", progress=False)
   _, r2 = train.train(cfg, tmp_path / "b", progress=False)
   assert r1["test"] == r2["test"]
@@ -42,8 +37,8 @@ def test_same_seed_same_metrics_and_loss_falls(tmp_path):
   assert r1["test"]["loss"] < r1["test"]["pre_loss"]
 
 
-def test_refuses_to_overwrite_or_resume_another_config(tmp_path):
-  cfg = _tiny(iterations=20)
+def test_refuses_to_overwrite_or_resume_another_config(tmp_path, tiny_config):
+  cfg = tiny_config(iterations=20)
   train.train(cfg, tmp_path / "r", progress=False, evaluate_at_end=False)
   with pytest.raises(FileExistsError, match="--resume"):
     train.train(cfg, tmp_path / "r", progress=False, evaluate_at_end=False)
@@ -51,10 +46,10 @@ def test_refuses_to_overwrite_or_resume_another_config(tmp_path):
     train.train(dataclasses.replace(cfg, hidden=8), tmp_path / "r", resume=True, progress=False)
 
 
-def test_divergence_stops_with_a_clear_message(tmp_path):
+def test_divergence_stops_with_a_clear_message(tmp_path, tiny_config):
   # beta so large that the first update leaves weights whose un-adapted loss overflows:
   # backtracking cannot help (it only shrinks alpha), so the guard holds and the run stops
-  cfg = _tiny(beta=1e30, outer_optimizer="adam", max_nonfinite=5, iterations=20)
+  cfg = tiny_config(beta=1e30, outer_optimizer="adam", max_nonfinite=5, iterations=20)
   with pytest.raises(FloatingPointError, match="non-finite meta steps in a row"):
     train.train(cfg, tmp_path / "d", progress=False)
 
@@ -107,10 +102,10 @@ def test_cli_train_evaluate_plot(tmp_path, capsys):
   assert "--alpha" in capsys.readouterr().err
 
 
-def test_time_budget_stops_after_a_chunk_and_evaluates(tmp_path):
+def test_time_budget_stops_after_a_chunk_and_evaluates(tmp_path, tiny_config):
   # a budget shorter than one step: the run stops after its first chunk (one step), between
   # log lines, and still logs, checkpoints and evaluates it
-  cfg = _tiny(iterations=1000, max_minutes=1e-6)
+  cfg = tiny_config(iterations=1000, max_minutes=1e-6)
   state, results = train.train(cfg, tmp_path / "t", progress=False)
   assert int(state.step) == 1 and results["steps"] == 1
   assert "loss" in results["test"]
@@ -120,14 +115,13 @@ def test_time_budget_stops_after_a_chunk_and_evaluates(tmp_path):
   assert [r["step"] for r in recs] == [1]
 
 
-def test_chunks_grow_to_the_time_target_and_change_no_result(tmp_path, monkeypatch):
+def test_chunks_grow_to_the_time_target_and_change_no_result(tmp_path, monkeypatch, tiny_config):
   # the same run with chunks of one step (a tiny time target) and of log_every steps
-  cfg = _tiny(iterations=30, log_every=10, checkpoint_every=0)
+  cfg = tiny_config(iterations=30, log_every=10, checkpoint_every=0)
   big, _ = train.train(cfg, tmp_path / "big", progress=False, evaluate_at_end=False)
   monkeypatch.setattr(train, "CHUNK_SECONDS", 0.0)
   small, _ = train.train(cfg, tmp_path / "small", progress=False, evaluate_at_end=False)
-  for a, b in zip(jax.tree.leaves(big), jax.tree.leaves(small)):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(big, small)
   strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "steps_per_s"}
                      for l in (p / "metrics.jsonl").read_text().splitlines()]
   assert strip(tmp_path / "big") == strip(tmp_path / "small")
@@ -142,8 +136,7 @@ def test_remat_flag_reaches_the_learner_and_changes_nothing_but_memory():
   s1, m1 = plain.learner.step(plain.learner.init(plain.params), batch)
   s2, m2 = remat.learner.step(remat.learner.init(remat.params), batch)
   np.testing.assert_allclose(m1["alpha_hypergradient"], m2["alpha_hypergradient"], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(s1.params, s2.params, rtol=1e-5, atol=1e-7)
   # rematerialised: the backward pass recomputes the inner steps behind a barrier
   lowered = lambda e: jax.jit(e.learner.update).lower(e.learner.init(e.params), batch).as_text()
   assert "optimization_barrier" in lowered(remat) and "optimization_barrier" not in lowered(plain)
@@ -168,9 +161,9 @@ def _read_events(folder):
   return out
 
 
-def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
+def test_tensorboard_events_hold_the_logged_scalars(tmp_path, tiny_config):
   pytest.importorskip("tensorboardX")
-  cfg = _tiny(iterations=30, log_every=10, checkpoint_every=0, tensorboard=True)
+  cfg = tiny_config(iterations=30, log_every=10, checkpoint_every=0, tensorboard=True)
   train.train(cfg, tmp_path / "tb", progress=False, evaluate_at_end=False)
   events = _read_events(tmp_path / "tb" / "tensorboard")
   recs = [json.loads(l) for l in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()]
@@ -179,3 +172,16 @@ def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
     for name in ("loss", "alpha", "beta", "steps_per_s"):
       assert events[name][rec["step"]] == pytest.approx(rec[name], rel=1e-6)
   assert "step" not in events
+
+
+def test_every_config_task_has_a_setup_in_the_registry(tiny_config):
+  from amaml import configs
+
+  assert set(train.TASKS) == set(configs.TASKS)
+  setup = train.TASKS["sinusoid"](tiny_config(), jax.random.key(0))
+  batch = setup.sample(jax.random.key(1), setup.data["train"], 3)
+  loss, _ = setup.loss_fn(setup.params, batch.support_x[0], batch.support_y[0])
+  assert batch.support_x.shape[0] == 3 and bool(jnp.isfinite(loss))
+  setup.check(batch, None)
+  with pytest.raises(ValueError):
+    setup.check(batch._replace(query_y=batch.query_y * jnp.nan), None)

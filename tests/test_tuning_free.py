@@ -190,14 +190,13 @@ def test_configs_carry_no_rate_settings_of_their_own(name):
       meta.default_outer_optimizer().init(params))
 
 
-def _tiny(**kw):
-  base = dict(iterations=40, log_every=20, checkpoint_every=0, val_every=0, eval_tasks=50,
-              eval_batch=25, val_tasks=50)
-  return configs.get_config("sinusoid", **{**base, **kw})
+# over conftest's tiny sinusoid config: the config's own network and meta-batch
+TINY = dict(hidden=40, meta_batch=25, log_every=20, checkpoint_every=0, eval_tasks=50,
+            eval_batch=25, val_tasks=50)
 
 
-def test_adaptation_curve_equals_evaluate_at_each_step_count():
-  exp = train.build(_tiny())
+def test_adaptation_curve_equals_evaluate_at_each_step_count(tiny_config):
+  exp = train.build(tiny_config(**TINY))
   batch = exp.sample(jax.random.key(5), None, 6)
   curve = exp.learner.adaptation_curve(exp.params, jnp.float32(0.02), batch, inner_steps=3)
   assert curve["loss"].shape == (6, 4)
@@ -206,10 +205,10 @@ def test_adaptation_curve_equals_evaluate_at_each_step_count():
     np.testing.assert_allclose(curve["loss"][:, k], out["loss"], rtol=1e-5, atol=1e-6)
 
 
-def test_selected_test_adaptation_cannot_diverge():
+def test_selected_test_adaptation_cannot_diverge(tiny_config):
   """At an alpha where MAML's fixed 10 test steps blow up, the selection on validation
   tasks picks a smaller rate or fewer steps, and the test loss stays below not adapting."""
-  cfg = _tiny()
+  cfg = tiny_config(**TINY)
   exp = train.build(cfg)
   alpha = jnp.float32(0.08)  # at the initial weights, 10 steps at 0.08 overshoot
   fixed = train.evaluate(exp, exp.params, alpha, "test", 50, inner_steps=10)
@@ -226,23 +225,23 @@ def test_selected_test_adaptation_cannot_diverge():
   assert none["inner_steps"] == 0 and none["alpha_scale"] == 1.0
 
 
-def test_train_reports_selected_and_fixed_protocols(tmp_path):
-  _, results = train.train(_tiny(alpha=0.4), tmp_path / "run", progress=False)
+def test_train_reports_selected_and_fixed_protocols(tmp_path, tiny_config):
+  _, results = train.train(tiny_config(**TINY, alpha=0.4), tmp_path / "run", progress=False)
   choice = results["test_adaptation"]
   assert results["test"]["inner_steps"] == choice["inner_steps"]
   assert results["test"]["alpha_scale"] == choice["alpha_scale"]
   if (choice["inner_steps"], choice["alpha_scale"]) != (10, 1.0):
     assert results["test_fixed"]["inner_steps"] == 10
   assert "chosen on 50 val tasks" in train.format_results(results)
-  _, fixed = train.train(_tiny(alpha=0.4, test_adaptation="fixed"), tmp_path / "fixed",
+  _, fixed = train.train(tiny_config(**TINY, alpha=0.4, test_adaptation="fixed"), tmp_path / "fixed",
                          progress=False)
   assert "test_adaptation" not in fixed and fixed["test"]["inner_steps"] == 10
 
 
 @pytest.mark.parametrize("name", ["prodigy", "dog", "mechanize", "cocob", "dadapt_adamw"])
-def test_learning_rate_free_outer_optimizers_train_maml(name):
+def test_learning_rate_free_outer_optimizers_train_maml(name, tiny_config):
   """optax.contrib's learning-rate-free optimizers as MAML's outer optimizer: the loss falls."""
-  cfg = _tiny(method="maml", alpha=0.01, outer_optimizer=name, iterations=100)
+  cfg = tiny_config(**TINY, method="maml", alpha=0.01, outer_optimizer=name, iterations=100)
   exp = train.build(cfg)
   state = exp.learner.init(exp.params)
   losses = []

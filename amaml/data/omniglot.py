@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 import tempfile
 import warnings
@@ -170,10 +171,12 @@ def load_omniglot_characters(image_size: int = 28, *, omniglot_dir=None, cache_d
   if source not in ("auto", "arrays", "tfds"):
     raise ValueError(f"source must be 'auto', 'arrays' or 'tfds', got {source!r}")
   arrays_dir = find_omniglot_dir(omniglot_dir) if source != "tfds" else None
-  if arrays_dir is None and source == "arrays":
+  if arrays_dir is None and (source == "arrays" or importlib.util.find_spec(
+      "tensorflow_datasets") is None and source == "auto"):
     raise FileNotFoundError(
-        "no Omniglot arrays folder found: pass omniglot_dir=..., or set $AMAML_OMNIGLOT_DIR, to a "
-        "folder holding images_background.npz and images_evaluation.npz")
+        "no Omniglot arrays folder found: run `amaml download omniglot` once (it needs the "
+        "internet), or pass omniglot_dir=... or set $AMAML_OMNIGLOT_DIR to a folder holding "
+        "images_background.npz and images_evaluation.npz")
   if arrays_dir is not None:
     checksum, tag = arrays_checksum(arrays_dir), "arrays"
     read = lambda: read_omniglot_arrays(arrays_dir)

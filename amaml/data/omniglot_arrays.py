@@ -13,8 +13,9 @@ arrays is character ``1 + c``, row ``c`` of the evaluation arrays is character
 ``n_background + 1 + c``; ``images[c, d]`` is drawer ``d + 1``.
 
 The folder is looked for, in this order, at: the ``omniglot_dir`` argument, the
-``AMAML_OMNIGLOT_DIR`` environment variable, then ``shared/data/omniglot`` in the
-parent of the repository root and in the current directory and its parents.
+``AMAML_OMNIGLOT_DIR`` environment variable, ``shared/data/omniglot`` in the
+parent of the repository root and in the current directory and its parents, then
+where ``amaml download omniglot`` writes it (:func:`default_download_dir`).
 
 >>> import tempfile, numpy as np
 >>> d = tempfile.mkdtemp()
@@ -67,7 +68,16 @@ def find_omniglot_dir(omniglot_dir: str | os.PathLike | None = None) -> Path | N
     cand = base / _SHARED_SUBDIR
     if (cand / FILES["background"]).is_file():
       return cand
+  if (default_download_dir() / FILES["background"]).is_file():
+    return default_download_dir()
   return None
+
+
+def default_download_dir() -> Path:
+  """Where ``amaml download omniglot`` writes the arrays:
+  ``$XDG_CACHE_HOME/amaml/omniglot`` (``~/.cache/amaml/omniglot``)."""
+  cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+  return Path(cache) / "amaml" / "omniglot"
 
 
 def _sha256(path: Path) -> str:

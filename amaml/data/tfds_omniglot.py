@@ -40,8 +40,6 @@ import contextlib
 import hashlib
 import io
 import os
-import re
-import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -49,36 +47,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from amaml.data.omniglot_arrays import Alphabet, OmniglotArrays, read_omniglot_arrays
+from amaml.data.omniglot_zips import DOWNLOAD_URL, ZIP_SUMS, ZIPS, check_zip, walk_zip
 
 NAME = "amaml_omniglot"
 VERSION = "3.0.0"
 NUM_ALPHABETS = 50
 NUM_CHARACTERS = 1623
-_BASE_URL = "https://github.com/brendenlake/omniglot/"
-_DL_URL = _BASE_URL + "raw/master/python/"
-_ZIPS = {"train": "images_background.zip", "test": "images_evaluation.zip",
-         "small1": "images_background_small1.zip", "small2": "images_background_small2.zip"}
-# Size and SHA-256 of the official zips, as registered in tensorflow_datasets for `omniglot`.
-_ZIP_SUMS = {
-    "images_background.zip":
-        (9464212, "ad41ab679c8b5d90b271ef46be6987cc81211774a695c29dcc5367b2b26ee640"),
-    "images_evaluation.zip":
-        (6462886, "1f61a8f3366785b057fc117d9228e78a16e3d976c8953b2a10fcc74cf0609cee"),
-    "images_background_small1.zip":
-        (1319022, "f38eb80f801274ac2b4dff5b24289016bfaba4a7d5bb50deebf27104ad6cb8a4"),
-    "images_background_small2.zip":
-        (1580917, "3ccaa407515a8778e5d0861875af38b17e418f301ad5bb3b5a6b65d901a41c7f"),
-}
-_PNG_RE = re.compile(r"^[^/]+/([^/]+)/character(\d+)/((\d+)_(\d+)\.png)$")
-
-
-def _sha256(path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
 
 def _png_1bit(paper: np.ndarray) -> bytes:
   """A bool image (True = paper) as a 1-bit PNG, like the original Omniglot files."""
@@ -105,17 +79,9 @@ def examples_from_arrays(arrays: OmniglotArrays, split: str) -> Iterator[tuple[s
           "alphabet_char_id": k, "label": gid - 1}
 
 
-def _walk_zip(path) -> Iterator[tuple[str, int, str, bytes]]:
-  with zipfile.ZipFile(path) as z:
-    for info in z.infolist():
-      m = _PNG_RE.match(info.filename)
-      if m:
-        yield m.group(1), int(m.group(2)) - 1, m.group(3), z.read(info)
-
-
 def examples_from_zip(path, alphabet_names: list[str]) -> Iterator[tuple[str, dict]]:
   """``(key, example)`` pairs of one official zip (``<top>/<alphabet>/characterNN/XXXX_YY.png``)."""
-  for alphabet, k, fname, png in _walk_zip(path):
+  for alphabet, k, fname, png in walk_zip(path):
     yield f"{alphabet}_{k}_{fname}", {
         "image": png, "alphabet": alphabet_names.index(alphabet), "alphabet_char_id": k,
         "label": int(fname.split("_")[0]) - 1}
@@ -125,18 +91,10 @@ def _zip_names(paths) -> tuple[list[str], list[str]]:
   """Sorted alphabet names and label names (``<alphabet>_<k>`` by global id) of the zips."""
   alphabets, labels = set(), {}
   for p in paths:
-    for alphabet, k, fname, _ in _walk_zip(p):
+    for alphabet, k, fname, _ in walk_zip(p):
       alphabets.add(alphabet)
       labels[int(fname.split("_")[0]) - 1] = f"{alphabet}_{k}"
   return sorted(alphabets), [labels[i] for i in sorted(labels)]
-
-
-def _check_zip(path: Path) -> None:
-  size, sha = _ZIP_SUMS[path.name]
-  digest = _sha256(path)
-  if path.stat().st_size != size or digest != sha:
-    raise ValueError(f"{path} is not the official Omniglot zip (SHA-256 {digest}, expected {sha}); "
-                     "download it again from " + _DL_URL + path.name)
 
 
 class AmamlOmniglot(tfds.core.GeneratorBasedBuilder):
@@ -154,8 +112,8 @@ class AmamlOmniglot(tfds.core.GeneratorBasedBuilder):
   @tfds.core.utils.classproperty
   @classmethod
   def url_infos(cls):
-    return {_DL_URL + f: tfds.download.checksums.UrlInfo(size=s, checksum=c, filename=f)
-            for f, (s, c) in _ZIP_SUMS.items()}
+    return {DOWNLOAD_URL + f: tfds.download.checksums.UrlInfo(size=s, checksum=c, filename=f)
+            for f, (s, c) in ZIP_SUMS.items()}
 
   def _info(self):
     return tfds.core.DatasetInfo(
@@ -169,7 +127,7 @@ class AmamlOmniglot(tfds.core.GeneratorBasedBuilder):
             "label": tfds.features.ClassLabel(num_classes=NUM_CHARACTERS),
         }),
         supervised_keys=("image", "label"),
-        homepage=_BASE_URL,
+        homepage="https://github.com/brendenlake/omniglot/",
     )
 
   def _set_names(self, alphabets: list[str], labels: list[str]) -> None:
@@ -197,20 +155,20 @@ class AmamlOmniglot(tfds.core.GeneratorBasedBuilder):
     paths = self._local_zips(dl_manager)
     if paths is None:
       paths = {s: Path(p) for s, p in dl_manager.download(
-          {s: _DL_URL + f for s, f in _ZIPS.items()}).items()}
+          {s: DOWNLOAD_URL + f for s, f in ZIPS.items()}).items()}
     alphabets, labels = _zip_names([paths["train"], paths["test"]])
     self._set_names(alphabets, labels)
-    return {s: examples_from_zip(paths[s], alphabets) for s in _ZIPS}
+    return {s: examples_from_zip(paths[s], alphabets) for s in ZIPS}
 
   def _local_zips(self, dl_manager) -> dict[str, Path] | None:
     dirs = [self._zips_dir]
     manual = getattr(dl_manager, "_manual_dir", None)  # DownloadConfig(manual_dir=...)
     dirs.append(None if manual is None else Path(manual))
     for d in dirs:
-      if d is not None and all((d / f).is_file() for f in _ZIPS.values()):
-        for f in _ZIPS.values():
-          _check_zip(d / f)
-        return {s: d / f for s, f in _ZIPS.items()}
+      if d is not None and all((d / f).is_file() for f in ZIPS.values()):
+        for f in ZIPS.values():
+          check_zip(d / f)
+        return {s: d / f for s, f in ZIPS.items()}
     return None
 
   def _generate_examples(self, **kwargs):  # splits come from the generators above
@@ -265,9 +223,9 @@ def prepared_checksum(data_dir=None, name: str = NAME) -> str:
   d = _dataset_dir(data_dir, name)
   if not is_prepared(data_dir, name):
     raise FileNotFoundError(
-        f"Omniglot not found: no arrays folder (pass omniglot_dir=... or set "
-        f"$AMAML_OMNIGLOT_DIR to a folder holding images_background.npz and "
-        f"images_evaluation.npz) and no prepared TFDS dataset in {d} (prepare it once with "
+        f"Omniglot not found: no arrays folder (run `amaml download omniglot` once, or pass "
+        f"omniglot_dir=... or set $AMAML_OMNIGLOT_DIR to a folder holding images_background.npz "
+        f"and images_evaluation.npz) and no prepared TFDS dataset in {d} (prepare it once with "
         "amaml.data.prepare_tfds_omniglot(download=True), or arrays_dir=... offline)")
   h = hashlib.sha256((d / "dataset_info.json").read_bytes())
   for f in sorted(d.iterdir()):
