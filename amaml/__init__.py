@@ -12,7 +12,8 @@ from amaml import losses
 from amaml import models
 from amaml.hd import HypergradientState, current_hypergradient, current_learning_rate, hypergradient
 from amaml.inner import adapt, init_alpha
-from amaml.meta import MetaLearner, MetaState, alpha_maml, alpha_maml_paper, fomaml, maml
+from amaml.meta import (MetaLearner, MetaState, alpha_maml, alpha_maml_paper, anil, fomaml, maml,
+                        maml_plus_plus, meta_sgd, protonet, reptile)
 from amaml.rates import hd_step
 from amaml.sinusoid import sinusoid_tasks
 from amaml.stats import mean_confidence_interval
@@ -20,8 +21,8 @@ from amaml.task import TaskBatch
 
 __all__ = [
     "HypergradientState", "MetaLearner", "MetaState", "TaskBatch", "adapt", "alpha_maml",
-    "alpha_maml_paper",
-    "current_hypergradient", "current_learning_rate", "fomaml", "hd_step", "hypergradient", "init_alpha", "losses",
-    "maml", "mean_confidence_interval", "models", "sinusoid_tasks",
+    "alpha_maml_paper", "anil", "current_hypergradient", "current_learning_rate", "fomaml",
+    "hd_step", "hypergradient", "init_alpha", "losses", "maml", "maml_plus_plus",
+    "mean_confidence_interval", "meta_sgd", "models", "protonet", "reptile", "sinusoid_tasks",
 ]
 __version__ = "0.2.0"

@@ -10,15 +10,24 @@ import dataclasses
 import json
 from typing import Any
 
-TASKS = ("sinusoid", "omniglot")
-METHODS = ("alpha-maml", "alpha-maml-paper", "maml", "fomaml")
+TASKS = ("sinusoid", "omniglot", "image_folder")
+# the image benchmarks of task image_folder (amaml.data.image_folders.DATASETS)
+DATASETS = ("", "miniimagenet", "tieredimagenet", "cifar-fs", "fc100")
+METHODS = ("alpha-maml", "alpha-maml-paper", "maml", "fomaml", "meta-sgd", "anil", "maml++", "reptile",
+           "protonet")
 # the outer optimizer: Adam (its rate beta adapted by hypergradient for the Alpha MAML
 # methods) or one of optax.contrib's learning-rate-free optimizers (beta then unused).
 # Each method's own: amaml's default (alpha-maml) uses D-Adaptation's AdamW, the paper's
 # rule and MAML use Adam.
-OUTER_OPTIMIZERS = ("adam", "prodigy", "dog", "mechanize", "cocob", "dadapt_adamw")
+OUTER_OPTIMIZERS = ("adam", "sgd", "prodigy", "dog", "mechanize", "cocob", "dadapt_adamw")
 METHOD_OUTER_OPTIMIZER = {"alpha-maml": "dadapt_adamw", "alpha-maml-paper": "adam",
-                          "maml": "adam", "fomaml": "adam"}
+                          "maml": "adam", "fomaml": "adam", "meta-sgd": "adam", "anil": "adam",
+                          "maml++": "adam", "protonet": "adam",
+                          "reptile": "sgd"}
+# the outer rate beta0 of each method when Config.beta is None: Reptile's outer step
+# epsilon is 1 (Nichol et al. 2018), every other method's Adam starts at 1e-3
+METHOD_BETA = {"reptile": 1.0}
+DEFAULT_BETA = 1e-3
 TEST_ADAPTATIONS = ("select", "fixed")
 RATE_RULES = ("additive", "log", "normalized")
 
@@ -53,9 +62,20 @@ class Config:
   remat: bool = _field(False, "recompute inner steps in the backward pass: less memory, "
                        "more time (rolled loop)")
   alpha: float = _field(0.1, "initial inner rate alpha0 (adapted by alpha-maml)")
+  multi_step_loss: int = _field(0, "MAML++'s multi-step loss, its weights annealed over "
+                                "this many meta steps; 0: off (maml++: 5000)")
+  first_order_steps: int = _field(0, "MAML++'s derivative-order annealing: first order for "
+                                  "this many meta steps, then second; 0: off (maml++: 25000)")
+  inner_optimizer: str = _field("sgd", "the inner loop's optimizer, its rate alpha (adapted "
+                                "through its state by alpha-maml)", ("sgd", "momentum", "adam"))
+  inner_params: str = _field("", "regular expression over parameter paths (conv0/kernel, "
+                             "head/bias, ...) that the inner loop adapts; empty: all of "
+                             "them (anil: the model's head)")
   # outer loop
-  beta: float = _field(1e-3, "outer rate (beta0) of outer_optimizer adam: adapted by "
-                       "hypergradient for the alpha-maml methods, fixed for maml")
+  beta: float | None = _field(None, "outer rate (beta0) of outer_optimizer adam or sgd: "
+                              "adapted by hypergradient for the alpha-maml methods, fixed "
+                              "for the others (reptile: its epsilon); none: the method's "
+                              "default (1.0 for reptile, 1e-3 for the others)")
   outer_optimizer: str | None = _field(
       None, "outer optimizer: adam (its rate beta adapted by hypergradient for the alpha-maml "
       "methods, fixed for maml) or a learning-rate-free one from optax.contrib (beta then "
@@ -82,9 +102,12 @@ class Config:
   # data
   protocol: str = _field("maml", "Omniglot split: maml (1200 training characters, rotations "
                          "as classes) or lake (background/evaluation alphabets)", ("maml", "lake"))
-  image_size: int = _field(28, "Omniglot image side in pixels")
-  data_dir: str = _field("", "folder of the Omniglot arrays (empty: $AMAML_OMNIGLOT_DIR, "
-                      "then shared/data/omniglot)")
+  image_size: int = _field(28, "image side in pixels (images are resized to it)")
+  dataset: str = _field("", "task image_folder: the benchmark read from data_dir", DATASETS)
+  data_dir: str = _field("", "the data folder. omniglot: the arrays (empty: "
+                         "$AMAML_OMNIGLOT_DIR, then shared/data/omniglot, then "
+                         "~/.cache/amaml/omniglot); image_folder: the benchmark's folder "
+                         "(empty: $AMAML_<DATASET>_DIR)")
   track_pre_adaptation: bool = _field(True, "also log the query loss before adaptation (one "
                                       "more forward pass)")
   # run
@@ -117,6 +140,11 @@ class Config:
       raise ValueError(f"outer_optimizer={self.outer_optimizer!r}: use one of {OUTER_OPTIMIZERS}")
     if self.test_adaptation not in TEST_ADAPTATIONS:
       raise ValueError(f"test_adaptation={self.test_adaptation!r}: use one of {TEST_ADAPTATIONS}")
+    if self.dataset not in DATASETS:
+      raise ValueError(f"dataset={self.dataset!r}: use one of {DATASETS[1:]}")
+    if (self.task == "image_folder") != bool(self.dataset):
+      raise ValueError(f"task={self.task!r} with dataset={self.dataset!r}: task image_folder "
+                       "needs a dataset, the other tasks take none")
     if self.protocol not in ("maml", "lake"):
       raise ValueError(f"protocol={self.protocol!r}: use maml or lake")
     for name in ("ways", "shots", "queries", "meta_batch", "inner_steps", "iterations",
@@ -125,6 +153,8 @@ class Config:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
     if self.devices < 0:
       raise ValueError(f"devices={self.devices} must be >= 0 (0 = all devices, 1 = one device)")
+    if self.multi_step_loss < 0 or self.first_order_steps < 0:
+      raise ValueError("multi_step_loss and first_order_steps must be >= 0 (0 = off)")
     if self.max_minutes < 0:
       raise ValueError(f"max_minutes={self.max_minutes} must be >= 0 (0 = no time limit)")
     if self.eval_inner_steps < 0:
@@ -133,7 +163,7 @@ class Config:
       v = getattr(self, name)
       if v < 0 or (v and v % self.log_every):
         raise ValueError(f"{name}={v} must be 0 (never) or a multiple of log_every={self.log_every}")
-    if self.alpha < 0 or self.beta <= 0:
+    if self.alpha < 0 or (self.beta is not None and self.beta <= 0):
       raise ValueError(f"alpha={self.alpha} must be >= 0 and beta={self.beta} > 0")
     return self
 
@@ -142,6 +172,11 @@ class Config:
     """``outer_optimizer``, or the method's own when it is ``None``
     (``METHOD_OUTER_OPTIMIZER``: D-Adaptation's AdamW for ``alpha-maml``, else Adam)."""
     return self.outer_optimizer or METHOD_OUTER_OPTIMIZER[self.method]
+
+  @property
+  def resolved_beta(self) -> float:
+    """``beta``, or the method's default when it is ``None`` (:data:`METHOD_BETA`)."""
+    return self.beta if self.beta is not None else METHOD_BETA.get(self.method, DEFAULT_BETA)
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
@@ -162,6 +197,11 @@ class Config:
 _OMNIGLOT = dict(task="omniglot", hidden=64, meta_batch=32, queries=5, iterations=60000,
                  log_every=100, val_every=1000, checkpoint_every=1000, eval_batch=50,
                  track_pre_adaptation=False)
+_IMAGENET = dict(task="image_folder", ways=5, queries=15, image_size=84, hidden=32,
+                 inner_steps=5, eval_inner_steps=10, iterations=60000, log_every=100,
+                 val_every=1000, checkpoint_every=1000, val_tasks=100, eval_tasks=600,
+                 eval_batch=25, track_pre_adaptation=False)
+_CIFAR = {**_IMAGENET, "image_size": 32, "hidden": 64}
 CONFIGS: dict[str, Config] = {
     # MAML's sinusoid regression: 10 support and 10 query points, MLP 1-40-40-1.
     "sinusoid": Config(),
@@ -173,6 +213,19 @@ CONFIGS: dict[str, Config] = {
                                 "meta_batch": 16}),
     "omniglot-20w5s": Config(**{**_OMNIGLOT, "ways": 20, "shots": 5, "inner_steps": 5,
                                 "meta_batch": 16}),
+    # miniImageNet (Ravi & Larochelle splits) and tieredImageNet as in MAML (Finn et al.
+    # 2017): 84x84 RGB, Conv4 with 32 filters, 15 queries per class, 5 inner steps in
+    # training and 10 at test time, 4 tasks (1-shot) or 2 tasks (5-shot) per meta step.
+    "miniimagenet-5w1s": Config(**_IMAGENET, dataset="miniimagenet", shots=1, meta_batch=4),
+    "miniimagenet-5w5s": Config(**_IMAGENET, dataset="miniimagenet", shots=5, meta_batch=2),
+    "tieredimagenet-5w1s": Config(**_IMAGENET, dataset="tieredimagenet", shots=1, meta_batch=4),
+    "tieredimagenet-5w5s": Config(**_IMAGENET, dataset="tieredimagenet", shots=5, meta_batch=2),
+    # CIFAR-FS (Bertinetto et al. 2019) and FC100 (Oreshkin et al. 2018): 32x32 RGB, the
+    # same protocol with Conv4-64.
+    "cifar-fs-5w1s": Config(**_CIFAR, dataset="cifar-fs", shots=1, meta_batch=4),
+    "cifar-fs-5w5s": Config(**_CIFAR, dataset="cifar-fs", shots=5, meta_batch=2),
+    "fc100-5w1s": Config(**_CIFAR, dataset="fc100", shots=1, meta_batch=4),
+    "fc100-5w5s": Config(**_CIFAR, dataset="fc100", shots=5, meta_batch=2),
 }
 
 

@@ -135,6 +135,11 @@ def alpha_maml(
     unroll: bool | int = True,
     remat: bool = False,
     donate: bool = False,
+    inner_params: Any = None,
+    alpha_update: str = "hypergradient",
+    inner_optimizer: Any = None,
+    multi_step_loss: int = 0,
+    first_order_steps: int = 0,
     **optimizer_kwargs: Any,
 ) -> MetaLearner:
   """Alpha MAML (Behl, Baydin & Torr, 2019): MAML with ``alpha`` (and, with an optimizer
@@ -198,6 +203,24 @@ def alpha_maml(
       inner loop rolled, see :func:`amaml.adapt`).
     donate: donate the input state's buffers to ``step`` (saves memory; the
       state passed in can no longer be used).
+    inner_params: which parameters the inner loop adapts (:func:`amaml.inner.param_mask`:
+      a regular expression over paths such as ``"head/kernel"``, a callable or a pytree of
+      bools); ``None``: all (MAML). ``"^head/"`` on Conv4 is ANIL (:func:`anil`).
+    alpha_update: how ``alpha`` learns: ``"hypergradient"`` (Alpha MAML: its own rule,
+      ``rate_rule``, from ``d L / d alpha``) or ``"outer"`` (Meta-SGD: the outer optimizer
+      steps ``alpha`` with ``params``, from the same gradient; see :func:`meta_sgd`).
+    inner_optimizer: the inner loop's optimizer: ``None`` or ``"sgd"`` (MAML's plain
+      steps), ``"momentum"``, ``"adam"`` (:func:`amaml.inner.inner_optimizer`) or any
+      Optax direction without a learning rate (``optax.scale_by_rms()``, ...). Its rate
+      is ``alpha``, which still follows its exact hypergradient: ``d L / d alpha``
+      through the inner optimizer's state.
+    multi_step_loss: MAML++'s multi-step loss: ``N > 0`` trains on the weighted sum of
+      the query losses after every inner step, the weights annealed over the first ``N``
+      meta steps from uniform to (almost) the last step alone (:func:`msl_weights`);
+      ``metrics["loss"]`` stays the query loss after the last step. The inner loop is
+      then unrolled (``unroll`` and ``remat`` do not apply).
+    first_order_steps: MAML++'s derivative-order annealing: the first ``N`` meta steps
+      are first order, the rest second order (one compiled step: ``lax.cond``).
     **optimizer_kwargs: passed to ``optimizer`` (``b1``, ``momentum``, ...).
   """
   alpha_lr, beta_lr = _default_hyper_lrs(rate_rule, alpha_lr, beta_lr)
@@ -214,34 +237,82 @@ def alpha_maml(
     raise ValueError(f"alpha_granularity must be one of {inner.GRANULARITIES}, got {alpha_granularity!r}")
   if inner_steps < 1:
     raise ValueError(f"inner_steps must be >= 1 for meta-learning, got {inner_steps}")
+  if alpha_update not in ("hypergradient", "outer"):
+    raise ValueError(f"alpha_update must be 'hypergradient' or 'outer', got {alpha_update!r}")
   alpha_rule = rates.rate_rule(alpha_lr, rate_rule, min_rate=alpha_min, max_rate=alpha_max)
-  adapt = functools.partial(inner.adapt, loss_fn, first_order=first_order, unroll=unroll,
-                            remat=remat)
+  mask_of = lambda params: None if inner_params is None else inner.param_mask(params, inner_params)
+  if isinstance(inner_optimizer, str):
+    inner_optimizer = inner.inner_optimizer(inner_optimizer)
 
-  def task_loss(params, alpha_, sx, sy, qx, qy):
-    adapted, support_losses = adapt(params, alpha_, sx, sy, inner_steps=inner_steps)
-    loss, aux = loss_fn(adapted, qx, qy)
-    return loss, {**aux, "support_loss": support_losses[0]}
+  def task_loss(params, alpha_, sx, sy, qx, qy, fo, weights):
+    mask = mask_of(params)
+    if weights is None:
+      adapted, support_losses = inner.adapt(loss_fn, params, alpha_, sx, sy,
+                                            inner_steps=inner_steps, first_order=fo,
+                                            unroll=unroll, remat=remat, mask=mask,
+                                            optimizer=inner_optimizer)
+      loss, aux = loss_fn(adapted, qx, qy)
+      return loss, {**aux, "support_loss": support_losses[0]}
+    # the multi-step loss: the query loss after every inner step, weighted
+    p, s = params, (() if inner_optimizer is None else inner_optimizer.init(params))
+    query_losses = []
+    for k in range(inner_steps):
+      if inner_optimizer is None:
+        p, sl = inner.sgd_step(loss_fn, p, alpha_, sx, sy, first_order=fo, mask=mask)
+      else:
+        p, s, sl = inner.optimizer_step(loss_fn, p, s, alpha_, sx, sy, inner_optimizer,
+                                        first_order=fo, mask=mask)
+      support0 = sl if k == 0 else support0
+      loss, aux = loss_fn(p, qx, qy)
+      query_losses.append(loss)
+    weighted = jnp.sum(weights * jnp.stack(query_losses))
+    return weighted, {**aux, "support_loss": support0, "final_loss": loss}
 
-  def meta_loss(params, alpha_, batch: TaskBatch):
-    losses, aux = jax.vmap(task_loss, in_axes=(None, None, 0, 0, 0, 0))(params, alpha_, *batch)
+  def meta_loss(params, alpha_, batch: TaskBatch, *, step=None, first_order_=None):
+    """The mean over tasks of the query loss after adaptation (with ``multi_step_loss``
+    and a meta ``step``: MAML++'s weighted sum over inner steps)."""
+    fo = first_order if first_order_ is None else first_order_
+    weights = None if not multi_step_loss or step is None else msl_weights(
+        step, inner_steps, multi_step_loss)
+    losses, aux = jax.vmap(functools.partial(task_loss, fo=fo, weights=weights),
+                           in_axes=(None, None, 0, 0, 0, 0))(params, alpha_, *batch)
     return jnp.mean(losses), jax.tree.map(jnp.mean, aux)
+
+  def meta_grads(state: MetaState, batch: TaskBatch):
+    grad = lambda fo: jax.value_and_grad(
+        functools.partial(meta_loss, step=state.step, first_order_=fo), argnums=(0, 1),
+        has_aux=True)(state.params, state.alpha, batch)
+    if first_order_steps and not first_order:  # derivative-order annealing
+      return jax.lax.cond(state.step < first_order_steps, lambda: grad(True), lambda: grad(False))
+    return grad(first_order)
+
+  outer_alpha = alpha_update == "outer"
 
   def init(params) -> MetaState:
     alpha0 = inner.init_alpha(params, alpha, alpha_granularity)
     return MetaState(params=params,
                      alpha=alpha0,
                      alpha_state=alpha_rule.init(alpha0),
-                     opt_state=opt.init(params),
+                     opt_state=opt.init((params, alpha0) if outer_alpha else params),
                      step=jnp.zeros((), jnp.int32),
                      nonfinite_streak=jnp.zeros((), jnp.int32))
 
   def update(state: MetaState, batch: TaskBatch):
-    (loss, aux), (grads, alpha_grad) = jax.value_and_grad(
-        meta_loss, argnums=(0, 1), has_aux=True)(state.params, state.alpha, batch)
-    updates, opt_state = opt.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_alpha, alpha_state = alpha_rule.update(state.alpha, alpha_grad, state.alpha_state)
+    (loss, aux), (grads, alpha_grad) = meta_grads(state, batch)
+    if "final_loss" in aux:  # multi-step loss: report (and backtrack on) the last step's
+      aux = dict(aux)
+      loss = aux.pop("final_loss")
+    if outer_alpha:  # Meta-SGD: alpha is a meta-parameter of the outer optimizer
+      updates, opt_state = opt.update((grads, alpha_grad), state.opt_state,
+                                      (state.params, state.alpha))
+      params, new_alpha = optax.apply_updates((state.params, state.alpha), updates)
+      if alpha_min is not None or alpha_max is not None:
+        new_alpha = jax.tree.map(lambda a: jnp.clip(a, alpha_min, alpha_max), new_alpha)
+      alpha_state = state.alpha_state
+    else:
+      updates, opt_state = opt.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      new_alpha, alpha_state = alpha_rule.update(state.alpha, alpha_grad, state.alpha_state)
     ok = _all_finite((loss, grads, alpha_grad, params, new_alpha, opt_state))
     metrics = {"loss": loss,
                "grad_norm": optax.tree.norm(grads),
@@ -291,10 +362,18 @@ def alpha_maml(
 
   def adapt_eval(params, alpha_, sx, sy, qx, qy, steps):
     """Query loss and aux after 0, 1, ..., ``steps`` inner steps (first order)."""
-    def body(p, _):
+    mask = mask_of(params)
+
+    def body(c, _):
+      p, s = c
       q = loss_fn(p, qx, qy)
-      return inner.sgd_step(loss_fn, p, alpha_, sx, sy, first_order=True)[0], q
-    last, curve = jax.lax.scan(body, params, None, length=steps)
+      if inner_optimizer is None:
+        return (inner.sgd_step(loss_fn, p, alpha_, sx, sy, first_order=True, mask=mask)[0], s), q
+      p, s, _ = inner.optimizer_step(loss_fn, p, s, alpha_, sx, sy, inner_optimizer,
+                                     first_order=True, mask=mask)
+      return (p, s), q
+    state0 = () if inner_optimizer is None else inner_optimizer.init(params)
+    (last, _), curve = jax.lax.scan(body, (params, state0), None, length=steps)
     final = loss_fn(last, qx, qy)
     return jax.tree.map(lambda c, f: jnp.concatenate([c, f[None]]), curve, final)
 
@@ -304,7 +383,8 @@ def alpha_maml(
     def one(sx, sy, qx, qy):
       pre_loss, pre_aux = loss_fn(params, qx, qy)
       adapted, _ = inner.adapt(loss_fn, params, alpha_, sx, sy, inner_steps=steps,
-                               first_order=True, unroll=1)
+                               first_order=True, unroll=1, mask=mask_of(params),
+                               optimizer=inner_optimizer)
       post_loss, post_aux = loss_fn(adapted, qx, qy)
       out = {"pre_loss": pre_loss, "loss": post_loss}
       out.update({f"pre_{k}": v for k, v in pre_aux.items()})
@@ -324,6 +404,22 @@ def alpha_maml(
                      evaluate=jax.jit(evaluate, static_argnames=("inner_steps",)),
                      meta_loss=meta_loss, update=update,
                      adaptation_curve=jax.jit(adaptation_curve, static_argnames=("inner_steps",)))
+
+
+def msl_weights(step: jax.Array, inner_steps: int, anneal_steps: int) -> jax.Array:
+  """MAML++'s multi-step loss weights at meta ``step`` (Antoniou et al., 2019): uniform
+  ``1/K`` at first; every step but the last decays linearly to ``0.03/K`` over
+  ``anneal_steps`` meta steps, and the last takes the rest (the weights sum to 1).
+
+  >>> [round(float(w), 3) for w in msl_weights(0, 4, 100)]
+  [0.25, 0.25, 0.25, 0.25]
+  >>> [round(float(w), 4) for w in msl_weights(100, 4, 100)]
+  [0.0075, 0.0075, 0.0075, 0.9775]
+  """
+  k = inner_steps
+  frac = jnp.minimum(jnp.asarray(step, jnp.float32) / anneal_steps, 1.0)
+  early = jnp.full((k - 1,), jnp.maximum((1.0 - frac) / k, 0.03 / k))
+  return jnp.concatenate([early, (1.0 - jnp.sum(early))[None]])
 
 
 def default_outer_optimizer() -> optax.GradientTransformation:
@@ -366,3 +462,188 @@ def maml(loss_fn: Callable, *, alpha: float = 0.01, beta: float = 1e-3, inner_st
 def fomaml(loss_fn: Callable, **kwargs: Any) -> MetaLearner:
   """First-order MAML: :func:`maml` with ``first_order=True``."""
   return maml(loss_fn, first_order=True, **kwargs)
+
+
+def meta_sgd(loss_fn: Callable, *, alpha: float = 0.01, beta: float = 1e-3,
+             inner_steps: int = 1, **kwargs: Any) -> MetaLearner:
+  """Meta-SGD (Li et al., 2017): one inner rate per parameter, learned by the outer
+  optimizer (Adam at a fixed ``beta``) from the same meta-gradient as the weights, and
+  free to change sign (no bounds). Every rate starts at ``alpha`` (the paper draws them
+  from U[0.005, 0.1]; a constant start keeps every method's ``alpha`` comparable).
+  amaml's counterpart adapts the same per-parameter rates by hypergradient instead:
+  ``alpha_maml(loss_fn, alpha_granularity="parameter")``."""
+  kwargs = {"backtrack": False, "optimizer": optax.adam, "alpha_min": None, "alpha_max": None,
+            **kwargs}
+  return alpha_maml(loss_fn, alpha=alpha, beta=beta, alpha_lr=0.0, beta_lr=0.0,
+                    inner_steps=inner_steps, alpha_granularity="parameter",
+                    alpha_update="outer", **kwargs)
+
+
+def anil(loss_fn: Callable, *, inner_params: Any = "^head/", **kwargs: Any) -> MetaLearner:
+  """ANIL (Raghu et al., 2020): MAML whose inner loop adapts only the head (the
+  parameters whose path matches ``inner_params``, by default Conv4's ``head/``; any
+  model works with its own pattern, callable or pytree of bools, see
+  :func:`amaml.inner.param_mask`). The body learns in the outer loop only."""
+  return maml(loss_fn, inner_params=inner_params, **kwargs)
+
+
+def reptile(loss_fn: Callable, *, alpha: float = 0.1, inner_steps: int = 5,
+            epsilon: float | optax.Schedule = 1.0,
+            optimizer: optax.GradientTransformation | None = None,
+            track_pre_adaptation: bool = True, donate: bool = False,
+            inner_params: Any = None, inner_optimizer: Any = None) -> MetaLearner:
+  """Reptile (Nichol, Achiam & Schulman, 2018): first order, no meta-gradient.
+
+  Each task adapts ``params`` by ``inner_steps`` SGD steps at ``alpha`` on its support
+  set; the outer step moves toward the mean adapted weights,
+  ``theta <- theta + epsilon * mean_t(theta'_t - theta)``: ``optimizer`` (default
+  ``optax.sgd(epsilon)``, ``epsilon`` a number or an Optax schedule, the paper's 1.0
+  annealed linearly to 0) receives ``theta - mean_t theta'_t`` as the gradient.
+  ``metrics["loss"]`` is the query loss after adaptation, as for the other methods.
+  ``alpha`` is fixed. ``inner_optimizer="adam"`` gives the paper's inner Adam (see
+  :func:`alpha_maml`), with ``alpha`` its learning rate.
+  """
+  opt = optimizer if optimizer is not None else optax.sgd(epsilon)
+  if isinstance(inner_optimizer, str):
+    inner_optimizer = inner.inner_optimizer(inner_optimizer)
+  mask_of = lambda params: None if inner_params is None else inner.param_mask(params, inner_params)
+
+  def task(params, sx, sy, qx, qy):
+    adapted, support_losses = inner.adapt(loss_fn, params, alpha, sx, sy,
+                                          inner_steps=inner_steps, first_order=True,
+                                          mask=mask_of(params), optimizer=inner_optimizer)
+    loss, aux = loss_fn(adapted, qx, qy)
+    return adapted, loss, {**aux, "support_loss": support_losses[0]}
+
+  def meta_loss(params, alpha_, batch: TaskBatch):
+    mask = mask_of(params)
+
+    def one(sx, sy, qx, qy):
+      adapted, _ = inner.adapt(loss_fn, params, alpha_, sx, sy, inner_steps=inner_steps,
+                               mask=mask, optimizer=inner_optimizer)
+      return loss_fn(adapted, qx, qy)
+
+    losses, aux = jax.vmap(one)(*batch)
+    return jnp.mean(losses), jax.tree.map(jnp.mean, aux)
+
+  def init(params) -> MetaState:
+    a = jnp.asarray(alpha, jnp.result_type(float))
+    return MetaState(params=params, alpha=a, alpha_state=(), opt_state=opt.init(params),
+                     step=jnp.zeros((), jnp.int32), nonfinite_streak=jnp.zeros((), jnp.int32))
+
+  def update(state: MetaState, batch: TaskBatch):
+    adapted, losses, aux = jax.vmap(task, in_axes=(None, 0, 0, 0, 0))(state.params, *batch)
+    direction = jax.tree.map(lambda p, a: p - jnp.mean(a, axis=0), state.params, adapted)
+    updates, opt_state = opt.update(direction, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    loss = jnp.mean(losses)
+    ok = _all_finite((loss, params, opt_state))
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = state._replace(
+        params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+        step=state.step + 1,
+        nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32))
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(direction), "alpha": state.alpha,
+               "nonfinite": jnp.logical_not(ok), "nonfinite_streak": new_state.nonfinite_streak,
+               **jax.tree.map(jnp.mean, aux)}
+    if track_pre_adaptation:
+      pre_loss, pre_aux = jax.vmap(loss_fn, in_axes=(None, 0, 0))(
+          state.params, batch.query_x, batch.query_y)
+      metrics["pre_loss"] = jnp.mean(pre_loss)
+      metrics.update({f"pre_{k}": jnp.mean(v) for k, v in pre_aux.items()})
+    return new_state, metrics
+
+  # evaluation is MAML's: adapt on the support set at alpha, score the query set
+  evaluate_like = alpha_maml(loss_fn, alpha=alpha, inner_steps=inner_steps,
+                             inner_params=inner_params, optimizer=optax.sgd(0.0),
+                             inner_optimizer=inner_optimizer)
+  step = jax.jit(update, donate_argnums=(0,) if donate else ())
+  return MetaLearner(init=init, step=step, evaluate=evaluate_like.evaluate,
+                     meta_loss=meta_loss, update=update,
+                     adaptation_curve=evaluate_like.adaptation_curve)
+
+
+def maml_plus_plus(loss_fn: Callable, *, alpha: float = 0.1, beta: float = 1e-3,
+                   inner_steps: int = 5, multi_step_loss: int = 5000,
+                   first_order_steps: int = 25000, **kwargs: Any) -> MetaLearner:
+  """MAML++ (Antoniou, Edwards & Storkey, 2019), the parts amaml offers, each also
+  available alone as an argument of :func:`alpha_maml`:
+
+  - learned per-layer inner rates (LSLR), one per parameter tensor, stepped by the outer
+    optimizer (``alpha_granularity="tensor"``, ``alpha_update="outer"``); MAML++ also
+    learns a separate rate for every inner step, which amaml does not (yet);
+  - the multi-step loss, annealed over ``multi_step_loss`` meta steps (MAML++: its first
+    10 epochs of 500 meta steps);
+  - derivative-order annealing: first order for the first ``first_order_steps`` meta
+    steps (MAML++: 50 epochs of 500), then second order.
+
+  Not offered: per-step batch-norm statistics, weights and biases, and the cosine
+  annealing of the outer rate (pass ``optimizer=`` a scheduled Optax optimizer). Outer
+  step: Adam at ``beta``."""
+  kwargs = {"backtrack": False, "optimizer": optax.adam, "alpha_min": None,
+            "alpha_max": None, **kwargs}
+  return alpha_maml(loss_fn, alpha=alpha, beta=beta, alpha_lr=0.0, beta_lr=0.0,
+                    inner_steps=inner_steps, alpha_granularity="tensor", alpha_update="outer",
+                    multi_step_loss=multi_step_loss, first_order_steps=first_order_steps,
+                    **kwargs)
+
+
+def protonet(embed_fn: Callable[[Any, jax.Array], jax.Array], *, ways: int,
+             optimizer: optax.GradientTransformation | None = None, beta: float = 1e-3,
+             donate: bool = False) -> MetaLearner:
+  """Prototypical Networks (Snell, Swersky & Zemel, 2017): a metric-based baseline with
+  no inner loop. ``embed_fn(params, x) -> [n, d]`` embeds the support and query sets;
+  each class's prototype is the mean embedding of its support examples, and a query's
+  logits are minus its squared Euclidean distances to the ``ways`` prototypes
+  (cross-entropy, accuracy). The outer step is ``optimizer`` (default Adam at ``beta``,
+  the paper's 1e-3). The :class:`MetaLearner` has the usual fields; ``alpha`` is an unused
+  0 and ``evaluate`` / ``adaptation_curve`` report the same loss for every step count.
+  """
+  opt = optimizer if optimizer is not None else optax.adam(beta)
+
+  def task(params, sx, sy, qx, qy):
+    zs, zq = embed_fn(params, sx), embed_fn(params, qx)
+    onehot = jax.nn.one_hot(sy, ways, dtype=zs.dtype)  # [n_support, ways]
+    protos = (onehot.T @ zs) / jnp.maximum(onehot.sum(0), 1.0)[:, None]
+    logits = -jnp.sum(jnp.square(zq[:, None, :] - protos[None]), axis=-1)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, qy).mean()
+    acc = jnp.mean((jnp.argmax(logits, -1) == qy).astype(logits.dtype))
+    return loss, {"accuracy": acc}
+
+  def meta_loss(params, alpha_, batch: TaskBatch):
+    losses, aux = jax.vmap(task, in_axes=(None, 0, 0, 0, 0))(params, *batch)
+    return jnp.mean(losses), jax.tree.map(jnp.mean, aux)
+
+  def init(params) -> MetaState:
+    return MetaState(params=params, alpha=jnp.zeros((), jnp.result_type(float)), alpha_state=(),
+                     opt_state=opt.init(params), step=jnp.zeros((), jnp.int32),
+                     nonfinite_streak=jnp.zeros((), jnp.int32))
+
+  def update(state: MetaState, batch: TaskBatch):
+    (loss, aux), grads = jax.value_and_grad(meta_loss, has_aux=True)(state.params, state.alpha,
+                                                                     batch)
+    updates, opt_state = opt.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ok = _all_finite((loss, grads, params, opt_state))
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = state._replace(
+        params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+        step=state.step + 1,
+        nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32))
+    return new_state, {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads),
+                       "alpha": state.alpha, "nonfinite": jnp.logical_not(ok),
+                       "nonfinite_streak": new_state.nonfinite_streak}
+
+  def evaluate(params, alpha_, batch: TaskBatch, inner_steps: int | None = None):
+    loss, aux = jax.vmap(task, in_axes=(None, 0, 0, 0, 0))(params, *batch)
+    return {"loss": loss, "pre_loss": loss, **aux, **{f"pre_{k}": v for k, v in aux.items()}}
+
+  def adaptation_curve(params, alpha_, batch: TaskBatch, inner_steps: int):
+    out = evaluate(params, alpha_, batch)
+    return {k: jnp.repeat(out[k][:, None], inner_steps + 1, axis=1) for k in ("loss", "accuracy")}
+
+  step = jax.jit(update, donate_argnums=(0,) if donate else ())
+  return MetaLearner(init=init, step=step,
+                     evaluate=jax.jit(evaluate, static_argnames=("inner_steps",)),
+                     meta_loss=meta_loss, update=update,
+                     adaptation_curve=jax.jit(adaptation_curve, static_argnames=("inner_steps",)))

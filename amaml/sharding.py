@@ -38,9 +38,12 @@ Orbax's save and restore (it writes replicated arrays once). Host-side reads of
 global arrays (``np.asarray``, ``jax.device_get`` of metrics, as ``amaml train``
 and :class:`amaml.checkpoint.Checkpointer` do on one host) need the process's
 own shard instead (``x.addressable_data(0)`` for replicated arrays, or
-:func:`jax.experimental.multihost_utils.process_allgather`). Multi-host use is
-documented here, not tested: the tests run one process with several forced CPU
-devices (``XLA_FLAGS=--xla_force_host_platform_device_count=4``).
+:func:`jax.experimental.multihost_utils.process_allgather`). On CPUs the processes
+talk through gloo (``jax.config.update("jax_cpu_collectives_implementation",
+"gloo")`` before :func:`jax.distributed.initialize`). ``tests/test_multiprocess.py``
+runs two CPU processes on localhost through :func:`sharded_step` and checks them
+against one process; ``amaml train`` itself is tested with one process and several
+forced CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=4``).
 
 >>> import jax, numpy as np
 >>> from amaml.task import TaskBatch
@@ -140,8 +143,19 @@ def shard_batch(batch: TaskBatch, mesh: Mesh) -> TaskBatch:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Puts every array of ``tree`` (a state, parameters, images) on all devices of the mesh."""
-  return jax.device_put(tree, replicated(mesh))
+  """Puts every array of ``tree`` (a state, parameters, images) on all devices of the mesh.
+
+  With several processes every process passes the same values; each places its copy on
+  its own devices (:func:`jax.make_array_from_callback`)."""
+  sharding = replicated(mesh)
+  if jax.process_count() > 1:
+    def put(x):
+      if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return x  # already a global array
+      host = np.asarray(x)
+      return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+    return jax.tree.map(put, tree)
+  return jax.device_put(tree, sharding)
 
 
 def constrain_batch(batch: TaskBatch, mesh: Mesh) -> TaskBatch:
@@ -170,9 +184,11 @@ def sharded_step(learner, mesh: Mesh, donate: bool = False) -> Callable:
 
   def step(state, batch):
     check_divisible(_num_tasks(batch), mesh, "num_tasks")
-    state = jax.tree.map(lambda x: x if _has_sharding(x, rep) else jax.device_put(x, rep), state)
-    batch = jax.tree.map(lambda x: x if _has_sharding(x, tasks) else jax.device_put(x, tasks),
-                         batch)
+    if not all(_has_sharding(x, rep) for x in jax.tree.leaves(state)):
+      state = replicate(state, mesh)
+    if not all(_has_sharding(x, tasks) for x in jax.tree.leaves(batch)):
+      batch = (shard_batch(batch, mesh) if jax.process_count() > 1 else
+               jax.tree.map(lambda x: jax.device_put(x, tasks), batch))
     return jitted(state, batch)
 
   step.jitted = jitted  # for inspection (e.g. ``step.jitted._cache_size()``)

@@ -56,6 +56,7 @@ class TaskSetup(NamedTuple):
   data: dict  # split name -> device array of images (or None)
   sample: Callable[[jax.Array, Any, int], TaskBatch]  # (key, split data, num_tasks) -> batch
   check: Callable[[TaskBatch, Any], None]  # (a batch, its split's data): raises on bad data
+  embed_fn: Callable | None = None  # (params, x) -> features, for metric methods (protonet)
 
 
 def sinusoid_setup(cfg: Config, key: jax.Array) -> TaskSetup:
@@ -70,19 +71,38 @@ def sinusoid_setup(cfg: Config, key: jax.Array) -> TaskSetup:
   def sample(k, _, n):
     return sinusoid_tasks(k, n, num_support=cfg.shots, num_query=cfg.queries)
 
+  if cfg.method == "protonet":
+    raise ValueError("method protonet needs a classification task (omniglot or image_folder), "
+                     "not sinusoid regression")
   return TaskSetup(params, loss_fn, {"train": None, "val": None, "test": None}, sample,
                    lambda batch, _: validate.check_regression_batch(batch))
 
 
 def omniglot_setup(cfg: Config, key: jax.Array) -> TaskSetup:
-  """Omniglot N-way K-shot: Conv4, cross-entropy, episodes sampled on the device."""
-  from amaml.data import load_omniglot, sample_tasks
-  from amaml.models import Conv4
+  """Omniglot N-way K-shot (``cfg.protocol``'s split): Conv4, cross-entropy."""
+  from amaml.data import load_omniglot
 
   splits = load_omniglot(cfg.protocol, image_size=cfg.image_size,
                          omniglot_dir=cfg.data_dir or None)
-  data = {name: jnp.asarray(getattr(splits, name).images)
-          for name in ("train", "val", "test") if getattr(splits, name) is not None}
+  return classification_setup(cfg, key, {name: getattr(splits, name)
+                                         for name in ("train", "val", "test")})
+
+
+def image_folder_setup(cfg: Config, key: jax.Array) -> TaskSetup:
+  """A few-shot image benchmark (``cfg.dataset``) read from ``cfg.data_dir``: Conv4."""
+  from amaml.data.image_folders import load_image_benchmark
+
+  return classification_setup(cfg, key, load_image_benchmark(
+      cfg.dataset, cfg.data_dir or None, image_size=cfg.image_size))
+
+
+def classification_setup(cfg: Config, key: jax.Array, splits: dict) -> TaskSetup:
+  """N-way K-shot classification of ``{split: ClassImages or None}``: the images go to the
+  device, episodes are sampled there, the model is Conv4 and the loss cross-entropy."""
+  from amaml.data import sample_tasks
+  from amaml.models import Conv4
+
+  data = {name: jnp.asarray(src.images) for name, src in splits.items() if src is not None}
   for name, images in data.items():
     if cfg.ways > images.shape[0]:
       raise ValueError(f"ways={cfg.ways} is more than the {images.shape[0]} classes of the "
@@ -90,10 +110,13 @@ def omniglot_setup(cfg: Config, key: jax.Array) -> TaskSetup:
     if cfg.shots + cfg.queries > images.shape[1]:
       raise ValueError(f"shots + queries = {cfg.shots + cfg.queries} is more than the "
                        f"{images.shape[1]} examples per class; lower --shots or --queries")
-  model = Conv4(num_classes=cfg.ways, hidden=cfg.hidden, conv_impl=cfg.conv_impl)
+  # ProtoNets: the same Conv4 without its head, an embedding
+  model = Conv4(num_classes=0 if cfg.method == "protonet" else cfg.ways, hidden=cfg.hidden,
+                conv_impl=cfg.conv_impl)
   shape = data["train"].shape[2:]
   params = model.init(key, jnp.zeros((1, *shape), jnp.float32))["params"]
-  loss_fn = losses.cross_entropy(lambda p, x: model.apply({"params": p}, x))
+  apply_fn = lambda p, x: model.apply({"params": p}, x)
+  loss_fn = losses.cross_entropy(apply_fn)
 
   def sample(k, images, n):
     return sample_tasks(k, images, cfg.ways, cfg.shots, cfg.queries, n)
@@ -101,20 +124,20 @@ def omniglot_setup(cfg: Config, key: jax.Array) -> TaskSetup:
   def check(batch, images):
     validate.check_classification_batch(batch, cfg.ways, tuple(images.shape[2:]))
 
-  return TaskSetup(params, loss_fn, data, sample, check)
+  return TaskSetup(params, loss_fn, data, sample, check, embed_fn=apply_fn)
 
 
 # Config.task -> its setup. A new task family is one function here and its name in
 # amaml.configs.TASKS.
 TASKS: dict[str, Callable[[Config, jax.Array], TaskSetup]] = {
-    "sinusoid": sinusoid_setup, "omniglot": omniglot_setup}
+    "sinusoid": sinusoid_setup, "omniglot": omniglot_setup, "image_folder": image_folder_setup}
 
 
 def build(cfg: Config) -> Experiment:
   """Model, loss, learner and data for ``cfg`` (its task's setup from :data:`TASKS`)."""
   cfg.validate()
   setup = TASKS[cfg.task](cfg, run_keys(cfg).init)
-  learner = make_learner(cfg, setup.loss_fn)
+  learner = make_learner(cfg, setup.loss_fn, setup.embed_fn)
   # one batch of each split, checked on the host before anything is compiled for them
   for images in setup.data.values():
     setup.check(setup.sample(jax.random.key(0), images, 2), images)
@@ -126,28 +149,55 @@ def outer_optimizer(name: str):
   so that ``beta`` can adapt) or a built learning-rate-free optimizer of ``optax.contrib``."""
   import optax
 
-  if name == "adam":
-    return optax.adam
+  if name in ("adam", "sgd"):
+    return getattr(optax, name)
   if name == "mechanize":
     return optax.contrib.mechanize(optax.adam(1.0))
   return getattr(optax.contrib, name)()
 
 
-def make_learner(cfg: Config, loss_fn) -> meta.MetaLearner:
-  """The :class:`~amaml.meta.MetaLearner` of ``cfg.method`` for ``loss_fn``."""
-  kwargs = dict(alpha=cfg.alpha, beta=cfg.beta, inner_steps=cfg.inner_steps,
+def make_learner(cfg: Config, loss_fn, embed_fn=None) -> meta.MetaLearner:
+  """The :class:`~amaml.meta.MetaLearner` of ``cfg.method`` for ``loss_fn`` (``embed_fn``:
+  the embedding that protonet compares)."""
+  if cfg.method == "protonet":
+    outer = outer_optimizer(cfg.resolved_outer_optimizer)
+    return meta.protonet(embed_fn, ways=cfg.ways,
+                         optimizer=outer if hasattr(outer, "update") else outer(cfg.resolved_beta))
+  if cfg.method == "reptile":
+    outer = outer_optimizer(cfg.resolved_outer_optimizer)
+    return meta.reptile(loss_fn, alpha=cfg.alpha, inner_steps=cfg.inner_steps,
+                        optimizer=outer if hasattr(outer, "update") else outer(cfg.resolved_beta),
+                        track_pre_adaptation=cfg.track_pre_adaptation,
+                        inner_params=cfg.inner_params or None,
+                        inner_optimizer=cfg.inner_optimizer)
+  kwargs = dict(alpha=cfg.alpha, beta=cfg.resolved_beta, inner_steps=cfg.inner_steps,
                 optimizer=outer_optimizer(cfg.resolved_outer_optimizer),
                 track_pre_adaptation=cfg.track_pre_adaptation, remat=cfg.remat,
                 unroll=True if cfg.unroll else 1,
                 alpha_min=cfg.alpha_min, alpha_max=cfg.alpha_max, beta_min=cfg.beta_min,
-                beta_max=cfg.beta_max)
+                beta_max=cfg.beta_max, inner_optimizer=cfg.inner_optimizer)
   rates = dict(alpha_lr=cfg.alpha_lr, beta_lr=cfg.beta_lr)
+  if cfg.method == "maml++":
+    return meta.maml_plus_plus(loss_fn, **{
+        **kwargs, "alpha_min": None, "alpha_max": cfg.alpha_max,
+        "multi_step_loss": cfg.multi_step_loss or 5000,
+        "first_order_steps": cfg.first_order_steps or 25000})
+  kwargs.update(multi_step_loss=cfg.multi_step_loss, first_order_steps=cfg.first_order_steps)
   if cfg.method == "alpha-maml":
     return meta.alpha_maml(loss_fn, rate_rule=cfg.rate_rule, backtrack=cfg.backtrack,
                            **rates, **kwargs)
   if cfg.method == "alpha-maml-paper":
     return meta.alpha_maml_paper(loss_fn, **rates, **kwargs)
-  return meta.maml(loss_fn, first_order=cfg.method == "fomaml", **kwargs)
+  if cfg.method == "meta-sgd":
+    return meta.meta_sgd(loss_fn, **{**kwargs, "alpha_min": None, "alpha_max": cfg.alpha_max})
+  if cfg.method == "anil":
+    return meta.anil(loss_fn, inner_params=cfg.inner_params or _HEADS[cfg.task], **kwargs)
+  return meta.maml(loss_fn, first_order=cfg.method == "fomaml", inner_params=cfg.inner_params or None,
+                   **kwargs)
+
+
+# the model head of each task's model: what ANIL adapts unless --inner_params says otherwise
+_HEADS = {"sinusoid": "^Dense_2/", "omniglot": "^head/", "image_folder": "^head/"}
 
 
 class RunKeys(NamedTuple):
@@ -203,9 +253,9 @@ ALPHA_SCALES = (2.0, 1.0, 0.5, 0.25, 0.125)
 def _eval_batches(exp: Experiment, split: str, num_tasks: int):
   """The fixed evaluation batches of ``split`` (they depend only on the seed and the split)."""
   cfg = exp.config
-  images = exp.data.get(split)
-  if cfg.task == "omniglot" and images is None:
+  if split not in exp.data:
     raise ValueError(f"this protocol has no {split!r} split")
+  images = exp.data[split]
   eval_key = jax.random.fold_in(run_keys(cfg).eval, {"train": 0, "val": 1, "test": 2}[split])
   for b in range(math.ceil(num_tasks / cfg.eval_batch)):
     yield exp.sample(jax.random.fold_in(eval_key, b), images, cfg.eval_batch)
@@ -293,7 +343,7 @@ def meta_test(exp: Experiment, params, alpha, num_tasks: int | None = None,
   cfg = exp.config
   if cfg.test_adaptation == "fixed":
     return {"test": evaluate(exp, params, alpha, "test", num_tasks, progress=progress)}
-  split = "val" if exp.data.get("val") is not None or cfg.task != "omniglot" else "train"
+  split = "val" if "val" in exp.data else "train"  # Omniglot's lake protocol has no val
   choice = select_adaptation(exp, params, alpha, split)
   out = {"test": evaluate(exp, params, alpha, "test", num_tasks, choice["inner_steps"],
                           progress, choice["alpha_scale"]),

@@ -117,7 +117,7 @@ plt.show()
 # own (`outer_optimizer=None`, looked up in `amaml.configs.METHOD_OUTER_OPTIMIZER`): for
 # `method="alpha-maml"` that is D-Adaptation's AdamW (`"dadapt_adamw"`), which sets the meta
 # rate itself, so `cfg.beta` is not used. `outer_optimizer="adam"` would give Adam with
-# `beta` starting at `cfg.beta` and adapted by hypergradient; `method="alpha-maml-paper"`
+# `beta` starting at `cfg.resolved_beta` and adapted by hypergradient; `method="alpha-maml-paper"`
 # the paper's additive rule for both rates (with Adam).
 
 # %%
@@ -133,7 +133,7 @@ assert cfg.method == "alpha-maml" and cfg.alpha_lr is None   # the settings prin
 print(f"inner rate alpha: from {cfg.alpha:g}, {cfg.rate_rule} rule, hypergradient rate "
       f"{amaml.rates.DEFAULT_HYPER_LR} (the rule's default), backtracking {cfg.backtrack}")
 if OUTER == "adam":
-  print(f"outer optimizer: Adam, beta from {cfg.beta:g}, adapted by hypergradient")
+  print(f"outer optimizer: Adam, beta from {cfg.resolved_beta:g}, adapted by hypergradient")
 else:
   print(f"outer optimizer: {OUTER}, which sets its own step size (cfg.beta is not used)")
 
@@ -192,7 +192,7 @@ axes[2].set(xlabel="meta step", title=f"inner rate alpha (from {cfg.alpha:g})")
 axes[3].plot(step, [r["beta"] for r in recs], "o-")
 axes[3].set(xlabel="meta step", yscale="log", ylabel="'beta' in metrics.jsonl",
             title=f"outer step size: {OUTER}'s estimate" if OUTER != "adam" else
-            f"outer rate beta (from {cfg.beta:g})")
+            f"outer rate beta (from {cfg.resolved_beta:g})")
 axes[0].legend(fontsize=8); axes[1].legend(fontsize=8)
 plt.tight_layout()
 plt.show()

@@ -39,3 +39,10 @@ def test_readme_commands_parse():
   for c in commands:
     args = cli._parser().parse_args(shlex.split(c))
     assert args.command in ("train", "evaluate", "plot")
+
+
+def test_readme_methods_snippet_runs(capsys):
+  code = _blocks()[2].replace("range(100)", "range(3)")
+  exec(compile(code, "README.md", "exec"), {})
+  out = capsys.readouterr().out.splitlines()
+  assert len(out) == 4 and all(float(v) > 0 for v in out)

@@ -30,7 +30,7 @@ def test_grid_cells_equal_separate_runs(method):
   for j, (a0, b0, seed) in enumerate(cells):
     # the same run written out by hand, from the state of a learner built with these
     # initial rates (the step itself does not depend on them: one compile serves all)
-    single = train.build(dataclasses.replace(cfg, alpha=a0, beta=b0 or cfg.beta, seed=seed))
+    single = train.build(dataclasses.replace(cfg, alpha=a0, beta=b0 or cfg.resolved_beta, seed=seed))
     st = single.learner.init(single.params)
     for i in range(budget["steps"]):
       key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), i)

@@ -55,7 +55,7 @@ def test_divergence_stops_with_a_clear_message(tmp_path, tiny_config):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"method": "reptile"}, "method"),
+    ({"method": "leo"}, "method"),
     ({"meta_batch": 0}, "meta_batch"),
     ({"checkpoint_every": 15}, "multiple of log_every"),
     ({"rate_rule": "cosine"}, "rate_rule"),

@@ -179,7 +179,9 @@ def test_configs_carry_no_rate_settings_of_their_own(name):
   assert cfg.backtrack is lib["backtrack"] is True
   assert (cfg.alpha_min, cfg.alpha_max) == (lib["alpha_min"], lib["alpha_max"])
   assert (cfg.beta_min, cfg.beta_max) == (lib["beta_min"], lib["beta_max"])
-  assert (cfg.alpha, cfg.beta) == (lib["alpha"], lib["beta"]) == (default.alpha, default.beta)
+  assert cfg.beta is None  # the method's own beta0 (Config.resolved_beta)
+  assert (cfg.alpha, cfg.resolved_beta) == (lib["alpha"], lib["beta"]) == (
+      default.alpha, default.resolved_beta)
   assert cfg.test_adaptation == "select"
   # the outer optimizer is the method's own: for alpha-maml the library's default
   assert cfg.outer_optimizer is None and lib["optimizer"] is None

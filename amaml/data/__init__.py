@@ -15,6 +15,7 @@ from amaml.data.omniglot import (OmniglotSplits, default_cache_dir, load_omniglo
                                  load_omniglot_characters, omniglot_split_indices, rotate_classes)
 from amaml.data.omniglot_arrays import (find_omniglot_dir, read_omniglot_arrays,
                                         write_omniglot_arrays)
+from amaml.data.image_folders import load_image_benchmark
 from amaml.data.omniglot_zips import download_omniglot
 from amaml.data.sources import ClassImages
 
@@ -32,7 +33,7 @@ def prepare_tfds_omniglot(data_dir=None, *, arrays_dir=None, zips_dir=None, down
 
 __all__ = [
     "ClassImages", "EpisodeIterator", "OmniglotSplits", "default_cache_dir", "download_omniglot",
-    "find_omniglot_dir",
+    "find_omniglot_dir", "load_image_benchmark",
     "load_omniglot", "load_omniglot_characters", "omniglot_split_indices",
     "prepare_tfds_omniglot", "read_omniglot_arrays", "rotate_classes", "sample_episodes",
     "sample_tasks", "write_omniglot_arrays",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -145,12 +145,30 @@ class ClassImages:
     >>> src.images.shape, src.class_names
     ((2, 3, 6, 6, 3), ('cat', 'dog'))
     """
-    from PIL import Image
-
     root = Path(root)
     if not root.is_dir():
       raise FileNotFoundError(f"no directory {root}: pass a folder holding one sub-folder of "
                               "images per class")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+      raise ValueError(f"{root} has no class sub-folders: put each class's images in its own "
+                       "sub-folder, e.g. root/n01532829/*.jpg")
+    files = {d.name: sorted(f for f in d.iterdir()
+                            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+             for d in class_dirs}
+    return cls.from_files(files, image_size, channels=channels,
+                          examples_per_class=examples_per_class, resample=resample)
+
+  @classmethod
+  def from_files(cls, files: Mapping[str, Sequence[str | os.PathLike]],
+                 image_size: int | tuple[int, int], *, channels: int = 3,
+                 examples_per_class: int | None = None, resample: str = "bilinear") -> ClassImages:
+    """From image files listed per class, ``{class name: [file, ...]}`` (classes in the
+    mapping's order, examples in the list's order); read and resized as in
+    :meth:`from_directory`. For layouts other than a folder per class, such as split
+    files that list ``filename,label``."""
+    from PIL import Image
+
     if channels not in (1, 3):
       raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
     h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -160,13 +178,8 @@ class ClassImages:
                "hamming": Image.HAMMING, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
     if resample not in filters:
       raise ValueError(f"unknown resample filter {resample!r}; use one of {sorted(filters)}")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
-      raise ValueError(f"{root} has no class sub-folders: put each class's images in its own "
-                       "sub-folder, e.g. root/n01532829/*.jpg")
-    files = {d.name: sorted(f for f in d.iterdir()
-                            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-             for d in class_dirs}
+    if not files:
+      raise ValueError("no classes given: pass at least one class with its image files")
     counts = {name: len(f) for name, f in files.items()}
     if examples_per_class is None:
       if len(set(counts.values())) > 1:
@@ -180,9 +193,9 @@ class ClassImages:
       raise ValueError(f"{len(short)} class folder(s) have fewer than {examples_per_class} images, "
                        f"e.g. {next(iter(short.items()))}; lower examples_per_class or remove them")
     mode = "L" if channels == 1 else "RGB"
-    out = np.empty((len(class_dirs), examples_per_class, h, w, channels), np.uint8)
+    out = np.empty((len(files), examples_per_class, h, w, channels), np.uint8)
     for c, name in enumerate(files):
-      for e, f in enumerate(files[name][:examples_per_class]):
+      for e, f in enumerate(list(files[name])[:examples_per_class]):
         with Image.open(f) as im:
           im = im.convert(mode)
           if im.size != (w, h):

@@ -107,7 +107,8 @@ class Conv4(nn.Module):
   output logits ``[n, num_classes]``.
 
   Attributes:
-    num_classes: number of logits (the ``ways`` of the task).
+    num_classes: number of logits (the ``ways`` of the task); ``0``: no head, the output
+      is the flattened features ``[n, hidden * h * w]`` (an embedding, for ProtoNets).
     hidden: filters per conv block (64 for Omniglot, 32 for miniImageNet).
     num_blocks: conv blocks; the input needs at least ``2 ** num_blocks`` pixels a side.
     conv_impl: ``"auto"``, ``"matmul"`` or ``"xla"`` (see the module docstring).
@@ -138,5 +139,7 @@ class Conv4(nn.Module):
       x = _BatchNorm(self.bn_eps, name=f"norm{b}")(x)
       x = layers.max_pool_2x2(jax.nn.relu(x))
     x = x.reshape(x.shape[0], -1)
+    if self.num_classes == 0:
+      return x
     return _Dense(self.num_classes, name="head")(x)
 
