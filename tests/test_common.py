@@ -18,9 +18,9 @@ PAPER_DIVERGES = pytest.mark.xfail(strict=True, reason="the paper's additive rul
 
 def _case(method, outer):
   marks = [PAPER_DIVERGES] if (method, outer) == ("alpha-maml-paper", "adam") else []
-  # the default run: every method with its own optimizer, every optimizer under amaml's
-  # default; the rest of the product is marked slow (pytest -m slow)
-  if outer != configs.METHOD_OUTER_OPTIMIZER[method] and method != "alpha-maml":
+  # the default run: every method with its own optimizer, and amaml's default with Adam
+  # (beta by hypergradient); the rest of the product is marked slow (pytest -m slow)
+  if outer != configs.METHOD_OUTER_OPTIMIZER[method] and (method, outer) != ("alpha-maml", "adam"):
     marks.append(pytest.mark.slow)
   return pytest.param(method, outer, marks=marks)
 

@@ -11,7 +11,10 @@ from PIL import Image
 from amaml import cli, configs, train
 from amaml.data import image_folders
 
-IMAGE_CONFIGS = [n for n, c in configs.CONFIGS.items() if c.task == "image_folder"]
+# two configs in the default run (one per image size and shot count), the rest with -m slow
+IMAGE_CONFIGS = [n if n in ("miniimagenet-5w1s", "cifar-fs-5w5s") else
+                 pytest.param(n, marks=pytest.mark.slow)
+                 for n, c in configs.CONFIGS.items() if c.task == "image_folder"]
 CLASSES, EXAMPLES = 6, 20  # enough for 5 ways and 5 shots + 15 queries
 
 

@@ -72,7 +72,9 @@ def test_missing_data_dir_is_named(tmp_path):
     train.build(_cfg(str(tmp_path / "nowhere")))
 
 
-@pytest.mark.parametrize("method", ["meta-sgd", "anil", "maml++", "reptile", "protonet"])
+@pytest.mark.parametrize("method", [
+    "anil", "protonet", *(pytest.param(m, marks=pytest.mark.slow)
+                          for m in ("meta-sgd", "maml++", "reptile"))])
 def test_every_method_lowers_the_loss_on_an_omniglot_subset(omniglot_dir, tmp_path, method):
   import json
   extra = {"maml++": {"multi_step_loss": 20, "first_order_steps": 20, "inner_steps": 2},
