@@ -156,17 +156,21 @@ def outer_optimizer(name: str):
   return getattr(optax.contrib, name)()
 
 
+def _fixed_rate_outer_optimizer(cfg: Config):
+  """The built outer optimizer of a method that does not adapt beta (reptile, protonet):
+  a factory (adam, sgd) at ``cfg.resolved_beta``, or a learning-rate-free one as it is."""
+  outer = outer_optimizer(cfg.resolved_outer_optimizer)
+  return outer if hasattr(outer, "update") else outer(cfg.resolved_beta)
+
+
 def make_learner(cfg: Config, loss_fn, embed_fn=None) -> meta.MetaLearner:
   """The :class:`~amaml.meta.MetaLearner` of ``cfg.method`` for ``loss_fn`` (``embed_fn``:
   the embedding that protonet compares)."""
   if cfg.method == "protonet":
-    outer = outer_optimizer(cfg.resolved_outer_optimizer)
-    return meta.protonet(embed_fn, ways=cfg.ways,
-                         optimizer=outer if hasattr(outer, "update") else outer(cfg.resolved_beta))
+    return meta.protonet(embed_fn, ways=cfg.ways, optimizer=_fixed_rate_outer_optimizer(cfg))
   if cfg.method == "reptile":
-    outer = outer_optimizer(cfg.resolved_outer_optimizer)
     return meta.reptile(loss_fn, alpha=cfg.alpha, inner_steps=cfg.inner_steps,
-                        optimizer=outer if hasattr(outer, "update") else outer(cfg.resolved_beta),
+                        optimizer=_fixed_rate_outer_optimizer(cfg),
                         track_pre_adaptation=cfg.track_pre_adaptation,
                         inner_params=cfg.inner_params or None,
                         inner_optimizer=cfg.inner_optimizer)

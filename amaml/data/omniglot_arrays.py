@@ -80,7 +80,8 @@ def default_download_dir() -> Path:
   return Path(cache) / "amaml" / "omniglot"
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: str | os.PathLike) -> str:
+  """The SHA-256 hex digest of a file (read in blocks)."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -115,7 +116,7 @@ def arrays_checksum(omniglot_dir: str | os.PathLike) -> str:
     p = d / fname
     if not p.is_file():
       raise FileNotFoundError(f"missing Omniglot file {p}: {fix}")
-    digest = _sha256(p)
+    digest = sha256(p)
     if fname in sums and sums[fname] != digest:
       raise ValueError(
           f"{p} is corrupt: its SHA-256 is {digest} but {d / 'SHA256SUMS'} says {sums[fname]}; "
@@ -230,7 +231,7 @@ def write_omniglot_arrays(omniglot_dir: str | os.PathLike, background: np.ndarra
     x = np.asarray(x, bool)
     labels = np.broadcast_to(np.arange(x.shape[0])[:, None], x.shape[:2])
     np.savez_compressed(d / FILES[split], images=x, labels=labels)
-    lines.append(f"{_sha256(d / FILES[split])}  {FILES[split]}")
+    lines.append(f"{sha256(d / FILES[split])}  {FILES[split]}")
   (d / "SHA256SUMS").write_text("\n".join(lines) + "\n")
   if alphabets is not None:
     rows = ["split\talphabet\tfirst_character_id\tlast_character_id"]

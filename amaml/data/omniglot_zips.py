@@ -28,7 +28,6 @@ global id (1-964 background, 965-1623 evaluation) and ``YY`` its drawer (1-20). 
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -41,7 +40,8 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from amaml.data.omniglot_arrays import FILES, Alphabet, default_download_dir, write_omniglot_arrays
+from amaml.data.omniglot_arrays import (FILES, Alphabet, default_download_dir, sha256,
+                                        write_omniglot_arrays)
 
 DOWNLOAD_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
 ZIPS = {"train": "images_background.zip", "test": "images_evaluation.zip",
@@ -59,14 +59,6 @@ ZIP_SUMS = {
 }
 _SPLIT_ZIPS = {"background": "images_background.zip", "evaluation": "images_evaluation.zip"}
 _PNG_RE = re.compile(r"^[^/]+/([^/]+)/character(\d+)/((\d+)_(\d+)\.png)$")
-
-
-def sha256(path: str | os.PathLike) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def walk_zip(path: str | os.PathLike) -> Iterator[tuple[str, int, str, bytes]]:
