@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 
 
 class Checkpointer:
@@ -29,8 +30,9 @@ class Checkpointer:
 
   def save(self, step: int, state: Any) -> None:
     """Writes ``state`` at ``step``; refuses non-finite parameters."""
-    leaves = [x for x in jax.tree.leaves(state) if hasattr(x, "dtype")]
-    import numpy as np
+    from amaml.sharding import host_local
+
+    leaves = [x for x in jax.tree.leaves(host_local(state)) if hasattr(x, "dtype")]
     for x in leaves:
       if np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(np.asarray(x))):
         raise FloatingPointError(f"refusing to checkpoint non-finite state at step {step}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,19 @@ def _parser() -> argparse.ArgumentParser:
   tr.add_argument("--out", default=None, help="run directory (default runs/<config>-<method>)")
   tr.add_argument("--resume", action="store_true", help="continue the run in --out")
   tr.add_argument("--no_progress", action="store_true", help="no progress bar")
+  mp = tr.add_argument_group(
+      "several processes", "run the same command in every process (one per host, or several "
+      "on one machine), each with its --process_id; the meta-batch is split over the devices of "
+      "all of them and process 0 writes the run directory, which every process must see")
+  mp.add_argument("--num_processes", type=int, default=1, metavar="N",
+                  help="processes in all [default: 1]")
+  mp.add_argument("--process_id", type=int, default=0, metavar="I",
+                  help="this process: 0 .. num_processes-1 "
+                  "[default: 0]")
+  mp.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
+                  help="where process 0 listens, the same in every process (e.g. host0:1234)")
+  mp.add_argument("--heartbeat_timeout", type=int, default=100, metavar="SECONDS",
+                  help="a process silent this long stops the others [default: 100]")
   group = tr.add_argument_group(
       "configuration fields", "each flag overrides one field of the named --config; a field "
       "the config does not set has the default shown")
@@ -98,16 +112,55 @@ _EXTRAS = {"matplotlib": "plot", "tensorflow_datasets": "tfds", "tensorboardX": 
 
 
 def _train(args) -> int:
-  from amaml import train
-
   fields = {f.name for f in dataclasses.fields(Config)}
   overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
   cfg = get_config(args.config, **overrides)
   out = args.out or f"runs/{args.config}-{cfg.method}"
-  _, results = train.train(cfg, out, resume=args.resume, progress=not args.no_progress)
-  print(train.format_results(results))
-  print(f"  run directory: {out} (results.json, metrics.jsonl, checkpoints/)")
+  if args.num_processes > 1:
+    _join_processes(args)
+  from amaml import train
+
+  try:
+    _, results = train.train(cfg, out, resume=args.resume, progress=not args.no_progress)
+  except Exception as e:
+    if args.num_processes == 1 or not _lost_a_process(e):
+      raise
+    print(f"amaml train: process {args.process_id} of {args.num_processes} lost the others "
+          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the last "
+          f"checkpoint in {out}/checkpoints is intact: start every process again with --resume",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # now, without jax.distributed's shutdown barrier: with a process gone it can only fail,
+    # and JAX's coordination client would then abort this process with a long trace
+    os._exit(1)
+  if args.process_id == 0:
+    print(train.format_results(results))
+    print(f"  run directory: {out} (results.json, metrics.jsonl, checkpoints/)")
   return 0
+
+
+def _lost_a_process(e: BaseException | None) -> bool:
+  """Whether ``e``, or an error behind it, is a failed collective or coordination call:
+  another process died or stopped answering."""
+  import jax
+
+  while e is not None:
+    if isinstance(e, jax.errors.JaxRuntimeError) or any(
+        word in str(e) for word in ("Gloo", "coordination service", "Barrier failed")):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _join_processes(args) -> None:
+  """``jax.distributed.initialize`` from the flags of ``amaml train`` (before any JAX call)."""
+  from amaml import sharding
+
+  if not args.coordinator_address:
+    raise ValueError(f"--num_processes {args.num_processes} needs --coordinator_address "
+                     "HOST:PORT (where process 0 listens), the same in every process")
+  sharding.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                      heartbeat_timeout_seconds=args.heartbeat_timeout)
 
 
 def _evaluate(args) -> int:
@@ -156,10 +209,12 @@ def _download(args) -> int:
 
 
 def _plot(args) -> int:
-  from amaml.plot import plot_runs
+  from amaml.plot import plot_runs, runs_table
 
   for path in plot_runs(args.run, args.out):
     print(path)
+  if len(args.run) > 1:
+    print(runs_table(args.run))
   return 0
 
 

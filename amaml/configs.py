@@ -66,6 +66,14 @@ class Config:
                                 "this many meta steps; 0: off (maml++: 5000)")
   first_order_steps: int = _field(0, "MAML++'s derivative-order annealing: first order for "
                                   "this many meta steps, then second; 0: off (maml++: 25000)")
+  alpha_per_step: bool | None = _field(None, "one set of inner rates per inner step (MAML++'s "
+                                      "per-step rates); none: the method's default (true for "
+                                      "maml++, false for the others)")
+  per_step_params: str | None = _field(None, "regular expression over parameter paths that get "
+                                       "one copy per inner step, learned by the outer loop only "
+                                       "(MAML++'s per-step batch norm: ^norm); none: the "
+                                       "method's default (maml++: ^norm on Conv4, else off); "
+                                       "empty: off")
   inner_optimizer: str = _field("sgd", "the inner loop's optimizer, its rate alpha (adapted "
                                 "through its state by alpha-maml)", ("sgd", "momentum", "adam"))
   inner_params: str = _field("", "regular expression over parameter paths (conv0/kernel, "
@@ -126,7 +134,8 @@ class Config:
   tensorboard: bool = _field(False, "also write every logged scalar as a TensorBoard event "
                              "in <out>/tensorboard (pip install 'amaml[tensorboard]')")
   # data parallelism (amaml.sharding): 1 = one device; 0 = all devices; n = the first n
-  devices: int = _field(1, "devices to shard the meta-batch over: 1 = one, 0 = all, n = the first n")
+  devices: int = _field(1, "devices to shard the meta-batch over: 1 = one, 0 = all, n = the first "
+                        "n; with several processes (--num_processes) all devices of them all")
 
   def validate(self) -> "Config":
     """Raises ``ValueError`` naming the bad field and what it accepts."""
@@ -153,6 +162,9 @@ class Config:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
     if self.devices < 0:
       raise ValueError(f"devices={self.devices} must be >= 0 (0 = all devices, 1 = one device)")
+    if self.method in ("reptile", "protonet") and (self.alpha_per_step or self.per_step_params):
+      raise ValueError(f"method={self.method!r} has no per-step rates or parameters: drop "
+                       "--alpha_per_step and --per_step_params")
     if self.multi_step_loss < 0 or self.first_order_steps < 0:
       raise ValueError("multi_step_loss and first_order_steps must be >= 0 (0 = off)")
     if self.max_minutes < 0:

@@ -24,7 +24,8 @@ LossFn = Callable[..., tuple[jax.Array, Any]]
 GRANULARITIES = ("scalar", "tensor", "parameter")
 
 
-def init_alpha(params: Any, value: float, granularity: str = "scalar", dtype=None) -> Any:
+def init_alpha(params: Any, value: float, granularity: str = "scalar", dtype=None,
+               steps: int | None = None) -> Any:
   """Initial inner learning rate(s).
 
   Args:
@@ -34,19 +35,49 @@ def init_alpha(params: Any, value: float, granularity: str = "scalar", dtype=Non
       rate per parameter tensor (per layer); ``"parameter"`` one rate per scalar
       parameter (Meta-SGD-like, each adapted by its own hypergradient).
     dtype: defaults to the default float type.
+    steps: ``None``: the same rates at every inner step; ``K``: one set of rates per
+      inner step (MAML++'s per-step rates), a leading axis of length ``K`` on every
+      rate (inner step ``k`` uses copy ``min(k, K - 1)``, see :func:`at_step`).
 
   >>> import jax.numpy as jnp
   >>> init_alpha({"w": jnp.ones((2, 3)), "b": jnp.ones(3)}, 0.1, "tensor")["w"].shape
   ()
+  >>> init_alpha({"w": jnp.ones((2, 3)), "b": jnp.ones(3)}, 0.1, "tensor", steps=5)["w"].shape
+  (5,)
   """
   dtype = dtype or jnp.result_type(float)
+  lead = () if steps is None else (steps,)
   if granularity == "scalar":
-    return jnp.asarray(value, dtype)
+    return jnp.full(lead, value, dtype)
   if granularity == "tensor":
-    return jax.tree.map(lambda _: jnp.asarray(value, dtype), params)
+    return jax.tree.map(lambda _: jnp.full(lead, value, dtype), params)
   if granularity == "parameter":
-    return jax.tree.map(lambda p: jnp.full(jnp.shape(p), value, dtype), params)
+    return jax.tree.map(lambda p: jnp.full(lead + jnp.shape(p), value, dtype), params)
   raise ValueError(f"alpha granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
+def at_step(tree: Any, k: int | jax.Array, select: Any = None) -> Any:
+  """Copy ``min(k, K - 1)`` of every leaf with one copy per inner step (a leading axis of
+  length ``K``): all leaves, or those where the pytree of bools ``select`` is true.
+  Steps past the last copy use the last (a longer test-time adaptation).
+
+  >>> import jax.numpy as jnp
+  >>> at_step({"a": jnp.array([1.0, 2.0]), "b": jnp.array([5.0, 6.0])}, 3, {"a": True, "b": False})
+  {'a': Array(2., dtype=float32), 'b': Array([5., 6.], dtype=float32)}
+  """
+  def pick(x, chosen=True):
+    if not chosen:
+      return x
+    return jax.lax.dynamic_index_in_dim(x, jnp.minimum(k, x.shape[0] - 1), keepdims=False)
+  return jax.tree.map(pick, tree) if select is None else jax.tree.map(pick, tree, select)
+
+
+def per_step_copies(params: Any, select: Any, steps: int) -> Any:
+  """``params`` with each leaf where the pytree of bools ``select`` is true repeated ``steps``
+  times on a new leading axis: one copy per inner step (MAML++'s per-step batch-norm scale
+  and shift), read back by :func:`at_step`."""
+  return jax.tree.map(lambda p, s: jnp.broadcast_to(p, (steps, *jnp.shape(p))) if s else p,
+                      params, select)
 
 
 def broadcast_alpha(alpha: Any, params: Any) -> Any:
@@ -154,6 +185,40 @@ def optimizer_step(loss_fn: LossFn, params: Any, opt_state: Any, alpha: Any, x: 
   return new, opt_state, loss
 
 
+def init_carry(params: Any, optimizer: Any = None) -> tuple[Any, Any]:
+  """What the inner loop carries from step to step: ``(params, optimizer state)``, the state
+  ``()`` for SGD (``optimizer=None``)."""
+  return params, (() if optimizer is None else optimizer.init(params))
+
+
+def inner_step(loss_fn: LossFn, carry: tuple[Any, Any], k: int | jax.Array, alpha: Any, x: Any,
+               y: Any, *, optimizer: Any = None, first_order: bool = False, mask: Any = None,
+               alpha_per_step: bool = False, per_step: Any = None) -> tuple[tuple[Any, Any], jax.Array]:
+  """Inner step ``k`` from ``carry = (params, optimizer state)`` (:func:`init_carry`): an SGD
+  step (:func:`sgd_step`) or one of ``optimizer`` (:func:`optimizer_step`). With
+  ``alpha_per_step`` the rates are step ``k``'s copy of ``alpha``; with ``per_step`` (a
+  pytree of bools) the selected leaves of ``params`` hold one copy per step
+  (:func:`per_step_copies`), the loss sees copy ``k``, and they do not adapt. Returns the
+  new carry and the support loss before the step."""
+  params, state = carry
+  rate = at_step(alpha, k) if alpha_per_step else alpha
+  if per_step is not None:
+    step_loss = lambda p, x_, y_: loss_fn(at_step(p, k, per_step), x_, y_)
+    mask = jax.tree.map(lambda m, s: bool(m) and not s,
+                        mask if mask is not None else jax.tree.map(lambda _: True, per_step),
+                        per_step)
+    if not any(jax.tree.leaves(mask)):
+      raise ValueError("every parameter is per-step: none is left for the inner loop to adapt")
+  else:
+    step_loss = loss_fn
+  if optimizer is None:
+    params, loss = sgd_step(step_loss, params, rate, x, y, first_order=first_order, mask=mask)
+    return (params, state), loss
+  params, state, loss = optimizer_step(step_loss, params, state, rate, x, y, optimizer,
+                                       first_order=first_order, mask=mask)
+  return (params, state), loss
+
+
 INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
 
 
@@ -175,7 +240,8 @@ def inner_optimizer(name: str) -> Any:
 
 def adapt(loss_fn: LossFn, params: Any, alpha: Any, x: Any, y: Any, *, inner_steps: int = 1,
           first_order: bool = False, unroll: bool | int = True,
-          remat: bool = False, mask: Any = None, optimizer: Any = None) -> tuple[Any, jax.Array]:
+          remat: bool = False, mask: Any = None, optimizer: Any = None,
+          alpha_per_step: bool = False, per_step: Any = None) -> tuple[Any, jax.Array]:
   """Adapts ``params`` to one task by ``inner_steps`` SGD steps on its support set.
 
   Args:
@@ -197,6 +263,8 @@ def adapt(loss_fn: LossFn, params: Any, alpha: Any, x: Any, y: Any, *, inner_ste
     optimizer: ``None`` for SGD, or an Optax direction (see :func:`optimizer_step`,
       :func:`inner_optimizer`) whose state starts fresh for each task and is
       differentiated through.
+    alpha_per_step, per_step: MAML++'s per-step rates and per-step parameters (see
+      :func:`inner_step`).
 
   Returns:
     ``(adapted_params, support_losses)`` with ``support_losses`` of shape
@@ -205,16 +273,10 @@ def adapt(loss_fn: LossFn, params: Any, alpha: Any, x: Any, y: Any, *, inner_ste
   if inner_steps < 0:
     raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
 
-  if optimizer is None:
-    def body(p, _):
-      return sgd_step(loss_fn, p, alpha, x, y, first_order=first_order, mask=mask)
-    carry = params
-  else:
-    def body(c, _):
-      p, s, loss = optimizer_step(loss_fn, *c, alpha, x, y, optimizer,
-                                  first_order=first_order, mask=mask)
-      return (p, s), loss
-    carry = (params, optimizer.init(params))
+  def body(carry, k):
+    return inner_step(loss_fn, carry, k, alpha, x, y, optimizer=optimizer,
+                      first_order=first_order, mask=mask, alpha_per_step=alpha_per_step,
+                      per_step=per_step)
 
   if remat:
     body = jax.checkpoint(body)
@@ -222,5 +284,6 @@ def adapt(loss_fn: LossFn, params: Any, alpha: Any, x: Any, y: Any, *, inner_ste
       unroll = 1
   if inner_steps == 0:
     return params, jnp.zeros((0,))
-  out, losses = jax.lax.scan(body, carry, None, length=inner_steps, unroll=unroll)
-  return (out if optimizer is None else out[0]), losses
+  (out, _), losses = jax.lax.scan(body, init_carry(params, optimizer), jnp.arange(inner_steps),
+                                  unroll=unroll)
+  return out, losses

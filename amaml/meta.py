@@ -140,6 +140,8 @@ def alpha_maml(
     inner_optimizer: Any = None,
     multi_step_loss: int = 0,
     first_order_steps: int = 0,
+    alpha_per_step: bool = False,
+    per_step_params: Any = None,
     **optimizer_kwargs: Any,
 ) -> MetaLearner:
   """Alpha MAML (Behl, Baydin & Torr, 2019): MAML with ``alpha`` (and, with an optimizer
@@ -221,6 +223,17 @@ def alpha_maml(
       then unrolled (``unroll`` and ``remat`` do not apply).
     first_order_steps: MAML++'s derivative-order annealing: the first ``N`` meta steps
       are first order, the rest second order (one compiled step: ``lax.cond``).
+    alpha_per_step: MAML++'s per-step rates: one set of rates (of ``alpha_granularity``)
+      for every inner step, ``alpha`` then has a leading axis of length ``inner_steps``
+      (:func:`amaml.init_alpha` with ``steps``); a longer test-time adaptation reuses the
+      last step's rates.
+    per_step_params: MAML++'s per-step batch-norm weights: the parameters selected as for
+      ``inner_params`` (``"^norm"`` is Conv4's batch-norm scale and shift) get one copy per
+      inner step, learned by the outer optimizer only: inner step ``k`` computes its support
+      loss with copy ``k`` and the query loss after ``k`` steps uses copy ``k - 1``
+      (:func:`amaml.inner.inner_step`). ``init`` takes the model's parameters and makes the
+      copies; ``state.params`` then holds them (read one step's model parameters with
+      :func:`amaml.inner.at_step`).
     **optimizer_kwargs: passed to ``optimizer`` (``b1``, ``momentum``, ...).
   """
   alpha_lr, beta_lr = _default_hyper_lrs(rate_rule, alpha_lr, beta_lr)
@@ -241,29 +254,36 @@ def alpha_maml(
     raise ValueError(f"alpha_update must be 'hypergradient' or 'outer', got {alpha_update!r}")
   alpha_rule = rates.rate_rule(alpha_lr, rate_rule, min_rate=alpha_min, max_rate=alpha_max)
   mask_of = lambda params: None if inner_params is None else inner.param_mask(params, inner_params)
+  per_step_of = lambda params: (None if per_step_params is None else
+                                inner.param_mask(params, per_step_params))
   if isinstance(inner_optimizer, str):
     inner_optimizer = inner.inner_optimizer(inner_optimizer)
 
+  def step_kwargs(params):
+    """How every inner step runs (:func:`amaml.inner.inner_step`)."""
+    return dict(optimizer=inner_optimizer, mask=mask_of(params), alpha_per_step=alpha_per_step,
+                per_step=per_step_of(params))
+
+  def after(params, steps):
+    """The model's parameters for a forward pass after ``steps`` inner steps (per-step
+    parameters: the copy of the last step taken)."""
+    select = per_step_of(params)
+    return params if select is None else inner.at_step(params, jnp.maximum(steps - 1, 0), select)
+
   def task_loss(params, alpha_, sx, sy, qx, qy, fo, weights):
-    mask = mask_of(params)
     if weights is None:
       adapted, support_losses = inner.adapt(loss_fn, params, alpha_, sx, sy,
                                             inner_steps=inner_steps, first_order=fo,
-                                            unroll=unroll, remat=remat, mask=mask,
-                                            optimizer=inner_optimizer)
-      loss, aux = loss_fn(adapted, qx, qy)
+                                            unroll=unroll, remat=remat, **step_kwargs(params))
+      loss, aux = loss_fn(after(adapted, inner_steps), qx, qy)
       return loss, {**aux, "support_loss": support_losses[0]}
     # the multi-step loss: the query loss after every inner step, weighted
-    p, s = params, (() if inner_optimizer is None else inner_optimizer.init(params))
-    query_losses = []
+    carry, query_losses = inner.init_carry(params, inner_optimizer), []
     for k in range(inner_steps):
-      if inner_optimizer is None:
-        p, sl = inner.sgd_step(loss_fn, p, alpha_, sx, sy, first_order=fo, mask=mask)
-      else:
-        p, s, sl = inner.optimizer_step(loss_fn, p, s, alpha_, sx, sy, inner_optimizer,
-                                        first_order=fo, mask=mask)
+      carry, sl = inner.inner_step(loss_fn, carry, k, alpha_, sx, sy, first_order=fo,
+                                   **step_kwargs(params))
       support0 = sl if k == 0 else support0
-      loss, aux = loss_fn(p, qx, qy)
+      loss, aux = loss_fn(after(carry[0], k + 1), qx, qy)
       query_losses.append(loss)
     weighted = jnp.sum(weights * jnp.stack(query_losses))
     return weighted, {**aux, "support_loss": support0, "final_loss": loss}
@@ -289,7 +309,10 @@ def alpha_maml(
   outer_alpha = alpha_update == "outer"
 
   def init(params) -> MetaState:
-    alpha0 = inner.init_alpha(params, alpha, alpha_granularity)
+    if per_step_params is not None:
+      params = inner.per_step_copies(params, per_step_of(params), inner_steps)
+    alpha0 = inner.init_alpha(params, alpha, alpha_granularity,
+                              steps=inner_steps if alpha_per_step else None)
     return MetaState(params=params,
                      alpha=alpha0,
                      alpha_state=alpha_rule.init(alpha0),
@@ -320,7 +343,7 @@ def alpha_maml(
     metrics.update({k: v for k, v in aux.items()})
     if track_pre_adaptation or backtrack:
       pre_loss, pre_aux = jax.vmap(loss_fn, in_axes=(None, 0, 0))(
-          jax.lax.stop_gradient(state.params), batch.query_x, batch.query_y)
+          jax.lax.stop_gradient(after(state.params, 0)), batch.query_x, batch.query_y)
       pre_loss = jnp.mean(pre_loss)
       metrics["pre_loss"] = pre_loss
       metrics.update({f"pre_{k}": jnp.mean(v) for k, v in pre_aux.items()})
@@ -362,30 +385,24 @@ def alpha_maml(
 
   def adapt_eval(params, alpha_, sx, sy, qx, qy, steps):
     """Query loss and aux after 0, 1, ..., ``steps`` inner steps (first order)."""
-    mask = mask_of(params)
+    kwargs = step_kwargs(params)
 
-    def body(c, _):
-      p, s = c
-      q = loss_fn(p, qx, qy)
-      if inner_optimizer is None:
-        return (inner.sgd_step(loss_fn, p, alpha_, sx, sy, first_order=True, mask=mask)[0], s), q
-      p, s, _ = inner.optimizer_step(loss_fn, p, s, alpha_, sx, sy, inner_optimizer,
-                                     first_order=True, mask=mask)
-      return (p, s), q
-    state0 = () if inner_optimizer is None else inner_optimizer.init(params)
-    (last, _), curve = jax.lax.scan(body, (params, state0), None, length=steps)
-    final = loss_fn(last, qx, qy)
+    def body(carry, k):
+      q = loss_fn(after(carry[0], k), qx, qy)
+      return inner.inner_step(loss_fn, carry, k, alpha_, sx, sy, first_order=True, **kwargs)[0], q
+    (last, _), curve = jax.lax.scan(body, inner.init_carry(params, inner_optimizer),
+                                    jnp.arange(steps))
+    final = loss_fn(after(last, steps), qx, qy)
     return jax.tree.map(lambda c, f: jnp.concatenate([c, f[None]]), curve, final)
 
   def evaluate(params, alpha_, batch: TaskBatch, inner_steps: int | None = None):
     steps = default_inner_steps if inner_steps is None else inner_steps
 
     def one(sx, sy, qx, qy):
-      pre_loss, pre_aux = loss_fn(params, qx, qy)
+      pre_loss, pre_aux = loss_fn(after(params, 0), qx, qy)
       adapted, _ = inner.adapt(loss_fn, params, alpha_, sx, sy, inner_steps=steps,
-                               first_order=True, unroll=1, mask=mask_of(params),
-                               optimizer=inner_optimizer)
-      post_loss, post_aux = loss_fn(adapted, qx, qy)
+                               first_order=True, unroll=1, **step_kwargs(params))
+      post_loss, post_aux = loss_fn(after(adapted, steps), qx, qy)
       out = {"pre_loss": pre_loss, "loss": post_loss}
       out.update({f"pre_{k}": v for k, v in pre_aux.items()})
       out.update(post_aux)
@@ -565,27 +582,31 @@ def reptile(loss_fn: Callable, *, alpha: float = 0.1, inner_steps: int = 5,
 
 def maml_plus_plus(loss_fn: Callable, *, alpha: float = 0.1, beta: float = 1e-3,
                    inner_steps: int = 5, multi_step_loss: int = 5000,
-                   first_order_steps: int = 25000, **kwargs: Any) -> MetaLearner:
-  """MAML++ (Antoniou, Edwards & Storkey, 2019), the parts amaml offers, each also
-  available alone as an argument of :func:`alpha_maml`:
+                   first_order_steps: int = 25000, alpha_per_step: bool = True,
+                   per_step_params: Any = None, **kwargs: Any) -> MetaLearner:
+  """MAML++ (Antoniou, Edwards & Storkey, 2019), each part also available alone as an
+  argument of :func:`alpha_maml`:
 
-  - learned per-layer inner rates (LSLR), one per parameter tensor, stepped by the outer
-    optimizer (``alpha_granularity="tensor"``, ``alpha_update="outer"``); MAML++ also
-    learns a separate rate for every inner step, which amaml does not (yet);
+  - learned per-layer, per-step inner rates (LSLR): one rate per parameter tensor and inner
+    step, stepped by the outer optimizer (``alpha_granularity="tensor"``,
+    ``alpha_update="outer"``, ``alpha_per_step``);
   - the multi-step loss, annealed over ``multi_step_loss`` meta steps (MAML++: its first
     10 epochs of 500 meta steps);
   - derivative-order annealing: first order for the first ``first_order_steps`` meta
-    steps (MAML++: 50 epochs of 500), then second order.
+    steps (MAML++: 50 epochs of 500), then second order;
+  - per-step batch-norm scale and shift: ``per_step_params="^norm"`` on Conv4 (a pattern
+    over the model's parameter paths, so any model works; ``None``: off). Conv4 normalises
+    with each batch's statistics, as MAML does, so there are no running statistics to keep
+    per step.
 
-  Not offered: per-step batch-norm statistics, weights and biases, and the cosine
-  annealing of the outer rate (pass ``optimizer=`` a scheduled Optax optimizer). Outer
-  step: Adam at ``beta``."""
+  Not offered: the cosine annealing of the outer rate (pass ``optimizer=`` a scheduled
+  Optax optimizer). Outer step: Adam at ``beta``."""
   kwargs = {"backtrack": False, "optimizer": optax.adam, "alpha_min": None,
             "alpha_max": None, **kwargs}
   return alpha_maml(loss_fn, alpha=alpha, beta=beta, alpha_lr=0.0, beta_lr=0.0,
                     inner_steps=inner_steps, alpha_granularity="tensor", alpha_update="outer",
                     multi_step_loss=multi_step_loss, first_order_steps=first_order_steps,
-                    **kwargs)
+                    alpha_per_step=alpha_per_step, per_step_params=per_step_params, **kwargs)
 
 
 def protonet(embed_fn: Callable[[Any, jax.Array], jax.Array], *, ways: int,

@@ -30,6 +30,31 @@ def _label(run_dir: Path) -> str:
   return run_dir.name
 
 
+def runs_table(run_dirs) -> str:
+  """A markdown table comparing runs from their logs: the last logged line (step, training
+  query loss and accuracy, alpha, beta), the best validation accuracy, and the meta-test
+  accuracy (or query loss) of ``results.json`` when the run has finished."""
+  lines = ["| run | method | alpha0 | steps | query loss | accuracy | best val accuracy "
+           "| alpha | beta | meta-test |", "| --- " * 10 + "|"]
+  for r in map(Path, run_dirs):
+    recs = read_metrics(r)
+    last = recs[-1] if recs else {}
+    cfg = json.loads((r / "config.json").read_text()) if (r / "config.json").exists() else {}
+    vals = [v for v in (_val(x, "accuracy") for x in recs) if v is not None]
+    res = json.loads((r / "results.json").read_text()) if (r / "results.json").exists() else {}
+    test = res.get("test", {})
+    fmt = lambda v, f: "" if v is None else format(v, f)
+    acc = ("" if "loss" not in test else
+           f"{100 * test['accuracy']:.2f}% +- {100 * test['accuracy_ci95']:.2f}%"
+           if "accuracy" in test else f"loss {test['loss']:.4g} +- {test['loss_ci95']:.2g}")
+    lines.append(" | ".join([
+        f"| {r}", str(cfg.get("method", "")), fmt(cfg.get("alpha"), "g"), str(last.get("step", "")),
+        fmt(last.get("loss"), ".4g"), fmt(last.get("accuracy"), ".3f"),
+        fmt(max(vals) if vals else None, ".3f"), fmt(last.get("alpha"), ".3g"),
+        fmt(last.get("beta"), ".3g"), acc]) + " |")
+  return "\n".join(lines)
+
+
 def plot_runs(run_dirs, out_dir: str | os.PathLike | None = None) -> list[Path]:
   """Writes ``learning_curves.png`` and ``rates.png`` for one or more runs; returns the paths."""
   import matplotlib

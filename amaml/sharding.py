@@ -35,15 +35,14 @@ global batch and computes its own shards. Batches made on the host are passed
 as each process's local slice of the global batch: :func:`shard_batch` then
 uses :func:`jax.make_array_from_process_local_data`. Every process must call
 Orbax's save and restore (it writes replicated arrays once). Host-side reads of
-global arrays (``np.asarray``, ``jax.device_get`` of metrics, as ``amaml train``
-and :class:`amaml.checkpoint.Checkpointer` do on one host) need the process's
-own shard instead (``x.addressable_data(0)`` for replicated arrays, or
-:func:`jax.experimental.multihost_utils.process_allgather`). On CPUs the processes
-talk through gloo (``jax.config.update("jax_cpu_collectives_implementation",
-"gloo")`` before :func:`jax.distributed.initialize`). ``tests/test_multiprocess.py``
-runs two CPU processes on localhost through :func:`sharded_step` and checks them
-against one process; ``amaml train`` itself is tested with one process and several
-forced CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=4``).
+global arrays (``np.asarray`` of metrics, a finiteness check) need the process's own
+copy instead (:func:`host_local`), and host-side decisions (stop on a time budget,
+how many steps the next call takes) must agree (:func:`agree`). :func:`initialize`
+does the set-up, with gloo for the collectives of CPUs. ``amaml train
+--num_processes N --process_id i --coordinator_address host0:1234`` does all of this;
+``tests/test_multiprocess.py`` runs two CPU processes on localhost, through
+:func:`sharded_step` and through ``amaml train`` (equal to one process; a killed
+process stops the other, and the run resumes from its checkpoint).
 
 >>> import jax, numpy as np
 >>> from amaml.task import TaskBatch
@@ -193,6 +192,40 @@ def sharded_step(learner, mesh: Mesh, donate: bool = False) -> Callable:
 
   step.jitted = jitted  # for inspection (e.g. ``step.jitted._cache_size()``)
   return step
+
+
+def initialize(coordinator_address: str, num_processes: int, process_id: int, *,
+               heartbeat_timeout_seconds: int = 100) -> None:
+  """Joins this process to a group of ``num_processes`` (:func:`jax.distributed.initialize`);
+  call it before any other JAX call. CPU collectives go through gloo. A process that stops
+  answering for ``heartbeat_timeout_seconds`` stops the others with an error."""
+  if num_processes < 1 or not 0 <= process_id < num_processes:
+    raise ValueError(f"process_id={process_id} with num_processes={num_processes}: the ids "
+                     f"are 0 to {num_processes - 1}, one per process")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPUs only; else unused
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id,
+                             heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+
+
+def host_local(tree: Any) -> Any:
+  """This process's copy of every replicated array of ``tree``: with several processes a
+  global array cannot be read (``np.asarray``) or mixed with local ones, its copy on one of
+  this process's devices can. Other leaves are returned as they are."""
+  def local(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x.addressable_data(0)
+    return x
+  return jax.tree.map(local, tree)
+
+
+def agree(value: Any) -> np.ndarray:
+  """Process 0's ``value`` in every process (decisions taken on the host, such as stopping on
+  a time budget, must be the same everywhere); the value itself in a single process."""
+  if jax.process_count() == 1:
+    return np.asarray(value)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
 
 
 def _has_sharding(x, sharding: NamedSharding) -> bool:

@@ -18,6 +18,7 @@ only on ``(seed, i)``, so a resumed run repeats an uninterrupted one exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -181,7 +182,12 @@ def make_learner(cfg: Config, loss_fn, embed_fn=None) -> meta.MetaLearner:
                 alpha_min=cfg.alpha_min, alpha_max=cfg.alpha_max, beta_min=cfg.beta_min,
                 beta_max=cfg.beta_max, inner_optimizer=cfg.inner_optimizer)
   rates = dict(alpha_lr=cfg.alpha_lr, beta_lr=cfg.beta_lr)
-  if cfg.method == "maml++":
+  plus = cfg.method == "maml++"  # MAML++'s own defaults where a field says none (or 0)
+  per_step = cfg.per_step_params if cfg.per_step_params is not None else (
+      _NORMS.get(cfg.task) if plus else None)
+  kwargs.update(alpha_per_step=plus if cfg.alpha_per_step is None else cfg.alpha_per_step,
+                per_step_params=per_step or None)
+  if plus:
     return meta.maml_plus_plus(loss_fn, **{
         **kwargs, "alpha_min": None, "alpha_max": cfg.alpha_max,
         "multi_step_loss": cfg.multi_step_loss or 5000,
@@ -202,6 +208,8 @@ def make_learner(cfg: Config, loss_fn, embed_fn=None) -> meta.MetaLearner:
 
 # the model head of each task's model: what ANIL adapts unless --inner_params says otherwise
 _HEADS = {"sinusoid": "^Dense_2/", "omniglot": "^head/", "image_folder": "^head/"}
+# the batch-norm parameters of each task's model: what maml++ keeps one copy of per inner step
+_NORMS = {"omniglot": "^norm", "image_folder": "^norm"}
 
 
 class RunKeys(NamedTuple):
@@ -417,6 +425,8 @@ class _Run(NamedTuple):
 def train(cfg: Config, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
           evaluate_at_end: bool = True) -> tuple[meta.MetaState, dict]:
   """Trains ``cfg`` into ``out_dir``; with ``resume`` continues from its last checkpoint.
+  With several processes (:func:`amaml.sharding.initialize` first) every process calls it
+  alike; process 0 writes the files.
 
   Returns the final state and the results dict (also written to ``results.json``).
   Stops with ``FloatingPointError`` after ``max_nonfinite`` non-finite steps in a
@@ -433,8 +443,8 @@ def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
 
   cfg.validate()
   mesh = None
-  if cfg.devices != 1:  # before any file is written: fails on too few devices or an uneven split
-    mesh = sharding.task_mesh(cfg.devices)
+  if cfg.devices != 1 or jax.process_count() > 1:  # before any file is written: fails on too
+    mesh = _mesh(cfg)                               # few devices or an uneven split
     sharding.check_divisible(cfg.meta_batch, mesh)
   out.mkdir(parents=True, exist_ok=True)
   cfg_path = out / "config.json"
@@ -449,22 +459,38 @@ def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
   elif (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()) and not resume:
     raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or "
                           "choose another --out")
-  tmp = cfg_path.with_suffix(".tmp")
-  tmp.write_text(cfg.to_json())
-  os.replace(tmp, cfg_path)
+  if _primary():
+    tmp = cfg_path.with_suffix(".tmp")
+    tmp.write_text(cfg.to_json())
+    os.replace(tmp, cfg_path)
 
   exp = build(cfg)
   ckpt = Checkpointer(out / "checkpoints")
   state = exp.learner.init(jax.tree.map(jnp.copy, exp.params))  # the chunks donate it
-  start = 0
-  if resume and ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
-    start = int(state.step)
-  _truncate_metrics(out / "metrics.jsonl", start)
   images = exp.data["train"]
   if mesh is not None:  # data parallel: tasks split over devices, state and images replicated
     state, images = sharding.replicate((state, images), mesh)
+  start = 0
+  if resume and ckpt.latest_step() is not None:
+    state = ckpt.restore(state)  # onto the shardings of ``state``
+    start = int(sharding.host_local(state.step))
+  if _primary():
+    _truncate_metrics(out / "metrics.jsonl", start)
   return _Run(cfg, out, exp, state, start, images, mesh, ckpt)
+
+
+def _primary() -> bool:
+  """Whether this process writes the run's files (process 0 of several; the only one)."""
+  return jax.process_index() == 0
+
+
+def _mesh(cfg: Config):
+  """The task mesh of ``cfg.devices``; with several processes (:func:`amaml.sharding.initialize`)
+  it spans the devices of them all (``devices`` 0 or 1)."""
+  if jax.process_count() > 1 and cfg.devices not in (0, 1, jax.device_count()):
+    raise ValueError(f"devices={cfg.devices} with {jax.process_count()} processes: several "
+                     "processes train on all their devices; pass --devices 0")
+  return sharding.task_mesh(0 if jax.process_count() > 1 else cfg.devices)
 
 
 def _loop(run: _Run, progress: bool):
@@ -480,18 +506,21 @@ def _loop(run: _Run, progress: bool):
   chunk = make_train_chunk(exp, cfg.log_every, run.mesh)
   per_call, pending, step_s = 1, [], None
   budget_s = 60 * cfg.max_minutes
-  bar = _progress_bar(cfg, step) if progress else None
+  primary = _primary()  # with several processes, process 0 alone draws and writes
+  bar = _progress_bar(cfg, step) if progress and primary else None
   t_start = t_line = time.perf_counter()
   ticker = _Ticker(bar, t_start, budget_s)
-  board = _tensorboard(run.out) if cfg.tensorboard else None
+  board = _tensorboard(run.out) if cfg.tensorboard and primary else None
   compile_s = None
   try:
-    with ticker, open(run.out / "metrics.jsonl", "a") as log:
+    with ticker, (open(run.out / "metrics.jsonl", "a") if primary else
+                  contextlib.nullcontext()) as log:
       while step < cfg.iterations:
         n = min(per_call, cfg.log_every - step % cfg.log_every, cfg.iterations - step)
         t0 = time.perf_counter()
-        state, ms = chunk(state, run.images, jnp.int32(step), jnp.int32(n))
-        ms = jax.tree.map(lambda x: x[:n], ms)
+        state, ms = chunk(state, run.images, np.int32(step), np.int32(n))  # host values: the
+        # same in every process
+        ms = jax.tree.map(lambda x: x[:n], sharding.host_local(ms))
         streak = int(np.asarray(ms["nonfinite_streak"]).max())  # waits for the chunk
         dt = time.perf_counter() - t0
         if compile_s is None:
@@ -499,10 +528,11 @@ def _loop(run: _Run, progress: bool):
         elif step_s is None:  # the second single step: no compilation in it
           step_s = dt
           per_call = max(1, min(cfg.log_every, int(CHUNK_SECONDS // max(step_s, 1e-9))))
+          per_call = int(sharding.agree(per_call))  # every process: the same chunks
         step += n
         pending.append(ms)
         elapsed = time.perf_counter() - t_start
-        out_of_time = budget_s > 0 and elapsed >= budget_s
+        out_of_time = bool(sharding.agree(budget_s > 0 and elapsed >= budget_s))
         if step % cfg.log_every == 0 or step >= cfg.iterations or out_of_time or streak >= cfg.max_nonfinite:
           stacked = jax.device_get(jax.tree.map(lambda *x: np.concatenate(x), *pending))
           steps_in_line = len(stacked["loss"])
@@ -510,11 +540,12 @@ def _loop(run: _Run, progress: bool):
                  "steps_per_s": steps_in_line / max(time.perf_counter() - t_line, 1e-9)}
           pending, t_line = [], time.perf_counter()
           if cfg.val_every and step % cfg.val_every == 0 and "val" in exp.data:
-            val = evaluate(exp, state.params, state.alpha, "val", cfg.val_tasks,
-                           inner_steps=cfg.inner_steps)
+            val = evaluate(exp, *sharding.host_local((state.params, state.alpha)), "val",
+                           cfg.val_tasks, inner_steps=cfg.inner_steps)
             rec.update({f"val_{k}": v for k, v in val.items() if isinstance(v, float)})
-          log.write(json.dumps(rec) + "\n")
-          log.flush()
+          if log is not None:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
           if board is not None:
             _write_scalars(board, rec)
           if bar is not None:
@@ -611,7 +642,9 @@ def _bar_fields(rec: dict) -> dict:
 
 def _finish(run: _Run, state, step: int, train_s: float, compile_s, evaluate_at_end: bool,
             progress: bool) -> dict:
-  """The final evaluation, written atomically to ``results.json``."""
+  """The final evaluation, written atomically to ``results.json`` (by process 0; every
+  process evaluates its own copy of the state, so each returns the same results)."""
+  state = sharding.host_local(state)
   results = {"config": dataclasses.asdict(run.cfg), "steps": step, "train_seconds": train_s,
              "first_chunk_seconds_incl_compile": compile_s,
              "final_alpha": float(meta.tree_mean(state.alpha)),
@@ -620,9 +653,10 @@ def _finish(run: _Run, state, step: int, train_s: float, compile_s, evaluate_at_
   results["final_beta"] = None if beta is None else float(beta)
   if evaluate_at_end:
     results.update(meta_test(run.exp, state.params, state.alpha, progress=progress))
-  tmp = run.out / "results.tmp"
-  tmp.write_text(json.dumps(results, indent=1))
-  os.replace(tmp, run.out / "results.json")
+  if _primary():
+    tmp = run.out / "results.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, run.out / "results.json")
   return results
 
 

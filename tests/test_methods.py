@@ -1,6 +1,8 @@
 """The methods users compare against, on the same core: Meta-SGD, ANIL and Reptile, each
 against a hand-written reference on a tiny problem; vmap over tasks equals a loop; no
 recompilation; the loss falls (sinusoid here, every method x optimizer in test_common)."""
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import pytest
 
 import amaml
 from amaml import configs, meta, train
+from amaml.data import sample_tasks
 
 MODEL = amaml.models.MLP(hidden=(8, 8))
 LOSS = amaml.losses.mse(lambda p, x: MODEL.apply({"params": p}, x))
@@ -90,7 +93,7 @@ def test_meta_sgd_rate_gradient_is_exact_and_adam_steps_the_rates(x64):
   chex.assert_trees_all_close(new.alpha, want_alpha, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("method", ["meta-sgd", "anil", "reptile"])
+@pytest.mark.parametrize("method", ["meta-sgd", "anil", "reptile", "maml++"])
 def test_method_meta_loss_under_vmap_equals_a_loop_and_compiles_once(method, tiny_config):
   exp = train.build(tiny_config(method=method, alpha=0.02, inner_steps=2, meta_batch=4))
   state = exp.learner.init(exp.params)
@@ -198,3 +201,71 @@ def test_protonet_logits_are_minus_squared_distances_to_the_prototypes():
   two = jax.tree.map(lambda x: jnp.concatenate([x, x[:, ::-1]]), batch)
   per = [learner.meta_loss(params, 0.0, jax.tree.map(lambda x: x[t:t + 1], two))[0] for t in (0, 1)]
   np.testing.assert_allclose(learner.meta_loss(params, 0.0, two)[0], np.mean(per), rtol=1e-6)
+
+
+def _scaled_loss(p, x, y):
+  """A linear model with a 'norm' scale: pred = scale * (x w + b)."""
+  pred = p["norm"]["scale"] * (x @ p["lin"]["w"] + p["lin"]["b"])
+  return jnp.mean((pred - y) ** 2), {}
+
+
+def test_per_step_rates_and_parameters_follow_a_hand_written_inner_loop(x64):
+  params = {"lin": {"w": jnp.array([[0.3]]), "b": jnp.array([0.1])},
+            "norm": {"scale": jnp.array(1.0)}}
+  batch = _batch(dtype=jnp.float64)
+  k = 3
+  learner = amaml.alpha_maml(_scaled_loss, inner_steps=k, alpha=0.1, alpha_granularity="tensor",
+                             alpha_per_step=True, per_step_params="^norm/")
+  state = learner.init(params)
+  assert state.params["norm"]["scale"].shape == (k,) and state.alpha["lin"]["w"].shape == (k,)
+  p = {**state.params, "norm": {"scale": jnp.array([1.5, 0.5, 2.0])}}
+  a = {"lin": {"w": jnp.array([0.1, 0.05, 0.2]), "b": jnp.array([0.02, 0.3, 0.1])},
+       "norm": {"scale": jnp.zeros(k)}}
+
+  def by_hand(t, steps):
+    """Step j: copy min(j, k-1) of the scale and of the rates; the scale never adapts."""
+    lin, sx, sy = params["lin"], batch.support_x[t], batch.support_y[t]
+    for j in range(steps):
+      c = min(j, k - 1)
+      scaled = lambda q: _scaled_loss({"lin": q, "norm": {"scale": p["norm"]["scale"][c]}}, sx, sy)[0]
+      g = jax.grad(scaled)(lin)
+      lin = {n: lin[n] - a["lin"][n][c] * g[n] for n in lin}
+    last = p["norm"]["scale"][min(max(steps - 1, 0), k - 1)]  # the query after `steps` steps
+    return _scaled_loss({"lin": lin, "norm": {"scale": last}}, batch.query_x[t], batch.query_y[t])[0]
+
+  want = np.mean([by_hand(t, k) for t in range(batch.num_tasks)])
+  np.testing.assert_allclose(learner.meta_loss(p, a, batch)[0], want, rtol=1e-10)
+  # a longer test-time adaptation reuses the last step's copies; the curve holds every count
+  ev = learner.evaluate(p, a, batch, inner_steps=5)
+  np.testing.assert_allclose(ev["loss"], [by_hand(t, 5) for t in range(batch.num_tasks)], rtol=1e-10)
+  curve = learner.adaptation_curve(p, a, batch, inner_steps=5)["loss"]
+  np.testing.assert_allclose(curve[1], [by_hand(1, s) for s in range(6)], rtol=1e-10)
+  # the meta-gradient through the per-step copies and rates: central differences
+  f = lambda pa: learner.meta_loss(*pa, batch)[0]
+  g = jax.grad(f)((p, a))
+  for seed in range(3):
+    v = jax.tree.map(lambda x: jax.random.normal(jax.random.key(seed), x.shape, x.dtype), (p, a))
+    np.testing.assert_allclose(optax.tree_utils.tree_vdot(g, v), _central_fd(f, (p, a), v, 1e-6),
+                               rtol=1e-6)
+  assert np.all(np.abs(g[0]["norm"]["scale"]) > 0) and np.all(np.abs(g[1]["lin"]["w"]) > 0)
+
+
+def test_maml_plus_plus_on_conv4_keeps_batch_norm_and_rates_per_step():
+  model = amaml.models.Conv4(num_classes=5, hidden=4)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+  loss = amaml.losses.cross_entropy(lambda p, x: model.apply({"params": p}, x))
+  cfg = configs.get_config("omniglot-5w1s", method="maml++", inner_steps=2, hidden=4)
+  learner = train.make_learner(cfg, loss)
+  state = learner.init(params)
+  assert state.params["norm0"]["scale"].shape == (2, 4)  # one copy per inner step
+  assert state.params["conv0"]["kernel"].shape == params["conv0"]["kernel"].shape
+  assert state.alpha["conv0"]["kernel"].shape == (2,)  # a rate per layer and step
+  key = jax.random.key(1)
+  images = jax.random.randint(key, (8, 4, 28, 28, 1), 0, 256).astype(jnp.uint8)
+  batch = sample_tasks(key, images, 5, 1, 2, 2)
+  new, metrics = learner.step(state, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  moved = np.abs(np.asarray(new.params["norm0"]["scale"] - state.params["norm0"]["scale"]))
+  assert np.all(moved.sum(-1) > 0)  # each step's copy is learned
+  off = train.make_learner(dataclasses.replace(cfg, alpha_per_step=False, per_step_params=""), loss)
+  assert off.init(params).params["norm0"]["scale"].shape == (4,)

@@ -529,6 +529,10 @@ def test_checkpoints_are_arrays_and_restore_without_unpickling(tmp_path, monkeyp
     (["plot", "--run", "{t}/missing"], r"^amaml plot: .*metrics\.jsonl not found.*run directory"),
     (["train", "--config", "omniglot-5w1s", "--data_dir", "{t}/nowhere", "--out", "{t}/r"],
      r"^amaml train: .*nowhere"),
+    (["train", "--num_processes", "2", "--out", "{t}/r"],
+     r"^amaml train: --num_processes 2 needs --coordinator_address HOST:PORT"),
+    (["train", "--num_processes", "2", "--process_id", "2", "--coordinator_address", "localhost:1",
+      "--out", "{t}/r"], r"^amaml train: process_id=2 with num_processes=2: the ids are 0 to 1"),
 ])
 def test_every_subcommand_reports_user_errors_in_one_line(tmp_path, args, match):
   err = io.StringIO()

@@ -97,6 +97,11 @@ def test_cli_train_evaluate_plot(tmp_path, capsys):
   assert cli.main(["plot", "--run", run]) == 0
   for name in ("learning_curves.png", "rates.png"):
     assert (tmp_path / "cli" / name).stat().st_size > 1000
+  capsys.readouterr()
+  assert cli.main(["plot", "--run", run, other, "--out", str(tmp_path / "both")]) == 0
+  table = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ")]
+  assert table[0].startswith("| run | method | alpha0 | steps") and len(table) == 4
+  assert table[3].startswith(f"| {other} | maml | 0.1 | 20 |") and "| loss " in table[3]
   with pytest.raises(SystemExit):
     cli.main(["train", "--alpha", "fast"])  # wrong type: argparse names the flag
   assert "--alpha" in capsys.readouterr().err
