@@ -353,6 +353,8 @@ def meta_test(exp: Experiment, params, alpha, num_tasks: int | None = None,
   ``test_adaptation``: ``"select"`` chooses it on meta-validation tasks
   (:func:`select_adaptation`) and also reports MAML's fixed protocol when it differs."""
   cfg = exp.config
+  if cfg.method == "protonet":  # no inner loop: nothing to adapt or to choose
+    return {"test": evaluate(exp, params, alpha, "test", num_tasks, 0, progress)}
   if cfg.test_adaptation == "fixed":
     return {"test": evaluate(exp, params, alpha, "test", num_tasks, progress=progress)}
   split = "val" if "val" in exp.data else "train"  # Omniglot's lake protocol has no val
@@ -681,7 +683,7 @@ def format_results(results: dict) -> str:
   t = results["test"]
   lines = [f"{cfg.get('method', '?')} on {cfg.get('task', '?')}: {results.get('steps', '?')} meta steps"
            + (f" in {results['train_seconds']:.0f} s" if "train_seconds" in results else "")]
-  how = f"{t['inner_steps']} inner steps"
+  how = f"{t['inner_steps']} inner steps" if cfg.get("method") != "protonet" else "no inner loop"
   if t.get("alpha_scale", 1.0) != 1.0:
     how += f" at {t['alpha_scale']:g} x alpha"
   if "test_adaptation" in results:

@@ -45,4 +45,16 @@ def test_readme_methods_snippet_runs(capsys):
   code = _blocks()[2].replace("range(100)", "range(3)")
   exec(compile(code, "README.md", "exec"), {})
   out = capsys.readouterr().out.splitlines()
-  assert len(out) == 4 and all(float(v) > 0 for v in out)
+  assert len(out) == 9 and all(float(v.rsplit(" ", 1)[1]) > 0 for v in out)
+
+
+def test_readme_protonet_snippet_runs(capsys, monkeypatch, tmp_path):
+  from conftest import write_fake_omniglot
+  import amaml.data.omniglot as om
+  monkeypatch.setattr(om, "MAML_NUM_TRAIN", 12)  # the fake set's 20 characters: 12 / 4 / 4
+  monkeypatch.setattr(om, "MAML_NUM_VAL", 4)
+  monkeypatch.setenv("AMAML_OMNIGLOT_DIR", str(write_fake_omniglot(tmp_path / "omni", 12, 8)))
+  monkeypatch.setenv("AMAML_CACHE_DIR", str(tmp_path / "cache"))
+  code = _blocks()[3].replace("range(100)", "range(2)").replace(", 32))", ", 4))")
+  exec(compile(code, "README.md", "exec"), {})
+  assert 0.0 <= float(capsys.readouterr().out.split()[-1]) <= 1.0
