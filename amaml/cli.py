@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import sys
-from pathlib import Path
 
 from amaml.configs import CONFIGS, Config, get_config
 

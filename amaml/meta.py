@@ -282,7 +282,8 @@ def alpha_maml(
     for k in range(inner_steps):
       carry, sl = inner.inner_step(loss_fn, carry, k, alpha_, sx, sy, first_order=fo,
                                    **step_kwargs(params))
-      support0 = sl if k == 0 else support0
+      if k == 0:
+        support0 = sl
       loss, aux = loss_fn(after(carry[0], k + 1), qx, qy)
       query_losses.append(loss)
     weighted = jnp.sum(weights * jnp.stack(query_losses))

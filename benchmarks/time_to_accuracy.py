@@ -255,7 +255,6 @@ def main(argv=None):
   if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):  # restart with the allocator set
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
 
-  import numpy as np
   from amaml.env import versions
   from amaml.stats import mean_confidence_interval
 

@@ -47,7 +47,6 @@ True
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import os
 import tempfile
