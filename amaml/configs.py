@@ -74,6 +74,10 @@ class Config:
                                        "(MAML++'s per-step batch norm: ^norm); none: the "
                                        "method's default (maml++: ^norm on Conv4, else off); "
                                        "empty: off")
+  alpha_granularity: str | None = _field(
+      None, "how many inner rates alpha-maml adapts: one (scalar), one per parameter tensor "
+      "(tensor) or one per parameter; none: the method's own (scalar; meta-sgd is per "
+      "parameter, maml++ per tensor)", ("scalar", "tensor", "parameter"))
   inner_optimizer: str = _field("sgd", "the inner loop's optimizer, its rate alpha (adapted "
                                 "through its state by alpha-maml)", ("sgd", "momentum", "adam"))
   inner_params: str = _field("", "regular expression over parameter paths (conv0/kernel, "
@@ -165,6 +169,10 @@ class Config:
     if self.method in ("reptile", "protonet") and (self.alpha_per_step or self.per_step_params):
       raise ValueError(f"method={self.method!r} has no per-step rates or parameters: drop "
                        "--alpha_per_step and --per_step_params")
+    if self.alpha_granularity is not None and self.method not in ("alpha-maml",
+                                                                 "alpha-maml-paper"):
+      raise ValueError(f"method={self.method!r} sets its own rates: --alpha_granularity is "
+                       "for alpha-maml and alpha-maml-paper only")
     if self.multi_step_loss < 0 or self.first_order_steps < 0:
       raise ValueError("multi_step_loss and first_order_steps must be >= 0 (0 = off)")
     if self.max_minutes < 0:

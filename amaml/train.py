@@ -193,6 +193,8 @@ def make_learner(cfg: Config, loss_fn, embed_fn=None) -> meta.MetaLearner:
         "multi_step_loss": cfg.multi_step_loss or 5000,
         "first_order_steps": cfg.first_order_steps or 25000})
   kwargs.update(multi_step_loss=cfg.multi_step_loss, first_order_steps=cfg.first_order_steps)
+  if cfg.alpha_granularity is not None:  # validate() allows it for alpha-maml(-paper) only
+    kwargs.update(alpha_granularity=cfg.alpha_granularity)
   if cfg.method == "alpha-maml":
     return meta.alpha_maml(loss_fn, rate_rule=cfg.rate_rule, backtrack=cfg.backtrack,
                            **rates, **kwargs)

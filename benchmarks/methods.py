@@ -1,19 +1,27 @@
-"""Every method on one budget: Omniglot 5-way 1-shot for 30 CPU minutes each, and sinusoid
-regression for a fixed number of meta steps (BENCHMARKS.md, "Methods on one budget").
+"""Every method on one budget: Omniglot 5-way 1-shot for 30 CPU minutes each, Omniglot 20-way
+1-shot for a fixed number of GPU seconds each, and sinusoid regression for a fixed number of
+meta steps (BENCHMARKS.md, "Methods on one budget").
 
     python benchmarks/methods.py --sinusoid        # trains every method on sinusoid (minutes)
-    python benchmarks/methods.py                   # prints the tables from the saved results
+    python benchmarks/methods.py --omniglot omniglot-20w1s --minutes 0.5 --out DIR
+                                                   # amaml train for every method, one by one
+    python benchmarks/methods.py                   # prints the table from the saved results
 
-The Omniglot runs are ``amaml train`` commands, one after the other on a quiet machine (see
+The 5w1s runs are ``amaml train`` commands, one after the other on a quiet machine (see
 BENCHMARKS.md); their ``results.json`` files are copied to
-``benchmarks/results/omniglot-5w1s-<name>-30min.json``. This script reads them and the
-sinusoid results (``benchmarks/results/sinusoid-methods.jsonl``) and prints one markdown
-table, next to the published Omniglot numbers of each method's paper.
+``benchmarks/results/omniglot-5w1s-<name>-30min.json``. ``--omniglot`` runs every row of
+:data:`RUNS` that way for ``--minutes`` each and writes ``DIR/<config>-<name>.json``; the
+20w1s column reads ``benchmarks/results/omniglot-20w1s-<name>-gpu.json``. This script reads
+them and the sinusoid results (``benchmarks/results/sinusoid-methods.jsonl``) and prints one
+markdown table, next to the published Omniglot numbers of each method's paper.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,35 +29,39 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SINUSOID = RESULTS / "sinusoid-methods.jsonl"
 
-# (label, --method, flags of the Omniglot run, flags of the sinusoid run, Omniglot results
-# file). Starts: amaml's default from untuned alpha0 (4 and 0.01, far from MAML's 0.4); the
-# other methods from their papers' values (MAML's tuned alpha: 0.4 on Omniglot 5-way, 0.01 on
-# sinusoid), and MAML also from alpha = 4. Sinusoid has no ProtoNet (it is not classification).
+# (label, --method, flags of the Omniglot runs, flags of the sinusoid run, name of the
+# results: benchmarks/results/omniglot-5w1s-<name>-30min.json and omniglot-20w1s-<name>-gpu.json).
+# Starts: amaml's default from untuned alpha0 (4 and 0.01, far from MAML's 0.4); the other
+# methods from their papers' values (MAML's tuned alpha: 0.4 on Omniglot 5-way, 0.1 on 20-way
+# (see ALPHA_20W), 0.01 on sinusoid), and MAML also from alpha = 4. Sinusoid has no ProtoNet
+# (it is not classification).
 RUNS = [
     ("amaml default (alpha-maml), alpha0 = 4", "alpha-maml", {"alpha": 4.0}, {"alpha": 4.0},
-     "omniglot-5w1s-dadapt-default-a4-30min.json"),
+     "dadapt-default-a4"),
     ("amaml default (alpha-maml), alpha0 = 0.01", "alpha-maml", {"alpha": 0.01},
-     {"alpha": 0.01}, "omniglot-5w1s-dadapt-default-a0.01-30min.json"),
+     {"alpha": 0.01}, "dadapt-default-a0.01"),
     ("alpha-maml with inner Adam, alpha0 = 0.1", "alpha-maml", {"inner_optimizer": "adam"},
-     {"inner_optimizer": "adam", "alpha": 0.1}, "omniglot-5w1s-alpha-maml-adam-30min.json"),
-    ("MAML, tuned alpha (0.4; sinusoid 0.01)", "maml", {"alpha": 0.4}, {"alpha": 0.01},
-     "omniglot-5w1s-maml-30min.json"),
-    ("MAML, alpha = 4", "maml", {"alpha": 4.0}, {"alpha": 4.0}, "omniglot-5w1s-maml-a4-30min.json"),
-    ("FOMAML, alpha = 0.4 (sinusoid 0.01)", "fomaml", {"alpha": 0.4}, {"alpha": 0.01},
-     "omniglot-5w1s-fomaml-30min.json"),
-    ("Meta-SGD, alpha0 = 0.1 (sinusoid 0.01)", "meta-sgd", {}, {"alpha": 0.01},
-     "omniglot-5w1s-meta-sgd-30min.json"),
-    ("ANIL, alpha = 0.4 (sinusoid 0.01)", "anil", {"alpha": 0.4}, {"alpha": 0.01},
-     "omniglot-5w1s-anil-30min.json"),
+     {"inner_optimizer": "adam", "alpha": 0.1}, "alpha-maml-adam"),
+    ("MAML, tuned alpha (0.4; 20w1s 0.1; sinusoid 0.01)", "maml", {"alpha": 0.4},
+     {"alpha": 0.01}, "maml"),
+    ("MAML, alpha = 4", "maml", {"alpha": 4.0}, {"alpha": 4.0}, "maml-a4"),
+    ("FOMAML, alpha = 0.4 (20w1s 0.1; sinusoid 0.01)", "fomaml", {"alpha": 0.4},
+     {"alpha": 0.01}, "fomaml"),
+    ("Meta-SGD, alpha0 = 0.1 (sinusoid 0.01)", "meta-sgd", {}, {"alpha": 0.01}, "meta-sgd"),
+    ("ANIL, alpha = 0.4 (20w1s 0.1; sinusoid 0.01)", "anil", {"alpha": 0.4}, {"alpha": 0.01},
+     "anil"),
     # MAML++ is first order for its first third of training (50 of 150 epochs): here the
     # first 300 of about 1,000 Omniglot steps, 6,000 of the 20,000 sinusoid steps
     ("MAML++, alpha0 = 0.1 (sinusoid 0.01)", "maml++", {"first_order_steps": 300},
-     {"alpha": 0.01, "first_order_steps": 6000}, "omniglot-5w1s-maml++-30min.json"),
+     {"alpha": 0.01, "first_order_steps": 6000}, "maml++"),
     ("Reptile, inner Adam 1e-3, 5 steps, epsilon = 1 (sinusoid: SGD 0.01)", "reptile",
      {"inner_optimizer": "adam", "alpha": 0.001, "inner_steps": 5},
-     {"alpha": 0.01, "inner_steps": 5}, "omniglot-5w1s-reptile-30min.json"),
-    ("ProtoNets", "protonet", {}, None, "omniglot-5w1s-protonet-30min.json"),
+     {"alpha": 0.01, "inner_steps": 5}, "reptile"),
+    ("ProtoNets", "protonet", {}, None, "protonet"),
 ]
+
+# MAML's tuned 5-way alpha (0.4) becomes its 20-way one (0.1, Finn et al. 2017) on 20w1s
+ALPHA_20W = {0.4: 0.1}
 
 # published Omniglot 5-way 1-shot / 20-way 1-shot accuracies (%), from each paper's table
 PUBLISHED = {
@@ -91,10 +103,50 @@ def train_sinusoid(steps: int) -> None:
       f.write(json.dumps(rec) + "\n")
 
 
+def train_omniglot(config: str, minutes: float, out: Path, names=None) -> None:
+  """``amaml train --config CONFIG --method M --max_minutes MINUTES`` for every row of
+  :data:`RUNS` (or those in ``names``), one after the other; each ``results.json`` is copied
+  to ``OUT/<config>-<name>.json``. Periodic validation and checkpoints are off, so the budget
+  is training alone (the test-time adaptation is still chosen on validation tasks)."""
+  out.mkdir(parents=True, exist_ok=True)
+  for _, method, flags, _, name in RUNS:
+    if names and name not in names:
+      continue
+    if config != "omniglot-5w1s" and flags.get("alpha") in ALPHA_20W:
+      flags = {**flags, "alpha": ALPHA_20W[flags["alpha"]]}
+    with tempfile.TemporaryDirectory() as run_dir:
+      cmd = [sys.executable, "-m", "amaml", "train", "--config", config, "--method", method,
+             "--max_minutes", str(minutes), "--val_every", "0", "--checkpoint_every", "0",
+             "--out", run_dir]
+      for key, value in flags.items():
+        cmd += [f"--{key}", str(value)]
+      print("$", " ".join(cmd[1:]), flush=True)
+      done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      tail = done.stdout.replace("\r", "\n").splitlines()[-6:]
+      print("\n".join(tail), flush=True)
+      if done.returncode == 0:
+        shutil.copy(Path(run_dir) / "results.json", out / f"{config}-{name}.json")
+      else:  # diverged or broke: the table says so, with the run's last line
+        (out / f"{config}-{name}.json").write_text(json.dumps(
+            {"error": tail[-1] if tail else "", "command": cmd[1:]}))
+
+
 def _accuracy(test: dict) -> tuple[float, float]:
   """(accuracy, CI) in % from a results ``test`` entry (old files say ``post_accuracy``)."""
   key = "accuracy" if "accuracy" in test else "post_accuracy"
   return 100 * test[key], 100 * test[f"{key}_ci95"]
+
+
+def _omniglot(path: Path, s_per_step: str) -> tuple[str, str, str]:
+  """(meta steps, seconds per step, accuracy with CI) of one results file, or 'not run'."""
+  if not path.exists():
+    return ("not run", "", "")
+  r = json.loads(path.read_text())
+  if "error" in r:
+    return ("failed: " + r["error"], "", "")
+  acc, ci = _accuracy(r["test"])
+  return (f"{r['steps']:,}", format(r["train_seconds"] / r["steps"], s_per_step),
+          f"{acc:.2f}% ± {ci:.2f}%")
 
 
 def table() -> str:
@@ -104,17 +156,14 @@ def table() -> str:
     for line in SINUSOID.read_text().splitlines():
       rec = json.loads(line)
       sinusoid[rec["label"]] = rec
-  lines = ["| method, start | meta steps in 30 min | s / step (with validation) | Omniglot 5w1s, 600 tasks (95% CI) "
+  lines = ["| method, start | 5w1s: meta steps in 30 CPU min | s / step (with validation) "
+           "| Omniglot 5w1s, 600 tasks (95% CI) | 20w1s: meta steps in 30 H200 s "
+           "| s / step (with compile) | Omniglot 20w1s, 600 tasks (95% CI) "
            "| sinusoid MSE, 600 tasks (95% CI) | published 5w1s / 20w1s (%) |",
-           "| --- | --- | --- | --- | --- | --- |"]
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for label, method, _, sin_flags, name in RUNS:
-    path = RESULTS / name
-    if path.exists():
-      r = json.loads(path.read_text())
-      acc, ci = _accuracy(r["test"])
-      omni = (f"{r['steps']:,}", f"{r['train_seconds'] / r['steps']:.2f}", f"{acc:.2f}% ± {ci:.2f}%")
-    else:
-      omni = ("not run", "", "")
+    omni = _omniglot(RESULTS / f"omniglot-5w1s-{name}-30min.json", ".2f")
+    omni += _omniglot(RESULTS / f"omniglot-20w1s-{name}-gpu.json", ".3f")
     s = sinusoid.get(label)
     sin = ("" if sin_flags is None else "not run" if s is None else
            "diverged" if "mse" not in s else f"{s['mse']:.3f} ± {s['mse_ci95']:.3f}")
@@ -128,9 +177,16 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--sinusoid", action="store_true", help="train every method on sinusoid first")
   ap.add_argument("--steps", type=int, default=SINUSOID_STEPS, help="sinusoid meta steps")
+  ap.add_argument("--omniglot", metavar="CONFIG",
+                  help="run `amaml train --config CONFIG` for every method first")
+  ap.add_argument("--minutes", type=float, default=0.5, help="--omniglot: budget per method")
+  ap.add_argument("--out", type=Path, default=RESULTS, help="--omniglot: where results go")
+  ap.add_argument("--names", nargs="*", help="--omniglot: only these rows (by results name)")
   args = ap.parse_args(argv)
   if args.sinusoid:
     train_sinusoid(args.steps)
+  if args.omniglot:
+    train_omniglot(args.omniglot, args.minutes, args.out, args.names)
   print(table())
 
 

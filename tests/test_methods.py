@@ -269,3 +269,24 @@ def test_maml_plus_plus_on_conv4_keeps_batch_norm_and_rates_per_step():
   assert np.all(moved.sum(-1) > 0)  # each step's copy is learned
   off = train.make_learner(dataclasses.replace(cfg, alpha_per_step=False, per_step_params=""), loss)
   assert off.init(params).params["norm0"]["scale"].shape == (4,)
+
+
+def test_alpha_granularity_sets_one_rate_per_tensor_or_parameter_from_the_config():
+  from amaml import cli
+
+  args = cli._parser().parse_args(["train", "--config", "sinusoid", "--alpha_granularity", "tensor"])
+  assert args.alpha_granularity == "tensor"
+  model = amaml.models.MLP()
+  params = model.init(jax.random.key(0), jnp.zeros((1, 1)))["params"]
+  loss = amaml.losses.mse(lambda p, x: model.apply({"params": p}, x))
+  for granularity, shape in (("tensor", lambda p: ()), ("parameter", jnp.shape)):
+    cfg = configs.get_config("sinusoid", alpha_granularity=granularity, alpha=0.01)
+    learner = train.make_learner(cfg, loss)
+    state = learner.init(params)
+    chex.assert_trees_all_equal_shapes(state.alpha, jax.tree.map(lambda p: jnp.zeros(shape(p)), params))
+    for seed in range(4):  # the normalised rule's first step is the same for every rate
+      state, _ = learner.step(state, amaml.sinusoid_tasks(jax.random.key(seed), 4))
+    moved = np.array([float(jnp.mean(a)) for a in jax.tree.leaves(state.alpha)])
+    assert len(set(np.round(moved, 7))) > 1  # each tensor's rate follows its own hypergradient
+  with pytest.raises(ValueError, match="alpha_granularity is for alpha-maml"):
+    configs.get_config("sinusoid", method="meta-sgd", alpha_granularity="tensor")

@@ -148,6 +148,7 @@ def test_amaml_train_in_two_processes_equals_one_process_on_two_devices(tmp_path
   np.testing.assert_allclose(r2["test"]["loss"], r1["test"]["loss"], rtol=1e-3)
 
 
+@pytest.mark.slow  # two processes trained, killed and restarted: CI time; test_reliability.py keeps kill/resume in the default run
 def test_a_killed_training_process_stops_the_other_and_the_run_resumes(tmp_path):
   run = tmp_path / "run"
   procs = _start_train(run, 2, "--iterations", "1000000")
