@@ -157,7 +157,7 @@ def table() -> str:
   if SINUSOID.exists():
     for line in SINUSOID.read_text().splitlines():
       rec = json.loads(line)
-      sinusoid[rec["label"]] = rec
+      sinusoid[rec["method"], json.dumps(rec["flags"], sort_keys=True)] = rec
   lines = ["| method, start | 5w1s: meta steps in 30 CPU min | s / step (with validation) "
            "| Omniglot 5w1s, 600 tasks (95% CI) | 20w1s: meta steps in 30 H200 s "
            "| first call, compile included (s) | Omniglot 20w1s, 600 tasks (95% CI) "
@@ -166,7 +166,7 @@ def table() -> str:
   for label, method, _, sin_flags, name in RUNS:
     omni = _omniglot(RESULTS / f"omniglot-5w1s-{name}-30min.json")
     omni += _omniglot(RESULTS / f"omniglot-20w1s-{name}-gpu.json", compile_s=True)
-    s = sinusoid.get(label)
+    s = sinusoid.get((method, json.dumps(sin_flags, sort_keys=True)))
     sin = ("" if sin_flags is None else "not run" if s is None else
            "diverged" if "mse" not in s else f"{s['mse']:.3f} ± {s['mse_ci95']:.3f}")
     pub = published.pop(method, None)  # once, at the method's first row
