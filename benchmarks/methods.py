@@ -10,8 +10,8 @@ meta steps (BENCHMARKS.md, "Methods on one budget").
 The 5w1s runs are ``amaml train`` commands, one after the other on a quiet machine (see
 BENCHMARKS.md); their ``results.json`` files are copied to
 ``benchmarks/results/omniglot-5w1s-<name>-30min.json``. ``--omniglot`` runs every row of
-:data:`RUNS` that way for ``--minutes`` each and writes ``DIR/<config>-<name>.json``; the
-20w1s column reads ``benchmarks/results/omniglot-20w1s-<name>-gpu.json``. This script reads
+:data:`RUNS` that way for ``--minutes`` each and writes ``DIR/<config>-<name>-gpu.json``
+(``DIR`` defaults to ``benchmarks/results``, whose files the 20w1s column reads). This script reads
 them and the sinusoid results (``benchmarks/results/sinusoid-methods.jsonl``) and prints one
 markdown table, next to the published Omniglot numbers of each method's paper.
 """
@@ -63,6 +63,11 @@ RUNS = [
 # MAML's tuned 5-way alpha (0.4) becomes its 20-way one (0.1, Finn et al. 2017) on 20w1s
 ALPHA_20W = {0.4: 0.1}
 
+
+def results_file(config: str, name: str) -> str:
+  """The results file of one row: 5w1s ran 30 CPU minutes, 20w1s on a GPU."""
+  return f"{config}-{name}-{'30min' if config == 'omniglot-5w1s' else 'gpu'}.json"
+
 # published Omniglot 5-way 1-shot / 20-way 1-shot accuracies (%), from each paper's table
 PUBLISHED = {
     "maml": ("98.7 ± 0.4 / 95.8 ± 0.3", "Finn et al. 2017, Table 1"),
@@ -106,7 +111,7 @@ def train_sinusoid(steps: int) -> None:
 def train_omniglot(config: str, minutes: float, out: Path, names=None) -> None:
   """``amaml train --config CONFIG --method M --max_minutes MINUTES`` for every row of
   :data:`RUNS` (or those in ``names``), one after the other; each ``results.json`` is copied
-  to ``OUT/<config>-<name>.json``. Periodic validation and checkpoints are off, so the budget
+  to ``OUT/`` :func:`results_file`. Periodic validation and checkpoints are off, so the budget
   is training alone (the test-time adaptation is still chosen on validation tasks)."""
   out.mkdir(parents=True, exist_ok=True)
   for _, method, flags, _, name in RUNS:
@@ -125,9 +130,9 @@ def train_omniglot(config: str, minutes: float, out: Path, names=None) -> None:
       tail = done.stdout.replace("\r", "\n").splitlines()[-6:]
       print("\n".join(tail), flush=True)
       if done.returncode == 0:
-        shutil.copy(Path(run_dir) / "results.json", out / f"{config}-{name}.json")
+        shutil.copy(Path(run_dir) / "results.json", out / results_file(config, name))
       else:  # diverged or broke: the table says so, with the run's last line
-        (out / f"{config}-{name}.json").write_text(json.dumps(
+        (out / results_file(config, name)).write_text(json.dumps(
             {"error": tail[-1] if tail else "", "command": cmd[1:]}))
 
 
@@ -164,8 +169,8 @@ def table() -> str:
            "| sinusoid MSE, 600 tasks (95% CI) | published 5w1s / 20w1s (%) |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for label, method, _, sin_flags, name in RUNS:
-    omni = _omniglot(RESULTS / f"omniglot-5w1s-{name}-30min.json")
-    omni += _omniglot(RESULTS / f"omniglot-20w1s-{name}-gpu.json", compile_s=True)
+    omni = _omniglot(RESULTS / results_file("omniglot-5w1s", name))
+    omni += _omniglot(RESULTS / results_file("omniglot-20w1s", name), compile_s=True)
     s = sinusoid.get((method, json.dumps(sin_flags, sort_keys=True)))
     sin = ("" if sin_flags is None else "not run" if s is None else
            "diverged" if "mse" not in s else f"{s['mse']:.3f} ± {s['mse_ci95']:.3f}")
