@@ -2,7 +2,7 @@
 1-shot for a fixed number of GPU seconds each, and sinusoid regression for a fixed number of
 meta steps (BENCHMARKS.md, "Methods on one budget").
 
-    python benchmarks/methods.py --sinusoid        # trains every method on sinusoid (minutes)
+    python benchmarks/methods.py --sinusoid [--names N ...]  # trains every method (or row N) on sinusoid
     python benchmarks/methods.py --omniglot omniglot-20w1s --minutes 0.5 --out DIR
                                                    # amaml train for every method, one by one
     python benchmarks/methods.py                   # prints the table from the saved results
@@ -85,13 +85,14 @@ PUBLISHED = {
 SINUSOID_STEPS = 20000
 
 
-def train_sinusoid(steps: int) -> None:
-  """Every row of :data:`RUNS` with sinusoid flags; appends to ``SINUSOID``."""
+def train_sinusoid(steps: int, names=None) -> None:
+  """Every row of :data:`RUNS` with sinusoid flags (or those in ``names``); appends to
+  ``SINUSOID``."""
   from amaml import train
   from amaml.configs import get_config
 
-  for label, method, _, flags, _ in RUNS:
-    if flags is None:
+  for label, method, _, flags, name in RUNS:
+    if flags is None or (names and name not in names):
       continue
     cfg = get_config("sinusoid", method=method, iterations=steps, log_every=1000,
                      val_every=0, checkpoint_every=0, **flags)
@@ -191,10 +192,10 @@ def main(argv=None):
                   help="run `amaml train --config CONFIG` for every method first")
   ap.add_argument("--minutes", type=float, default=0.5, help="--omniglot: budget per method")
   ap.add_argument("--out", type=Path, default=RESULTS, help="--omniglot: where results go")
-  ap.add_argument("--names", nargs="*", help="--omniglot: only these rows (by results name)")
+  ap.add_argument("--names", nargs="*", help="only these rows (by results name)")
   args = ap.parse_args(argv)
   if args.sinusoid:
-    train_sinusoid(args.steps)
+    train_sinusoid(args.steps, args.names)
   if args.omniglot:
     train_omniglot(args.omniglot, args.minutes, args.out, args.names)
   print(table())
