@@ -70,6 +70,11 @@ RUNS = [
 ALPHA_20W = {0.4: 0.1}
 
 
+def _rows(names=None):
+  """The rows of :data:`RUNS`, or those whose results name is in ``names``."""
+  return [row for row in RUNS if not names or row[4] in names]
+
+
 def results_file(config: str, name: str) -> str:
   """The results file of one row: 5w1s ran 30 CPU minutes, 20w1s on a GPU."""
   return f"{config}-{name}-{'30min' if config == 'omniglot-5w1s' else 'gpu'}.json"
@@ -94,8 +99,8 @@ def train_sinusoid(steps: int, names=None) -> None:
   from amaml import train
   from amaml.configs import get_config
 
-  for label, method, _, flags, name in RUNS:
-    if flags is None or (names and name not in names):
+  for label, method, _, flags, name in _rows(names):
+    if flags is None:
       continue
     cfg = get_config("sinusoid", method=method, iterations=steps, log_every=1000,
                      val_every=0, checkpoint_every=0, **flags)
@@ -121,10 +126,8 @@ def train_omniglot(config: str, minutes: float, out: Path, names=None) -> None:
   to ``OUT/`` :func:`results_file`. Periodic validation and checkpoints are off, so the budget
   is training alone (the test-time adaptation is still chosen on validation tasks)."""
   out.mkdir(parents=True, exist_ok=True)
-  for _, method, flags, _, name in RUNS:
-    if names and name not in names:
-      continue
-    if config != "omniglot-5w1s" and flags.get("alpha") in ALPHA_20W:
+  for _, method, flags, _, name in _rows(names):
+    if "20w" in config and flags.get("alpha") in ALPHA_20W:
       flags = {**flags, "alpha": ALPHA_20W[flags["alpha"]]}
     with tempfile.TemporaryDirectory() as run_dir:
       cmd = [sys.executable, "-m", "amaml", "train", "--config", config, "--method", method,
