@@ -12,8 +12,9 @@
    outer rate ``beta`` itself; an optimizer factory such as ``optax.adam`` is wrapped
    in :func:`amaml.hypergradient`, which adapts ``beta`` by hypergradient descent
    (the paper's rule, used by :func:`alpha_maml_paper`);
-4. ``alpha`` takes a hypergradient-descent step (:mod:`amaml.rates`, by default the
-   scale-free ``"normalized"`` rule) from the batch hypergradient, which is the
+4. ``alpha`` (by default one rate per parameter tensor) takes a hypergradient-descent
+   step (:mod:`amaml.rates`, by default the scale-free ``"normalized"`` rule) from the
+   batch hypergradient, which is the
    *mean* over tasks: it is the derivative of the meta loss, itself a mean, so
    ``alpha_lr`` does not have to change with the meta-batch size;
 5. backtracking (amaml's, on by default): if adaptation more than doubled the mean
@@ -124,7 +125,7 @@ def alpha_maml(
     optimizer: Callable[..., optax.GradientTransformation] | optax.GradientTransformation | None = None,
     inner_steps: int = 1,
     first_order: bool = False,
-    alpha_granularity: str = "scalar",
+    alpha_granularity: str = "tensor",
     rate_rule: str = DEFAULT_RULE,
     backtrack: bool = True,
     alpha_min: float | None = 0.0,
@@ -185,8 +186,10 @@ def alpha_maml(
       as it is (``beta`` and ``beta_lr`` unused).
     inner_steps: inner SGD steps per task.
     first_order: FOMAML (no second derivatives in the meta-gradient).
-    alpha_granularity: ``"scalar"`` (the paper), ``"tensor"`` or ``"parameter"``
-      (see :func:`amaml.init_alpha`); each rate follows its own hypergradient.
+    alpha_granularity: ``"tensor"`` (the default: one ``alpha`` per parameter tensor),
+      ``"scalar"`` (one for the whole model, as in the paper and in :func:`maml`) or
+      ``"parameter"`` (see :func:`amaml.init_alpha`); each rate follows its own
+      hypergradient, and every rate starts at ``alpha``.
     rate_rule: how ``alpha`` and ``beta`` follow their hypergradients
       (:func:`amaml.rates.rate_rule`): ``"normalized"`` (the default: Adam's
       normalised step on the hypergradient, applied to the log rate; scale-free),
@@ -464,15 +467,16 @@ def alpha_maml_paper(loss_fn: Callable, **kwargs: Any) -> MetaLearner:
   """Alpha MAML as the paper describes it: the additive rule ``rate <- rate - kappa * h``
   for ``alpha`` and ``beta``, with the HD paper's ``kappa`` (``1e-3`` for the SGD rate
   ``alpha``, ``1e-7`` for Adam's ``beta``) unless given, and no backtracking."""
-  kwargs = {"rate_rule": PAPER_RULE, "backtrack": False, "optimizer": optax.adam, **kwargs}
+  kwargs = {"rate_rule": PAPER_RULE, "backtrack": False, "optimizer": optax.adam,
+            "alpha_granularity": "scalar", **kwargs}
   return alpha_maml(loss_fn, **kwargs)
 
 
 def maml(loss_fn: Callable, *, alpha: float = 0.01, beta: float = 1e-3, inner_steps: int = 1,
          first_order: bool = False, **kwargs: Any) -> MetaLearner:
   """MAML (Finn et al., 2017): :func:`alpha_maml` with ``alpha`` and ``beta`` fixed
-  (and no backtracking)."""
-  kwargs = {"backtrack": False, "optimizer": optax.adam, **kwargs}
+  (one ``alpha`` for the whole model, and no backtracking)."""
+  kwargs = {"backtrack": False, "optimizer": optax.adam, "alpha_granularity": "scalar", **kwargs}
   return alpha_maml(loss_fn, alpha=alpha, beta=beta, alpha_lr=0.0, beta_lr=0.0,
                     inner_steps=inner_steps, first_order=first_order, **kwargs)
 
@@ -573,6 +577,7 @@ def reptile(loss_fn: Callable, *, alpha: float = 0.1, inner_steps: int = 5,
 
   # evaluation is MAML's: adapt on the support set at alpha, score the query set
   evaluate_like = alpha_maml(loss_fn, alpha=alpha, inner_steps=inner_steps,
+                             alpha_granularity="scalar",
                              inner_params=inner_params, optimizer=optax.sgd(0.0),
                              inner_optimizer=inner_optimizer)
   step = jax.jit(update, donate_argnums=(0,) if donate else ())

@@ -57,10 +57,11 @@ from amaml.env import versions
 ROOT = Path(__file__).resolve().parents[1]
 ALPHAS = (0.01, 0.04, 0.1, 0.4, 1.0, 4.0)
 BETAS = (1e-4, 1e-3, 1e-2)
-METHODS = ("maml", "alpha-maml-paper", "alpha-maml+adam", "alpha-maml")
+METHODS = ("maml", "alpha-maml-paper", "alpha-maml+adam", "alpha-maml", "alpha-maml@tensor")
 ANCHORS = tuple(f"maml+{o}" for o in OUTER_OPTIMIZERS if o != "adam")
 LABELS = {"maml": "MAML (fixed rates)", "alpha-maml-paper": "Alpha MAML, paper's additive rule",
-          "alpha-maml+adam": "amaml, beta by hypergradient (Adam)", "alpha-maml": "amaml default"}
+          "alpha-maml+adam": "amaml, beta by hypergradient (Adam)", "alpha-maml": "amaml default",
+          "alpha-maml@tensor": "amaml default, one alpha per tensor"}
 CONFIG_NAMES = {"sinusoid": "sinusoid", "omniglot": "omniglot-5w1s",
                 "omniglot-20w1s": "omniglot-20w1s"}
 # CPU budgets (a method's 18 cells in about half an hour on 2 cores), and --full.
@@ -81,8 +82,10 @@ EVAL_STEPS = 10  # MAML's test-time inner steps, and the most the selection may 
 
 def make_config(task: str, method: str, budget: dict):
   """The named config of ``task`` at the budget; ``<method>+<opt>`` is ``method`` with the
-  outer optimizer ``opt``."""
+  outer optimizer ``opt``, ``<method>@<granularity>`` with that ``alpha_granularity``."""
   kw = {}
+  if "@" in method:
+    method, kw["alpha_granularity"] = method.split("@", 1)
   if "+" in method:
     method, kw["outer_optimizer"] = method.split("+", 1)
   return get_config(CONFIG_NAMES[task], method=method, iterations=budget["steps"],
@@ -246,7 +249,7 @@ def metric(task):
 
 def protocol(method: str, task: str) -> str:
   """The row field that scores ``method`` by its own test-time protocol."""
-  if method in ("alpha-maml", "alpha-maml+adam"):
+  if method.split("@")[0] in ("alpha-maml", "alpha-maml+adam"):
     return "test_selected"
   return "test_one_step" if task == "sinusoid" else "test_fixed"
 
@@ -281,7 +284,7 @@ def table(rows, task, alphas, betas, field=None) -> str:
   lines = ["| alpha0 | " + " | ".join(f"beta0={b:g}" for b in betas) + " |",
            "| --- |" + " --- |" * len(betas)]
   for a in alphas:
-    cells = [" / ".join(f"**{_fmt(by[(m, a, b)], task)}**" if m == "alpha-maml" else
+    cells = [" / ".join(f"**{_fmt(by[(m, a, b)], task)}**" if m in ("alpha-maml", "alpha-maml@tensor") else
                         _fmt(by[(m, a, b)], task) for m in methods if (m, a, b) in by)
              for b in betas]
     lines.append(f"| {a:g} | " + " | ".join(cells) + " |")
@@ -356,8 +359,10 @@ def plot(rows, task, alphas, betas, out_dir: Path):
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
   corners = {(a, b) for a in (min(alphas), max(alphas)) for b in (min(betas), max(betas))}
-  short = {"alpha-maml": "amaml", "alpha-maml+adam": "amaml+adam", "alpha-maml-paper": "paper"}
-  for m, style in (("alpha-maml", "-"), ("alpha-maml+adam", "--"), ("alpha-maml-paper", ":")):
+  short = {"alpha-maml": "amaml", "alpha-maml@tensor": "amaml/tensor",
+           "alpha-maml+adam": "amaml+adam", "alpha-maml-paper": "paper"}
+  for m, style in (("alpha-maml", "-"), ("alpha-maml@tensor", "-."), ("alpha-maml+adam", "--"),
+                   ("alpha-maml-paper", ":")):
     for r in rows:
       corner = r["beta0"] is None or (r["alpha0"], r["beta0"]) in corners
       if r["method"] == m and r["seed"] == 0 and r["alpha0"] in (min(alphas), max(alphas)) and corner:

@@ -52,12 +52,13 @@ def test_step_applies_hand_computed_updates():
   (_, _), (g, ga) = jax.value_and_grad(learner.meta_loss, argnums=(0, 1), has_aux=True)(
       params, state.alpha, batch)
   new, metrics = learner.step(state, batch)
-  np.testing.assert_allclose(new.alpha, 0.05 - alpha_lr * ga, rtol=1e-6)
+  assert jax.tree.structure(new.alpha) == jax.tree.structure(params)  # one alpha per tensor
+  chex.assert_trees_all_close(new.alpha, jax.tree.map(lambda gai: 0.05 - alpha_lr * gai, ga),
+                              rtol=1e-6)
   chex.assert_trees_all_close(new.params, jax.tree.map(lambda p, gi: p - beta * gi, params, g),
                               rtol=1e-5, atol=1e-7)
   assert int(new.step) == 1 and not bool(metrics["nonfinite"])
-  assert new.alpha.dtype == jnp.float32
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((new.alpha, new.params)))
 
 
 def test_maml_keeps_rates_fixed_and_equals_plain_adam():
@@ -115,7 +116,7 @@ def test_alpha_bounds_hold_and_log_space_stays_positive():
   seen = []
   for _ in range(5):
     state, m = learner.step(state, batch)
-    seen.append(float(m["alpha"]))
+    seen += [float(a) for a in jax.tree.leaves(state.alpha)]  # one alpha per tensor
   lo, hi = np.float32(0.01), np.float32(0.06)
   assert min(seen) >= lo and max(seen) <= hi
   assert lo in seen or hi in seen  # the bound was hit, and held
