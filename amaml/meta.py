@@ -32,7 +32,7 @@ A complete training loop on sinusoid regression:
 >>> model = amaml.models.MLP()
 >>> params = model.init(jax.random.key(0), jax.numpy.zeros((1, 1)))["params"]
 >>> loss_fn = amaml.losses.mse(lambda p, x: model.apply({"params": p}, x))
->>> learner = amaml.alpha_maml(loss_fn)   # alpha0 = 0.1 adapted; D-Adaptation sets beta
+>>> learner = amaml.alpha_maml(loss_fn)   # one alpha per tensor from 0.1; D-Adaptation sets beta
 >>> state = learner.init(params)
 >>> key = jax.random.key(1)
 >>> for i in range(3):

@@ -9,12 +9,15 @@ anchors for the outer rate.
 
 Methods (``--methods``): ``maml`` (fixed rates, Adam), ``alpha-maml-paper`` (the paper's
 additive rule for alpha and Adam's beta, with the HD paper's kappa), ``alpha-maml`` (amaml's
-default: normalized rule and backtracking for alpha, D-Adaptation's AdamW as the outer
-optimizer, test-time adaptation chosen on validation tasks), ``alpha-maml+adam`` (the same
-with Adam whose beta follows the normalized rule: amaml's default before D-Adaptation) and
-``maml+<opt>`` for ``<opt>`` in prodigy, dog, mechanize, cocob, dadapt_adamw (MAML whose outer
-optimizer has no rate). A method whose outer optimizer has no rate has no beta0: it runs
-one column, repeated under every beta0 in the tables.
+default: one alpha per parameter tensor, each by the normalized rule, backtracking,
+D-Adaptation's AdamW as the outer optimizer, test-time adaptation chosen on validation
+tasks), ``alpha-maml@scalar`` (the same with one alpha: amaml's second default),
+``alpha-maml@scalar+adam`` (one alpha, and Adam whose beta follows the normalized rule:
+amaml's first default) and ``maml+<opt>`` for ``<opt>`` in prodigy, dog, mechanize, cocob,
+dadapt_adamw (MAML whose outer optimizer has no rate). In general ``<method>@<g>`` sets
+``alpha_granularity=g`` and ``<method>+<opt>`` the outer optimizer. A method whose outer
+optimizer has no rate has no beta0: it runs one column, repeated under every beta0 in
+the tables.
 
 Every cell (alpha0, beta0, seed) is an independent training run with its own parameters,
 optimizer state, alpha and beta. The cells of a method train together as ONE jitted
@@ -57,11 +60,12 @@ from amaml.env import versions
 ROOT = Path(__file__).resolve().parents[1]
 ALPHAS = (0.01, 0.04, 0.1, 0.4, 1.0, 4.0)
 BETAS = (1e-4, 1e-3, 1e-2)
-METHODS = ("maml", "alpha-maml-paper", "alpha-maml+adam", "alpha-maml", "alpha-maml@tensor")
+METHODS = ("maml", "alpha-maml-paper", "alpha-maml@scalar+adam", "alpha-maml@scalar", "alpha-maml")
 ANCHORS = tuple(f"maml+{o}" for o in OUTER_OPTIMIZERS if o != "adam")
 LABELS = {"maml": "MAML (fixed rates)", "alpha-maml-paper": "Alpha MAML, paper's additive rule",
-          "alpha-maml+adam": "amaml, beta by hypergradient (Adam)", "alpha-maml": "amaml default",
-          "alpha-maml@tensor": "amaml default, one alpha per tensor"}
+          "alpha-maml@scalar+adam": "amaml's first default (one alpha, beta by hypergradient on Adam)",
+          "alpha-maml@scalar": "amaml's second default (one alpha)",
+          "alpha-maml": "amaml default (one alpha per tensor)"}
 CONFIG_NAMES = {"sinusoid": "sinusoid", "omniglot": "omniglot-5w1s",
                 "omniglot-20w1s": "omniglot-20w1s"}
 # CPU budgets (a method's 18 cells in about half an hour on 2 cores), and --full.
@@ -84,10 +88,10 @@ def make_config(task: str, method: str, budget: dict):
   """The named config of ``task`` at the budget; ``<method>+<opt>`` is ``method`` with the
   outer optimizer ``opt``, ``<method>@<granularity>`` with that ``alpha_granularity``."""
   kw = {}
-  if "@" in method:
-    method, kw["alpha_granularity"] = method.split("@", 1)
   if "+" in method:
     method, kw["outer_optimizer"] = method.split("+", 1)
+  if "@" in method:
+    method, kw["alpha_granularity"] = method.split("@", 1)
   return get_config(CONFIG_NAMES[task], method=method, iterations=budget["steps"],
                     meta_batch=budget["meta_batch"], log_every=budget["log_every"],
                     checkpoint_every=0, val_every=0, eval_inner_steps=EVAL_STEPS, **kw)
@@ -249,7 +253,7 @@ def metric(task):
 
 def protocol(method: str, task: str) -> str:
   """The row field that scores ``method`` by its own test-time protocol."""
-  if method.split("@")[0] in ("alpha-maml", "alpha-maml+adam"):
+  if method.split("@")[0] == "alpha-maml":
     return "test_selected"
   return "test_one_step" if task == "sinusoid" else "test_fixed"
 
@@ -284,7 +288,7 @@ def table(rows, task, alphas, betas, field=None) -> str:
   lines = ["| alpha0 | " + " | ".join(f"beta0={b:g}" for b in betas) + " |",
            "| --- |" + " --- |" * len(betas)]
   for a in alphas:
-    cells = [" / ".join(f"**{_fmt(by[(m, a, b)], task)}**" if m in ("alpha-maml", "alpha-maml@tensor") else
+    cells = [" / ".join(f"**{_fmt(by[(m, a, b)], task)}**" if m == "alpha-maml" else
                         _fmt(by[(m, a, b)], task) for m in methods if (m, a, b) in by)
              for b in betas]
     lines.append(f"| {a:g} | " + " | ".join(cells) + " |")
@@ -359,10 +363,10 @@ def plot(rows, task, alphas, betas, out_dir: Path):
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
   corners = {(a, b) for a in (min(alphas), max(alphas)) for b in (min(betas), max(betas))}
-  short = {"alpha-maml": "amaml", "alpha-maml@tensor": "amaml/tensor",
-           "alpha-maml+adam": "amaml+adam", "alpha-maml-paper": "paper"}
-  for m, style in (("alpha-maml", "-"), ("alpha-maml@tensor", "-."), ("alpha-maml+adam", "--"),
-                   ("alpha-maml-paper", ":")):
+  short = {"alpha-maml": "amaml", "alpha-maml@scalar": "amaml, one alpha",
+           "alpha-maml@scalar+adam": "amaml+adam", "alpha-maml-paper": "paper"}
+  for m, style in (("alpha-maml", "-"), ("alpha-maml@scalar", "-."),
+                   ("alpha-maml@scalar+adam", "--"), ("alpha-maml-paper", ":")):
     for r in rows:
       corner = r["beta0"] is None or (r["alpha0"], r["beta0"]) in corners
       if r["method"] == m and r["seed"] == 0 and r["alpha0"] in (min(alphas), max(alphas)) and corner:

@@ -24,6 +24,7 @@ import amaml
 from amaml import train
 from amaml.configs import get_config
 from amaml.env import versions
+from amaml.meta import tree_mean
 
 
 def grid(method: str, alphas, seeds: int, iterations: int, chunk: int = 1000):
@@ -34,7 +35,7 @@ def grid(method: str, alphas, seeds: int, iterations: int, chunk: int = 1000):
     for s in range(seeds):
       params = train.build(dataclasses.replace(cfg, seed=s)).params
       st = exp.learner.init(params)
-      states.append(st._replace(alpha=jnp.asarray(a0, st.alpha.dtype)))
+      states.append(st._replace(alpha=jax.tree.map(lambda x: jnp.full_like(x, a0), st.alpha)))
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
   cells = len(states)
   train_key = jax.random.key(1234)
@@ -66,7 +67,7 @@ def grid(method: str, alphas, seeds: int, iterations: int, chunk: int = 1000):
       ev = exp.learner.evaluate(st.params, st.alpha, test, inner_steps=steps)
       m, ci = amaml.mean_confidence_interval(np.asarray(ev["loss"]))
       r[f"mse_{steps}step"], r[f"ci_{steps}step"] = m, ci
-    r["final_alpha"] = float(st.alpha)
+    r["final_alpha"] = float(tree_mean(st.alpha))  # the mean of its rates (one per tensor)
     r["final_beta"] = float(amaml.current_learning_rate(st.opt_state))
     r["alpha_traj"] = [float(t["alpha"][c]) for t in traj]
     rows.append(r)

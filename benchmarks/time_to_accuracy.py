@@ -12,12 +12,14 @@ class), second order, outer Adam at 1e-3:
                 loop, ``autograd.grad(create_graph=True)``), MAML at alpha = 0.4; this file
                 writes its training loop and test-time adaptation.
   amaml-maml    ``amaml.maml`` at alpha = 0.4: the same algorithm, amaml's jitted step.
-  amaml         amaml's default (``amaml.alpha_maml``) from the untuned alpha0 = 4.
+  amaml         amaml's default (``amaml.alpha_maml``: one alpha per parameter tensor, each
+                by its own hypergradient) from the untuned alpha0 = 4.
 
 The implementations take turns in rounds of ``--round-minutes`` of training each (so load
 from other users of the machine hits them alike), all in this one process. After each round
 each is evaluated, off the clock, on the same fixed meta-test tasks with MAML's protocol:
-10 inner SGD steps at its alpha, batch statistics per task. The training clock counts the
+10 inner SGD steps at its alpha (amaml's default: at its per-tensor alphas; the records
+give their mean), batch statistics per task. The training clock counts the
 meta steps only (for the peer not its host-side task sampling either).
 
 Writes ``benchmarks/results/time-to-accuracy.jsonl`` (one line per evaluation), draws

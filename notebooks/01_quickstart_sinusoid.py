@@ -80,12 +80,13 @@ plt.show()
 # `amaml.alpha_maml(loss_fn)` needs no rate setting. Its defaults are amaml's additions,
 # not the paper's:
 #
-# - the inner rate starts at `alpha = 0.1` and follows its hypergradient by the
-#   `"normalized"` rule: Adam-style normalized steps on `log alpha`, so each step changes
+# - one inner rate per parameter tensor (`alpha_granularity="tensor"`: six here, the
+#   MLP's three kernels and three biases), each starting at `alpha = 0.1` and following its
+#   own hypergradient by the `"normalized"` rule: Adam-style normalized steps on `log alpha`, so each step changes
 #   `alpha` by at most about 5%, whatever the scale of the loss (hypergradient rate
 #   `amaml.rates.DEFAULT_HYPER_LR`, the same on every problem);
 # - backtracking: a step whose adaptation more than doubles the query loss of not adapting
-#   changes nothing but `alpha`, which halves;
+#   changes nothing but `alpha`, which halves (every tensor's);
 # - the outer optimizer is D-Adaptation's AdamW (`optax.contrib.dadapt_adamw()`, Defazio &
 #   Mishchenko, 2023). It has no meta rate to set: it scales Adam's steps by an estimate `d`
 #   of the distance from the initial parameters to a solution, which starts tiny (1e-6),
@@ -104,9 +105,19 @@ loss_fn = amaml.losses.mse(lambda p, x: model.apply({"params": p}, x))
 
 learner = amaml.alpha_maml(loss_fn)   # amaml's defaults: nothing to tune
 state0 = learner.init(params)
-ALPHA0 = float(state0.alpha)                                   # 0.1: 10x MAML's tuned 0.01
+ALPHA0 = float(jax.tree.leaves(state0.alpha)[0])   # every tensor's: 0.1, 10x MAML's tuned 0.01
+
+
+def alphas(state):
+  """The inner rates by parameter path, one per tensor."""
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): float(a)
+          for path, a in jax.tree_util.tree_leaves_with_path(state.alpha)}
+
+
+
 D0 = float(amaml.current_learning_rate(state0.opt_state))      # D-Adaptation's first estimate
-print(f"alpha: from {ALPHA0:g}, normalized rule, hypergradient rate "
+print(f"alpha: {len(alphas(state0))} rates, one per parameter tensor, each from {ALPHA0:g}, "
+      f"normalized rule, hypergradient rate "
       f"{amaml.rates.DEFAULT_HYPER_LR} (at most ~5% change per step), backtracking on")
 print(f"outer optimizer: optax.contrib.dadapt_adamw() (state: {type(state0.opt_state).__name__}), "
       f"step-size estimate from {D0:g}")
@@ -139,7 +150,8 @@ state, hist = jax.block_until_ready(run(state0, keys))
 hist = jax.device_get(hist)
 print(f"{ITERATIONS} meta steps in {time.perf_counter() - t0:.1f} s (compile included)")
 print("metrics of every step:", sorted(hist))
-print(f"alpha: {ALPHA0:g} -> {float(state.alpha):.4g}    D-Adaptation's step size "
+print(f"alpha: {ALPHA0:g} -> " + ", ".join(f"{k} {a:.3g}" for k, a in alphas(state).items()))
+print(f"D-Adaptation's step size "
       f"(metrics['beta']): {D0:g} -> {float(amaml.current_learning_rate(state.opt_state)):.4g}")
 backtracked = np.flatnonzero(hist["backtracked"]) + 1
 print(f"backtracked (alpha halved) at {len(backtracked)} steps"
@@ -162,8 +174,8 @@ axes[0].legend(fontsize=8)
 axes[1].plot(steps, hist["alpha"], color="C0", alpha=0.3, lw=0.5, label="per step")
 axes[1].plot(steps[len(steps) - len(smooth(hist["alpha"])):], smooth(hist["alpha"]), color="C0",
              label="moving average")
-axes[1].set(xscale="log", yscale="log", xlabel="meta step", ylabel="alpha",
-            title=f"inner rate alpha (from {ALPHA0:g})")
+axes[1].set(xscale="log", yscale="log", xlabel="meta step", ylabel="alpha (mean over tensors)",
+            title=f"inner rates alpha (from {ALPHA0:g})")
 axes[1].legend(fontsize=8)
 axes[2].plot(steps, hist["beta"])
 axes[2].set(xscale="log", yscale="log", xlabel="meta step", ylabel="metrics['beta']",
@@ -232,7 +244,7 @@ plt.show()
 
 # %%
 held_out = amaml.sinusoid_tasks(jax.random.key(777), EVAL_TASKS)
-print(f"query MSE on {EVAL_TASKS} held-out tasks at alpha = {float(state.alpha):.4g} "
+print(f"query MSE on {EVAL_TASKS} held-out tasks at the trained rates "
       "(mean +- 95% CI half-width)")
 for n in (1, 10):
   out = learner.evaluate(state.params, state.alpha, held_out, inner_steps=n)

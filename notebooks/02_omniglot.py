@@ -110,9 +110,9 @@ plt.show()
 # after a full run.
 #
 # The configuration sets nothing about the rates: like every named configuration it uses
-# amaml's tuning-free defaults (not the paper's). The inner rate `alpha` starts at 0.1
-# (MAML tuned 0.4 for 5-way Omniglot; pass `alpha=0.4` for that) and follows its
-# hypergradient by the `"normalized"` rule at the hypergradient rate
+# amaml's tuning-free defaults (not the paper's). There is one inner rate `alpha` per
+# parameter tensor (18 for Conv4); each starts at 0.1 (MAML tuned 0.4 for 5-way Omniglot;
+# pass `alpha=0.4` for that) and follows its own hypergradient by the `"normalized"` rule at the hypergradient rate
 # `amaml.rates.DEFAULT_HYPER_LR`, with backtracking. The outer optimizer is the method's
 # own (`outer_optimizer=None`, looked up in `amaml.configs.METHOD_OUTER_OPTIMIZER`): for
 # `method="alpha-maml"` that is D-Adaptation's AdamW (`"dadapt_adamw"`), which sets the meta
@@ -130,7 +130,8 @@ print({k: getattr(cfg, k) for k in ("method", "ways", "shots", "queries", "inner
                                     "eval_inner_steps")})
 OUTER = cfg.resolved_outer_optimizer   # outer_optimizer=None: the method's own
 assert cfg.method == "alpha-maml" and cfg.alpha_lr is None   # the settings printed below
-print(f"inner rate alpha: from {cfg.alpha:g}, {cfg.rate_rule} rule, hypergradient rate "
+print(f"inner rates alpha: one per parameter tensor, each from {cfg.alpha:g}, {cfg.rate_rule} rule, "
+      f"hypergradient rate "
       f"{amaml.rates.DEFAULT_HYPER_LR} (the rule's default), backtracking {cfg.backtrack}")
 if OUTER == "adam":
   print(f"outer optimizer: Adam, beta from {cfg.resolved_beta:g}, adapted by hypergradient")
@@ -218,7 +219,7 @@ plt.show()
 # model = amaml.models.Conv4(num_classes=5)
 # params = model.init(jax.random.key(0), jax.numpy.zeros((1, 28, 28, 1)))["params"]
 # loss_fn = amaml.losses.cross_entropy(lambda p, x: model.apply({"params": p}, x))
-# learner = amaml.alpha_maml(loss_fn)   # amaml's defaults: alpha0 0.1 adapted, D-Adaptation's AdamW
+# learner = amaml.alpha_maml(loss_fn)   # amaml's defaults: one alpha per tensor from 0.1, D-Adaptation's AdamW
 # images = jax.device_put(data.load_omniglot("maml").train.images)  # uint8 [classes, 20, 28, 28, 1]
 #
 # @jax.jit

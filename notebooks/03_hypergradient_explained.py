@@ -70,7 +70,7 @@ def linear_tasks(key, num_tasks, n_support=10, n_query=10):
   return amaml.TaskBatch(x[:, :n_support], y[:, :n_support], x[:, n_support:], y[:, n_support:])
 
 loss_fn = amaml.losses.mse(lambda p, x: x @ p["w"] + p["b"])
-learner = amaml.alpha_maml(loss_fn, inner_steps=1)
+learner = amaml.alpha_maml(loss_fn, inner_steps=1, alpha_granularity="scalar")  # one alpha, as in the paper
 theta = {"w": jnp.zeros(D), "b": jnp.zeros(())}
 batch = linear_tasks(jax.random.key(0), NUM_TASKS)
 

@@ -26,7 +26,8 @@
 #   additive hypergradient steps `rate -= kappa * h`, with the HD paper's `kappa` (1e-3 for
 #   `alpha`, 1e-7 for `beta`), no backtracking;
 # - **amaml + Adam-HD** (`amaml.alpha_maml(loss_fn, optimizer=optax.adam)`): amaml's rule
-#   for both rates: the `"normalized"` rule (Adam-style normalized steps on the log rates,
+#   for both rates (one `alpha` per parameter tensor, each from `alpha0`): the
+#   `"normalized"` rule (Adam-style normalized steps on the log rates,
 #   at most about 5% per step, the same hypergradient rate `amaml.rates.DEFAULT_HYPER_LR`
 #   for `alpha` and `beta` on every problem) and backtracking (a step whose adaptation more
 #   than doubles the query loss of not adapting only halves `alpha`);
@@ -112,7 +113,8 @@ def initial_states(learner, a0, b0):
   state = learner.init(params)
 
   def cell(a, b=None):
-    s = state._replace(alpha=jnp.asarray(a, state.alpha.dtype))
+    # every alpha of the state (one per parameter tensor in amaml's default) starts at a
+    s = state._replace(alpha=jax.tree.map(lambda x: jnp.full_like(x, a), state.alpha))
     if b is not None:   # Adam's rate beta, in the amaml.hypergradient state
       hd = s.opt_state
       s = s._replace(opt_state=hd._replace(learning_rate=jnp.asarray(b, hd.learning_rate.dtype)))
@@ -234,7 +236,9 @@ for name, r in results.items():
 # %%
 for name in ("paper's rule", "amaml + Adam-HD", "amaml default"):
   r = results[name]
-  final_alpha = np.asarray(r["states"].alpha).reshape(r["shape"])
+  # per cell, the mean of its rates (amaml's default has one per parameter tensor)
+  final_alpha = np.mean([np.reshape(x, (x.shape[0], -1)).mean(axis=1)
+                         for x in jax.tree.leaves(r["states"].alpha)], axis=0).reshape(r["shape"])
   final_beta = np.asarray(amaml.current_learning_rate(r["states"].opt_state)).reshape(r["shape"])
   columns = BETA0S if HAS_BETA0[name] else ["n/a"]
   print(f"{name}: final alpha / final " + ("beta" if HAS_BETA0[name] else

@@ -44,7 +44,8 @@ WORKER = textwrap.dedent("""
       if i + 1 == die_after and pid == 1:
         os._exit(3)                                                   # a process dies
     leaves = [x.addressable_data(0) for x in jax.tree.leaves(state.params)]
-    print(json.dumps({"devices": jax.device_count(), "alpha": float(state.alpha.addressable_data(0)),
+    alpha = [float(a.addressable_data(0)) for a in jax.tree.leaves(state.alpha)]   # per tensor
+    print(json.dumps({"devices": jax.device_count(), "alpha": alpha,
                       "params": [jax.device_get(x).ravel().tolist() for x in leaves]}))
     """)
 

@@ -16,10 +16,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import robustness  # noqa: E402
 
 
-@pytest.mark.parametrize("method", ["maml", "alpha-maml-paper", "alpha-maml+adam", "alpha-maml"])
+@pytest.mark.parametrize("method", ["maml", "alpha-maml-paper", "alpha-maml@scalar+adam",
+                                    "alpha-maml@scalar", "alpha-maml"])
 def test_grid_cells_equal_separate_runs(method):
   budget = dict(steps=6, meta_batch=5, eval_tasks=8, log_every=3)
   cfg = robustness.make_config("sinusoid", method, budget)
+  assert cfg.alpha_granularity == ("scalar" if "@scalar" in method else None)
+  assert cfg.outer_optimizer == "adam" or not method.endswith("+adam")
   exp = train.build(cfg)
   cells = [(0.01, 1e-3, 0), (0.3, 1e-2, 0), (0.05, 1e-4, 1)]
   if not robustness.has_beta0(cfg):  # the default's outer optimizer sets its own rate
@@ -64,9 +67,9 @@ def test_table_marks_diverged_cells_and_scores_each_method_by_its_protocol():
 
 
 def test_anchor_table_takes_each_methods_best_beta0():
-  rows = [dict(method="alpha-maml+adam", alpha0=0.1, beta0=b, seed=0, test_selected=v)
+  rows = [dict(method="alpha-maml@scalar+adam", alpha0=0.1, beta0=b, seed=0, test_selected=v)
           for b, v in [(1e-4, 0.9), (1e-2, 0.5)]]
   rows += [dict(method="maml+prodigy", alpha0=0.1, beta0=None, seed=0, test_one_step=0.7)]
   text = robustness.anchor_table(rows, "sinusoid", [0.1])
-  assert "| amaml, beta by hypergradient (Adam) | 0.5 | 0.5 | 0.5 |" in text
+  assert f"| {robustness.LABELS['alpha-maml@scalar+adam']} | 0.5 | 0.5 | 0.5 |" in text
   assert "| maml+prodigy | 0.7 | 0.7 | 0.7 |" in text
