@@ -77,7 +77,8 @@ class Config:
   alpha_granularity: str | None = _field(
       None, "how many inner rates alpha-maml adapts: one (scalar), one per parameter tensor "
       "(tensor) or one per parameter; none: the method's own (alpha-maml: tensor; "
-      "alpha-maml-paper and maml: scalar; meta-sgd: parameter; maml++: tensor)", ("scalar", "tensor", "parameter"))
+      "alpha-maml-paper and maml: scalar; meta-sgd: parameter; maml++: tensor)",
+      ("scalar", "tensor", "parameter"))
   inner_optimizer: str = _field("sgd", "the inner loop's optimizer, its rate alpha (adapted "
                                 "through its state by alpha-maml)", ("sgd", "momentum", "adam"))
   inner_params: str = _field("", "regular expression over parameter paths (conv0/kernel, "

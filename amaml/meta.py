@@ -14,9 +14,8 @@
    (the paper's rule, used by :func:`alpha_maml_paper`);
 4. ``alpha`` (by default one rate per parameter tensor) takes a hypergradient-descent
    step (:mod:`amaml.rates`, by default the scale-free ``"normalized"`` rule) from the
-   batch hypergradient, which is the
-   *mean* over tasks: it is the derivative of the meta loss, itself a mean, so
-   ``alpha_lr`` does not have to change with the meta-batch size;
+   batch hypergradient, which is the *mean* over tasks: it is the derivative of the meta
+   loss, itself a mean, so ``alpha_lr`` does not have to change with the meta-batch size;
 5. backtracking (amaml's, on by default): if adaptation more than doubled the mean
    query loss of not adapting, only ``alpha`` changes: it halves;
 6. a non-finite guard: if the loss, a gradient, a hypergradient or the new

@@ -25,7 +25,8 @@ meta steps only (for the peer not its host-side task sampling either).
 Writes ``benchmarks/results/time-to-accuracy.jsonl`` (one line per evaluation), draws
 ``docs/images/time-to-accuracy.png`` and prints the table of BENCHMARKS.md: time to 95% and
 97% meta-test accuracy (the first evaluation whose mean reaches the target; in brackets the
-first whose 95% interval's upper and lower ends do), and the accuracy at 10 and 30 minutes.
+first whose 95% interval's upper and lower ends do), and the accuracy at 10 and 30 minutes
+(``--report-minutes``). ``--render`` redraws both from ``--out``, also of a run stopped early.
 Needs PyTorch (``pip install torch``) and the peers' folder (``$AMAML_PEERS_DIR``).
 """
 from __future__ import annotations
@@ -192,12 +193,15 @@ def at_minutes(points, minutes):
   return before[-1] if before else None
 
 
-def table(records) -> str:
+def table(records, minutes=(10, 30)) -> str:
+  """The markdown table: per implementation, its steps and s/step, the minutes to each of
+  :data:`TARGETS`, and the accuracy at each of ``minutes`` of training."""
   impls = list(dict.fromkeys(r["impl"] for r in records))
   fmt = lambda v: "not reached" if v is None else f"{v:.1f}"
   lines = ["| implementation | meta steps | s / step | " + " | ".join(
-      f"minutes to {100 * t:.0f}% [CI]" for t in TARGETS) + " | accuracy at 10 min | at 30 min |",
-           "| --- " * (5 + len(TARGETS)) + "|"]
+      f"minutes to {100 * t:.0f}% [CI]" for t in TARGETS) + " | "
+           + " | ".join(f"accuracy at {m:g} min" for m in minutes) + " |",
+           "| --- " * (3 + len(TARGETS) + len(minutes)) + "|"]
   for impl in impls:
     pts = [r for r in records if r["impl"] == impl]
     last = pts[-1]
@@ -206,7 +210,7 @@ def table(records) -> str:
       mean, hi, lo = crossing(pts, t)
       cells.append(f"{fmt(mean)} [{fmt(hi)}, {fmt(lo)}]")
     accs = []
-    for m in (10, 30):  # blank where the run stopped short of m minutes
+    for m in minutes:  # blank where the run stopped short of m minutes
       p = at_minutes(pts, m)
       accs.append("" if p is None or last["train_minutes"] < 0.98 * m else
                   f"{100 * p['accuracy']:.2f}% ± {100 * p['ci95']:.2f}%")
@@ -251,10 +255,12 @@ def main(argv=None):
   ap.add_argument("--out", default=str(RESULTS))
   ap.add_argument("--png", default=str(ROOT / "docs" / "images" / "time-to-accuracy.png"))
   ap.add_argument("--render", action="store_true", help="only print the table and draw the PNG from --out")
+  ap.add_argument("--report-minutes", type=float, nargs="+", default=[10, 30],
+                  help="training minutes at which the table gives each accuracy")
   args = ap.parse_args(argv)
   if args.render:
     records = [json.loads(l) for l in Path(args.out).read_text().splitlines()]
-    print(table(records))
+    print(table(records, args.report_minutes))
     plot(records, Path(args.png))
     return
   if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):  # restart with the allocator set
@@ -285,7 +291,7 @@ def main(argv=None):
       print(json.dumps(rec), flush=True)
       with open(out, "a") as f:
         f.write(json.dumps(rec) + "\n")
-  print(table(records))
+  print(table(records, args.report_minutes))
   plot(records, Path(args.png))
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import write_fake_omniglot
 
-from amaml.data import load_omniglot, omniglot_split_indices, rotate_classes, write_omniglot_arrays
+from amaml.data import load_omniglot, omniglot_split_indices, rotate_classes
 from amaml.data import omniglot as omniglot_mod
 from amaml.data.omniglot import ink_to_uint8, load_omniglot_characters
 from amaml.data.omniglot_arrays import (Alphabet, arrays_checksum, find_omniglot_dir,

@@ -3,8 +3,6 @@ bad settings are named."""
 import dataclasses
 
 import chex
-import jax
-import numpy as np
 import pytest
 
 from conftest import write_fake_omniglot

@@ -5,11 +5,9 @@ from pathlib import Path
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import amaml
 from amaml import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -38,3 +38,7 @@ def test_table_reports_each_implementation_and_leaves_unreached_cells_out():
   assert fast.endswith("|  |")  # stopped at 10 minutes: no 30-minute accuracy
   # slow reached neither target and ran 5 minutes: no 10-minute accuracy either
   assert "not reached [not reached, not reached]" in slow and slow.endswith("|  |  |")
+  # other minute marks: the run of "fast" lasted 10 minutes, so at 5 and 10 both are given
+  text = tta.table(recs, minutes=(5, 10))
+  assert "| accuracy at 5 min | accuracy at 10 min |" in text
+  assert "| 97.50% ± 0.40% | 98.50% ± 0.40% |" in text

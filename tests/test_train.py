@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from amaml import cli, train
-from amaml.configs import Config, get_config
+from amaml.configs import get_config
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, tiny_config):

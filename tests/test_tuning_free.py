@@ -1,7 +1,6 @@
 """The tuning-free default: scale invariance, recovery of a known best inner rate from far-off
 starts, backtracking, the guards under the default, test-time adaptation chosen on
 validation tasks, and named configs that carry no rate setting of their own."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -257,3 +256,17 @@ def test_learning_rate_free_outer_optimizers_train_maml(name, tiny_config):
     assert float(m["beta"]) > 0 and "beta_hypergradient" not in m
   else:
     assert "beta" not in m  # no rate to report
+
+
+def test_default_adapts_one_alpha_per_tensor_and_maml_one_alpha():
+  """The default (library and every named config) has one alpha per parameter tensor, all
+  starting at alpha0; MAML and the paper's rule keep one alpha for the whole model."""
+  params = _params()
+  alpha = amaml.alpha_maml(_mse(), alpha=0.3).init(params).alpha
+  assert jax.tree.structure(alpha) == jax.tree.structure(params)
+  assert all(a.shape == () and float(a) == pytest.approx(0.3) for a in jax.tree.leaves(alpha))
+  exp = train.build(configs.get_config("sinusoid", alpha=0.3))
+  assert jax.tree.structure(exp.learner.init(exp.params).alpha) == jax.tree.structure(exp.params)
+  for learner in (amaml.maml(_mse(), alpha=0.3), amaml.alpha_maml_paper(_mse(), alpha=0.3),
+                  amaml.alpha_maml(_mse(), alpha=0.3, alpha_granularity="scalar")):
+    assert jnp.shape(learner.init(params).alpha) == ()
