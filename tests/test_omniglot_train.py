@@ -46,8 +46,9 @@ def test_training_lowers_the_loss_and_evaluates(omniglot_dir, tmp_path):
   assert t["accuracy"] > t["pre_accuracy"]  # adaptation helps
 
 
-def test_resume_is_bitwise(omniglot_dir, tmp_path):
-  cfg = _cfg(omniglot_dir)
+@pytest.mark.slow  # ~85 s of compiles; the default run keeps bitwise resume after a SIGKILL
+def test_resume_is_bitwise(omniglot_dir, tmp_path):  # (tests/test_reliability.py, sinusoid)
+  cfg = _cfg(omniglot_dir, val_every=0)  # (validation does not touch the state: not compiled here)
   full, _ = train.train(cfg, tmp_path / "full", progress=False, evaluate_at_end=False)
   train.train(dataclasses.replace(cfg, iterations=20), tmp_path / "split", progress=False,
               evaluate_at_end=False)

@@ -18,6 +18,8 @@ def test_crossing_is_the_first_evaluation_at_the_target_for_the_mean_and_each_ci
   # mean >= 0.97 first at 10 min; mean + ci at 5 min (0.972); mean - ci at 10 min (0.971)
   assert tta.crossing(pts, 0.97) == (10.0, 5.0, 10.0)
   assert tta.crossing(pts, 0.99) == (None, None, None)
+  # 97% of 3,000 queries averaged in float32 is 0.96999999: that reaches 97%
+  assert tta.crossing(_records("b", [(0.9699999888737997, 0.0036)]), 0.97) == (2.5, 2.5, None)
 
 
 def test_at_minutes_takes_the_last_evaluation_not_after_the_time():
@@ -25,6 +27,7 @@ def test_at_minutes_takes_the_last_evaluation_not_after_the_time():
   assert tta.at_minutes(pts, 5.0)["accuracy"] == 0.95
   assert tta.at_minutes(pts, 6.0)["accuracy"] == 0.95
   assert tta.at_minutes(pts, 1.0) is None
+  assert tta.at_minutes(pts, 7.4)["accuracy"] == 0.97  # the 7.5-minute round ran 1% over
 
 
 def test_table_reports_each_implementation_and_leaves_unreached_cells_out():
