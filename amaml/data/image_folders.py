@@ -15,14 +15,14 @@ Two layouts are read, for every data set:
   ``DIR/test.csv``, each a header ``filename,label`` then one row per image, with the
   images in ``DIR/images/<filename>``.
 
-=================  ======  ===============================  ===========================================
-``dataset``        size    classes train / val / test       where to get it
-=================  ======  ===============================  ===========================================
-``miniimagenet``   84      64 / 16 / 20 (600 images each)   Ravi & Larochelle 2017 split files (github.com/twitter/meta-learning-lstm) with ImageNet images (image-net.org)
-``tieredimagenet`` 84      351 / 97 / 160 (732-1300 each)   Ren et al. 2018 (github.com/renmengye/few-shot-ssl-public)
-``cifar-fs``       32      64 / 16 / 20 (600 each)          Bertinetto et al. 2019 (github.com/bertinetto/r2d2)
-``fc100``          32      60 / 20 / 20 (600 each)          Oreshkin et al. 2018 (github.com/ElementAI/TADAM)
-=================  ======  ===============================  ===========================================
+==================  ======  ===============================  ===========================================
+``dataset``         size    classes train / val / test       where to get it
+==================  ======  ===============================  ===========================================
+``miniimagenet``    84      64 / 16 / 20 (600 images each)   Ravi & Larochelle 2017 split files (github.com/twitter/meta-learning-lstm) with ImageNet images (image-net.org)
+``tieredimagenet``  84      351 / 97 / 160 (732-1300 each)   Ren et al. 2018 (github.com/renmengye/few-shot-ssl-public)
+``cifar-fs``        32      64 / 16 / 20 (600 each)          Bertinetto et al. 2019 (github.com/bertinetto/r2d2)
+``fc100``           32      60 / 20 / 20 (600 each)          Oreshkin et al. 2018 (github.com/ElementAI/TADAM)
+==================  ======  ===============================  ===========================================
 
 The class counts are the published splits; a folder with other counts is read as it is
 (and the counts are reported in the error message only when a split is missing). Classes

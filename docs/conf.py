@@ -1,0 +1,162 @@
+"""Sphinx configuration of amaml's documentation site.
+
+Build: ``sphinx-build -W --keep-going -b html docs docs/_build/html`` (from the repository
+root, after ``pip install -e ".[docs]"``). The notebooks are rendered with the outputs stored
+in them (nothing is executed).
+"""
+import os
+import re
+import sys
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, ROOT)
+
+import amaml  # noqa: E402
+
+# The notebooks live in notebooks/ at the root; the site renders copies of their .ipynb
+# files (with the outputs stored in them) from docs/notebooks/, which git ignores.
+_NB_SRC = os.path.join(ROOT, "notebooks")
+_NB_DST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "notebooks")
+os.makedirs(_NB_DST, exist_ok=True)
+for _name in sorted(os.listdir(_NB_SRC)):
+  if _name.endswith(".ipynb"):
+    with open(os.path.join(_NB_SRC, _name), "rb") as _f:
+      _data = _f.read()
+    _dst = os.path.join(_NB_DST, _name)
+    if not os.path.exists(_dst) or open(_dst, "rb").read() != _data:
+      with open(_dst, "wb") as _f:
+        _f.write(_data)
+
+project = "amaml"
+author = "the amaml developers"
+copyright = "the amaml developers"
+release = amaml.__version__
+version = release
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.viewcode",
+    "myst_nb",
+]
+
+source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb"}
+exclude_patterns = ["_build", "**/.ipynb_checkpoints"]
+root_doc = "index"
+
+# -- MyST and the notebooks -----------------------------------------------------------------
+myst_enable_extensions = ["colon_fence", "dollarmath"]
+myst_heading_anchors = 3  # README/BENCHMARKS links like BENCHMARKS.md#tuning-free-defaults
+nb_execution_mode = "off"  # render the outputs stored in notebooks/*.ipynb; never execute
+nb_merge_streams = True
+
+# -- autodoc ----------------------------------------------------------------------------------
+autodoc_default_options = {"member-order": "bysource"}
+autodoc_typehints = "description"
+autodoc_typehints_format = "short"
+autodoc_preserve_defaults = True
+autodoc_class_signature = "separated"
+autosummary_generate = False
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+napoleon_attr_annotations = True
+# NamedTuple fields are described in each class's "Attributes:" section; autodoc's
+# "Alias for field number N" entries would only repeat them.
+napoleon_use_ivar = True
+
+# -- HTML -------------------------------------------------------------------------------------
+html_theme = "furo"
+html_title = f"amaml {release}"
+html_static_path = []
+html_show_sourcelink = False
+
+# -- README / BENCHMARKS included from the repository root -------------------------------------
+# They link to files by their path from the root; on the site those are pages.
+LINK_REWRITES = [
+    ("](BENCHMARKS.md", "](benchmarks.md"),
+    ("](docs/design.md)", "](design.md)"),
+    ("](docs/images/", "](images/"),
+    ("](README.md", "](index.md"),
+]
+
+
+def _rewrite_links(text: str) -> str:
+  for old, new in LINK_REWRITES:
+    text = text.replace(old, new)
+  return text
+
+
+def _include_read(app, relative_path, parent_docname, content):
+  if str(relative_path).startswith(".."):
+    content[0] = _rewrite_links(content[0])
+
+
+def _skip_namedtuple_fields(app, what, name, obj, skip, options):
+  """NamedTuple fields ("Alias for field number N") are described by their class."""
+  doc = getattr(obj, "__doc__", None) or ""
+  if what == "class" and re.fullmatch(r"Alias for field number \d+", doc.strip()):
+    return True
+  return None
+
+
+def _check_public_api(app, env):
+  """Every name in ``amaml.__all__`` is on the API index page."""
+  with open(os.path.join(app.srcdir, "api", "index.md"), encoding="utf-8") as f:
+    page = f.read()
+  missing = [n for n in amaml.__all__ if not re.search(rf"\b{re.escape(n)}\b", page)]
+  if missing:
+    from sphinx.util import logging
+    logging.getLogger(__name__).warning("amaml.__all__ names missing from api/index.md: %s",
+                                        ", ".join(missing))
+
+
+def setup(app):
+  app.connect("include-read", _include_read)
+  app.connect("autodoc-skip-member", _skip_namedtuple_fields)
+  app.connect("env-updated", _check_public_api)
+  app.connect("missing-reference", _resolve_reexport)
+
+
+def _resolve_reexport(app, env, node, contnode):
+  """Resolves ``amaml.alpha_maml``-style names (re-exported by a package) to the entry in
+  the module that defines the object (``amaml.meta.alpha_maml``)."""
+  import importlib
+  if node.get("refdomain") != "py":
+    return None
+  target = node.get("reftarget", "")
+  candidates = [target]
+  if node.get("py:module"):
+    candidates.append(f"{node['py:module']}.{target}")
+  for name in candidates:
+    if not name.startswith("amaml."):
+      continue
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+      try:
+        obj = importlib.import_module(".".join(parts[:i]))
+      except ImportError:
+        continue
+      try:
+        for attr in parts[i:]:
+          obj = getattr(obj, attr)
+      except AttributeError:
+        break
+      if isinstance(obj, type(sys)):
+        real = obj.__name__
+      else:
+        mod = getattr(obj, "__module__", None)
+        qual = getattr(obj, "__qualname__", None)
+        if not (mod and qual):
+          break
+        real = f"{mod}.{qual}"
+      if real == name:
+        break
+      domain = env.get_domain("py")
+      for typ in (node.get("reftype"), "obj"):
+        found = domain.resolve_xref(env, node["refdoc"], app.builder, typ, real, node, contnode)
+        if found is not None:
+          return found
+      break
+  return None
