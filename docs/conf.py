@@ -24,9 +24,12 @@ for _name in sorted(os.listdir(_NB_SRC)):
     with open(os.path.join(_NB_SRC, _name), "rb") as _f:
       _data = _f.read()
     _dst = os.path.join(_NB_DST, _name)
-    if not os.path.exists(_dst) or open(_dst, "rb").read() != _data:
-      with open(_dst, "wb") as _f:
-        _f.write(_data)
+    if os.path.exists(_dst):
+      with open(_dst, "rb") as _f:
+        if _f.read() == _data:
+          continue
+    with open(_dst, "wb") as _f:
+      _f.write(_data)
 
 project = "amaml"
 author = "the amaml developers"
@@ -57,7 +60,8 @@ autodoc_default_options = {"member-order": "bysource"}
 autodoc_typehints = "description"
 autodoc_typehints_format = "short"
 autodoc_preserve_defaults = True
-autodoc_class_signature = "separated"
+# the TFDS path (amaml.data.tfds_omniglot) is documented without the tfds extra installed
+autodoc_mock_imports = ["tensorflow_datasets"]
 autosummary_generate = False
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
