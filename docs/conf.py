@@ -1,6 +1,6 @@
 """Sphinx configuration of amaml's documentation site.
 
-Build: ``sphinx-build -W --keep-going -b html docs docs/_build/html`` (from the repository
+Build: ``sphinx-build -n -W --keep-going -b html docs docs/_build/html`` (as CI does, from the repository
 root, after ``pip install -e ".[docs]"``). The notebooks are rendered with the outputs stored
 in them (nothing is executed).
 """
