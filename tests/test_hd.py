@@ -251,6 +251,11 @@ def test_inject_hyperparams_matches_and_reads_hyper_lr_every_step(x64):
   # the other form: the factory as a static argument
   static = optax.inject_hyperparams(amaml.hypergradient, static_args="optimizer")(optax.sgd, **kwargs)
   np.testing.assert_allclose(_run(static, 5)[0], plain, rtol=1e-12)
+  # the base optimizer's keywords come through (static): momentum changes the path
+  heavy = dict(kwargs, momentum=0.9)
+  np.testing.assert_allclose(_run(_inject(**heavy), 5)[1],
+                             _run(amaml.hypergradient(optax.sgd, **heavy), 5)[1], rtol=1e-12)
+  assert not np.allclose(_run(_inject(**heavy), 5)[1], traj)
   # hyper_lr = 0 injected after the first step freezes the rate at beta_1 = 0.1
   opt = _inject(**kwargs)
   params = jnp.asarray(P0)
