@@ -17,15 +17,22 @@ One rule serves both of Alpha MAML's rates (the inner ``alpha`` and the outer
   ``b2`` lets the normalisation follow a hypergradient whose scale changes as
   training goes (BENCHMARKS.md, "Tuning-free defaults").
 
-then an optional clip to ``[min_rate, max_rate]``, and a guard: a non-finite
-result leaves the rate as it was. Rates may be a scalar or any pytree (one rate
-per layer or per parameter); the rule applies leaf by leaf.
+then two safeguards, leaf by leaf: a guard (a step whose hypergradient or whose
+new rate, before any clip, is not finite, e.g. an overflow, leaves the rate as it
+was) and an optional clip to ``[min_rate, max_rate]`` (``min_rate=0`` keeps the
+additive rule from turning the rate negative; ``max_rate`` caps its growth). Rates
+may be a scalar or any pytree (one rate per layer or per parameter).
+
+``hyper_lr``, ``min_rate`` and ``max_rate`` may be traced arrays (e.g. under
+``optax.inject_hyperparams``); only Python numbers are checked when the rule is built.
 
 >>> import jax.numpy as jnp
 >>> round(float(hd_step(jnp.float32(0.1), jnp.float32(2.0), hyper_lr=0.01)), 6)
 0.08
 >>> float(hd_step(jnp.float32(0.1), jnp.float32(50.0), hyper_lr=0.01, min_rate=0.0))
 0.0
+>>> float(hd_step(jnp.float32(0.1), -jnp.inf, hyper_lr=0.01, max_rate=1.0))  # kept, not 1.0
+0.10000000149011612
 >>> rule = rate_rule(0.01, "normalized")
 >>> rate = jnp.float32(0.1)
 >>> state = rule.init(rate)
@@ -35,6 +42,7 @@ per layer or per parameter); the rule applies leaf by leaf.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -72,19 +80,34 @@ def hd_step(rate: Any, hypergradient: Any, hyper_lr: float, *, log_space: bool =
     min_rate, max_rate: optional bounds, applied after the step.
 
   Returns:
-    The new rate(s); a leaf whose new value is not finite keeps its old value.
+    The new rate(s). A leaf whose hypergradient or unclipped new value is not finite
+    keeps its old value (unclipped); the others are clipped to the bounds.
   """
   def one(r, h):
     new = r * jnp.exp(-hyper_lr * r * h) if log_space else r - hyper_lr * h
-    return _clip_and_guard(new, r, min_rate, max_rate)
+    return _guard_and_clip(new, r, h, min_rate, max_rate)
 
   return jax.tree.map(one, rate, hypergradient)
 
 
-def _clip_and_guard(new, old, min_rate, max_rate):
+def _guard_and_clip(new, old, h, min_rate, max_rate):
+  """``new`` clipped to the bounds, or ``old`` where ``h`` or the unclipped ``new`` is not
+  finite (a clip alone would turn an infinite step into a jump to the bound)."""
+  ok = jnp.isfinite(h) & jnp.isfinite(new)
   if min_rate is not None or max_rate is not None:
     new = jnp.clip(new, min_rate, max_rate)
-  return jnp.where(jnp.isfinite(new), new, old).astype(jnp.result_type(old))
+  return jnp.where(ok, new, old).astype(jnp.result_type(old))
+
+
+def _check_arguments(hyper_lr, min_rate, max_rate):
+  """Checks the arguments given as Python numbers; traced ones are left alone."""
+  def number(x):
+    return isinstance(x, numbers.Real)
+
+  if number(min_rate) and number(max_rate) and min_rate > max_rate:
+    raise ValueError(f"min_rate={min_rate} is above max_rate={max_rate}; swap them")
+  if number(hyper_lr) and hyper_lr < 0:
+    raise ValueError(f"hyper_lr must be >= 0, got {hyper_lr}")
 
 
 class RateRule(NamedTuple):
@@ -100,16 +123,14 @@ def rate_rule(hyper_lr: float, rate_rule: str = "additive", *, min_rate: float |
   """The hypergradient-descent rule for a rate (see the module docstring).
 
   Args:
-    hyper_lr: the hypergradient learning rate; ``0`` freezes the rate.
+    hyper_lr: the hypergradient learning rate; ``0`` freezes the rate. A Python number
+      must be ``>= 0``; a traced one is not checked.
     rate_rule: ``"additive"``, ``"log"`` or ``"normalized"``.
-    min_rate, max_rate: optional bounds.
+    min_rate, max_rate: optional bounds (see the module docstring for the guard).
   """
   if rate_rule not in RULES:
     raise ValueError(f"rate_rule must be one of {RULES}, got {rate_rule!r}")
-  if min_rate is not None and max_rate is not None and min_rate > max_rate:
-    raise ValueError(f"min_rate={min_rate} is above max_rate={max_rate}; swap them")
-  if hyper_lr < 0:
-    raise ValueError(f"hyper_lr must be >= 0, got {hyper_lr}")
+  _check_arguments(hyper_lr, min_rate, max_rate)
 
   if rate_rule in ("additive", "log"):
     def init(rate):
@@ -128,8 +149,8 @@ def rate_rule(hyper_lr: float, rate_rule: str = "additive", *, min_rate: float |
   def update_n(rate, h, state):
     h = jax.tree.map(lambda r, g: g.astype(jnp.result_type(r)), rate, h)
     step, new_state = adam.update(h, state)
-    new = jax.tree.map(lambda r, s: _clip_and_guard(r * jnp.exp(s), r, min_rate, max_rate),
-                       rate, step)
+    new = jax.tree.map(lambda r, g, s: _guard_and_clip(r * jnp.exp(s), r, g, min_rate, max_rate),
+                       rate, h, step)
     ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(h)]))
     new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, state)
     return new, new_state
