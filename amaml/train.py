@@ -475,8 +475,12 @@ def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
   if mesh is not None:  # data parallel: tasks split over devices, state and images replicated
     state, images = sharding.replicate((state, images), mesh)
   start = 0
-  if resume and ckpt.latest_step() is not None:
-    state = ckpt.restore(state)  # onto the shardings of ``state``
+  if resume and ckpt.latest_step() is not None:  # onto the shardings of ``state``
+    try:
+      state = ckpt.restore_newest_intact(state, remove_corrupt=True)
+    except BaseException:
+      ckpt.close()
+      raise
     start = int(sharding.host_local(state.step))
   if _primary():
     _truncate_metrics(out / "metrics.jsonl", start)
@@ -571,7 +575,7 @@ def _loop(run: _Run, progress: bool):
       bar.close()
     if board is not None:
       board.close()
-  run.ckpt.close()
+    run.ckpt.close()
   return state, step, time.perf_counter() - t_start, compile_s
 
 
@@ -665,7 +669,9 @@ def _finish(run: _Run, state, step: int, train_s: float, compile_s, evaluate_at_
 
 
 def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[Experiment, meta.MetaState]:
-  """The experiment and state saved in ``run_dir`` (latest checkpoint, or ``step``)."""
+  """The experiment and state saved in ``run_dir``: checkpoint ``step``, or the newest that
+  can be read (each newer one that cannot is named on stderr; see
+  :meth:`amaml.checkpoint.Checkpointer.restore_newest_intact`)."""
   from amaml.checkpoint import Checkpointer
 
   run = Path(run_dir)
@@ -674,8 +680,11 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[Exper
   cfg = Config.from_json((run / "config.json").read_text())
   exp = build(cfg)
   ckpt = Checkpointer(run / "checkpoints")
-  state = ckpt.restore(exp.learner.init(exp.params), step)
-  ckpt.close()
+  try:
+    target = exp.learner.init(exp.params)
+    state = ckpt.restore_newest_intact(target) if step is None else ckpt.restore(target, step)
+  finally:
+    ckpt.close()
   return exp, state
 
 
