@@ -74,7 +74,7 @@ class Checkpointer:
   def restore_newest_intact(self, target: Any, remove_corrupt: bool = False) -> Any:
     """Restores the newest checkpoint that can be read (see :meth:`restore`). Each newer one
     that cannot is named, with why, in one line on stderr, and with ``remove_corrupt``
-    deleted (so that a resumed run writes its step again). Raises
+    deleted once an intact one is restored (so that a resumed run writes its step again). Raises
     :class:`CorruptCheckpointError` if none can be read, ``FileNotFoundError`` if there is
     none."""
     steps = self.all_steps()
@@ -82,14 +82,16 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     for i, step in enumerate(reversed(steps)):
       try:
-        return self.restore(target, step)
+        state = self.restore(target, step)
       except CorruptCheckpointError as e:
         older = steps[-2 - i] if i + 1 < len(steps) else None
         print(f"amaml: warning: {e}; " + ("trying the previous one, step "
               f"{older}" if older is not None else "no older checkpoint"),
               file=sys.stderr, flush=True)
-        if remove_corrupt:
-          self._manager.delete(step)
+        continue
+      for newer in steps[len(steps) - i:] if remove_corrupt else ():
+        self._manager.delete(newer)
+      return state
     raise CorruptCheckpointError(
         f"no intact checkpoint in {self.directory} (steps {', '.join(map(str, steps))} cannot "
         "be read): start a new --out directory")

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amaml import losses, meta, sharding, validate
+from amaml import losses, meta, sharding, signals, validate
 from amaml.configs import Config
 from amaml.env import versions
 from amaml.hd import current_learning_rate
@@ -434,7 +434,8 @@ def train(cfg: Config, out_dir: str | os.PathLike, *, resume: bool = False, prog
 
   Returns the final state and the results dict (also written to ``results.json``).
   Stops with ``FloatingPointError`` after ``max_nonfinite`` non-finite steps in a
-  row (the guard keeps the state finite, so no checkpoint holds NaN).
+  row (the guard keeps the state finite, so no checkpoint holds NaN), and with
+  :class:`amaml.signals.Interrupted` after a checkpoint on SIGINT or SIGTERM.
   """
   run = _prepare(cfg, Path(out_dir), resume)
   state, step, train_s, compile_s = _loop(run, progress)
@@ -509,7 +510,9 @@ def _loop(run: _Run, progress: bool):
   as many steps as fit in :data:`CHUNK_SECONDS` (at least one, at most to the next log
   line). One compiled loop serves every call size (:func:`make_train_chunk`), so chunking
   changes no result. The progress bar is refreshed every second by a thread, so it
-  moves (elapsed time, and time against the budget) while a call runs."""
+  moves (elapsed time, and time against the budget) while a call runs. SIGINT or SIGTERM
+  stops it after the current call: a log line, a checkpoint, then
+  :class:`amaml.signals.Interrupted` (:mod:`amaml.signals`)."""
   cfg, exp, state, step = run.cfg, run.exp, run.state, run.start
   chunk = make_train_chunk(exp, cfg.log_every, run.mesh)
   per_call, pending, step_s = 1, [], None
@@ -521,14 +524,15 @@ def _loop(run: _Run, progress: bool):
   board = _tensorboard(run.out) if cfg.tensorboard and primary else None
   compile_s = None
   try:
-    with ticker, (open(run.out / "metrics.jsonl", "a") if primary else
-                  contextlib.nullcontext()) as log:
+    with ticker, signals.StopRequest() as stop, (
+        open(run.out / "metrics.jsonl", "a") if primary else contextlib.nullcontext()) as log:
       while step < cfg.iterations:
         n = min(per_call, cfg.log_every - step % cfg.log_every, cfg.iterations - step)
         t0 = time.perf_counter()
         state, ms = chunk(state, run.images, np.int32(step), np.int32(n))  # host values: the
         # same in every process
         ms = jax.tree.map(lambda x: x[:n], sharding.host_local(ms))
+        signals.wait_ready(ms["nonfinite_streak"])  # signal handlers run meanwhile
         streak = int(np.asarray(ms["nonfinite_streak"]).max())  # waits for the chunk
         dt = time.perf_counter() - t0
         if compile_s is None:
@@ -541,7 +545,9 @@ def _loop(run: _Run, progress: bool):
         pending.append(ms)
         elapsed = time.perf_counter() - t_start
         out_of_time = bool(sharding.agree(budget_s > 0 and elapsed >= budget_s))
-        if step % cfg.log_every == 0 or step >= cfg.iterations or out_of_time or streak >= cfg.max_nonfinite:
+        signum = int(sharding.agree(stop.signum or 0))  # SIGINT, SIGTERM: stop here
+        halt = out_of_time or signum > 0
+        if step % cfg.log_every == 0 or step >= cfg.iterations or halt or streak >= cfg.max_nonfinite:
           stacked = jax.device_get(jax.tree.map(lambda *x: np.concatenate(x), *pending))
           steps_in_line = len(stacked["loss"])
           rec = {"step": step, **_summarise(stacked),
@@ -566,9 +572,11 @@ def _loop(run: _Run, progress: bool):
               f"kept finite and the last good checkpoint is in {run.ckpt.directory}. Lower --alpha or "
               "--beta, or use the default --method alpha-maml (normalized rule with backtracking)")
         if ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step >= cfg.iterations
-            or out_of_time):
+            or halt):
           run.ckpt.save(step, state)
-        if out_of_time:
+        if signum:
+          raise signals.Interrupted(signum, step, f"{run.ckpt.directory}/{step}")
+        if halt:
           break
   finally:
     if bar is not None:
