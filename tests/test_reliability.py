@@ -242,7 +242,7 @@ def _signal_when_logging(proc: subprocess.Popen, out: Path, sig: int, lines: int
 
 
 def test_sigterm_checkpoints_prints_the_resume_command_and_resumes_bitwise(tmp_path, env):
-  iterations = 300
+  iterations = 100
   ref = _reference(env, tmp_path / "ref", iterations)
   victim = _start(env, tmp_path / "victim", iterations)
   line = _signal_when_logging(victim, tmp_path / "victim", signal.SIGTERM)
