@@ -11,6 +11,10 @@
 
 Every field of :class:`amaml.configs.Config` is a flag (``--alpha 0.1``,
 ``--rate_rule normalized``, ...); ``amaml train --help`` lists them.
+
+Exit codes: 0 done; 2 a user error (one line: the problem and the fix); 3 training stopped
+by the non-finite guard; 130 / 143 training stopped by SIGINT / SIGTERM after a checkpoint
+(one line with the command that resumes).
 """
 from __future__ import annotations
 

@@ -3,6 +3,9 @@
 * Faults: ``amaml train`` killed with SIGKILL (at random moments, and in the middle of a
   checkpoint write) and resumed with ``--resume`` ends bitwise equal to an uninterrupted
   run; checkpoints stay readable after every kill.
+* Signals: SIGTERM / SIGINT checkpoint, print the resume command and exit 143 / 130; the
+  resumed run equals an uninterrupted one bitwise. Damaged checkpoints: the newest intact
+  one is used, with a warning naming the damaged one; none intact, one line and exit 2.
 * Divergence: rates 100x too large either adapt back or stop with a clear
   ``FloatingPointError``; no checkpoint ever holds a non-finite value.
 * Bad input: every case fails with an error naming the problem and the fix.
