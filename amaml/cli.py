@@ -11,6 +11,10 @@
 
 Every field of :class:`amaml.configs.Config` is a flag (``--alpha 0.1``,
 ``--rate_rule normalized``, ...); ``amaml train --help`` lists them.
+
+Exit codes: 0 done; 2 a user error (one line: the problem and the fix); 3 training stopped
+by the non-finite guard; 130 / 143 training stopped by SIGINT / SIGTERM after a checkpoint
+(one line with the command that resumes).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 
 from amaml.configs import CONFIGS, Config, get_config
@@ -96,7 +101,9 @@ _USER_ERRORS = (FileNotFoundError, NotADirectoryError, FileExistsError, ValueErr
 
 
 def main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = _parser().parse_args(argv)
+  args.argv = argv
   try:
     return _COMMANDS[args.command](args)
   except _USER_ERRORS as e:
@@ -117,10 +124,17 @@ def _train(args) -> int:
   out = args.out or f"runs/{args.config}-{cfg.method}"
   if args.num_processes > 1:
     _join_processes(args)
-  from amaml import train
+  from amaml import signals, train
 
   try:
     _, results = train.train(cfg, out, resume=args.resume, progress=not args.no_progress)
+  except signals.Interrupted as e:
+    print(f"amaml train: {e}; resume with: {resume_command(args.argv, out)}", file=sys.stderr,
+          flush=True)
+    return e.exit_code
+  except FloatingPointError as e:  # the non-finite guard: the state and checkpoints are finite
+    print(f"amaml train: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+    return 3
   except Exception as e:
     if args.num_processes == 1 or not _lost_a_process(e):
       raise
@@ -136,6 +150,16 @@ def _train(args) -> int:
     print(train.format_results(results))
     print(f"  run directory: {out} (results.json, metrics.jsonl, checkpoints/)")
   return 0
+
+
+def resume_command(argv: list[str], out: str) -> str:
+  """The ``amaml`` command line ``argv`` with ``--resume`` (and ``--out``) added."""
+  argv = list(argv)
+  if not any(a == "--out" or a.startswith("--out=") for a in argv):
+    argv += ["--out", out]
+  if "--resume" not in argv:
+    argv.append("--resume")
+  return "amaml " + shlex.join(argv)
 
 
 def _lost_a_process(e: BaseException | None) -> bool:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amaml import losses, meta, sharding, validate
+from amaml import losses, meta, sharding, signals, validate
 from amaml.configs import Config
 from amaml.env import versions
 from amaml.hd import current_learning_rate
@@ -434,7 +434,8 @@ def train(cfg: Config, out_dir: str | os.PathLike, *, resume: bool = False, prog
 
   Returns the final state and the results dict (also written to ``results.json``).
   Stops with ``FloatingPointError`` after ``max_nonfinite`` non-finite steps in a
-  row (the guard keeps the state finite, so no checkpoint holds NaN).
+  row (the guard keeps the state finite, so no checkpoint holds NaN), and with
+  :class:`amaml.signals.Interrupted` after a checkpoint on SIGINT or SIGTERM.
   """
   run = _prepare(cfg, Path(out_dir), resume)
   state, step, train_s, compile_s = _loop(run, progress)
@@ -475,8 +476,12 @@ def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
   if mesh is not None:  # data parallel: tasks split over devices, state and images replicated
     state, images = sharding.replicate((state, images), mesh)
   start = 0
-  if resume and ckpt.latest_step() is not None:
-    state = ckpt.restore(state)  # onto the shardings of ``state``
+  if resume and ckpt.latest_step() is not None:  # onto the shardings of ``state``
+    try:
+      state = ckpt.restore_newest_intact(state, remove_corrupt=True)
+    except BaseException:
+      ckpt.close()
+      raise
     start = int(sharding.host_local(state.step))
   if _primary():
     _truncate_metrics(out / "metrics.jsonl", start)
@@ -505,7 +510,9 @@ def _loop(run: _Run, progress: bool):
   as many steps as fit in :data:`CHUNK_SECONDS` (at least one, at most to the next log
   line). One compiled loop serves every call size (:func:`make_train_chunk`), so chunking
   changes no result. The progress bar is refreshed every second by a thread, so it
-  moves (elapsed time, and time against the budget) while a call runs."""
+  moves (elapsed time, and time against the budget) while a call runs. SIGINT or SIGTERM
+  stops it after the current call: a log line, a checkpoint, then
+  :class:`amaml.signals.Interrupted` (:mod:`amaml.signals`)."""
   cfg, exp, state, step = run.cfg, run.exp, run.state, run.start
   chunk = make_train_chunk(exp, cfg.log_every, run.mesh)
   per_call, pending, step_s = 1, [], None
@@ -517,14 +524,15 @@ def _loop(run: _Run, progress: bool):
   board = _tensorboard(run.out) if cfg.tensorboard and primary else None
   compile_s = None
   try:
-    with ticker, (open(run.out / "metrics.jsonl", "a") if primary else
-                  contextlib.nullcontext()) as log:
+    with ticker, signals.StopRequest() as stop, (
+        open(run.out / "metrics.jsonl", "a") if primary else contextlib.nullcontext()) as log:
       while step < cfg.iterations:
         n = min(per_call, cfg.log_every - step % cfg.log_every, cfg.iterations - step)
         t0 = time.perf_counter()
         state, ms = chunk(state, run.images, np.int32(step), np.int32(n))  # host values: the
         # same in every process
         ms = jax.tree.map(lambda x: x[:n], sharding.host_local(ms))
+        signals.wait_ready(ms["nonfinite_streak"])  # signal handlers run meanwhile
         streak = int(np.asarray(ms["nonfinite_streak"]).max())  # waits for the chunk
         dt = time.perf_counter() - t0
         if compile_s is None:
@@ -537,7 +545,9 @@ def _loop(run: _Run, progress: bool):
         pending.append(ms)
         elapsed = time.perf_counter() - t_start
         out_of_time = bool(sharding.agree(budget_s > 0 and elapsed >= budget_s))
-        if step % cfg.log_every == 0 or step >= cfg.iterations or out_of_time or streak >= cfg.max_nonfinite:
+        signum = int(sharding.agree(stop.signum or 0))  # SIGINT, SIGTERM: stop here
+        halt = out_of_time or signum > 0
+        if step % cfg.log_every == 0 or step >= cfg.iterations or halt or streak >= cfg.max_nonfinite:
           stacked = jax.device_get(jax.tree.map(lambda *x: np.concatenate(x), *pending))
           steps_in_line = len(stacked["loss"])
           rec = {"step": step, **_summarise(stacked),
@@ -562,16 +572,18 @@ def _loop(run: _Run, progress: bool):
               f"kept finite and the last good checkpoint is in {run.ckpt.directory}. Lower --alpha or "
               "--beta, or use the default --method alpha-maml (normalized rule with backtracking)")
         if ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step >= cfg.iterations
-            or out_of_time):
+            or halt):
           run.ckpt.save(step, state)
-        if out_of_time:
+        if signum:
+          raise signals.Interrupted(signum, step, f"{run.ckpt.directory}/{step}")
+        if halt:
           break
   finally:
     if bar is not None:
       bar.close()
     if board is not None:
       board.close()
-  run.ckpt.close()
+    run.ckpt.close()
   return state, step, time.perf_counter() - t_start, compile_s
 
 
@@ -665,7 +677,9 @@ def _finish(run: _Run, state, step: int, train_s: float, compile_s, evaluate_at_
 
 
 def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[Experiment, meta.MetaState]:
-  """The experiment and state saved in ``run_dir`` (latest checkpoint, or ``step``)."""
+  """The experiment and state saved in ``run_dir``: checkpoint ``step``, or the newest that
+  can be read (each newer one that cannot is named on stderr; see
+  :meth:`amaml.checkpoint.Checkpointer.restore_newest_intact`)."""
   from amaml.checkpoint import Checkpointer
 
   run = Path(run_dir)
@@ -674,8 +688,11 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[Exper
   cfg = Config.from_json((run / "config.json").read_text())
   exp = build(cfg)
   ckpt = Checkpointer(run / "checkpoints")
-  state = ckpt.restore(exp.learner.init(exp.params), step)
-  ckpt.close()
+  try:
+    target = exp.learner.init(exp.params)
+    state = ckpt.restore_newest_intact(target) if step is None else ckpt.restore(target, step)
+  finally:
+    ckpt.close()
   return exp, state
 
 

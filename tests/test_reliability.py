@@ -3,6 +3,9 @@
 * Faults: ``amaml train`` killed with SIGKILL (at random moments, and in the middle of a
   checkpoint write) and resumed with ``--resume`` ends bitwise equal to an uninterrupted
   run; checkpoints stay readable after every kill.
+* Signals: SIGTERM / SIGINT checkpoint, print the resume command and exit 143 / 130; the
+  resumed run equals an uninterrupted one bitwise. Damaged checkpoints: the newest intact
+  one is used, with a warning naming the damaged one; none intact, one line and exit 2.
 * Divergence: rates 100x too large either adapt back or stop with a clear
   ``FloatingPointError``; no checkpoint ever holds a non-finite value.
 * Bad input: every case fails with an error naming the problem and the fix.
@@ -19,6 +22,8 @@ import os
 import pickle
 import random
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,7 +40,7 @@ from conftest import write_fake_omniglot
 
 import amaml
 from amaml import cli, train, validate
-from amaml.checkpoint import Checkpointer
+from amaml.checkpoint import Checkpointer, CorruptCheckpointError
 from amaml.configs import Config, get_config
 from amaml.data import ClassImages, load_omniglot, read_omniglot_arrays, sample_episodes
 from amaml.data import sample_tasks
@@ -222,6 +227,129 @@ def test_sigkill_repeatedly_then_resume_equals_uninterrupted_run(tmp_path, env):
   _assert_same_run(tmp_path / "ref", run, iterations)
 
 
+# --- signals -----------------------------------------------------------------------------------
+
+_STOPPED = (r"^amaml train: stopped by {sig} at step (\d+); checkpoint in (\S+)/checkpoints/\1; "
+            r"resume with: (amaml train .* --resume)$")
+
+
+def _signal_when_logging(proc: subprocess.Popen, out: Path, sig: int, lines: int = 2) -> str:
+  """Sends ``sig`` once ``out`` has ``lines`` log lines; returns the last line of stderr."""
+  _kill_when(proc, lambda: _lines(out) >= lines, kill=False)
+  assert proc.poll() is None, "the run ended before the signal"
+  proc.send_signal(sig)
+  assert proc.wait(timeout=120) == 128 + sig
+  err = (out.parent / f"{out.name}.stderr").read_text()
+  assert "Traceback" not in err, err
+  return err.strip().splitlines()[-1]
+
+
+def test_sigterm_checkpoints_prints_the_resume_command_and_resumes_bitwise(tmp_path, env):
+  iterations = 100
+  ref = _reference(env, tmp_path / "ref", iterations)
+  victim = _start(env, tmp_path / "victim", iterations)
+  line = _signal_when_logging(victim, tmp_path / "victim", signal.SIGTERM)
+  m = re.match(_STOPPED.format(sig="SIGTERM"), line)
+  assert m, line
+  step = int(m.group(1))
+  assert 0 < step < iterations and m.group(2) == str(tmp_path / "victim")
+  ckpt = Checkpointer(tmp_path / "victim" / "checkpoints")
+  assert ckpt.latest_step() == step
+  ckpt.close()
+  resume = shlex.split(m.group(3))
+  assert resume[0] == "amaml" and resume[1:] == _cmd(tmp_path / "victim", iterations,
+                                                     resume=True)[3:]
+  assert ref.wait(timeout=300) == 0
+  _finish(env, tmp_path / "victim", iterations)  # the command of the line
+  _assert_same_run(tmp_path / "ref", tmp_path / "victim", iterations)
+
+
+def test_sigint_checkpoints_and_exits_130(tmp_path, env):
+  run = tmp_path / "r"
+  line = _signal_when_logging(_start(env, run, 300), run, signal.SIGINT, lines=1)
+  m = re.match(_STOPPED.format(sig="SIGINT"), line)
+  assert m, line
+  _assert_readable(run)
+  ckpt = Checkpointer(run / "checkpoints")
+  assert ckpt.latest_step() == int(m.group(1))
+  ckpt.close()
+
+
+# --- corrupt checkpoints ------------------------------------------------------------------------
+
+def _corrupt(step_dir: Path, how: str) -> None:
+  """Damages one file of an Orbax checkpoint: its data file cut in half or overwritten with
+  random bytes, or its OCDBT manifest deleted."""
+  item = step_dir / "default"
+  if how == "missing":
+    (item / "manifest.ocdbt").unlink()
+    return
+  data = max((item / "d").iterdir(), key=lambda p: p.stat().st_size)
+  n = data.stat().st_size
+  data.write_bytes(data.read_bytes()[: n // 2] if how == "truncated" else os.urandom(n))
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+  """A tiny sinusoid run of 20 steps with its checkpoints of steps 10 and 20, and the state
+  of the same run trained on to 30 steps (a resume from step 10 must end there)."""
+  root = tmp_path_factory.mktemp("two_checkpoints")
+  cfg = get_config("sinusoid", iterations=20, **TINY)
+  train.train(cfg, root / "run", progress=False, evaluate_at_end=False)
+  state30, _ = train.train(get_config("sinusoid", iterations=30, **TINY), root / "run30",
+                           progress=False, evaluate_at_end=False)
+  return root / "run", [np.asarray(x) for x in jax.tree.leaves(state30)]
+
+
+def _damaged_copy(src: Path, dst: Path, how: str, steps=(20,)) -> Path:
+  shutil.copytree(src, dst)
+  for step in steps:
+    _corrupt(dst / "checkpoints" / str(step), how)
+  return dst
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing", "garbage"])
+def test_evaluate_and_load_run_fall_back_to_the_newest_intact_checkpoint(tmp_path, two_checkpoints,
+                                                                         how, capsys):
+  run = _damaged_copy(two_checkpoints[0], tmp_path / "run", how)
+  code = cli.main(["evaluate", "--run", str(run), "--tasks", "10"])
+  out, err = capsys.readouterr()
+  assert code == 0 and f"{run}: alpha-maml on sinusoid: 10 meta steps" in out, err
+  warning = [l for l in err.splitlines() if l.startswith("amaml: warning:")]
+  assert len(warning) == 1 and re.match(
+      rf"amaml: warning: checkpoint {re.escape(str(run))}/checkpoints/20 cannot be read \(.+\); "
+      r"trying the previous one, step 10$", warning[0]), err
+  _, state = train.load_run(run)
+  assert int(state.step) == 10 and "checkpoints/20 cannot be read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing", "garbage"])
+def test_resume_continues_from_the_newest_intact_checkpoint(tmp_path, two_checkpoints, how, capsys):
+  run = _damaged_copy(two_checkpoints[0], tmp_path / "run", how)
+  state, _ = train.train(get_config("sinusoid", iterations=30, **TINY), run, resume=True,
+                         progress=False, evaluate_at_end=False)
+  assert "checkpoints/20 cannot be read" in capsys.readouterr().err
+  for x, y in zip(jax.tree.leaves(state), two_checkpoints[1], strict=True):
+    np.testing.assert_array_equal(np.asarray(x), y)  # from step 10 on, as if never damaged
+  steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [10, 20, 30]
+  _assert_readable(run)  # step 20 written again, and 30
+
+
+def test_no_intact_checkpoint_is_one_line_and_exit_2(tmp_path, two_checkpoints, env):
+  run = _damaged_copy(two_checkpoints[0], tmp_path / "run", "truncated", steps=(10, 20))
+  for args in (["evaluate", "--run", str(run)], _cmd(run, 30, resume=True)[3:]):
+    proc = subprocess.run([sys.executable, "-m", "amaml", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(err) == 3 and all(l.startswith("amaml: warning: checkpoint") for l in err[:2]), err
+    assert re.match(rf"amaml {args[0]}: no intact checkpoint in {re.escape(str(run))}/checkpoints "
+                    r"\(steps 10, 20 cannot be read\): start a new --out directory$", err[2]), err
+  with pytest.raises(CorruptCheckpointError, match="no intact checkpoint"):
+    train.load_run(run)
+
+
 # --- divergence ---------------------------------------------------------------------------------
 
 def _checkpoints_finite(run: Path, cfg: Config) -> list[int]:
@@ -261,6 +389,19 @@ def test_rates_far_too_large_adapt_back_or_stop_cleanly(tmp_path, overrides, out
       assert recs[-1]["alpha"] < 0.1 * cfg.alpha
   steps = _checkpoints_finite(tmp_path / "r", cfg)  # never a NaN written
   assert steps or outcome == "stops"
+
+
+def test_cli_run_stopped_by_the_non_finite_guard_is_one_line_and_exit_3(tmp_path, capsys):
+  args = ["train", "--no_progress", "--out", str(tmp_path / "r"), "--iterations", "40"]
+  for k, v in {**TINY, "meta_batch": 4, "hidden": 16, "beta": 1e30, "beta_max": 1e31,
+               "max_nonfinite": 3, "outer_optimizer": "adam"}.items():
+    args += [f"--{k}", str(v)]
+  assert cli.main(args) == 3
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "Traceback" not in err, err
+  assert re.match(r"^amaml train: 3 non-finite meta steps in a row by step \d+: the state was kept "
+                  r"finite and the last good checkpoint is in .*/checkpoints\. Lower --alpha or "
+                  r"--beta", err), err
 
 
 def test_checkpointer_refuses_non_finite_state(tmp_path):
@@ -404,12 +545,12 @@ BAD_INPUT = {
         lambda t: read_omniglot_arrays(_omniglot_dir(t, "garbage_nosums")),
         ValueError, r"corrupt or not an \.npz file.*copy it again"),
     "missing data file": (lambda t: read_omniglot_arrays(_omniglot_dir(t, "missing")),
-                          FileNotFoundError, r"missing Omniglot file.*point omniglot_dir"),
+                          FileNotFoundError, r"missing Omniglot file.*amaml download omniglot.*--data_dir"),
     "data file without images": (lambda t: read_omniglot_arrays(_omniglot_dir(t, "no_images")),
                                  ValueError, r"has no 'images' array.*not an Omniglot"),
     "data folder missing": (lambda t: load_omniglot("maml", omniglot_dir=t / "nowhere",
                                                     cache_dir=t / "cache"),
-                            FileNotFoundError, r"does not exist: point omniglot_dir"),
+                            FileNotFoundError, r"does not exist: run `amaml download omniglot`.*--data_dir"),
     # task batches (amaml.task, amaml.validate)
     "tasks disagree": (lambda t: check_task_batch(TaskBatch(*[np.zeros((n, 5, 1)) for n in (2, 2, 3, 3)])),
                        ValueError, r"disagree on the number of tasks"),
@@ -528,7 +669,7 @@ def test_checkpoints_are_arrays_and_restore_without_unpickling(tmp_path, monkeyp
     (["evaluate", "--run", "{t}/missing"], r"^amaml evaluate: .*missing has no config\.json.*amaml train"),
     (["plot", "--run", "{t}/missing"], r"^amaml plot: .*metrics\.jsonl not found.*run directory"),
     (["train", "--config", "omniglot-5w1s", "--data_dir", "{t}/nowhere", "--out", "{t}/r"],
-     r"^amaml train: .*nowhere"),
+     r"^amaml train: .*nowhere does not exist: run `amaml download omniglot`.*point --data_dir"),
     (["train", "--num_processes", "2", "--out", "{t}/r"],
      r"^amaml train: --num_processes 2 needs --coordinator_address HOST:PORT"),
     (["train", "--num_processes", "2", "--process_id", "2", "--coordinator_address", "localhost:1",

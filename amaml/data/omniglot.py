@@ -174,7 +174,8 @@ def load_omniglot_characters(image_size: int = 28, *, omniglot_dir=None, cache_d
       "tensorflow_datasets") is None and source == "auto"):
     raise FileNotFoundError(
         "no Omniglot arrays folder found: run `amaml download omniglot` once (it needs the "
-        "internet), or pass omniglot_dir=... or set $AMAML_OMNIGLOT_DIR to a folder holding "
+        "internet), or pass --data_dir (omniglot_dir= in Python) or set $AMAML_OMNIGLOT_DIR "
+        "to a folder holding "
         "images_background.npz and images_evaluation.npz")
   if arrays_dir is not None:
     checksum, tag = arrays_checksum(arrays_dir), "arrays"

@@ -105,9 +105,9 @@ def arrays_checksum(omniglot_dir: str | os.PathLike) -> str:
   ``FileNotFoundError`` for a missing file and ``ValueError`` for a mismatch.
   """
   d = Path(omniglot_dir)
-  fix = (f"point omniglot_dir (or ${ENV_VAR}) at a folder holding {FILES['background']} and "
-         f"{FILES['evaluation']}, e.g. a copy of shared/data/omniglot, or prepare the TFDS "
-         "version with amaml.data.prepare_tfds_omniglot(download=True)")
+  fix = (f"run `amaml download omniglot` once, or point --data_dir (omniglot_dir= in Python, "
+         f"or ${ENV_VAR}) at a folder holding {FILES['background']} and {FILES['evaluation']}, "
+         "e.g. a copy of shared/data/omniglot")
   if not d.is_dir():
     raise FileNotFoundError(f"Omniglot arrays folder {d} does not exist: {fix}")
   sums = _read_sums(d / "SHA256SUMS") if (d / "SHA256SUMS").is_file() else {}

@@ -224,7 +224,7 @@ def prepared_checksum(data_dir=None, name: str = NAME) -> str:
   if not is_prepared(data_dir, name):
     raise FileNotFoundError(
         f"Omniglot not found: no arrays folder (run `amaml download omniglot` once, or pass "
-        f"omniglot_dir=... or set $AMAML_OMNIGLOT_DIR to a folder holding images_background.npz "
+        f"--data_dir (omniglot_dir= in Python) or set $AMAML_OMNIGLOT_DIR to a folder holding images_background.npz "
         f"and images_evaluation.npz) and no prepared TFDS dataset in {d} (prepare it once with "
         "amaml.data.prepare_tfds_omniglot(download=True), or arrays_dir=... offline)")
   h = hashlib.sha256((d / "dataset_info.json").read_bytes())
