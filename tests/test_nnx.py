@@ -28,19 +28,16 @@ class MLP(nnx.Module):
 
 
 class CNN(nnx.Module):
-  """Two blocks conv 3x3 -> batch norm (this batch's statistics) -> ReLU -> max-pool, then
+  """One block conv 3x3 -> batch norm (this batch's statistics) -> ReLU -> max-pool, then
   a linear head (``ways=0``: no head, the flattened features)."""
 
   def __init__(self, ways: int, rngs: nnx.Rngs, hidden: int = 4, side: int = SIDE):
     self.conv0 = nnx.Conv(1, hidden, (3, 3), rngs=rngs)
     self.norm0 = nnx.BatchNorm(hidden, use_running_average=False, rngs=rngs)
-    self.conv1 = nnx.Conv(hidden, hidden, (3, 3), rngs=rngs)
-    self.norm1 = nnx.BatchNorm(hidden, use_running_average=False, rngs=rngs)
-    self.head = nnx.Linear(hidden * (side // 4) ** 2, ways, rngs=rngs) if ways else None
+    self.head = nnx.Linear(hidden * (side // 2) ** 2, ways, rngs=rngs) if ways else None
 
   def __call__(self, x):
-    for conv, norm in ((self.conv0, self.norm0), (self.conv1, self.norm1)):
-      x = layers.max_pool_2x2(jax.nn.relu(norm(conv(x))))
+    x = layers.max_pool_2x2(jax.nn.relu(self.norm0(self.conv0(x))))
     x = x.reshape(x.shape[0], -1)
     return x if self.head is None else self.head(x)
 
@@ -71,6 +68,12 @@ def test_from_nnx_is_split_and_merge_with_the_batch_statistics_left_out():
   x = _images(0).support_x[0]
   params, apply_fn = amaml.models.from_nnx(model)
   np.testing.assert_allclose(apply_fn(params, x), model(x), rtol=1e-6)
+  stats = lambda: [np.array(v) for v in jax.tree.leaves(nnx.state(model, nnx.BatchStat))]
+  before = stats()
+  apply_fn(params, x * 3 + 1)  # the forward pass writes to copies, not to the model
+  jax.jit(apply_fn)(params, x * 3 + 1)
+  for a, b in zip(stats(), before, strict=True):
+    np.testing.assert_array_equal(a, b)
   assert isinstance(params, nnx.State)
   assert "head/kernel/value" in _paths(params) and "norm0/scale/value" in _paths(params)
   assert not [p for p in _paths(params) if "/mean/" in p or "/var/" in p]
@@ -79,7 +82,7 @@ def test_from_nnx_is_split_and_merge_with_the_batch_statistics_left_out():
   assert sorted(p for p, m in amaml.inner._paths(head) if m) == ["head/bias/value",
                                                                   "head/kernel/value"]
   norms = amaml.inner.param_mask(params, "^norm")
-  assert sum(jax.tree.leaves(norms)) == 4
+  assert sum(jax.tree.leaves(norms)) == 2
   # new parameters change the output: apply_fn reads p, not the module's own weights
   doubled = jax.tree.map(lambda v: 2 * v, params)
   assert not np.allclose(apply_fn(doubled, x), apply_fn(params, x))
@@ -93,7 +96,8 @@ def test_nnx_mlp_on_sinusoid_loss_falls():
     state, metrics = learner.step(state, amaml.sinusoid_tasks(jax.random.key(i), 8))
     losses.append(float(metrics["loss"]))
   assert isinstance(state.params, nnx.State)
-  assert np.mean(losses[-20:]) < 0.6 * np.mean(losses[:20])
+  # below its start, and below the 4.2 of predicting 0 (E[A^2] / 2, A ~ U[0.1, 5])
+  assert np.mean(losses[-20:]) < min(0.75 * np.mean(losses[:20]), 3.2)
 
 
 def test_nnx_cnn_with_batch_norm_on_images_loss_falls():
@@ -103,8 +107,8 @@ def test_nnx_cnn_with_batch_norm_on_images_loss_falls():
   for i in range(40):
     state, metrics = learner.step(state, _images(i))
     losses.append(float(metrics["loss"]))
-  assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
-  assert float(metrics["accuracy"]) > 0.2  # chance
+  # below its start, and below chance's log(5) = 1.61
+  assert np.mean(losses[-10:]) < min(0.7 * np.mean(losses[:10]), 1.55)
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
@@ -116,8 +120,9 @@ def test_nnx_meta_loss_under_vmap_equals_a_loop(model):
     (params, apply_fn), batch = _cnn(), _images(0)
     loss_fn = amaml.losses.cross_entropy(apply_fn)
   learner = amaml.maml(loss_fn, alpha=0.1, inner_steps=2)
-  loss, _ = learner.meta_loss(params, jnp.float32(0.1), batch)
-  one = lambda t: learner.meta_loss(params, jnp.float32(0.1),
+  meta_loss = jax.jit(learner.meta_loss)
+  loss, _ = meta_loss(params, jnp.float32(0.1), batch)
+  one = lambda t: meta_loss(params, jnp.float32(0.1),
                                     jax.tree.map(lambda x: x[t:t + 1], batch))[0]
   np.testing.assert_allclose(loss, np.mean([one(t) for t in range(4)]), rtol=1e-5)
 
@@ -165,7 +170,7 @@ def test_every_method_trains_an_nnx_mlp(method):
 def test_maml_plus_plus_keeps_nnx_batch_norm_parameters_per_step():
   params, apply_fn = _cnn()
   learner = amaml.maml_plus_plus(amaml.losses.cross_entropy(apply_fn), inner_steps=2,
-                                 multi_step_loss=3, first_order_steps=0, per_step_params="^norm")
+                                 multi_step_loss=0, first_order_steps=0, per_step_params="^norm")
   state = _trains(learner, params, [_images(i) for i in range(3)])
   assert state.params["norm0"]["scale"][...].shape == (2, 4)  # one copy per inner step
   assert state.params["conv0"]["kernel"][...].shape == params["conv0"]["kernel"][...].shape
@@ -174,5 +179,5 @@ def test_maml_plus_plus_keeps_nnx_batch_norm_parameters_per_step():
 
 def test_protonet_with_an_nnx_embedding():
   params, embed = _cnn(ways=0)
-  assert embed(params, _images(0).support_x[0]).shape == (5, 4 * (SIDE // 4) ** 2)
+  assert embed(params, _images(0).support_x[0]).shape == (5, 4 * (SIDE // 2) ** 2)
   _trains(amaml.protonet(embed, ways=5), params, [_images(i) for i in range(3)])
