@@ -70,3 +70,13 @@ def fake_omniglot(tmp_path):
   def make(name: str = "omniglot", *args, **kw) -> Path:
     return write_fake_omniglot(tmp_path / name, *args, **kw)
   return make
+
+
+def fake_class_images(seed: int = 0, classes: int = 10, size: int = 28) -> np.ndarray:
+  """Omniglot-like uint8 images ``[classes, 20, size, size, 1]``: each class a random
+  binary pattern, each of its 20 examples that pattern with 10% of the pixels flipped, so
+  that a support example tells its class's queries apart from the others."""
+  rng = np.random.default_rng(seed)
+  protos = rng.random((classes, 1, size, size, 1)) < 0.3
+  flips = rng.random((classes, 20, size, size, 1)) < 0.1
+  return (np.logical_xor(protos, flips) * 255).astype(np.uint8)

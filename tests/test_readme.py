@@ -58,3 +58,12 @@ def test_readme_protonet_snippet_runs(capsys, monkeypatch, tmp_path):
   code = _blocks()[3].replace("range(100)", "range(2)").replace(", 32))", ", 4))")
   exec(compile(code, "README.md", "exec"), {})
   assert 0.0 <= float(capsys.readouterr().out.split()[-1]) <= 1.0
+
+
+def test_readme_nnx_snippet_runs(capsys):
+  from flax import nnx
+  env = {}
+  exec(compile(_blocks()[4].replace("range(2000)", "range(20)"), "README.md", "exec"), env)
+  assert isinstance(env["state"].params, nnx.State) and "head" in env["state"].params
+  out = capsys.readouterr().out.splitlines()
+  assert len(out) == 2 and all(0 < float(v.rsplit(" ", 1)[1]) < 100 for v in out)

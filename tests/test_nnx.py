@@ -1,0 +1,183 @@
+"""Flax NNX models through amaml's ``loss_fn(params, x, y)``: ``nnx.split`` into an
+``nnx.State`` of parameters, ``nnx.merge`` in the apply function (``amaml.models.from_nnx``).
+An MLP on sinusoid and a conv net with ``nnx.BatchNorm`` on fake images: the loss falls,
+vmap over tasks equals a loop, ANIL's and MAML++'s regular expressions find the NNX
+attribute paths, and every method trains."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import amaml
+from amaml.data import sample_tasks
+from amaml.models import layers
+from conftest import fake_class_images
+
+SIDE = 14  # fake Omniglot, at half size
+
+
+class MLP(nnx.Module):
+  def __init__(self, hidden: int, rngs: nnx.Rngs):
+    self.body0 = nnx.Linear(1, hidden, rngs=rngs)
+    self.body1 = nnx.Linear(hidden, hidden, rngs=rngs)
+    self.head = nnx.Linear(hidden, 1, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(jax.nn.relu(self.body1(jax.nn.relu(self.body0(x)))))
+
+
+class CNN(nnx.Module):
+  """One block conv 3x3 -> batch norm (this batch's statistics) -> ReLU -> max-pool, then
+  a linear head (``ways=0``: no head, the flattened features)."""
+
+  def __init__(self, ways: int, rngs: nnx.Rngs, hidden: int = 4, side: int = SIDE):
+    self.conv0 = nnx.Conv(1, hidden, (3, 3), rngs=rngs)
+    self.norm0 = nnx.BatchNorm(hidden, use_running_average=False, rngs=rngs)
+    self.head = nnx.Linear(hidden * (side // 2) ** 2, ways, rngs=rngs) if ways else None
+
+  def __call__(self, x):
+    x = layers.max_pool_2x2(jax.nn.relu(self.norm0(self.conv0(x))))
+    x = x.reshape(x.shape[0], -1)
+    return x if self.head is None else self.head(x)
+
+
+def _mlp():
+  params, apply_fn = amaml.models.from_nnx(MLP(16, nnx.Rngs(0)))
+  return params, amaml.losses.mse(apply_fn)
+
+
+def _cnn(ways=5):
+  params, apply_fn = amaml.models.from_nnx(CNN(ways, nnx.Rngs(0)))
+  return params, apply_fn
+
+
+IMAGES = jnp.asarray(fake_class_images(0, classes=10, size=SIDE))
+
+
+def _images(seed, tasks=4):
+  return sample_tasks(jax.random.key(seed), IMAGES, 5, 1, 2, tasks)
+
+
+def _paths(tree):
+  return [p for p, _ in amaml.inner._paths(tree)]
+
+
+def test_from_nnx_is_split_and_merge_with_the_batch_statistics_left_out():
+  model = CNN(5, nnx.Rngs(0))
+  x = _images(0).support_x[0]
+  params, apply_fn = amaml.models.from_nnx(model)
+  np.testing.assert_allclose(apply_fn(params, x), model(x), rtol=1e-6)
+  stats = lambda: [np.array(v) for v in jax.tree.leaves(nnx.state(model, nnx.BatchStat))]
+  before = stats()
+  apply_fn(params, x * 3 + 1)  # the forward pass writes to copies, not to the model
+  jax.jit(apply_fn)(params, x * 3 + 1)
+  for a, b in zip(stats(), before, strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert isinstance(params, nnx.State)
+  assert "head/kernel/value" in _paths(params) and "norm0/scale/value" in _paths(params)
+  assert not [p for p in _paths(params) if "/mean/" in p or "/var/" in p]
+  # the regular expressions of ANIL and MAML++ select NNX attributes
+  head = amaml.inner.param_mask(params, "^head/")
+  assert sorted(p for p, m in amaml.inner._paths(head) if m) == ["head/bias/value",
+                                                                  "head/kernel/value"]
+  norms = amaml.inner.param_mask(params, "^norm")
+  assert sum(jax.tree.leaves(norms)) == 2
+  # new parameters change the output: apply_fn reads p, not the module's own weights
+  doubled = jax.tree.map(lambda v: 2 * v, params)
+  assert not np.allclose(apply_fn(doubled, x), apply_fn(params, x))
+
+
+def test_nnx_mlp_on_sinusoid_loss_falls():
+  params, loss_fn = _mlp()
+  learner = amaml.alpha_maml(loss_fn)
+  state, losses = learner.init(params), []
+  for i in range(150):
+    state, metrics = learner.step(state, amaml.sinusoid_tasks(jax.random.key(i), 8))
+    losses.append(float(metrics["loss"]))
+  assert isinstance(state.params, nnx.State)
+  # below its start, and below the 4.2 of predicting 0 (E[A^2] / 2, A ~ U[0.1, 5])
+  assert np.mean(losses[-20:]) < min(0.75 * np.mean(losses[:20]), 3.2)
+
+
+def test_nnx_cnn_with_batch_norm_on_images_loss_falls():
+  params, apply_fn = _cnn()
+  learner = amaml.alpha_maml(amaml.losses.cross_entropy(apply_fn), alpha=0.4)
+  state, losses = learner.init(params), []
+  for i in range(40):
+    state, metrics = learner.step(state, _images(i))
+    losses.append(float(metrics["loss"]))
+  # below its start, and below chance's log(5) = 1.61
+  assert np.mean(losses[-10:]) < min(0.7 * np.mean(losses[:10]), 1.55)
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_nnx_meta_loss_under_vmap_equals_a_loop(model):
+  """Each task in its own call normalises with its own batch statistics, as under vmap."""
+  if model == "mlp":
+    (params, loss_fn), batch = _mlp(), amaml.sinusoid_tasks(jax.random.key(0), 4)
+  else:
+    (params, apply_fn), batch = _cnn(), _images(0)
+    loss_fn = amaml.losses.cross_entropy(apply_fn)
+  learner = amaml.maml(loss_fn, alpha=0.1, inner_steps=2)
+  meta_loss = jax.jit(learner.meta_loss)
+  loss, _ = meta_loss(params, jnp.float32(0.1), batch)
+  one = lambda t: meta_loss(params, jnp.float32(0.1),
+                                    jax.tree.map(lambda x: x[t:t + 1], batch))[0]
+  np.testing.assert_allclose(loss, np.mean([one(t) for t in range(4)]), rtol=1e-5)
+
+
+def test_anil_on_nnx_adapts_only_the_head():
+  params, loss_fn = _mlp()
+  batch = amaml.sinusoid_tasks(jax.random.key(0), 2)
+  mask = amaml.inner.param_mask(params, "^head/")
+  adapted, _ = amaml.adapt(loss_fn, params, 0.1, batch.support_x[0], batch.support_y[0],
+                           inner_steps=2, mask=mask)
+  for name in ("body0", "body1"):
+    np.testing.assert_array_equal(adapted[name]["kernel"][...], params[name]["kernel"][...])
+  assert not np.allclose(adapted["head"]["kernel"][...], params["head"]["kernel"][...])
+
+
+LEARNERS = {
+    "alpha_maml": lambda f: amaml.alpha_maml(f, inner_steps=2),
+    "alpha_maml_paper": lambda f: amaml.alpha_maml_paper(f, alpha=0.01),
+    "maml": lambda f: amaml.maml(f, alpha=0.01),
+    "fomaml": lambda f: amaml.fomaml(f, alpha=0.01),
+    "meta_sgd": lambda f: amaml.meta_sgd(f),
+    "anil": lambda f: amaml.anil(f, inner_params="^head/"),
+    "reptile": lambda f: amaml.reptile(f, alpha=0.01, inner_steps=2, epsilon=0.1),
+}
+
+
+def _trains(learner, params, batches):
+  state = learner.init(params)
+  for batch in batches:
+    state, metrics = learner.step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params,
+                       learner.init(params).params)
+  assert max(jax.tree.leaves(moved)) > 0
+  return state
+
+
+@pytest.mark.parametrize("method", sorted(LEARNERS))
+def test_every_method_trains_an_nnx_mlp(method):
+  params, loss_fn = _mlp()
+  _trains(LEARNERS[method](loss_fn), params,
+          [amaml.sinusoid_tasks(jax.random.key(i), 4) for i in range(3)])
+
+
+def test_maml_plus_plus_keeps_nnx_batch_norm_parameters_per_step():
+  params, apply_fn = _cnn()
+  learner = amaml.maml_plus_plus(amaml.losses.cross_entropy(apply_fn), inner_steps=2,
+                                 multi_step_loss=0, first_order_steps=0, per_step_params="^norm")
+  state = _trains(learner, params, [_images(i) for i in range(3)])
+  assert state.params["norm0"]["scale"][...].shape == (2, 4)  # one copy per inner step
+  assert state.params["conv0"]["kernel"][...].shape == params["conv0"]["kernel"][...].shape
+  assert state.alpha["head"]["kernel"][...].shape == (2,)  # a rate per tensor and step
+
+
+def test_protonet_with_an_nnx_embedding():
+  params, embed = _cnn(ways=0)
+  assert embed(params, _images(0).support_x[0]).shape == (5, 4 * (SIDE // 2) ** 2)
+  _trains(amaml.protonet(embed, ways=5), params, [_images(i) for i in range(3)])
