@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 
+#: The signals :class:`StopRequest` catches: Ctrl-C and a scheduler's polite stop.
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 

@@ -1,0 +1,446 @@
+"""The tuning-free suite: task families x budgets x untuned alpha0, amaml's default against
+MAML's best cell and the candidate defaults.
+
+    python benchmarks/tuning_free_suite.py --families linear sinusoid      # some families
+    python benchmarks/tuning_free_suite.py --methods default maml adam     # some methods
+    python benchmarks/tuning_free_suite.py --render benchmarks/results/tuning-free-suite.jsonl.gz
+
+A *family* is a task distribution with its model, inner steps and two budgets: ``short``
+meta steps and ``long`` (5-10x more). Each (family, method) trains every cell (alpha0 x
+seed) as ONE vmapped program (``robustness.make_chunk``: ``lax.scan`` over steps of
+``vmap`` over cells), scores the cells at ``short`` steps, trains on to ``long`` and
+scores them again (the short budget is the first ``short`` steps of the long run: no
+method here has a schedule tied to the run's length). Every cell of every method is scored
+the same way: the test-time adaptation (1-10 inner steps, a multiple of alpha) chosen on
+meta-validation tasks (:func:`amaml.train.best_adaptation`), then the query metric on
+meta-test tasks (accuracy in %, or MSE for regression).
+
+Methods (``METHODS``): ``maml`` (Adam at 1e-3, alpha fixed at alpha0), ``default``
+(``amaml.alpha_maml(loss_fn)`` as a user calls it, only alpha0 set), and candidates for the
+default: the same Alpha MAML with another outer optimizer (Adam at optax's 1e-3 with beta
+fixed, Prodigy, schedule-free AdamW, DoG, Mechanic around Adam, D-Adaptation with a larger
+initial estimate, Adam with beta by hypergradient over a discounted horizon).
+
+Writes ``benchmarks/results/tuning-free-suite.jsonl.gz`` (one line per cell and budget),
+heat maps ``docs/images/tuning-free-suite.png`` and prints the tables of BENCHMARKS.md:
+one per family with the column "default's worst start minus MAML's best", and a summary.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import gzip
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import amaml
+from amaml.data import load_omniglot, sample_tasks
+from amaml.env import versions
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import robustness  # noqa: E402  (the vmapped grid machinery)
+
+ROOT = Path(__file__).resolve().parents[1]
+ALPHAS = (0.01, 0.1, 1.0, 4.0)
+OUT = ROOT / "benchmarks" / "results" / "tuning-free-suite.jsonl.gz"
+
+
+# ----------------------------------------------------------------------------- families
+class Family(NamedTuple):
+  """A task family: ``setup(seed) -> (params, loss_fn)``, a sampler and its budgets."""
+
+  setup: Callable  # seed -> (initial params, loss_fn)
+  sample: Callable  # (key, split data, num_tasks) -> TaskBatch
+  data: Callable  # () -> {"train", "val", "test"} split data (None for generated tasks)
+  inner_steps: int
+  meta_batch: int
+  short: int
+  long: int
+  seeds: int
+  eval_tasks: int
+  val_tasks: int
+  note: str
+
+
+def _mlp_setup(hidden, out, in_shape, loss):
+  model = amaml.models.MLP(hidden=hidden, out=out)
+
+  def apply(p, x):
+    return model.apply({"params": p}, x.reshape(x.shape[0], -1))
+
+  def setup(seed):
+    params = model.init(jax.random.key(seed), jnp.zeros((1, math.prod(in_shape))))["params"]
+    return params, loss(apply)
+  return setup
+
+
+def _sinusoid_hard(key, n, shots=20, queries=20):
+  """y = A sin(w x - phase): A ~ U[1, 10], w ~ U[0.5, 1.5], phase ~ U[0, 2 pi],
+  x ~ U[-7.5, 7.5]; ``shots`` support and ``queries`` query points."""
+  ka, kw, kp, kx = jax.random.split(key, 4)
+  amp = jax.random.uniform(ka, (n, 1, 1), minval=1.0, maxval=10.0)
+  freq = jax.random.uniform(kw, (n, 1, 1), minval=0.5, maxval=1.5)
+  phase = jax.random.uniform(kp, (n, 1, 1), maxval=2 * jnp.pi)
+  x = jax.random.uniform(kx, (n, shots + queries, 1), minval=-7.5, maxval=7.5)
+  y = amp * jnp.sin(freq * x - phase)
+  return amaml.TaskBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
+
+
+LINEAR_DIM, LINEAR_SHOTS = 10, 10
+#: The best inner rate of the linear family in closed form. One step on the support MSE
+#: ``(1/K)|X theta - y|^2`` from any theta gives ``theta' - w = (I - c X^T X)(theta - w)``
+#: with ``c = 2 alpha / K``; with x ~ N(0, I_d), E[X^T X] = K I and E[(X^T X)^2] =
+#: K (K + d + 1) I (Wishart), so the expected query MSE ``|theta' - w|^2`` is
+#: ``(1 - 2cK + c^2 K (K + d + 1)) |theta - w|^2``, least at c = 1 / (K + d + 1).
+LINEAR_BEST_ALPHA = LINEAR_SHOTS / (2 * (LINEAR_SHOTS + LINEAR_DIM + 1))
+
+
+def _linear_tasks(key, n, shots=LINEAR_SHOTS, queries=LINEAR_SHOTS, dim=LINEAR_DIM):
+  """y = x . w, x ~ N(0, I_d), w ~ N(w_bar, I_d) with w_bar ~ N(0, I_d) fixed."""
+  w_bar = jax.random.normal(jax.random.key(12345), (dim, 1))
+  kw, kx = jax.random.split(key)
+  w = w_bar + jax.random.normal(kw, (n, dim, 1))
+  x = jax.random.normal(kx, (n, shots + queries, dim))
+  y = x @ w
+  return amaml.TaskBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
+
+
+def _linear_setup(seed):
+  params = {"w": 0.1 * jax.random.normal(jax.random.key(seed), (LINEAR_DIM, 1))}
+  return params, amaml.losses.mse(lambda p, x: x @ p["w"])
+
+
+def _omniglot_data(image_size=28, num_train=None):
+  @functools.cache  # once per family, not once per method
+  def load():
+    s = load_omniglot("maml", image_size=image_size, num_train=num_train)
+    return {k: jnp.asarray(getattr(s, k).images) for k in ("train", "val", "test")}
+  return load
+
+
+def _episodes(ways, shots, queries=5):
+  return lambda k, images, n: sample_tasks(k, images, ways, shots, queries, n)
+
+
+def _conv4_setup(ways, hidden, image_size=28):
+  model = amaml.models.Conv4(num_classes=ways, hidden=hidden)
+  loss = amaml.losses.cross_entropy(lambda p, x: model.apply({"params": p}, x))
+
+  def setup(seed):
+    x = jnp.zeros((1, image_size, image_size, 1))
+    return model.init(jax.random.key(seed), x)["params"], loss
+  return setup
+
+
+_generated = lambda: {"train": None, "val": None, "test": None}
+_ce = amaml.losses.cross_entropy
+FAMILIES: dict[str, Family] = {
+    "linear": Family(_linear_setup, lambda k, _, n: _linear_tasks(k, n), _generated, 1, 25,
+                     200, 2000, 3, 600, 200, f"y = x.w, d={LINEAR_DIM}, {LINEAR_SHOTS} shots, "
+                     f"1 step; best alpha {LINEAR_BEST_ALPHA:.3f} in closed form"),
+    "sinusoid": Family(_mlp_setup((40, 40), 1, (1,), amaml.losses.mse),
+                       lambda k, _, n: amaml.sinusoid_tasks(k, n), _generated, 1, 25, 500, 3000,
+                       3, 600, 200, "MAML's sinusoid, MLP 1-40-40-1, 10 shots, 1 step"),
+    "sinusoid-hard": Family(_mlp_setup((40, 40), 1, (1,), amaml.losses.mse),
+                            lambda k, _, n: _sinusoid_hard(k, n), _generated, 5, 25, 300, 1500,
+                            3, 600, 200, "A in [1, 10], freq in [0.5, 1.5], phase in [0, 2pi], "
+                            "x in [-7.5, 7.5], 20 shots, 5 steps"),
+    "omniglot-mlp": Family(_mlp_setup((256, 128, 64, 64), 5, (28, 28, 1), _ce), _episodes(5, 1),
+                           _omniglot_data(), 1, 16, 300, 1500, 3, 300, 100,
+                           "5w1s, MAML's non-conv net 256-128-64-64 (no batch norm), 1 step"),
+    "omniglot-small": Family(_mlp_setup((128, 64), 5, (14, 14, 1), _ce), _episodes(5, 1),
+                             _omniglot_data(14, num_train=30), 1, 16, 300, 1500, 3, 300, 100,
+                             "5w1s from 30 training characters (120 classes) at 14x14, "
+                             "MLP 128-64, 1 step: meta-overfits early"),
+    "omniglot-5w1s": Family(_conv4_setup(5, 32), _episodes(5, 1), _omniglot_data(), 1, 4, 200,
+                            1000, 1, 200, 100, "Conv4-32, 4 tasks a step, 1 step (reduced CPU "
+                            "budget: the named config has 64 filters and 32 tasks)"),
+    "omniglot-5w5s": Family(_conv4_setup(5, 32), _episodes(5, 5), _omniglot_data(), 1, 4, 150,
+                            750, 1, 200, 100, "Conv4-32, 4 tasks a step, 1 step (reduced CPU "
+                            "budget)"),
+    "omniglot-20w1s": Family(_conv4_setup(20, 32), _episodes(20, 1, 3), _omniglot_data(), 5, 2,
+                             60, 300, 1, 100, 50, "Conv4-32, 2 tasks a step, 5 steps, 3 queries "
+                             "per class (reduced CPU budget: no GPU)"),
+}
+
+
+# ----------------------------------------------------------------------------- methods
+def _default(loss_fn, k):
+  return amaml.alpha_maml(loss_fn, inner_steps=k)
+
+
+def _outer(make_opt):
+  return lambda loss_fn, k: amaml.alpha_maml(loss_fn, inner_steps=k, optimizer=make_opt())
+
+
+METHODS: dict[str, Callable] = {
+    "maml": lambda loss_fn, k: amaml.maml(loss_fn, inner_steps=k),
+    "default": _default,
+    "adam": _outer(lambda: optax.adam(1e-3)),
+    "prodigy": _outer(optax.contrib.prodigy),
+    "schedule-free": _outer(optax.contrib.schedule_free_adamw),
+    "dog": _outer(optax.contrib.dog),
+    "mechanic": _outer(lambda: optax.contrib.mechanize(optax.adam(1.0))),
+    "dadapt-d0=1e-4": _outer(lambda: optax.contrib.dadapt_adamw(estim_lr0=1e-4)),
+    "dadapt-d0=1e-3": _outer(lambda: optax.contrib.dadapt_adamw(estim_lr0=1e-3)),
+    "prodigy-d0=1e-3": _outer(lambda: optax.contrib.prodigy(estim_lr0=1e-3)),
+    "adam-hd-discount": lambda loss_fn, k: amaml.alpha_maml(
+        loss_fn, inner_steps=k, optimizer=optax.adam, discount=0.9),
+}
+LABELS = {"maml": "MAML (Adam 1e-3, alpha fixed)", "default": "amaml default (D-Adaptation)",
+          "adam": "Alpha MAML + Adam 1e-3 (beta fixed)", "prodigy": "Alpha MAML + Prodigy",
+          "schedule-free": "Alpha MAML + schedule-free AdamW (2.5e-3)",
+          "dog": "Alpha MAML + DoG", "mechanic": "Alpha MAML + Mechanic(Adam)",
+          "dadapt-d0=1e-4": "Alpha MAML + D-Adaptation, d0 = 1e-4",
+          "dadapt-d0=1e-3": "Alpha MAML + D-Adaptation, d0 = 1e-3",
+          "prodigy-d0=1e-3": "Alpha MAML + Prodigy, d0 = 1e-3",
+          "adam-hd-discount": "Alpha MAML + Adam-HD, discount 0.9"}
+
+
+# ----------------------------------------------------------------------------- running
+def experiment(family: Family, method: str, data: dict):
+  """What ``robustness``' grid functions need: learner, sampler, data, meta-batch."""
+  params, loss_fn = family.setup(0)
+  learner = METHODS[method](loss_fn, family.inner_steps)
+  return SimpleNamespace(config=SimpleNamespace(meta_batch=family.meta_batch), learner=learner,
+                         params=params, data=data, sample=family.sample)
+
+
+def init_cells(family: Family, exp, cells):
+  """Stacked states, one per (alpha0, seed): the seed's weights, every alpha at alpha0."""
+  states = []
+  for a0, seed in cells:
+    st = exp.learner.init(family.setup(seed)[0])
+    states.append(st._replace(alpha=jax.tree.map(lambda x: jnp.full_like(x, a0), st.alpha)))
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def eval_params(state):
+  """The parameters to evaluate: schedule-free's averaged sequence, else ``state.params``."""
+  if isinstance(state.opt_state, optax.contrib.ScheduleFreeState):
+    return state._replace(params=jax.vmap(optax.contrib.schedule_free_eval_params)(
+        state.opt_state, state.params))
+  return state
+
+
+def run_family(name: str, method: str, alphas=ALPHAS, budgets=None, seeds=None, log_every=None):
+  """Trains and scores one method's cells on family ``name``; returns result rows."""
+  fam = FAMILIES[name]
+  short, long_ = budgets or (fam.short, fam.long)
+  seeds = fam.seeds if seeds is None else seeds
+  log_every = log_every or math.gcd(short, long_, 100)
+  data = fam.data()
+  exp = experiment(fam, method, data)
+  cells = [(a0, s) for a0 in alphas for s in range(seeds)]
+  key = jax.random.key(2026)
+  test = fam.sample(jax.random.fold_in(key, 2), data["test"], fam.eval_tasks)
+  val = fam.sample(jax.random.fold_in(key, 1), data["val"], fam.val_tasks)
+  state = init_cells(fam, exp, cells)
+  ids = jnp.asarray([s for _, s in cells], jnp.int32)
+  chunk = robustness.make_chunk(exp, log_every)
+  rows, step, t0, alpha_traj = [], 0, time.perf_counter(), []
+  for budget_name, until in (("short", short), ("long", long_)):
+    while step < until:
+      state, m = chunk(state, data["train"], ids, jnp.int32(step))
+      alpha_traj.append(np.asarray(m["alpha"][-1]))
+      step += log_every
+    ev = robustness.evaluate_cells(exp, eval_params(state), val, test, 64 if "omniglot" in name
+                                   else 1 << 20)
+    for j, (a0, seed) in enumerate(cells):
+      e = ev[j]
+      scale = 100.0 if "omniglot" in name else 1.0
+      mean, ci = amaml.mean_confidence_interval(e["selected"])
+      rows.append({"family": name, "method": method, "budget": budget_name, "steps": until,
+                   "alpha0": a0, "seed": seed, "test": mean * scale, "test_ci": ci * scale,
+                   "test_fixed": float(np.mean(e["fixed"])) * scale,
+                   "selected_scale": e["selected_scale"], "selected_steps": e["selected_steps"],
+                   "final_alpha": float(alpha_traj[-1][j]),
+                   "alpha_traj": [float(a[j]) for a in alpha_traj],
+                   "wall_s": time.perf_counter() - t0})
+  return rows
+
+
+# ----------------------------------------------------------------------------- tables
+def higher_is_better(family: str) -> bool:
+  return family.startswith("omniglot")
+
+
+def cell_means(rows) -> dict:
+  """``(family, budget, method, alpha0) -> mean over seeds`` (non-finite stays nan)."""
+  by: dict = {}
+  for r in rows:
+    by.setdefault((r["family"], r["budget"], r["method"], r["alpha0"]), []).append(r["test"])
+  return {k: float(np.mean(v)) if np.all(np.isfinite(v)) else float("nan") for k, v in by.items()}
+
+
+def worst_best(values, higher: bool) -> tuple[float, float]:
+  """The worst and best of a method's cells (a diverged cell is the worst)."""
+  v = np.asarray(values, np.float64)
+  if not np.all(np.isfinite(v)):
+    worst = -np.inf if higher else np.inf
+  else:
+    worst = v.min() if higher else v.max()
+  finite = v[np.isfinite(v)]
+  best = (finite.max() if higher else finite.min()) if finite.size else float("nan")
+  return float(worst), float(best)
+
+
+def gap(worst: float, maml_best: float, higher: bool) -> float:
+  """The default's worst start against MAML's best: points (accuracy, ``worst - best``,
+  >= -1 meets the target) or a ratio (MSE, ``worst / best``, <= 1.1 meets it)."""
+  return worst - maml_best if higher else worst / maml_best
+
+
+def meets(g: float, higher: bool) -> bool:
+  return g >= -1.0 if higher else g <= 1.1
+
+
+def family_table(rows, family: str, budget: str, alphas) -> str:
+  """One row per method: its cells (mean over seeds), worst, best, spread, and the worst
+  start against MAML's best cell."""
+  means, higher = cell_means(rows), higher_is_better(family)
+  methods = [m for m in METHODS if (family, budget, m, alphas[0]) in means]
+  maml = worst_best([means[(family, budget, "maml", a)] for a in alphas], higher)[1] \
+      if "maml" in methods else float("nan")
+  f = (lambda v: f"{v:.1f}") if higher else (lambda v: f"{v:.3g}")
+  fmt = lambda v: "diverged" if not np.isfinite(v) else f(v)
+  unit = "points" if higher else "ratio"
+  lines = ["| method | " + " | ".join(f"a0={a:g}" for a in alphas)
+           + f" | worst | best | spread | worst vs MAML's best ({unit}) |",
+           "| --- |" + " --- |" * (len(alphas) + 4)]
+  for m in methods:
+    vals = [means[(family, budget, m, a)] for a in alphas]
+    worst, best = worst_best(vals, higher)
+    spread = abs(best - worst) if higher else worst / best
+    g = gap(worst, maml, higher)
+    mark = " (met)" if meets(g, higher) else ""
+    name = f"**{LABELS[m]}**" if m == "default" else LABELS[m]
+    g_txt = "-" if m == "maml" else (f"{g:+.1f}{mark}" if higher else f"{g:.2f}x{mark}")
+    lines.append(f"| {name} | " + " | ".join(fmt(v) for v in vals)
+                 + f" | {fmt(worst)} | {fmt(best)} | {fmt(spread)} | {g_txt} |")
+  return "\n".join(lines)
+
+
+def summary(rows, alphas, method: str = "default") -> str:
+  """One line per (family, budget) for ``method``, and how many meet the target."""
+  means = cell_means(rows)
+  lines = [f"| family | budget | {LABELS[method]}: worst | MAML's best | worst vs best | met |",
+           "| --- | --- | --- | --- | --- | --- |"]
+  met = total = 0
+  for fam in FAMILIES:
+    for budget in ("short", "long"):
+      if (fam, budget, method, alphas[0]) not in means or (fam, budget, "maml", alphas[0]) not in means:
+        continue
+      higher = higher_is_better(fam)
+      worst = worst_best([means[(fam, budget, method, a)] for a in alphas], higher)[0]
+      best = worst_best([means[(fam, budget, "maml", a)] for a in alphas], higher)[1]
+      g = gap(worst, best, higher)
+      total += 1
+      met += meets(g, higher)
+      g_txt = f"{g:+.1f}" if higher else f"{g:.2f}x"
+      lines.append(f"| {fam} | {budget} | {worst:.3g} | {best:.3g} | {g_txt} | "
+                   f"{'yes' if meets(g, higher) else 'no'} |")
+  return "\n".join(lines) + f"\n\n{LABELS[method]}: the target is met on {met} of {total}."
+
+
+def report(rows) -> str:
+  alphas = sorted({r["alpha0"] for r in rows})
+  parts = []
+  for fam in FAMILIES:
+    for budget in ("short", "long"):
+      if any(r["family"] == fam and r["budget"] == budget for r in rows):
+        steps = next(r["steps"] for r in rows if r["family"] == fam and r["budget"] == budget)
+        metric = "accuracy (%)" if higher_is_better(fam) else "MSE"
+        parts.append(f"**{fam}, {budget} ({steps} steps)**, meta-test {metric}: "
+                     f"{FAMILIES[fam].note}\n\n" + family_table(rows, fam, budget, alphas))
+  methods = sorted({r["method"] for r in rows} - {"maml"}, key=list(METHODS).index)
+  parts += [summary(rows, alphas, m) for m in methods]
+  return "\n\n".join(parts)
+
+
+def plot(rows, out: Path) -> Path:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  means = cell_means(rows)
+  alphas = sorted({r["alpha0"] for r in rows})
+  fams = [f for f in FAMILIES if any(r["family"] == f for r in rows)]
+  methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+  fig, axes = plt.subplots(2, len(fams), figsize=(3.2 * len(fams), 2 + 0.5 * len(methods) * 2),
+                           squeeze=False, constrained_layout=True)
+  for i, budget in enumerate(("short", "long")):
+    for j, fam in enumerate(fams):
+      ax = axes[i, j]
+      grid = np.array([[means.get((fam, budget, m, a), np.nan) for a in alphas] for m in methods])
+      higher = higher_is_better(fam)
+      shown = grid if higher else np.log10(grid)
+      finite = shown[np.isfinite(shown)]
+      ax.imshow(shown, cmap="viridis" if higher else "viridis_r", aspect="auto",
+                vmin=finite.min() if finite.size else 0, vmax=finite.max() if finite.size else 1)
+      for (y, x), v in np.ndenumerate(grid):
+        ax.text(x, y, "div." if not np.isfinite(v) else (f"{v:.1f}" if higher else f"{v:.2g}"),
+                ha="center", va="center", fontsize=6, color="w" if np.isfinite(v) else "k")
+      ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas], fontsize=7)
+      ax.set_yticks(range(len(methods)), [m if j == 0 else "" for m in methods], fontsize=7)
+      ax.set_title(f"{fam}, {budget}", fontsize=8)
+      ax.set_xlabel("alpha0", fontsize=7)
+  fig.suptitle("Tuning-free suite: meta-test accuracy (%) or MSE, mean over seeds")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+  return out
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--families", nargs="+", choices=tuple(FAMILIES), default=list(FAMILIES))
+  ap.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=list(METHODS))
+  ap.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
+  ap.add_argument("--seeds", type=int, help="seeds per cell (default: the family's)")
+  ap.add_argument("--budgets", type=int, nargs=2, metavar=("SHORT", "LONG"),
+                  help="meta steps of the two budgets (default: the family's)")
+  ap.add_argument("--out", default=str(OUT), help="JSON lines; rows of the same (family, "
+                  "method) already there are replaced")
+  ap.add_argument("--images", default=str(ROOT / "docs" / "images"))
+  ap.add_argument("--render", metavar="JSONL", nargs="+", help="only print the tables and draw "
+                  "the heat maps of earlier runs (several files: their rows together)")
+  args = ap.parse_args(argv)
+  out = Path(args.out)
+  if args.render:
+    lines = [l for path in args.render for l in robustness.read_jsonl(Path(path))]
+  else:
+    lines = robustness.read_jsonl(out) if out.exists() else []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    head = {"suite": True, "date": time.strftime("%Y-%m-%d"), "versions": versions(),
+            "argv": sys.argv[1:] if argv is None else argv}
+    lines.append(head)
+    print(json.dumps(head), flush=True)
+    for fam in args.families:
+      for method in args.methods:
+        rows = run_family(fam, method, args.alphas, args.budgets, args.seeds)
+        lines = [l for l in lines if (l.get("family"), l.get("method")) != (fam, method)] + rows
+        robustness.write_jsonl(out, lines)  # after every method: a stopped run keeps the rest
+        print(json.dumps({k: rows[-1][k] for k in ("family", "method", "wall_s")}), flush=True)
+  rows = [l for l in lines if "alpha0" in l]
+  print(report(rows))
+  try:
+    print("wrote", plot(rows, Path(args.images) / "tuning-free-suite.png"))
+  except ImportError:
+    print("matplotlib not installed: no heat maps (pip install amaml[plot])")
+
+
+if __name__ == "__main__":
+  main()

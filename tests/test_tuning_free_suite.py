@@ -1,0 +1,78 @@
+"""benchmarks/tuning_free_suite.py: the smallest suite runs, its tables read hand-written
+records correctly, and the linear family's closed-form best alpha is the best."""
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import tuning_free_suite as suite  # noqa: E402
+
+
+def _rows(family, budget, method, values):
+  return [{"family": family, "budget": budget, "method": method, "alpha0": a, "seed": s,
+           "test": v, "steps": 10} for a, per_seed in values.items() for s, v in enumerate(per_seed)]
+
+
+def test_tables_on_hand_written_records():
+  rows = (_rows("omniglot-5w1s", "short", "maml", {0.01: [40, 42], 1.0: [80, 90], 4.0: [20, 20]})
+          + _rows("omniglot-5w1s", "short", "default", {0.01: [84, 86], 1.0: [86, 88],
+                                                        4.0: [83, 85]}))
+  means = suite.cell_means(rows)
+  assert means[("omniglot-5w1s", "short", "maml", 1.0)] == 85.0
+  # the default's worst start (84) against MAML's best (85): -1 point, just meets the target
+  table = suite.family_table(rows, "omniglot-5w1s", "short", [0.01, 1.0, 4.0])
+  default_line = next(l for l in table.splitlines() if "amaml default" in l)
+  assert "| 85.0 | 87.0 | 84.0 | 87.0 | 84.0 | 3.0 | -1.0 (met) |" in default_line
+  assert "| 41.0 | 85.0 | 20.0 | 20.0 | 85.0 | 65.0 | - |" in table
+  line = suite.summary(rows, [0.01, 1.0, 4.0])
+  assert "| omniglot-5w1s | short | 84 | 85 | -1.0 | yes |" in line
+  assert line.endswith("met on 1 of 1.")
+
+
+def test_regression_ratio_and_divergence():
+  rows = (_rows("linear", "long", "maml", {0.1: [2.0], 1.0: [float("inf")]})
+          + _rows("linear", "long", "default", {0.1: [2.1], 1.0: [2.4]}))
+  # MSE: lower is better, the gap is a ratio, a diverged cell is MAML's worst not its best
+  assert suite.worst_best([2.0, float("inf")], higher=False) == (np.inf, 2.0)
+  table = suite.family_table(rows, "linear", "long", [0.1, 1.0])
+  assert "| 2 | diverged | diverged | 2 |" in table
+  assert "1.20x |" in next(l for l in table.splitlines() if "default" in l)  # 2.4 / 2.0: missed
+  assert suite.summary(rows, [0.1, 1.0]).endswith("met on 0 of 1.")
+
+
+def test_linear_best_alpha_is_the_closed_form():
+  """The expected query MSE after one step is least at LINEAR_BEST_ALPHA (Monte Carlo)."""
+  params, loss_fn = suite._linear_setup(0)
+  batch = suite._linear_tasks(jax.random.key(0), 20000)
+
+  def after_one_step(alpha):
+    def task(sx, sy, qx, qy):
+      g = jax.grad(lambda p: loss_fn(p, sx, sy)[0])(params)
+      return loss_fn(jax.tree.map(lambda p, d: p - alpha * d, params, g), qx, qy)[0]
+    return jnp.mean(jax.vmap(task)(*batch))
+
+  a = suite.LINEAR_BEST_ALPHA
+  grid = np.array([0.6, 0.8, 1.0, 1.25, 1.6]) * a
+  losses = np.array([float(after_one_step(x)) for x in grid])
+  assert np.argmin(losses) == 2, losses
+  # and the closed-form ratio of losses at a and at 0 (no adaptation)
+  k, d = suite.LINEAR_SHOTS, suite.LINEAR_DIM
+  np.testing.assert_allclose(losses[2] / float(after_one_step(0.0)), 1 - k / (k + d + 1),
+                             rtol=0.03)
+
+
+@pytest.mark.parametrize("method", ["maml", "default"])
+def test_smallest_suite_runs(method, tmp_path):
+  rows = suite.run_family("linear", method, alphas=(0.01, 1.0), budgets=(2, 4), seeds=1,
+                          log_every=2)
+  assert [(r["budget"], r["steps"], r["alpha0"]) for r in rows] == [
+      ("short", 2, 0.01), ("short", 2, 1.0), ("long", 4, 0.01), ("long", 4, 1.0)]
+  assert len(rows[-1]["alpha_traj"]) == 2
+  if method == "maml":  # alpha is fixed
+    assert [r["final_alpha"] for r in rows] == pytest.approx([0.01, 1.0, 0.01, 1.0])
+  assert all(np.isfinite(r["test"]) or r["alpha0"] == 1.0 for r in rows)
+  assert "| method | a0=0.01 | a0=1 |" in suite.report(rows)
