@@ -353,9 +353,36 @@ def summary(rows, alphas, method: str = "default") -> str:
   return "\n".join(lines) + f"\n\n{LABELS[method]}: the target is met on {met} of {total}."
 
 
+def overview(rows, alphas) -> str:
+  """One row per (family, budget): MAML's best cell, then every other method's worst start
+  against it (points, or a ratio for MSE); a method not run there is blank."""
+  means = cell_means(rows)
+  methods = [m for m in METHODS if m != "maml" and any(r["method"] == m for r in rows)]
+  lines = ["| family | budget | MAML's best | " + " | ".join(methods) + " |",
+           "| --- | --- |" + " --- |" * (len(methods) + 1)]
+  for fam in FAMILIES:
+    for budget in ("short", "long"):
+      if (fam, budget, "maml", alphas[0]) not in means:
+        continue
+      higher = higher_is_better(fam)
+      best = worst_best([means[(fam, budget, "maml", a)] for a in alphas], higher)[1]
+      cells = []
+      for m in methods:
+        if (fam, budget, m, alphas[0]) not in means:
+          cells.append("")
+          continue
+        g = gap(worst_best([means[(fam, budget, m, a)] for a in alphas], higher)[0], best, higher)
+        txt = "diverged" if not np.isfinite(g) or g > 1e6 else (f"{g:+.1f}" if higher
+                                                                 else f"{g:.2f}x")
+        cells.append(f"**{txt}**" if np.isfinite(g) and meets(g, higher) else txt)
+      lines.append(f"| {fam} | {budget} | {best:.3g} | " + " | ".join(cells) + " |")
+  return ("Worst start of each method against MAML's best cell (bold: the target is met, "
+          "within 1 point or 1.1x):\n\n" + "\n".join(lines))
+
+
 def report(rows) -> str:
   alphas = sorted({r["alpha0"] for r in rows})
-  parts = []
+  parts = [overview(rows, alphas)]
   for fam in FAMILIES:
     for budget in ("short", "long"):
       if any(r["family"] == fam and r["budget"] == budget for r in rows):

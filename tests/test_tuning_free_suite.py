@@ -31,6 +31,7 @@ def test_tables_on_hand_written_records():
   line = suite.summary(rows, [0.01, 1.0, 4.0])
   assert "| omniglot-5w1s | short | 84 | 85 | -1.0 | yes |" in line
   assert line.endswith("met on 1 of 1.")
+  assert "| omniglot-5w1s | short | 85 | **-1.0** |" in suite.overview(rows, [0.01, 1.0, 4.0])
 
 
 def test_regression_ratio_and_divergence():
@@ -42,6 +43,7 @@ def test_regression_ratio_and_divergence():
   assert "| 2 | diverged | diverged | 2 |" in table
   assert "1.20x |" in next(l for l in table.splitlines() if "default" in l)  # 2.4 / 2.0: missed
   assert suite.summary(rows, [0.1, 1.0]).endswith("met on 0 of 1.")
+  assert "| linear | long | 2 | 1.20x |" in suite.overview(rows, [0.1, 1.0])
 
 
 def test_linear_best_alpha_is_the_closed_form():
