@@ -156,7 +156,7 @@ FAMILIES: dict[str, Family] = {
                             3, 600, 200, "A in [1, 10], freq in [0.5, 1.5], phase in [0, 2pi], "
                             "x in [-7.5, 7.5], 20 shots, 5 steps"),
     "omniglot-mlp": Family(_mlp_setup((256, 128, 64, 64), 5, (28, 28, 1), _ce), _episodes(5, 1),
-                           _omniglot_data(), 1, 16, 300, 1500, 3, 300, 100,
+                           _omniglot_data(), 1, 16, 100, 500, 3, 300, 100,
                            "5w1s, MAML's non-conv net 256-128-64-64 (no batch norm), 1 step"),
     "omniglot-small": Family(_mlp_setup((128, 64), 5, (14, 14, 1), _ce), _episodes(5, 1),
                              _omniglot_data(14, num_train=30), 1, 16, 300, 1500, 3, 300, 100,
@@ -416,8 +416,11 @@ def plot(rows, out: Path) -> Path:
       ax.imshow(shown, cmap="viridis" if higher else "viridis_r", aspect="auto",
                 vmin=finite.min() if finite.size else 0, vmax=finite.max() if finite.size else 1)
       for (y, x), v in np.ndenumerate(grid):
-        ax.text(x, y, "div." if not np.isfinite(v) else (f"{v:.1f}" if higher else f"{v:.2g}"),
-                ha="center", va="center", fontsize=6, color="w" if np.isfinite(v) else "k")
+        ran = (fam, budget, methods[y], alphas[x]) in means
+        txt = ("" if not ran else "div." if not np.isfinite(v) else
+               f"{v:.1f}" if higher else f"{v:.2g}")
+        ax.text(x, y, txt, ha="center", va="center", fontsize=6,
+                color="w" if np.isfinite(v) else "k")
       ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas], fontsize=7)
       ax.set_yticks(range(len(methods)), [m if j == 0 else "" for m in methods], fontsize=7)
       ax.set_title(f"{fam}, {budget}", fontsize=8)
