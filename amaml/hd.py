@@ -82,7 +82,7 @@ class HypergradientState(NamedTuple):
 def hypergradient(
     optimizer: Callable[..., optax.GradientTransformation],
     learning_rate: float,
-    hyper_lr: float = rates.DEFAULT_HYPER_LR,
+    hyper_lr: float | None = None,
     *,
     rate_rule: str = rates.DEFAULT_RULE,
     min_rate: float | None = None,
@@ -97,12 +97,12 @@ def hypergradient(
       ``optax.sgd``, ...), whose last step multiplies by the learning rate.
     learning_rate: the initial rate ``beta_0``.
     hyper_lr: the hypergradient learning rate ``kappa`` (``0`` gives exactly the
-      wrapped optimizer at a fixed rate); a Python number must be ``>= 0``. The
-      default, ``amaml.rates.DEFAULT_HYPER_LR``, is meant for the default rule,
-      where it is about the largest relative change of the rate per step. The
-      additive rule's ``kappa`` has the scale of ``1 / h``: the HD paper uses ``1e-3``
-      for SGD (``rates.PAPER_ALPHA_LR``) and ``1e-7`` to ``1e-8`` for Adam
-      (``rates.PAPER_BETA_LR``); pass it with ``rate_rule="additive"``.
+      wrapped optimizer at a fixed rate); a Python number must be ``>= 0``. ``None``
+      (the default) is ``amaml.rates.DEFAULT_HYPER_LR`` for the default rule, where
+      it is about the largest relative change of the rate per step; the other rules
+      need it given. The additive rule's ``kappa`` has the scale of ``1 / h``: the HD
+      paper uses ``1e-3`` for SGD (``rates.PAPER_ALPHA_LR``) and ``1e-7`` to ``1e-8``
+      for Adam (``rates.PAPER_BETA_LR``); pass it with ``rate_rule="additive"``.
     rate_rule: how the rate follows its hypergradient (:func:`amaml.rates.rate_rule`):
       ``"normalized"`` (the default, amaml's: Adam's normalised step on ``h`` applied
       to ``log beta``; scale-free), ``"additive"`` (the HD paper, ``rates.PAPER_RULE``)
@@ -131,6 +131,11 @@ def hypergradient(
   # come back as one keyword ``optimizer_kwargs={...}``.
   optimizer_kwargs = {**optimizer_kwargs.pop("optimizer_kwargs", {}), **optimizer_kwargs}
   base = optax.with_extra_args_support(optimizer(learning_rate=1.0, **optimizer_kwargs))
+  if hyper_lr is None:
+    if rate_rule != rates.DEFAULT_RULE and rate_rule in rates.RULES:
+      raise ValueError(f"rate_rule={rate_rule!r} needs hyper_lr: the HD paper's is "
+                       f"{rates.PAPER_ALPHA_LR:g} for SGD and {rates.PAPER_BETA_LR:g} for Adam")
+    hyper_lr = rates.DEFAULT_HYPER_LR
   rate = rates.rate_rule(hyper_lr, rate_rule, min_rate=min_rate, max_rate=max_rate)
 
   def init_fn(params):

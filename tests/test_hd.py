@@ -289,3 +289,6 @@ def test_bad_numbers_are_named():
     amaml.hypergradient(optax.sgd, learning_rate=0.1, min_rate=1.0, max_rate=0.5)
   with pytest.raises(ValueError, match="rate_rule must be one of"):
     amaml.hypergradient(optax.sgd, learning_rate=0.1, rate_rule="paper")
+  # the default hyper_lr is the normalized rule's: the additive rule's scale is the problem's
+  with pytest.raises(ValueError, match="rate_rule='additive' needs hyper_lr: the HD paper's is 0.001"):
+    amaml.hypergradient(optax.sgd, learning_rate=0.1, rate_rule="additive")
