@@ -8,6 +8,7 @@ by name with ``_common_test._get_opt_factory``; each test here patches it to ans
 amaml's names.
 """
 import functools
+import re
 from unittest import mock
 
 import optax
@@ -81,3 +82,19 @@ class HypergradientCommonTest(parameterized.TestCase):
   test_optimizers_accept_learning_rate_schedule_if_type_annotated_as_such = parameterized.product(
       OPTIMIZERS)(_optax_body(
           "test_optimizers_accept_learning_rate_schedule_if_type_annotated_as_such"))
+
+
+def _test_names(cls):
+  """The test names of a parameterized class, without their case numbers."""
+  return {re.sub(r"\d+$", "", n) for n in dir(cls) if n.startswith("test_")}
+
+
+def test_every_optax_common_test_runs_on_every_amaml_optimizer():
+  """The grid above is optax's whole ContribTest (a test optax adds fails here until it
+  runs on amaml's optimizers too), with every one of the six optimizers in each test."""
+  assert _test_names(HypergradientCommonTest) == _test_names(common.ContribTest)
+  cases = [n for n in dir(HypergradientCommonTest) if n.startswith("test_")]
+  assert len(cases) == 16 * len(OPTIMIZERS) == 96
+  with mock.patch.object(common, "_get_opt_factory", _get_opt_factory):
+    for name in FACTORIES:
+      assert common._get_opt_factory(name) is FACTORIES[name]
