@@ -108,7 +108,8 @@ class Config:
   beta_max: float | None = _field(None, "upper bound on beta (none: unbounded)")
   # test-time adaptation
   test_adaptation: str = _field("select", "select: inner steps (0..eval_inner_steps) and a "
-                                "multiple of alpha chosen on val_tasks validation tasks; fixed: "
+                                "multiple of alpha chosen on val_tasks validation tasks, each task stopping "
+                                "before a step that raises its support loss; fixed: "
                                 "eval_inner_steps steps at the trained alpha (MAML's protocol)",
                                 TEST_ADAPTATIONS)
   eval_inner_steps: int = _field(10, "test-time inner steps (the most that select may choose)")

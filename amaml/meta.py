@@ -80,9 +80,9 @@ class MetaLearner(NamedTuple):
       of the query loss after adaptation; differentiable in ``params`` and ``alpha``.
     update: the un-jitted ``step``, to compose under ``lax.scan``, ``vmap``, ``jit``.
     adaptation_curve: jitted ``(params, alpha, TaskBatch, inner_steps) -> per-task
-      metrics`` of shape ``[tasks, inner_steps + 1]``: the query loss (and aux) after
-      0, 1, ..., ``inner_steps`` inner steps, one pass for every test-time step count
-      (see :func:`amaml.train.select_adaptation`).
+      metrics`` of shape ``[tasks, inner_steps + 1]``: the query loss (and aux) and the
+      support loss (``"support_loss"``) after 0, 1, ..., ``inner_steps`` inner steps, one
+      pass for every test-time step count (see :mod:`amaml.adaptation`).
   """
 
   init: Callable[[Any], MetaState]
@@ -387,16 +387,21 @@ def alpha_maml(
     return new_state, metrics
 
   def adapt_eval(params, alpha_, sx, sy, qx, qy, steps):
-    """Query loss and aux after 0, 1, ..., ``steps`` inner steps (first order)."""
+    """Query loss and aux, and the support loss, after 0, 1, ..., ``steps`` inner steps
+    (first order)."""
     kwargs = step_kwargs(params)
 
     def body(carry, k):
       q = loss_fn(after(carry[0], k), qx, qy)
-      return inner.inner_step(loss_fn, carry, k, alpha_, sx, sy, first_order=True, **kwargs)[0], q
-    (last, _), curve = jax.lax.scan(body, inner.init_carry(params, inner_optimizer),
-                                    jnp.arange(steps))
+      carry, support = inner.inner_step(loss_fn, carry, k, alpha_, sx, sy, first_order=True,
+                                        **kwargs)
+      return carry, (q, support)
+    (last, _), (curve, support) = jax.lax.scan(
+        body, inner.init_carry(params, inner_optimizer), jnp.arange(steps))
     final = loss_fn(after(last, steps), qx, qy)
-    return jax.tree.map(lambda c, f: jnp.concatenate([c, f[None]]), curve, final)
+    final_support = loss_fn(after(last, steps), sx, sy)[0]
+    curve = jax.tree.map(lambda c, f: jnp.concatenate([c, f[None]]), curve, final)
+    return curve, jnp.concatenate([support, final_support[None]])
 
   def evaluate(params, alpha_, batch: TaskBatch, inner_steps: int | None = None):
     steps = default_inner_steps if inner_steps is None else inner_steps
@@ -414,9 +419,9 @@ def alpha_maml(
     return jax.vmap(one)(*batch)
 
   def adaptation_curve(params, alpha_, batch: TaskBatch, inner_steps: int):
-    loss, aux = jax.vmap(adapt_eval, in_axes=(None, None, 0, 0, 0, 0, None))(
+    (loss, aux), support = jax.vmap(adapt_eval, in_axes=(None, None, 0, 0, 0, 0, None))(
         params, alpha_, *batch, inner_steps)
-    return {"loss": loss, **aux}
+    return {"loss": loss, **aux, "support_loss": support}
 
   default_inner_steps = inner_steps
   step = jax.jit(update, donate_argnums=(0,) if donate else ())

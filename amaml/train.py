@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amaml import losses, meta, sharding, signals, validate
+from amaml.adaptation import ALPHA_SCALES, best_adaptation, guarded_curves
 from amaml.configs import Config
 from amaml.env import versions
 from amaml.hd import current_learning_rate
@@ -261,9 +262,6 @@ def make_train_chunk(exp: Experiment, length: int, mesh=None):
   return jax.jit(chunk, donate_argnums=(0,), out_shardings=sharding.replicated(mesh))
 
 
-ALPHA_SCALES = (2.0, 1.0, 0.5, 0.25, 0.125)
-
-
 def _eval_batches(exp: Experiment, split: str, num_tasks: int):
   """The fixed evaluation batches of ``split`` (they depend only on the seed and the split)."""
   cfg = exp.config
@@ -275,17 +273,27 @@ def _eval_batches(exp: Experiment, split: str, num_tasks: int):
     yield exp.sample(jax.random.fold_in(eval_key, b), images, cfg.eval_batch)
 
 
+def _curves(exp: Experiment, params, alpha, batches, steps: int, guard: bool) -> dict:
+  """Per-task adaptation curves over ``batches`` (:attr:`MetaLearner.adaptation_curve`),
+  with the support-loss guard (:func:`amaml.adaptation.support_guard`) if ``guard``."""
+  outs = [jax.device_get(exp.learner.adaptation_curve(params, alpha, b, inner_steps=steps))
+          for b in batches]
+  out = {k: np.concatenate([np.asarray(o[k]) for o in outs]) for k in outs[0]}
+  return guarded_curves(out) if guard else out
+
+
 def select_adaptation(exp: Experiment, params, alpha, split: str = "val",
                       num_tasks: int | None = None, max_steps: int | None = None,
-                      scales=ALPHA_SCALES) -> dict:
+                      scales=ALPHA_SCALES, guard: bool = True) -> dict:
   """Test-time adaptation chosen on meta-validation tasks, so that it cannot diverge.
 
   Every ``(scale, steps)`` with ``scale`` in ``scales`` (the inner rate is ``scale *
   alpha``) and ``steps`` in ``0..max_steps`` (default ``eval_inner_steps``) is scored
   on ``num_tasks`` (default ``val_tasks``) tasks of ``split``, by query accuracy when
-  the loss reports one, else by query loss. One :attr:`MetaLearner.adaptation_curve`
-  pass per scale scores every step count. Returns the best ``inner_steps`` and
-  ``alpha_scale``, and the score of each candidate.
+  the loss reports one, else by query loss, each task adapting under the support-loss
+  guard (``guard``, :func:`amaml.adaptation.support_guard`). One
+  :attr:`MetaLearner.adaptation_curve` pass per scale scores every step count. Returns
+  the best ``inner_steps`` and ``alpha_scale``, and the score of each candidate.
   """
   cfg = exp.config
   num_tasks = num_tasks or cfg.val_tasks
@@ -293,38 +301,25 @@ def select_adaptation(exp: Experiment, params, alpha, split: str = "val",
   batches = list(_eval_batches(exp, split, num_tasks))
   curves = {}
   for scale in scales:
-    a = jax.tree.map(lambda x: x * scale, alpha)
-    outs = [exp.learner.adaptation_curve(params, a, b, inner_steps=max_steps) for b in batches]
-    key = "accuracy" if "accuracy" in outs[0] else "loss"
-    curves[scale] = np.concatenate([np.asarray(o[key]) for o in outs])[:num_tasks].mean(axis=0)
+    out = _curves(exp, params, jax.tree.map(lambda x: x * scale, alpha), batches, max_steps,
+                  guard)
+    key = "accuracy" if "accuracy" in out else "loss"
+    curves[scale] = out[key][:num_tasks].mean(axis=0)
   scale, steps, scores = best_adaptation(curves, higher_is_better=key == "accuracy")
   return {"inner_steps": steps, "alpha_scale": scale, "split": split, "tasks": num_tasks,
-          "selected_by": key, "scores": scores}
-
-
-def best_adaptation(curves: dict, higher_is_better: bool) -> tuple[float, int, dict]:
-  """The best ``(alpha_scale, inner_steps)`` of mean adaptation curves ``{scale: metric after
-  0..K steps}``, and every candidate's score by ``"<scale>x<steps>"``. Non-finite scores
-  lose; ties go to scale 1, then to fewer steps. Zero steps (no adaptation) is a candidate
-  too: where every rate and step count makes the validation tasks worse, none is taken."""
-  scores = {}
-  for scale, curve in curves.items():
-    score = np.asarray(curve, np.float64) * (1 if higher_is_better else -1)
-    for k in range(0 if scale == 1.0 else 1, len(score)):
-      scores[(scale, k)] = float(score[k]) if np.isfinite(score[k]) else -np.inf
-  scale, steps = max(scores, key=lambda c: (scores[c], c[0] == 1.0, -c[1]))
-  return scale, steps, {f"{s:g}x{k}": v for (s, k), v in scores.items()}
+          "selected_by": key, "guard": guard, "scores": scores}
 
 
 def evaluate(exp: Experiment, params, alpha, split: str = "test", num_tasks: int | None = None,
              inner_steps: int | None = None, progress: bool = False,
-             alpha_scale: float = 1.0) -> dict:
+             alpha_scale: float = 1.0, guard: bool = False) -> dict:
   """Meta-test: adapt on ``num_tasks`` fresh tasks of ``split`` and summarise.
 
   Returns means and 95% confidence half-widths over tasks of the query loss (and
   accuracy) before and after ``inner_steps`` adaptation steps (default:
-  ``eval_inner_steps``) at the rate ``alpha_scale * alpha``. Tasks depend only on
-  the seed and the split.
+  ``eval_inner_steps``) at the rate ``alpha_scale * alpha``; with ``guard``, each task
+  stops before a step that raises its support loss above where it started
+  (:func:`amaml.adaptation.support_guard`). Tasks depend only on the seed and the split.
   """
   cfg = exp.config
   num_tasks = num_tasks or cfg.eval_tasks
@@ -337,7 +332,8 @@ def evaluate(exp: Experiment, params, alpha, split: str = "test", num_tasks: int
     it = tqdm(it, total=math.ceil(num_tasks / cfg.eval_batch), desc=f"evaluate {split}",
               unit="batch", leave=False)
   for batch in it:
-    out = exp.learner.evaluate(params, a, batch, inner_steps=inner_steps)
+    out = (_guarded_evaluate(exp, params, a, batch, inner_steps) if guard else
+           exp.learner.evaluate(params, a, batch, inner_steps=inner_steps))
     for k, v in out.items():
       per_task.setdefault(k, []).append(np.asarray(v))
   summary = {"split": split, "tasks": num_tasks, "inner_steps": inner_steps,
@@ -349,11 +345,22 @@ def evaluate(exp: Experiment, params, alpha, split: str = "test", num_tasks: int
   return summary
 
 
+def _guarded_evaluate(exp: Experiment, params, alpha, batch, inner_steps: int) -> dict:
+  """:attr:`MetaLearner.evaluate`'s per-task metrics under the support-loss guard."""
+  curves = _curves(exp, params, alpha, [batch], inner_steps, guard=True)
+  curves.pop("support_loss", None)
+  out = {f"pre_{k}": v[:, 0] for k, v in curves.items()}
+  out.update({k: v[:, inner_steps] for k, v in curves.items()})
+  return out
+
+
 def meta_test(exp: Experiment, params, alpha, num_tasks: int | None = None,
               progress: bool = False) -> dict:
   """The final evaluation on the meta-test split, with the test-time adaptation of
   ``test_adaptation``: ``"select"`` chooses it on meta-validation tasks
-  (:func:`select_adaptation`) and also reports MAML's fixed protocol when it differs."""
+  (:func:`select_adaptation`), adapts each test task under the support-loss guard, and also
+  reports MAML's fixed protocol (no guard) when the choice differs from it; ``"fixed"`` is
+  MAML's protocol alone."""
   cfg = exp.config
   if cfg.method == "protonet":  # no inner loop: nothing to adapt or to choose
     return {"test": evaluate(exp, params, alpha, "test", num_tasks, 0, progress)}
@@ -362,7 +369,7 @@ def meta_test(exp: Experiment, params, alpha, num_tasks: int | None = None,
   split = "val" if "val" in exp.data else "train"  # Omniglot's lake protocol has no val
   choice = select_adaptation(exp, params, alpha, split)
   out = {"test": evaluate(exp, params, alpha, "test", num_tasks, choice["inner_steps"],
-                          progress, choice["alpha_scale"]),
+                          progress, choice["alpha_scale"], guard=True),
          "test_adaptation": choice}
   if (choice["inner_steps"], choice["alpha_scale"]) != (cfg.eval_inner_steps, 1.0):
     out["test_fixed"] = evaluate(exp, params, alpha, "test", num_tasks, progress=progress)

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import amaml
-from amaml import train
+from amaml import adaptation, train
 from amaml.configs import OUTER_OPTIMIZERS, get_config
 from amaml.env import versions
 
@@ -190,21 +190,48 @@ def curves_cells(exp, state, batch, scale: float, inner_steps: int, max_tasks: i
   return {k: np.concatenate([o[k] for o in outs], axis=1) for k in outs[0]}
 
 
-def evaluate_cells(exp, state, val_batch, test_batch, max_tasks: int):
-  """Per cell: MAML's fixed protocol and the selected test-time adaptation (chosen on
-  ``val_batch`` by :func:`amaml.train.best_adaptation`, scored on ``test_batch``)."""
-  val = {scale: curves_cells(exp, state, val_batch, scale, EVAL_STEPS, max_tasks)
-         for scale in train.ALPHA_SCALES}
-  key = "accuracy" if "accuracy" in val[1.0] else "loss"
+#: The test-time rate grid before the support-loss guard and the finer grid: kept to score
+#: every cell both ways (``selected_coarse``: this grid, no guard).
+COARSE_SCALES = (2.0, 1.0, 0.5, 0.25, 0.125)
+
+
+def _guard(out: dict) -> dict:
+  """:func:`amaml.adaptation.guarded_curves` over ``[cells, tasks, steps + 1]`` curves."""
+  if "support_loss" not in out:
+    return out
+  shape = out["support_loss"].shape
+  flat = adaptation.guarded_curves({k: v.reshape(-1, shape[-1]) for k, v in out.items()})
+  return {k: v.reshape(shape) for k, v in flat.items()}
+
+
+def _choose(val: dict, key: str, scales) -> list:
+  """Per cell, the best ``(scale, steps)`` of the mean validation curves ``val``."""
   cells = val[1.0][key].shape[0]
-  chosen = [train.best_adaptation({s: val[s][key][j].mean(axis=0) for s in val},
-                                  higher_is_better=key == "accuracy")[:2] for j in range(cells)]
+  return [train.best_adaptation({s: val[s][key][j].mean(axis=0) for s in scales},
+                                higher_is_better=key == "accuracy")[:2] for j in range(cells)]
+
+
+def evaluate_cells(exp, state, val_batch, test_batch, max_tasks: int):
+  """Per cell: MAML's fixed protocol, the selected test-time adaptation of amaml's
+  evaluation (the rate and steps chosen on ``val_batch`` over
+  :data:`amaml.adaptation.ALPHA_SCALES` by :func:`amaml.train.best_adaptation`, every task
+  under the support-loss guard) and the same without the guard over :data:`COARSE_SCALES`
+  (``selected_coarse``), all scored on ``test_batch``."""
+  raw = {scale: curves_cells(exp, state, val_batch, scale, EVAL_STEPS, max_tasks)
+         for scale in train.ALPHA_SCALES}
+  key = "accuracy" if "accuracy" in raw[1.0] else "loss"
+  chosen = _choose({s: _guard(v) for s, v in raw.items()}, key, train.ALPHA_SCALES)
+  coarse = _choose(raw, key, COARSE_SCALES)
   at_alpha = curves_cells(exp, state, test_batch, 1.0, EVAL_STEPS, max_tasks)[key]
-  at_chosen = curves_cells(exp, state, test_batch, [c[0] for c in chosen], EVAL_STEPS,
+  at_chosen = _guard(curves_cells(exp, state, test_batch, [c[0] for c in chosen], EVAL_STEPS,
+                                  max_tasks))[key]
+  at_coarse = curves_cells(exp, state, test_batch, [c[0] for c in coarse], EVAL_STEPS,
                            max_tasks)[key]
   return [{"fixed": at_alpha[j, :, EVAL_STEPS], "one_step": at_alpha[j, :, 1],
            "selected": at_chosen[j, :, chosen[j][1]], "selected_scale": chosen[j][0],
-           "selected_steps": chosen[j][1]} for j in range(cells)]
+           "selected_steps": chosen[j][1], "selected_coarse": at_coarse[j, :, coarse[j][1]],
+           "coarse_scale": coarse[j][0], "coarse_steps": coarse[j][1]}
+          for j in range(len(chosen))]
 
 
 def grid(task: str, method: str, budget: dict, alphas, betas, seeds: int, cells_per_call: int):
@@ -234,7 +261,8 @@ def grid(task: str, method: str, budget: dict, alphas, betas, seeds: int, cells_
            "selected_scale": e["selected_scale"], "selected_steps": e["selected_steps"],
            "alpha_traj": [float(x) for x in hist["alpha"][:, j]],
            "beta_traj": [float(x) for x in hist["beta"][:, j]]}
-      names = ["fixed", "selected"] + (["one_step"] if task == "sinusoid" else [])
+      names = ["fixed", "selected", "selected_coarse"] + (["one_step"] if task == "sinusoid"
+                                                          else [])
       for name in names:
         m, ci = amaml.mean_confidence_interval(e[name])
         r[f"test_{name}"], r[f"test_{name}_ci"] = m, ci
