@@ -7,14 +7,14 @@ rate ``scale * alpha`` with ``scale`` in :data:`ALPHA_SCALES` and every step cou
 scale, and :func:`best_adaptation` takes the best.
 
 A choice that is good on average can still overflow on one task. :func:`support_guard`
-makes each task stop on its own, from its support set alone (no query label is looked at):
-an inner step after which the support loss is higher than before adapting, or not finite,
-is not taken, and the task keeps the parameters of the step before.
+lets each task keep, of the inner loop's iterates, the one with the lowest support loss
+so far, judged on its support set alone (no query label is looked at): a step that
+overshoots, or overflows, is not kept.
 
 >>> import numpy as np
 >>> query = np.array([[1.0, 0.5, 0.3, 9e9]])   # query loss after 0, 1, 2, 3 steps
 >>> support = np.array([[2.0, 1.0, 0.5, np.inf]])
->>> support_guard(query, support).tolist()      # step 3 overflowed: stay at step 2
+>>> support_guard(query, support).tolist()      # step 3 overflowed: keep step 2
 [[1.0, 0.5, 0.3, 0.3]]
 """
 from __future__ import annotations
@@ -27,16 +27,17 @@ ALPHA_SCALES = tuple(float(2.0 ** (e / 2)) for e in range(2, -7, -1))
 
 
 def support_guard(curve, support_loss):
-  """Per task, the metric ``curve`` ``[tasks, steps + 1]`` with every step from the first
-  unsafe one on replaced by the step before it. Step ``k >= 1`` is unsafe when the support
-  loss after it, ``support_loss[:, k]``, is not finite or is above the support loss before
-  adaptation, ``support_loss[:, 0]``."""
+  """Per task, the metric ``curve`` ``[tasks, steps + 1]`` at the best iterate so far by
+  the support loss: entry ``k`` is the metric after step ``j <= k`` with the lowest support
+  loss ``support_loss[:, j]`` (the earliest of equals; a NaN is never the lowest). The
+  inner loop itself runs on unchanged: only which of its iterates a task keeps changes."""
   curve, support = np.asarray(curve), np.asarray(support_loss, np.float64)
-  bad = ~(support[:, 1:] <= support[:, :1])  # NaN and inf are unsafe too
-  bad = np.concatenate([np.zeros_like(bad[:, :1]), bad], axis=1)
-  first_bad = np.where(bad.any(axis=1), bad.argmax(axis=1), bad.shape[1])
-  steps = np.arange(curve.shape[1])[None, :]
-  index = np.minimum(steps, first_bad[:, None] - 1)
+  best = np.zeros(curve.shape[0], np.int64)
+  index = np.zeros(curve.shape, np.int64)
+  for k in range(1, curve.shape[1]):
+    better = support[:, k] < support[np.arange(len(best)), best]
+    best = np.where(better, k, best)
+    index[:, k] = best
   return np.take_along_axis(curve, index, axis=1)
 
 
