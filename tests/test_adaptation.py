@@ -47,7 +47,7 @@ def test_rate_grid_steps_by_sqrt2_and_holds_the_coarse_grid():
   scales = np.array(adaptation.ALPHA_SCALES)
   np.testing.assert_allclose(scales[:-1] / scales[1:], np.sqrt(2.0), rtol=1e-12)
   assert 1.0 in adaptation.ALPHA_SCALES
-  assert scales[0] == 2.0 and scales[-1] == 0.125
+  assert scales[0] == 2.0 and scales[-1] == 1 / 32
   for s in (2.0, 1.0, 0.5, 0.25, 0.125):
     assert np.isclose(scales, s, rtol=1e-12).any()
 
