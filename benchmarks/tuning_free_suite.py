@@ -11,9 +11,12 @@ seed) as ONE vmapped program (``robustness.make_chunk``: ``lax.scan`` over steps
 ``vmap`` over cells), scores the cells at ``short`` steps, trains on to ``long`` and
 scores them again (the short budget is the first ``short`` steps of the long run: no
 method here has a schedule tied to the run's length). Every cell of every method is scored
-the same way: the test-time adaptation (1-10 inner steps, a multiple of alpha) chosen on
-meta-validation tasks (:func:`amaml.train.best_adaptation`), then the query metric on
-meta-test tasks (accuracy in %, or MSE for regression).
+the same way: amaml's test-time adaptation (1-10 inner steps and a multiple of alpha chosen
+on meta-validation tasks, each task keeping its iterate with the lowest support loss:
+:mod:`amaml.adaptation`), then the query metric on meta-test tasks (accuracy in %, or MSE
+for regression). Each row also holds ``test_coarse`` (the selection before the guard, on
+the grid 2, 1, 1/2, 1/4, 1/8) and ``test_fixed`` (MAML's 10 steps at alpha);
+``--render ... --field test_coarse`` tabulates those.
 
 Methods (``METHODS``): ``maml`` (Adam at 1e-3, alpha fixed at alpha0), ``default``
 (``amaml.alpha_maml(loss_fn)`` as a user calls it, only alpha0 set), and candidates for the
@@ -449,6 +452,10 @@ def main(argv=None):
   ap.add_argument("--images", default=str(ROOT / "docs" / "images"))
   ap.add_argument("--render", metavar="JSONL", nargs="+", help="only print the tables and draw "
                   "the heat maps of earlier runs (several files: their rows together)")
+  ap.add_argument("--field", default="test", choices=("test", "test_coarse", "test_fixed"),
+                  help="the score to tabulate: amaml's test-time adaptation (test), the same "
+                  "without the support-loss guard on the coarse grid 2..1/8 (test_coarse), "
+                  "or MAML's fixed 10 steps at alpha (test_fixed)")
   args = ap.parse_args(argv)
   out = Path(args.out)
   if args.render:
@@ -466,10 +473,11 @@ def main(argv=None):
         lines = [l for l in lines if (l.get("family"), l.get("method")) != (fam, method)] + rows
         robustness.write_jsonl(out, lines)  # after every method: a stopped run keeps the rest
         print(json.dumps({k: rows[-1][k] for k in ("family", "method", "wall_s")}), flush=True)
-  rows = [l for l in lines if "alpha0" in l]
+  rows = [{**l, "test": l[args.field]} for l in lines if "alpha0" in l and args.field in l]
   print(report(rows))
   try:
-    print("wrote", plot(rows, Path(args.images) / "tuning-free-suite.png"))
+    name = "tuning-free-suite" + ("" if args.field == "test" else f"-{args.field}")
+    print("wrote", plot(rows, Path(args.images) / f"{name}.png"))
   except ImportError:
     print("matplotlib not installed: no heat maps (pip install amaml[plot])")
 

@@ -46,6 +46,19 @@ def test_regression_ratio_and_divergence():
   assert "| linear | long | 2 | 1.20x |" in suite.overview(rows, [0.1, 1.0])
 
 
+def test_render_tabulates_the_chosen_field(tmp_path, capsys):
+  rows = [{**r, "test_coarse": r["test"] - 10.0} for r in
+          _rows("omniglot-5w1s", "short", "maml", {0.01: [40.0], 1.0: [80.0]})
+          + _rows("omniglot-5w1s", "short", "default", {0.01: [84.0], 1.0: [86.0]})]
+  path = tmp_path / "rows.jsonl.gz"
+  suite.robustness.write_jsonl(path, rows)
+  suite.main(["--render", str(path), "--field", "test_coarse", "--images", str(tmp_path)])
+  out = capsys.readouterr().out
+  assert "| omniglot-5w1s | short | 70 | **+4.0** |" in out  # 74 against MAML's 70
+  suite.main(["--render", str(path), "--images", str(tmp_path)])
+  assert "| omniglot-5w1s | short | 80 | **+4.0** |" in capsys.readouterr().out
+
+
 def test_linear_best_alpha_is_the_closed_form():
   """The expected query MSE after one step is least at LINEAR_BEST_ALPHA (Monte Carlo)."""
   params, loss_fn = suite._linear_setup(0)
