@@ -6,11 +6,13 @@ learning-rate-free outer optimizer (D-Adaptation, the default) or by hypergradie
 descent too (the paper's), as small pure functions: :func:`alpha_maml` (amaml's tuning-free default) / :func:`alpha_maml_paper` /
 :func:`maml` / :func:`fomaml` build a jitted,
 task-vmapped meta step; :func:`hypergradient` (module :mod:`amaml.hd`) is the Optax transform
-that adapts any optimizer's learning rate.
+that adapts any optimizer's learning rate. :func:`imaml` is iMAML, its meta-gradient by
+implicit differentiation (module :mod:`amaml.imaml`).
 """
 from amaml import losses
 from amaml import models
 from amaml.hd import HypergradientState, current_hypergradient, current_learning_rate, hypergradient
+from amaml.imaml import imaml
 from amaml.inner import adapt, init_alpha
 from amaml.meta import (MetaLearner, MetaState, alpha_maml, alpha_maml_paper, anil, fomaml, maml,
                         maml_plus_plus, meta_sgd, protonet, reptile)
@@ -22,7 +24,7 @@ from amaml.task import TaskBatch
 __all__ = [
     "HypergradientState", "MetaLearner", "MetaState", "TaskBatch", "adapt", "alpha_maml",
     "alpha_maml_paper", "anil", "current_hypergradient", "current_learning_rate", "fomaml",
-    "hd_step", "hypergradient", "init_alpha", "losses", "maml", "maml_plus_plus",
+    "hd_step", "hypergradient", "imaml", "init_alpha", "losses", "maml", "maml_plus_plus",
     "mean_confidence_interval", "meta_sgd", "models", "protonet", "reptile", "sinusoid_tasks",
 ]
 __version__ = "0.2.0"

@@ -14,7 +14,7 @@ TASKS = ("sinusoid", "omniglot", "image_folder")
 # the image benchmarks of task image_folder (amaml.data.image_folders.DATASETS)
 DATASETS = ("", "miniimagenet", "tieredimagenet", "cifar-fs", "fc100")
 METHODS = ("alpha-maml", "alpha-maml-paper", "maml", "fomaml", "meta-sgd", "anil", "maml++", "reptile",
-           "protonet")
+           "protonet", "imaml")
 # the outer optimizer: Adam (its rate beta adapted by hypergradient for the Alpha MAML
 # methods) or one of optax.contrib's learning-rate-free optimizers (beta then unused).
 # Each method's own: amaml's default (alpha-maml) uses D-Adaptation's AdamW, the paper's
@@ -22,7 +22,7 @@ METHODS = ("alpha-maml", "alpha-maml-paper", "maml", "fomaml", "meta-sgd", "anil
 OUTER_OPTIMIZERS = ("adam", "sgd", "prodigy", "dog", "mechanize", "cocob", "dadapt_adamw")
 METHOD_OUTER_OPTIMIZER = {"alpha-maml": "dadapt_adamw", "alpha-maml-paper": "adam",
                           "maml": "adam", "fomaml": "adam", "meta-sgd": "adam", "anil": "adam",
-                          "maml++": "adam", "protonet": "adam",
+                          "maml++": "adam", "protonet": "adam", "imaml": "adam",
                           "reptile": "sgd"}
 # the outer rate beta0 of each method when Config.beta is None: Reptile's outer step
 # epsilon is 1 (Nichol et al. 2018), every other method's Adam starts at 1e-3
@@ -84,6 +84,10 @@ class Config:
   inner_params: str = _field("", "regular expression over parameter paths (conv0/kernel, "
                              "head/bias, ...) that the inner loop adapts; empty: all of "
                              "them (anil: the model's head)")
+  imaml_lambda: float = _field(1.0, "imaml: the regularisation strength lambda (the inner loop "
+                               "minimises the support loss + lambda/2 |phi - theta|^2 by "
+                               "inner_steps steps at alpha; raise --inner_steps to solve it)")
+  cg_steps: int = _field(5, "imaml: conjugate-gradient steps for the implicit meta-gradient")
   # outer loop
   beta: float | None = _field(None, "outer rate (beta0) of outer_optimizer adam or sgd: "
                               "adapted by hypergradient for the alpha-maml methods, fixed "
@@ -175,6 +179,13 @@ class Config:
                                                                  "alpha-maml-paper"):
       raise ValueError(f"method={self.method!r} sets its own rates: --alpha_granularity is "
                        "for alpha-maml and alpha-maml-paper only")
+    if self.method == "imaml" and (self.inner_params or self.alpha_per_step
+                                   or self.per_step_params):
+      raise ValueError("method='imaml' adapts every parameter at one alpha: drop --inner_params, "
+                       "--alpha_per_step and --per_step_params")
+    if self.imaml_lambda <= 0 or self.cg_steps < 1:
+      raise ValueError(f"imaml_lambda={self.imaml_lambda} must be > 0 and "
+                       f"cg_steps={self.cg_steps} >= 1")
     if self.multi_step_loss < 0 or self.first_order_steps < 0:
       raise ValueError("multi_step_loss and first_order_steps must be >= 0 (0 = off)")
     if self.max_minutes < 0:

@@ -97,7 +97,7 @@ class MetaLearner(NamedTuple):
 #: log line (:func:`amaml.train.train`): ``"last"`` keeps the value at the line's last step,
 #: ``"sum"`` adds them up (logged as ``nonfinite_steps``); every other metric is averaged
 #: over its finite values.
-METRIC_REDUCTIONS = {"alpha": "last", "beta": "last", "nonfinite_streak": "last",
+METRIC_REDUCTIONS = {"alpha": "last", "beta": "last", "lam": "last", "nonfinite_streak": "last",
                      "nonfinite": "sum"}
 
 
@@ -105,6 +105,16 @@ def _all_finite(tree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def guard(state: MetaState, ok: jax.Array, **new: Any) -> MetaState:
+  """The non-finite guard of a meta step: ``state`` with the fields in ``new`` (``params``,
+  ``opt_state``, ...) where ``ok``, else those fields as they were. ``step`` advances either
+  way and ``nonfinite_streak`` counts the steps in a row that were not taken."""
+  keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(ok, a, b), n, o)
+  return state._replace(
+      **{k: keep(v, getattr(state, k)) for k, v in new.items()}, step=state.step + 1,
+      nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32))
 
 
 def tree_mean(tree) -> jax.Array:
@@ -656,11 +666,7 @@ def protonet(embed_fn: Callable[[Any, jax.Array], jax.Array], *, ways: int,
     updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ok = _all_finite((loss, grads, params, opt_state))
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    new_state = state._replace(
-        params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-        step=state.step + 1,
-        nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32))
+    new_state = guard(state, ok, params=params, opt_state=opt_state)
     return new_state, {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads),
                        "alpha": state.alpha, "nonfinite": jnp.logical_not(ok),
                        "nonfinite_streak": new_state.nonfinite_streak}

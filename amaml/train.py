@@ -36,6 +36,7 @@ from amaml.adaptation import ALPHA_SCALES, best_adaptation, guarded_curves
 from amaml.configs import Config
 from amaml.env import versions
 from amaml.hd import current_learning_rate
+from amaml.imaml import imaml
 from amaml.stats import mean_confidence_interval
 from amaml.task import TaskBatch
 
@@ -168,6 +169,11 @@ def _fixed_rate_outer_optimizer(cfg: Config):
 def make_learner(cfg: Config, loss_fn, embed_fn=None) -> meta.MetaLearner:
   """The :class:`~amaml.meta.MetaLearner` of ``cfg.method`` for ``loss_fn`` (``embed_fn``:
   the embedding that protonet compares)."""
+  if cfg.method == "imaml":
+    return imaml(loss_fn, lam=cfg.imaml_lambda, alpha=cfg.alpha, inner_steps=cfg.inner_steps,
+                 cg_steps=cfg.cg_steps, optimizer=_fixed_rate_outer_optimizer(cfg),
+                 inner_optimizer=cfg.inner_optimizer,
+                 track_pre_adaptation=cfg.track_pre_adaptation)
   if cfg.method == "protonet":
     return meta.protonet(embed_fn, ways=cfg.ways, optimizer=_fixed_rate_outer_optimizer(cfg))
   if cfg.method == "reptile":

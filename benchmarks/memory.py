@@ -1,12 +1,15 @@
 """Peak memory of the second-order meta step against the number of inner steps, for three
 forms of the inner loop: unrolled (the default), rolled (``lax.scan``, ``--unroll false``) and
-rolled with rematerialisation (``remat=True``: ``jax.checkpoint`` per step).
+rolled with rematerialisation (``remat=True``: ``jax.checkpoint`` per step); and of iMAML's
+step (``--method imaml``, variant ``imaml``), whose inner loop is not differentiated through,
+so that its memory should not grow with the inner steps.
 
     python benchmarks/memory.py                         # omniglot-20w1s, 1/5/10/20 steps
     python benchmarks/memory.py --inner-steps 1 5 --config omniglot-5w1s
+    python benchmarks/memory.py --config sinusoid --variants unrolled imaml
 
 Each (inner steps, variant) point runs in a fresh process (so peak RSS is its own): build the
-config, compile one Alpha MAML step, run it ``--steps`` times. Reported: XLA's buffer
+config, compile one meta step, run it ``--steps`` times. Reported: XLA's buffer
 assignment for the compiled step (``memory_analysis()``: temporaries, i.e. the step's
 working memory, plus arguments and outputs), the process's peak resident memory, the
 compile time and the median step time. Users choose with ``--unroll false`` / ``--remat true``
@@ -27,8 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# config overrides of each variant: the first three are the config's own method (Alpha MAML's
+# second-order step, MAML's memory), the last iMAML (imaml_lambda and cg_steps: the config's)
 VARIANTS = {"unrolled": dict(unroll=True, remat=False), "scan": dict(unroll=False, remat=False),
-            "remat": dict(unroll=False, remat=True)}
+            "remat": dict(unroll=False, remat=True), "imaml": dict(method="imaml")}
 
 
 def worker(config: str, inner_steps: int, variant: str, steps: int) -> dict:
@@ -55,7 +60,8 @@ def worker(config: str, inner_steps: int, variant: str, steps: int) -> dict:
     times.append(time.perf_counter() - t)
   mb = lambda b: b / 2**20
   return {"config": config, "inner_steps": inner_steps, "variant": variant, **VARIANTS[variant],
-          "meta_batch": cfg.meta_batch, "ways": cfg.ways, "queries": cfg.queries,
+          "method": cfg.method, "meta_batch": cfg.meta_batch, "ways": cfg.ways,
+          "queries": cfg.queries,
           "xla_temp_mb": mb(mem.temp_size_in_bytes),
           "xla_argument_mb": mb(mem.argument_size_in_bytes),
           "xla_output_mb": mb(mem.output_size_in_bytes),
