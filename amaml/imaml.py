@@ -316,9 +316,22 @@ def imaml(loss_fn: Callable[..., tuple[jax.Array, dict]], *, lam: float = 1.0,
       metrics.update({f"pre_{k}": jnp.mean(v) for k, v in pre_aux.items()})
     return new_state, metrics
 
+  evaluate, adaptation_curve = _test_time(loss_fn, lam_or_default, inner_steps, **solver)
+  return MetaLearner(init=init, step=jax.jit(update, donate_argnums=(0,) if donate else ()),
+                     evaluate=jax.jit(evaluate, static_argnames=("inner_steps",)),
+                     meta_loss=meta_loss, update=update,
+                     adaptation_curve=jax.jit(adaptation_curve, static_argnames=("inner_steps",)))
+
+
+def _test_time(loss_fn: Callable, lam_of: Callable, default_inner_steps: int, *, tol: float,
+               optimizer: Any) -> tuple[Callable, Callable]:
+  """iMAML's ``evaluate`` and ``adaptation_curve`` (un-jitted): the proximal inner loop at
+  ``lam_of(lam)``, reporting the query loss (and aux) before and after, or after every step."""
+  solver = dict(tol=tol, optimizer=optimizer)
+
   def evaluate(params, alpha_, batch: TaskBatch, inner_steps: int | None = None, lam=None):
     steps = default_inner_steps if inner_steps is None else inner_steps
-    lam_ = lam_or_default(lam)
+    lam_ = lam_of(lam)
 
     def one(sx, sy, qx, qy):
       pre_loss, pre_aux = loss_fn(params, qx, qy)
@@ -330,21 +343,16 @@ def imaml(loss_fn: Callable[..., tuple[jax.Array, dict]], *, lam: float = 1.0,
     return jax.vmap(one)(*batch)
 
   def adaptation_curve(params, alpha_, batch: TaskBatch, inner_steps: int, lam=None):
-    lam_ = lam_or_default(lam)
+    lam_ = lam_of(lam)
 
     def one(sx, sy, qx, qy):
       step = functools.partial(proximal_step, loss_fn, params, lam_, alpha_, sx, sy, **solver)
       body = lambda carry, _: (step(carry)[0], loss_fn(carry[0], qx, qy))
-      last, curve = jax.lax.scan(body, _init_carry(params, inner_optimizer), None,
-                                 length=inner_steps)
+      last, curve = jax.lax.scan(body, _init_carry(params, optimizer), None, length=inner_steps)
       final = loss_fn(last[0], qx, qy)
       return jax.tree.map(lambda c, f: jnp.concatenate([c, f[None]]), curve, final)
 
     loss, aux = jax.vmap(one)(*batch)
     return {"loss": loss, **aux}
 
-  default_inner_steps = inner_steps
-  return MetaLearner(init=init, step=jax.jit(update, donate_argnums=(0,) if donate else ()),
-                     evaluate=jax.jit(evaluate, static_argnames=("inner_steps",)),
-                     meta_loss=meta_loss, update=update,
-                     adaptation_curve=jax.jit(adaptation_curve, static_argnames=("inner_steps",)))
+  return evaluate, adaptation_curve
