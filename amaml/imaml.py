@@ -88,6 +88,13 @@ def _support_grad(loss_fn: Callable, x: Any, y: Any) -> Callable:
   return jax.grad(lambda p: loss_fn(p, x, y)[0])
 
 
+def proximal_objective(loss_fn: Callable, params: Any, lam: jax.Array, phi: Any, x: Any,
+                       y: Any) -> jax.Array:
+  """``G(phi) = L_s(phi) + lam/2 |phi - params|^2``: what iMAML's inner loop minimises."""
+  return loss_fn(phi, x, y)[0] + 0.5 * lam * optax.tree.norm(optax.tree.sub(phi, params),
+                                                             squared=True)
+
+
 def proximal_step(loss_fn: Callable, params: Any, lam: jax.Array, alpha: jax.Array, x: Any,
                   y: Any, carry: tuple, *, optimizer: Any = None, tol: float = 0.0):
   """One step of the inner solver on ``G(phi) = L_s(phi) + lam/2 |phi - params|^2``.
@@ -326,7 +333,9 @@ def imaml(loss_fn: Callable[..., tuple[jax.Array, dict]], *, lam: float = 1.0,
 def _test_time(loss_fn: Callable, lam_of: Callable, default_inner_steps: int, *, tol: float,
                optimizer: Any) -> tuple[Callable, Callable]:
   """iMAML's ``evaluate`` and ``adaptation_curve`` (un-jitted): the proximal inner loop at
-  ``lam_of(lam)``, reporting the query loss (and aux) before and after, or after every step."""
+  ``lam_of(lam)``, reporting the query loss (and aux) before and after, or after every step.
+  The curve's ``"support_loss"`` (which :func:`amaml.adaptation.support_guard` judges by) is
+  the objective the inner loop descends, :func:`proximal_objective`."""
   solver = dict(tol=tol, optimizer=optimizer)
 
   def evaluate(params, alpha_, batch: TaskBatch, inner_steps: int | None = None, lam=None):
@@ -347,12 +356,13 @@ def _test_time(loss_fn: Callable, lam_of: Callable, default_inner_steps: int, *,
 
     def one(sx, sy, qx, qy):
       step = functools.partial(proximal_step, loss_fn, params, lam_, alpha_, sx, sy, **solver)
-      body = lambda carry, _: (step(carry)[0], loss_fn(carry[0], qx, qy))
+      scores = lambda phi: (loss_fn(phi, qx, qy),
+                            proximal_objective(loss_fn, params, lam_, phi, sx, sy))
+      body = lambda carry, _: (step(carry)[0], scores(carry[0]))
       last, curve = jax.lax.scan(body, _init_carry(params, optimizer), None, length=inner_steps)
-      final = loss_fn(last[0], qx, qy)
-      return jax.tree.map(lambda c, f: jnp.concatenate([c, f[None]]), curve, final)
+      return jax.tree.map(lambda c, f: jnp.concatenate([c, f[None]]), curve, scores(last[0]))
 
-    loss, aux = jax.vmap(one)(*batch)
-    return {"loss": loss, **aux}
+    (loss, aux), support = jax.vmap(one)(*batch)
+    return {"loss": loss, **aux, "support_loss": support}
 
   return evaluate, adaptation_curve

@@ -174,6 +174,9 @@ def test_training_on_sinusoid_lowers_the_loss_and_the_guard_holds_a_nonfinite_st
                         amaml.sinusoid_tasks(jax.random.key(99), num_tasks=5))
   np.testing.assert_allclose(curve["loss"][:, -1], ev["loss"], rtol=1e-5)
   np.testing.assert_allclose(curve["loss"][:, 0], ev["pre_loss"], rtol=1e-5)
+  # the curve's support loss is the inner objective, which gradient descent lowers
+  assert curve["support_loss"].shape == (5, 6)
+  assert np.all(np.diff(curve["support_loss"], axis=1) <= 1e-5)
   # the non-finite guard: a NaN in one task leaves the state as it was
   batch = amaml.sinusoid_tasks(jax.random.key(0), num_tasks=8)
   new, m = learner.step(state, batch._replace(query_y=batch.query_y.at[0, 0].set(jnp.nan)))
@@ -200,11 +203,12 @@ def test_bad_arguments_name_the_fix():
 def test_method_imaml_trains_from_a_config(tiny_config, tmp_path):
   cfg = tiny_config(method="imaml", inner_steps=3, cg_steps=3, imaml_lambda=2.0, alpha=0.01,
                     iterations=20, checkpoint_every=0, eval_tasks=10, val_tasks=10,
-                    eval_inner_steps=3, test_adaptation="fixed")
+                    eval_inner_steps=3)
   assert cfg.resolved_outer_optimizer == "adam" and cfg.resolved_beta == 1e-3
   exp = train.build(cfg)
   state = exp.learner.init(exp.params)
   assert float(state.alpha_state.lam) == 2.0
   state, results = train.train(cfg, tmp_path / "run", progress=False)
   assert int(state.step) == 20 and np.isfinite(results["test"]["loss"])
+  assert results["test_adaptation"]["guard"]  # chosen under the support-loss guard
   assert "lam" in (tmp_path / "run" / "metrics.jsonl").read_text()
