@@ -14,8 +14,9 @@ from amaml import models
 from amaml.hd import HypergradientState, current_hypergradient, current_learning_rate, hypergradient
 from amaml.imaml import imaml
 from amaml.inner import adapt, init_alpha
-from amaml.meta import (MetaLearner, MetaState, alpha_maml, alpha_maml_paper, anil, fomaml, maml,
-                        maml_plus_plus, meta_sgd, protonet, reptile)
+from amaml.meta import (MetaLearner, MetaState, alpha_maml, alpha_maml_paper, anil,
+                        epsilon_schedule, fomaml, maml, maml_plus_plus, meta_sgd, protonet,
+                        reptile)
 from amaml.rates import hd_step
 from amaml.sinusoid import sinusoid_tasks
 from amaml.stats import mean_confidence_interval
@@ -23,8 +24,9 @@ from amaml.task import TaskBatch
 
 __all__ = [
     "HypergradientState", "MetaLearner", "MetaState", "TaskBatch", "adapt", "alpha_maml",
-    "alpha_maml_paper", "anil", "current_hypergradient", "current_learning_rate", "fomaml",
-    "hd_step", "hypergradient", "imaml", "init_alpha", "losses", "maml", "maml_plus_plus",
+    "alpha_maml_paper", "anil", "current_hypergradient", "current_learning_rate",
+    "epsilon_schedule", "fomaml", "hd_step", "hypergradient", "imaml", "init_alpha", "losses",
+    "maml", "maml_plus_plus",
     "mean_confidence_interval", "meta_sgd", "models", "protonet", "reptile", "sinusoid_tasks",
 ]
 __version__ = "0.2.0"

@@ -121,6 +121,9 @@ def _train(args) -> int:
   fields = {f.name for f in dataclasses.fields(Config)}
   overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
   cfg = get_config(args.config, **overrides)
+  if cfg.method == "reptile" and "beta" in overrides:  # still honoured (Config.resolved_epsilon)
+    print(f"amaml train: warning: for reptile --beta is the old name of --epsilon; pass "
+          f"--epsilon {cfg.beta:g}", file=sys.stderr, flush=True)
   out = args.out or f"runs/{args.config}-{cfg.method}"
   if args.num_processes > 1:
     _join_processes(args)

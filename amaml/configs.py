@@ -24,10 +24,23 @@ METHOD_OUTER_OPTIMIZER = {"alpha-maml": "dadapt_adamw", "alpha-maml-paper": "ada
                           "maml": "adam", "fomaml": "adam", "meta-sgd": "adam", "anil": "adam",
                           "maml++": "adam", "protonet": "adam", "imaml": "adam",
                           "reptile": "sgd"}
-# the outer rate beta0 of each method when Config.beta is None: Reptile's outer step
-# epsilon is 1 (Nichol et al. 2018), every other method's Adam starts at 1e-3
-METHOD_BETA = {"reptile": 1.0}
+# the outer rate beta0 when Config.beta is None (Adam's, or SGD's for protonet --outer_optimizer
+# sgd). Reptile's outer step is epsilon instead: epsilon0 = 1, annealed linearly to 0 over the
+# run (Nichol et al. 2018), the rate of its outer optimizer (SGD).
 DEFAULT_BETA = 1e-3
+DEFAULT_EPSILON = 1.0
+EPSILON_SCHEDULES = ("constant", "linear")
+# Reptile's own inner loop, which get_config applies to the fields its caller does not set
+# (a Config built directly keeps the plain defaults). Reptile's outer step has no Adam to
+# tame it: with 1 inner step it is plain SGD on the support loss at rate epsilon * alpha, and
+# alpha = 0.1 diverges on sinusoid (so does 0.05 with 5 steps). On images, its paper's inner
+# Adam at 1e-3 for 5 steps (Nichol et al. 2018, Omniglot); on sinusoid SGD at 0.02 for 5
+# steps. 5 steps, not 1: with one step Reptile is joint training on every task's support set.
+METHOD_DEFAULTS = {
+    ("reptile", "sinusoid"): {"alpha": 0.02, "inner_steps": 5},
+    ("reptile", "omniglot"): {"inner_optimizer": "adam", "alpha": 1e-3, "inner_steps": 5},
+    ("reptile", "image_folder"): {"inner_optimizer": "adam", "alpha": 1e-3, "inner_steps": 5},
+}
 TEST_ADAPTATIONS = ("select", "fixed")
 RATE_RULES = ("additive", "log", "normalized")
 
@@ -57,11 +70,12 @@ class Config:
                           "xla (lax.conv, cuDNN on GPU) or auto (by backend)",
                           ("auto", "matmul", "xla"))
   # inner loop
-  inner_steps: int = _field(1, "inner SGD steps per task in training")
+  inner_steps: int = _field(1, "inner SGD steps per task in training (reptile: 5)")
   unroll: bool = _field(True, "unroll the inner loop (faster steps); false: a rolled lax.scan")
   remat: bool = _field(False, "recompute inner steps in the backward pass: less memory, "
                        "more time (rolled loop)")
-  alpha: float = _field(0.1, "initial inner rate alpha0 (adapted by alpha-maml)")
+  alpha: float = _field(0.1, "initial inner rate alpha0 (adapted by alpha-maml; reptile: "
+                        "0.02 on sinusoid, 1e-3 with its inner adam on images)")
   multi_step_loss: int = _field(0, "MAML++'s multi-step loss, its weights annealed over "
                                 "this many meta steps; 0: off (maml++: 5000)")
   first_order_steps: int = _field(0, "MAML++'s derivative-order annealing: first order for "
@@ -80,7 +94,8 @@ class Config:
       "alpha-maml-paper and maml: scalar; meta-sgd: parameter; maml++: tensor)",
       ("scalar", "tensor", "parameter"))
   inner_optimizer: str = _field("sgd", "the inner loop's optimizer, its rate alpha (adapted "
-                                "through its state by alpha-maml)", ("sgd", "momentum", "adam"))
+                                "through its state by alpha-maml; reptile: adam on images)",
+                                ("sgd", "momentum", "adam"))
   inner_params: str = _field("", "regular expression over parameter paths (conv0/kernel, "
                              "head/bias, ...) that the inner loop adapts; empty: all of "
                              "them (anil: the model's head)")
@@ -91,8 +106,15 @@ class Config:
   # outer loop
   beta: float | None = _field(None, "outer rate (beta0) of outer_optimizer adam or sgd: "
                               "adapted by hypergradient for the alpha-maml methods, fixed "
-                              "for the others (reptile: its epsilon); none: the method's "
-                              "default (1.0 for reptile, 1e-3 for the others)")
+                              "for the others (reptile: use --epsilon; --beta is its old, "
+                              "deprecated name there); none: 1e-3")
+  epsilon: float | None = _field(None, "reptile's outer step size epsilon0, the rate of its "
+                                 "outer optimizer: theta += epsilon * mean(theta' - theta); "
+                                 "none: 1.0 with its sgd (Nichol et al. 2018), 1e-3 with "
+                                 "adam")
+  epsilon_schedule: str | None = _field(
+      None, "reptile's epsilon over the run: constant, or linear from epsilon0 to 0 at "
+      "--iterations (the paper's); none: linear", EPSILON_SCHEDULES)
   outer_optimizer: str | None = _field(
       None, "outer optimizer: adam (its rate beta adapted by hypergradient for the alpha-maml "
       "methods, fixed for maml) or a learning-rate-free one from optax.contrib (beta then "
@@ -198,7 +220,23 @@ class Config:
         raise ValueError(f"{name}={v} must be 0 (never) or a multiple of log_every={self.log_every}")
     if self.alpha < 0 or (self.beta is not None and self.beta <= 0):
       raise ValueError(f"alpha={self.alpha} must be >= 0 and beta={self.beta} > 0")
+    self._validate_epsilon()
     return self
+
+  def _validate_epsilon(self) -> None:
+    """Reptile's ``epsilon`` and ``epsilon_schedule``: its own, positive, one name."""
+    given = [f"--{n}" for n in ("epsilon", "epsilon_schedule") if getattr(self, n) is not None]
+    if given and self.method != "reptile":
+      raise ValueError(f"{' and '.join(given)} set Reptile's outer step: method "
+                       f"{self.method!r} takes --beta instead (or pass --method reptile)")
+    if self.epsilon is not None and self.epsilon <= 0:
+      raise ValueError(f"epsilon={self.epsilon} must be > 0")
+    if self.epsilon_schedule is not None and self.epsilon_schedule not in EPSILON_SCHEDULES:
+      raise ValueError(f"epsilon_schedule={self.epsilon_schedule!r}: use one of "
+                       f"{EPSILON_SCHEDULES}")
+    if self.method == "reptile" and self.epsilon is not None and self.beta is not None:
+      raise ValueError(f"epsilon={self.epsilon} and beta={self.beta}: for reptile --beta is "
+                       "the old name of --epsilon; pass --epsilon alone")
 
   @property
   def resolved_outer_optimizer(self) -> str:
@@ -208,15 +246,36 @@ class Config:
 
   @property
   def resolved_beta(self) -> float:
-    """``beta``, or the method's default when it is ``None`` (:data:`METHOD_BETA`)."""
-    return self.beta if self.beta is not None else METHOD_BETA.get(self.method, DEFAULT_BETA)
+    """``beta``, or :data:`DEFAULT_BETA` when it is ``None``."""
+    return self.beta if self.beta is not None else DEFAULT_BETA
+
+  @property
+  def resolved_epsilon(self) -> float:
+    """``epsilon`` (Reptile's outer step size at step 0), else ``beta``, its deprecated
+    name for reptile (as in configurations written before ``epsilon`` existed), else
+    :data:`DEFAULT_EPSILON` with Reptile's SGD (:data:`DEFAULT_BETA` with another outer
+    optimizer, e.g. Adam)."""
+    for value in (self.epsilon, self.beta if self.method == "reptile" else None):
+      if value is not None:
+        return value
+    return DEFAULT_EPSILON if self.resolved_outer_optimizer == "sgd" else DEFAULT_BETA
+
+  @property
+  def resolved_epsilon_schedule(self) -> str:
+    """``epsilon_schedule``, or ``"linear"`` (the paper's) when it is ``None``."""
+    return self.epsilon_schedule or "linear"
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
 
   @classmethod
   def from_json(cls, text: str) -> "Config":
-    return cls(**json.loads(text))
+    """The configuration in ``text`` (written by ``to_json``). A Reptile run written before
+    ``epsilon_schedule`` existed trained at a constant epsilon, and reads back so."""
+    fields = json.loads(text)
+    if fields.get("method") == "reptile" and "epsilon_schedule" not in fields:
+      fields["epsilon_schedule"] = "constant"
+    return cls(**fields)
 
 
 # 5 query examples per class (the 5w1s meta-loss sees 32 x 25 query images a step): on the
@@ -263,11 +322,14 @@ CONFIGS: dict[str, Config] = {
 
 
 def get_config(name: str, **overrides: Any) -> Config:
-  """A named configuration with fields overridden; validated."""
+  """A named configuration with fields overridden; validated. The fields that its method
+  sets for itself (:data:`METHOD_DEFAULTS`) take the method's values unless overridden."""
   if name not in CONFIGS:
     raise ValueError(f"unknown config {name!r}; choose one of {sorted(CONFIGS)}")
   fields = {f.name for f in dataclasses.fields(Config)}
   bad = sorted(set(overrides) - fields)
   if bad:
     raise ValueError(f"unknown config field(s) {bad}; fields are {sorted(fields)}")
-  return dataclasses.replace(CONFIGS[name], **overrides).validate()
+  base = dataclasses.replace(CONFIGS[name], **overrides)
+  own = METHOD_DEFAULTS.get((base.method, base.task), {})
+  return dataclasses.replace(base, **{k: v for k, v in own.items() if k not in overrides}).validate()

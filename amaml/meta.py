@@ -97,8 +97,8 @@ class MetaLearner(NamedTuple):
 #: log line (:func:`amaml.train.train`): ``"last"`` keeps the value at the line's last step,
 #: ``"sum"`` adds them up (logged as ``nonfinite_steps``); every other metric is averaged
 #: over its finite values.
-METRIC_REDUCTIONS = {"alpha": "last", "beta": "last", "lam": "last", "nonfinite_streak": "last",
-                     "nonfinite": "sum"}
+METRIC_REDUCTIONS = {"alpha": "last", "beta": "last", "epsilon": "last", "lam": "last",
+                     "nonfinite_streak": "last", "nonfinite": "sum"}
 
 
 def _all_finite(tree) -> jax.Array:
@@ -523,6 +523,37 @@ def anil(loss_fn: Callable, *, inner_params: Any = "^head/", **kwargs: Any) -> M
   return maml(loss_fn, inner_params=inner_params, **kwargs)
 
 
+def epsilon_schedule(epsilon: float = 1.0, iterations: int | None = None,
+                     schedule: str = "linear") -> float | optax.Schedule:
+  """Reptile's outer step size over a run of ``iterations`` meta steps.
+
+  ``"linear"`` is the paper's (Nichol, Achiam & Schulman, 2018): ``epsilon`` at step 0,
+  falling linearly to 0 at step ``iterations`` (and 0 after), i.e. ``epsilon * (1 -
+  t / iterations)`` at step ``t``. ``"constant"`` is ``epsilon`` itself (a number, so the
+  optimizer state has the same structure as before schedules existed).
+
+  >>> eps = epsilon_schedule(1.0, 100)
+  >>> [round(float(eps(t)), 3) for t in (0, 25, 50, 100, 120)]
+  [1.0, 0.75, 0.5, 0.0, 0.0]
+
+  Args:
+    epsilon: epsilon0, the step size at step 0.
+    iterations: the run's meta steps (needed by ``"linear"``).
+    schedule: ``"linear"`` or ``"constant"``.
+
+  Returns:
+    An Optax schedule (step count -> epsilon) or, for ``"constant"``, the number.
+  """
+  if schedule == "constant":
+    return epsilon
+  if schedule != "linear":
+    raise ValueError(f"epsilon schedule {schedule!r}: use linear or constant")
+  if iterations is None or iterations < 1:
+    raise ValueError(f"iterations={iterations}: the linear epsilon schedule anneals to 0 over "
+                     "the run's meta steps, so it needs iterations >= 1")
+  return optax.linear_schedule(epsilon, 0.0, iterations)
+
+
 def reptile(loss_fn: Callable, *, alpha: float = 0.1, inner_steps: int = 5,
             epsilon: float | optax.Schedule = 1.0,
             optimizer: optax.GradientTransformation | None = None,
@@ -532,14 +563,20 @@ def reptile(loss_fn: Callable, *, alpha: float = 0.1, inner_steps: int = 5,
 
   Each task adapts ``params`` by ``inner_steps`` SGD steps at ``alpha`` on its support
   set; the outer step moves toward the mean adapted weights,
-  ``theta <- theta + epsilon * mean_t(theta'_t - theta)``: ``optimizer`` (default
-  ``optax.sgd(epsilon)``, ``epsilon`` a number or an Optax schedule, the paper's 1.0
-  annealed linearly to 0) receives ``theta - mean_t theta'_t`` as the gradient.
+  ``theta <- theta + epsilon_t * mean_t(theta'_t - theta)``: ``optimizer`` (default
+  ``optax.sgd(epsilon)``) receives ``theta - mean_t theta'_t`` as the gradient.
+  ``epsilon`` is a number or an Optax schedule of the outer optimizer's step count; the
+  paper's is ``epsilon_schedule(1.0, iterations)``, 1 annealed linearly to 0 (the default
+  1.0 is constant). The count lives in the optimizer state, so a restored state resumes
+  the schedule exactly; a step that the non-finite guard skips does not advance it.
+  ``metrics["epsilon"]`` is the step size of each step when ``optimizer`` is the default.
   ``metrics["loss"]`` is the query loss after adaptation, as for the other methods.
   ``alpha`` is fixed. ``inner_optimizer="adam"`` gives the paper's inner Adam (see
   :func:`alpha_maml`), with ``alpha`` its learning rate.
   """
-  opt = optimizer if optimizer is not None else optax.sgd(epsilon)
+  own_optimizer = optimizer is None
+  opt = optax.sgd(epsilon) if own_optimizer else optimizer
+  epsilon_at = epsilon if callable(epsilon) else (lambda count: jnp.asarray(epsilon))
   if isinstance(inner_optimizer, str):
     inner_optimizer = inner.inner_optimizer(inner_optimizer)
   mask_of = lambda params: None if inner_params is None else inner.param_mask(params, inner_params)
@@ -582,6 +619,9 @@ def reptile(loss_fn: Callable, *, alpha: float = 0.1, inner_steps: int = 5,
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(direction), "alpha": state.alpha,
                "nonfinite": jnp.logical_not(ok), "nonfinite_streak": new_state.nonfinite_streak,
                **jax.tree.map(jnp.mean, aux)}
+    if own_optimizer:  # optax.sgd(schedule) keeps the schedule's step count in its state
+      count = optax.tree_utils.tree_get(state.opt_state, "count")
+      metrics["epsilon"] = epsilon_at(0 if count is None else count)
     if track_pre_adaptation:
       pre_loss, pre_aux = jax.vmap(loss_fn, in_axes=(None, 0, 0))(
           state.params, batch.query_x, batch.query_y)

@@ -159,11 +159,12 @@ def outer_optimizer(name: str):
   return getattr(optax.contrib, name)()
 
 
-def _fixed_rate_outer_optimizer(cfg: Config):
-  """The built outer optimizer of a method that does not adapt beta (reptile, protonet):
-  a factory (adam, sgd) at ``cfg.resolved_beta``, or a learning-rate-free one as it is."""
+def _fixed_rate_outer_optimizer(cfg: Config, rate=None):
+  """The built outer optimizer of a method that does not adapt its rate (reptile, protonet):
+  a factory (adam, sgd) at ``rate`` (a number or an Optax schedule; default
+  ``cfg.resolved_beta``), or a learning-rate-free one as it is."""
   outer = outer_optimizer(cfg.resolved_outer_optimizer)
-  return outer if hasattr(outer, "update") else outer(cfg.resolved_beta)
+  return outer if hasattr(outer, "update") else outer(cfg.resolved_beta if rate is None else rate)
 
 
 def make_learner(cfg: Config, loss_fn, embed_fn=None) -> meta.MetaLearner:
@@ -176,9 +177,12 @@ def make_learner(cfg: Config, loss_fn, embed_fn=None) -> meta.MetaLearner:
                  track_pre_adaptation=cfg.track_pre_adaptation)
   if cfg.method == "protonet":
     return meta.protonet(embed_fn, ways=cfg.ways, optimizer=_fixed_rate_outer_optimizer(cfg))
-  if cfg.method == "reptile":
-    return meta.reptile(loss_fn, alpha=cfg.alpha, inner_steps=cfg.inner_steps,
-                        optimizer=_fixed_rate_outer_optimizer(cfg),
+  if cfg.method == "reptile":  # its own SGD logs epsilon; another outer optimizer takes it
+    epsilon = meta.epsilon_schedule(cfg.resolved_epsilon, cfg.iterations,
+                                    cfg.resolved_epsilon_schedule)
+    own = cfg.resolved_outer_optimizer == "sgd"
+    return meta.reptile(loss_fn, alpha=cfg.alpha, inner_steps=cfg.inner_steps, epsilon=epsilon,
+                        optimizer=None if own else _fixed_rate_outer_optimizer(cfg, epsilon),
                         track_pre_adaptation=cfg.track_pre_adaptation,
                         inner_params=cfg.inner_params or None,
                         inner_optimizer=cfg.inner_optimizer)
@@ -580,10 +584,12 @@ def _loop(run: _Run, progress: bool):
         if bar is not None and not budget_s:
           bar.update(n)
         if streak >= cfg.max_nonfinite:
+          outer_rate = "--epsilon" if cfg.method == "reptile" else "--beta"
           raise FloatingPointError(
               f"{cfg.max_nonfinite} non-finite meta steps in a row by step {step}: the state was "
               f"kept finite and the last good checkpoint is in {run.ckpt.directory}. Lower --alpha or "
-              "--beta, or use the default --method alpha-maml (normalized rule with backtracking)")
+              f"{outer_rate}, or use the default --method alpha-maml (normalized rule with "
+              "backtracking)")
         if ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step >= cfg.iterations
             or halt):
           run.ckpt.save(step, state)
@@ -663,8 +669,9 @@ def _bar_fields(rec: dict) -> dict:
   if "accuracy" in rec:
     post["acc"] = f"{rec['accuracy']:.3f}"
   post["alpha"] = f"{rec['alpha']:.3g}"
-  if "beta" in rec:
-    post["beta"] = f"{rec['beta']:.3g}"
+  for rate in ("beta", "epsilon"):
+    if rate in rec:
+      post[rate] = f"{rec[rate]:.3g}"
   post["it/s"] = f"{rec['steps_per_s']:.2g}"
   return post
 

@@ -107,9 +107,128 @@ def test_method_meta_loss_under_vmap_equals_a_loop_and_compiles_once(method, tin
   assert exp.learner.step._cache_size() == 1
 
 
+def test_reptile_epsilon_schedule_is_the_papers_linear_anneal():
+  n = 400  # hand-computed: epsilon0 * (1 - t / n), 0 from step n on
+  eps = amaml.epsilon_schedule(1.0, n)
+  for t, want in ((0, 1.0), (n // 4, 0.75), (n // 2, 0.5), (3 * n // 4, 0.25), (n - 1, 0.0025),
+                  (n, 0.0), (2 * n, 0.0)):
+    np.testing.assert_allclose(float(eps(t)), want, rtol=1e-6, atol=1e-7, err_msg=f"step {t}")
+  np.testing.assert_allclose(float(amaml.epsilon_schedule(0.5, 10)(4)), 0.3, rtol=1e-6)
+  assert amaml.epsilon_schedule(0.7, 10, "constant") == 0.7
+  with pytest.raises(ValueError, match="iterations"):
+    amaml.epsilon_schedule(1.0, None)
+  with pytest.raises(ValueError, match="use linear or constant"):
+    amaml.epsilon_schedule(1.0, 10, "cosine")
+
+
+def test_reptile_step_with_the_schedule_moves_by_epsilon_t_times_the_mean_difference():
+  alpha, k, n = 0.02, 2, 8
+  learner = meta.reptile(LOSS, alpha=alpha, inner_steps=k, epsilon=amaml.epsilon_schedule(1.0, n))
+  state = learner.init(_params())
+  for t in range(3):
+    batch = _batch(seed=10 + t)
+    new, metrics = learner.step(state, batch)
+    adapted = []
+    for i in range(batch.num_tasks):  # the inner loop by hand
+      p = state.params
+      for _ in range(k):
+        g = jax.grad(lambda q: LOSS(q, batch.support_x[i], batch.support_y[i])[0])(p)
+        p = jax.tree.map(lambda a, b: a - alpha * b, p, g)
+      adapted.append(p)
+    mean = jax.tree.map(lambda *xs: sum(xs) / len(xs), *adapted)
+    eps_t = 1.0 - t / n  # 1, 0.875, 0.75
+    chex.assert_trees_all_close(
+        new.params, jax.tree.map(lambda th, m: th + eps_t * (m - th), state.params, mean),
+        rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["epsilon"], eps_t, rtol=1e-6)
+    state = new
+
+
+def test_reptile_schedule_resumes_exactly_from_a_checkpoint(tmp_path):
+  """The schedule's step count is in the optimizer state: a state saved after 3 steps and
+  restored continues exactly as the uninterrupted run."""
+  from amaml.checkpoint import Checkpointer
+
+  learner = meta.reptile(LOSS, alpha=0.02, inner_steps=2, epsilon=amaml.epsilon_schedule(1.0, 6))
+  straight = learner.init(_params())
+  for t in range(6):
+    straight, m = learner.step(straight, _batch(seed=t))
+  assert float(m["epsilon"]) == pytest.approx(1 / 6)
+  half = learner.init(_params())
+  for t in range(3):
+    half, _ = learner.step(half, _batch(seed=t))
+  ckpt = Checkpointer(tmp_path / "c")
+  ckpt.save(3, half)
+  resumed = ckpt.restore(learner.init(_params()), 3)
+  ckpt.close()
+  for t in range(3, 6):
+    resumed, _ = learner.step(resumed, _batch(seed=t))
+  chex.assert_trees_all_equal(straight, resumed)
+
+
+def test_reptile_config_epsilon_flags():
+  cfg = configs.get_config("sinusoid", method="reptile")
+  assert (cfg.resolved_epsilon, cfg.resolved_epsilon_schedule) == (1.0, "linear")
+  assert cfg.resolved_outer_optimizer == "sgd" and cfg.beta is None
+  learner = train.make_learner(dataclasses.replace(cfg, iterations=4), LOSS)
+  state = learner.init(_params())
+  eps = []
+  for t in range(5):
+    state, m = learner.step(state, _batch(seed=t))
+    eps.append(float(m["epsilon"]))
+  np.testing.assert_allclose(eps, [1.0, 0.75, 0.5, 0.25, 0.0], atol=1e-7)
+  const = configs.get_config("sinusoid", method="reptile", epsilon=0.3,
+                             epsilon_schedule="constant")
+  state = train.make_learner(const, LOSS).init(_params())
+  assert float(train.make_learner(const, LOSS).step(state, _batch())[1]["epsilon"]) == (
+      pytest.approx(0.3))
+  # --beta, reptile's old name for epsilon, still sets it; both at once is refused
+  assert configs.get_config("sinusoid", method="reptile", beta=0.5).resolved_epsilon == 0.5
+  with pytest.raises(ValueError, match="pass --epsilon alone"):
+    configs.get_config("sinusoid", method="reptile", beta=0.5, epsilon=0.5)
+  with pytest.raises(ValueError, match="method 'maml' takes --beta"):
+    configs.get_config("sinusoid", method="maml", epsilon=0.5)
+  with pytest.raises(ValueError, match="epsilon=0.0 must be > 0"):
+    configs.get_config("sinusoid", method="reptile", epsilon=0.0)
+  # a Reptile run written before the schedule existed trained at a constant epsilon
+  old = dataclasses.asdict(configs.get_config("sinusoid", method="reptile", beta=0.5))
+  del old["epsilon"], old["epsilon_schedule"]
+  import json
+  back = configs.Config.from_json(json.dumps(old))
+  assert (back.resolved_epsilon, back.resolved_epsilon_schedule) == (0.5, "constant")
+
+
+def test_reptile_defaults_train_on_sinusoid_where_alpha_0_1_diverged(tmp_path):
+  """Reptile's defaults on sinusoid (SGD at 0.02 for 5 steps): 200 steps stay finite and the
+  loss falls. Its former defaults (alpha 0.1, 1 step: plain SGD at 0.1) went non-finite."""
+  import json
+  cfg = configs.get_config("sinusoid", method="reptile", iterations=200, log_every=100,
+                           val_every=0, checkpoint_every=0, hidden=40)
+  assert (cfg.alpha, cfg.inner_steps, cfg.inner_optimizer) == (0.02, 5, "sgd")
+  train.train(cfg, tmp_path / "r", progress=False, evaluate_at_end=False)
+  recs = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+  assert all(r["nonfinite_steps"] == 0 for r in recs)
+  assert recs[-1]["loss"] < recs[0]["loss"] and recs[-1]["epsilon"] == pytest.approx(0.005, rel=1e-4)
+
+
+def test_cli_reptile_non_finite_stop_is_one_line_and_exit_3(tmp_path, capsys):
+  from amaml import cli
+  args = ["train", "--config", "sinusoid", "--method", "reptile", "--no_progress",
+          "--out", str(tmp_path / "r"), "--iterations", "20", "--hidden", "8",
+          "--meta_batch", "2", "--log_every", "10", "--checkpoint_every", "10",
+          "--eval_tasks", "10", "--eval_batch", "10", "--max_nonfinite", "3",
+          "--alpha", "0.1", "--inner_steps", "1", "--epsilon", "1e30"]
+  assert cli.main(args) == 3
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "Traceback" not in err, err
+  assert err.startswith("amaml train: 3 non-finite meta steps in a row by step ") and (
+      "Lower --alpha or --epsilon" in err), err
+
+
 def test_methods_have_their_papers_defaults():
-  assert configs.get_config("sinusoid", method="reptile").resolved_beta == 1.0
+  assert configs.get_config("sinusoid", method="reptile").resolved_epsilon == 1.0
   assert configs.get_config("sinusoid", method="reptile").resolved_outer_optimizer == "sgd"
+  assert configs.get_config("omniglot-5w1s", method="reptile").inner_optimizer == "adam"
   assert configs.get_config("sinusoid", method="meta-sgd").resolved_beta == 1e-3
   with pytest.raises(ValueError, match="no parameter matches"):
     amaml.inner.param_mask(_params(), "^nothing/")
