@@ -42,6 +42,8 @@ METHOD_DEFAULTS = {
     ("reptile", "image_folder"): {"inner_optimizer": "adam", "alpha": 1e-3, "inner_steps": 5},
 }
 TEST_ADAPTATIONS = ("select", "fixed")
+# the network of the image tasks (omniglot, image_folder); sinusoid always uses its MLP
+MODELS = ("conv4", "resnet12")
 RATE_RULES = ("additive", "log", "normalized")
 
 
@@ -65,9 +67,11 @@ class Config:
   queries: int = _field(10, "query examples per class")
   meta_batch: int = _field(25, "tasks per meta step")
   # model
+  model: str = _field("conv4", "the image tasks' network: conv4 (MAML's) or resnet12 "
+                      "(MetaOptNet's, 64-160-320-640 filters; --hidden does not apply)", MODELS)
   hidden: int = _field(40, "hidden units (MLP) or filters (Conv4)")
-  conv_impl: str = _field("auto", "Conv4's convolution: matmul (patches, fast on CPU), "
-                          "xla (lax.conv, cuDNN on GPU) or auto (by backend)",
+  conv_impl: str = _field("auto", "Conv4's and ResNet-12's convolution: matmul (patches, "
+                          "fast on CPU), xla (lax.conv, cuDNN on GPU) or auto (by backend)",
                           ("auto", "matmul", "xla"))
   # inner loop
   inner_steps: int = _field(1, "inner SGD steps per task in training (reptile: 5)")
@@ -86,8 +90,8 @@ class Config:
   per_step_params: str | None = _field(None, "regular expression over parameter paths that get "
                                        "one copy per inner step, learned by the outer loop only "
                                        "(MAML++'s per-step batch norm: ^norm); none: the "
-                                       "method's default (maml++: ^norm on Conv4, else off); "
-                                       "empty: off")
+                                       "method's default (maml++: ^norm on Conv4, "
+                                       "^block\\d+/norm on ResNet-12, else off); empty: off")
   alpha_granularity: str | None = _field(
       None, "how many inner rates alpha-maml adapts: one (scalar), one per parameter tensor "
       "(tensor) or one per parameter; none: the method's own (alpha-maml: tensor; "
@@ -181,6 +185,11 @@ class Config:
       raise ValueError(f"outer_optimizer={self.outer_optimizer!r}: use one of {OUTER_OPTIMIZERS}")
     if self.test_adaptation not in TEST_ADAPTATIONS:
       raise ValueError(f"test_adaptation={self.test_adaptation!r}: use one of {TEST_ADAPTATIONS}")
+    if self.model not in MODELS:
+      raise ValueError(f"model={self.model!r}: use one of {MODELS}")
+    if self.model != "conv4" and self.task == "sinusoid":
+      raise ValueError(f"--model {self.model} is for the image tasks (omniglot, image_folder); "
+                       "sinusoid always uses its MLP: drop --model")
     if self.dataset not in DATASETS:
       raise ValueError(f"dataset={self.dataset!r}: use one of {DATASETS[1:]}")
     if (self.task == "image_folder") != bool(self.dataset):

@@ -82,7 +82,7 @@ def sinusoid_setup(cfg: Config, key: jax.Array) -> TaskSetup:
 
 
 def omniglot_setup(cfg: Config, key: jax.Array) -> TaskSetup:
-  """Omniglot N-way K-shot (``cfg.protocol``'s split): Conv4, cross-entropy."""
+  """Omniglot N-way K-shot (``cfg.protocol``'s split): ``cfg.model``, cross-entropy."""
   from amaml.data import load_omniglot
 
   splits = load_omniglot(cfg.protocol, image_size=cfg.image_size,
@@ -92,7 +92,7 @@ def omniglot_setup(cfg: Config, key: jax.Array) -> TaskSetup:
 
 
 def image_folder_setup(cfg: Config, key: jax.Array) -> TaskSetup:
-  """A few-shot image benchmark (``cfg.dataset``) read from ``cfg.data_dir``: Conv4."""
+  """A few-shot image benchmark (``cfg.dataset``) read from ``cfg.data_dir``: ``cfg.model``."""
   from amaml.data.image_folders import load_image_benchmark
 
   return classification_setup(cfg, key, load_image_benchmark(
@@ -101,9 +101,9 @@ def image_folder_setup(cfg: Config, key: jax.Array) -> TaskSetup:
 
 def classification_setup(cfg: Config, key: jax.Array, splits: dict) -> TaskSetup:
   """N-way K-shot classification of ``{split: ClassImages or None}``: the images go to the
-  device, episodes are sampled there, the model is Conv4 and the loss cross-entropy."""
+  device, episodes are sampled there, the model is ``cfg.model`` (Conv4 or ResNet-12) and
+  the loss cross-entropy."""
   from amaml.data import sample_tasks
-  from amaml.models import Conv4
 
   data = {name: jnp.asarray(src.images) for name, src in splits.items() if src is not None}
   for name, images in data.items():
@@ -113,9 +113,8 @@ def classification_setup(cfg: Config, key: jax.Array, splits: dict) -> TaskSetup
     if cfg.shots + cfg.queries > images.shape[1]:
       raise ValueError(f"shots + queries = {cfg.shots + cfg.queries} is more than the "
                        f"{images.shape[1]} examples per class; lower --shots or --queries")
-  # ProtoNets: the same Conv4 without its head, an embedding
-  model = Conv4(num_classes=0 if cfg.method == "protonet" else cfg.ways, hidden=cfg.hidden,
-                conv_impl=cfg.conv_impl)
+  # ProtoNets: the same network without its head, an embedding
+  model = image_model(cfg, num_classes=0 if cfg.method == "protonet" else cfg.ways)
   shape = data["train"].shape[2:]
   params = model.init(key, jnp.zeros((1, *shape), jnp.float32))["params"]
   apply_fn = lambda p, x: model.apply({"params": p}, x)
@@ -128,6 +127,16 @@ def classification_setup(cfg: Config, key: jax.Array, splits: dict) -> TaskSetup
     validate.check_classification_batch(batch, cfg.ways, tuple(images.shape[2:]))
 
   return TaskSetup(params, loss_fn, data, sample, check, embed_fn=apply_fn)
+
+
+def image_model(cfg: Config, num_classes: int):
+  """The Flax network ``cfg.model`` of the image tasks with ``num_classes`` logits (0: no
+  head, an embedding): ``Conv4`` with ``cfg.hidden`` filters or ``ResNet12``."""
+  from amaml.models import Conv4, ResNet12
+
+  if cfg.model == "resnet12":
+    return ResNet12(num_classes=num_classes, conv_impl=cfg.conv_impl)
+  return Conv4(num_classes=num_classes, hidden=cfg.hidden, conv_impl=cfg.conv_impl)
 
 
 # Config.task -> its setup. A new task family is one function here and its name in
@@ -195,7 +204,7 @@ def make_learner(cfg: Config, loss_fn, embed_fn=None) -> meta.MetaLearner:
   rates = dict(alpha_lr=cfg.alpha_lr, beta_lr=cfg.beta_lr)
   plus = cfg.method == "maml++"  # MAML++'s own defaults where a field says none (or 0)
   per_step = cfg.per_step_params if cfg.per_step_params is not None else (
-      _NORMS.get(cfg.task) if plus else None)
+      _norms(cfg) if plus else None)
   kwargs.update(alpha_per_step=plus if cfg.alpha_per_step is None else cfg.alpha_per_step,
                 per_step_params=per_step or None)
   if plus:
@@ -223,6 +232,15 @@ def make_learner(cfg: Config, loss_fn, embed_fn=None) -> meta.MetaLearner:
 _HEADS = {"sinusoid": "^Dense_2/", "omniglot": "^head/", "image_folder": "^head/"}
 # the batch-norm parameters of each task's model: what maml++ keeps one copy of per inner step
 _NORMS = {"omniglot": "^norm", "image_folder": "^norm"}
+# ResNet-12 keeps its batch norms in its blocks (block0/norm0/scale, block3/norm_shortcut/bias)
+_MODEL_NORMS = {"resnet12": r"^block\d+/norm"}
+
+
+def _norms(cfg: Config) -> str | None:
+  """The batch-norm pattern of ``cfg``'s model (``_MODEL_NORMS``, else ``_NORMS``)."""
+  if cfg.task in _NORMS and cfg.model in _MODEL_NORMS:
+    return _MODEL_NORMS[cfg.model]
+  return _NORMS.get(cfg.task)
 
 
 class RunKeys(NamedTuple):
