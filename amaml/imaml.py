@@ -70,7 +70,7 @@ import numpy as np
 import optax
 
 from amaml import inner, rates
-from amaml.meta import MetaLearner, MetaState, _all_finite, guard
+from amaml.meta import MetaLearner, MetaState, _all_finite, guard, pre_adaptation_metrics
 from amaml.rates import DEFAULT_RULE
 from amaml.task import TaskBatch
 
@@ -317,10 +317,7 @@ def imaml(loss_fn: Callable[..., tuple[jax.Array, dict]], *, lam: float = 1.0,
                "lam": new_state.alpha_state.lam, "lam_hypergradient": lam_grad,
                "nonfinite": jnp.logical_not(ok), "nonfinite_streak": new_state.nonfinite_streak}
     if track_pre_adaptation:
-      pre_loss, pre_aux = jax.vmap(loss_fn, in_axes=(None, 0, 0))(
-          state.params, batch.query_x, batch.query_y)
-      metrics["pre_loss"] = jnp.mean(pre_loss)
-      metrics.update({f"pre_{k}": jnp.mean(v) for k, v in pre_aux.items()})
+      metrics.update(pre_adaptation_metrics(loss_fn, state.params, batch))
     return new_state, metrics
 
   evaluate, adaptation_curve = _test_time(loss_fn, lam_or_default, inner_steps, **solver)

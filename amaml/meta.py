@@ -117,6 +117,13 @@ def guard(state: MetaState, ok: jax.Array, **new: Any) -> MetaState:
       nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32))
 
 
+def pre_adaptation_metrics(loss_fn: Callable, params, batch: TaskBatch) -> dict:
+  """``pre_loss`` and ``pre_<aux>``: the mean over tasks of the query loss (and aux) of
+  ``params`` before any adaptation."""
+  loss, aux = jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, batch.query_x, batch.query_y)
+  return {"pre_loss": jnp.mean(loss), **{f"pre_{k}": jnp.mean(v) for k, v in aux.items()}}
+
+
 def tree_mean(tree) -> jax.Array:
   """The mean over leaves of each leaf's mean (how a per-layer or per-parameter ``alpha``
   is reported as one number)."""
@@ -355,11 +362,9 @@ def alpha_maml(
                "alpha_hypergradient": tree_mean(alpha_grad)}
     metrics.update({k: v for k, v in aux.items()})
     if track_pre_adaptation or backtrack:
-      pre_loss, pre_aux = jax.vmap(loss_fn, in_axes=(None, 0, 0))(
-          jax.lax.stop_gradient(after(state.params, 0)), batch.query_x, batch.query_y)
-      pre_loss = jnp.mean(pre_loss)
-      metrics["pre_loss"] = pre_loss
-      metrics.update({f"pre_{k}": jnp.mean(v) for k, v in pre_aux.items()})
+      metrics.update(pre_adaptation_metrics(
+          loss_fn, jax.lax.stop_gradient(after(state.params, 0)), batch))
+      pre_loss = metrics["pre_loss"]
     held = state  # what a step that is not taken leaves (the guard: everything as it was)
     hurts = jnp.array(False)
     if backtrack:
@@ -623,10 +628,7 @@ def reptile(loss_fn: Callable, *, alpha: float = 0.1, inner_steps: int = 5,
       count = optax.tree_utils.tree_get(state.opt_state, "count")
       metrics["epsilon"] = epsilon_at(0 if count is None else count)
     if track_pre_adaptation:
-      pre_loss, pre_aux = jax.vmap(loss_fn, in_axes=(None, 0, 0))(
-          state.params, batch.query_x, batch.query_y)
-      metrics["pre_loss"] = jnp.mean(pre_loss)
-      metrics.update({f"pre_{k}": jnp.mean(v) for k, v in pre_aux.items()})
+      metrics.update(pre_adaptation_metrics(loss_fn, state.params, batch))
     return new_state, metrics
 
   # evaluation is MAML's: adapt on the support set at alpha, score the query set

@@ -62,6 +62,15 @@ def _uniform_fan_in(fan_in: int):
   return init
 
 
+def check_channels(module: nn.Module, x, model: str) -> None:
+  """A one-line error when ``x``'s channels are not those ``module``'s kernel was built for."""
+  if module.has_variable("params", "kernel"):
+    expected = module.get_variable("params", "kernel").shape[2]
+    if x.shape[-1] != expected:
+      raise ValueError(f"{module.name} was built for {expected} input channel(s), got an input "
+                       f"with {x.shape[-1]} (shape {tuple(x.shape)}); {model} expects NHWC input")
+
+
 class _Conv3x3(nn.Module):
   features: int
   impl: str
@@ -69,11 +78,7 @@ class _Conv3x3(nn.Module):
   @nn.compact
   def __call__(self, x):
     c_in = x.shape[-1]
-    if self.has_variable("params", "kernel"):
-      expected = self.get_variable("params", "kernel").shape[2]
-      if c_in != expected:
-        raise ValueError(f"{self.name} was built for {expected} input channel(s), got an input "
-                         f"with {c_in} (shape {tuple(x.shape)}); Conv4 expects NHWC input")
+    check_channels(self, x, "Conv4")
     init = _uniform_fan_in(9 * c_in)
     kernel = self.param("kernel", init, (3, 3, c_in, self.features))
     bias = self.param("bias", init, (self.features,))

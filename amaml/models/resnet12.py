@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from amaml.models import layers
-from amaml.models.conv4 import BN_EPS, _BatchNorm, _Dense
+from amaml.models.conv4 import BN_EPS, _BatchNorm, _Dense, check_channels
 
 CHANNELS = (64, 160, 320, 640)
 LEAKY_SLOPE = 0.1
@@ -94,11 +94,7 @@ class _Conv(nn.Module):
   @nn.compact
   def __call__(self, x):
     c_in = x.shape[-1]
-    if self.has_variable("params", "kernel"):
-      expected = self.get_variable("params", "kernel").shape[2]
-      if c_in != expected:
-        raise ValueError(f"{self.name} was built for {expected} input channel(s), got an input "
-                         f"with {c_in} (shape {tuple(x.shape)}); ResNet12 expects NHWC input")
+    check_channels(self, x, "ResNet12")
     kernel = self.param("kernel", _KERNEL_INIT, (self.size, self.size, c_in, self.features))
     if self.size == 1:
       return x @ kernel[0, 0]
