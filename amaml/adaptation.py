@@ -17,6 +17,7 @@ overshoots, or overflows, is not kept.
 >>> support_guard(query, support).tolist()      # step 3 overflowed: keep step 2
 [[1.0, 0.5, 0.3, 0.3]]
 """
+
 from __future__ import annotations
 
 import numpy as np

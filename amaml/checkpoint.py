@@ -6,6 +6,7 @@ afterwards (a file truncated, deleted or overwritten) is found by :meth:`Checkpo
 which reads every file of it; :meth:`Checkpointer.restore_newest_intact` then falls back to
 the newest checkpoint that reads.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,11 @@ class Checkpointer:
     self._ocp = ocp
     self.directory = os.path.abspath(os.fspath(directory))
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                             enable_async_checkpointing=False))
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=False
+      ),
+    )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -68,8 +71,9 @@ class Checkpointer:
       return self._manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
     except (ValueError, KeyError, TypeError) as e:
       raise ValueError(
-          f"checkpoint {self.directory}/{step} does not match this configuration ({e}); "
-          "resume with the configuration that wrote it, or start a new --out directory") from e
+        f"checkpoint {self.directory}/{step} does not match this configuration ({e}); "
+        "resume with the configuration that wrote it, or start a new --out directory"
+      ) from e
 
   def restore_newest_intact(self, target: Any, remove_corrupt: bool = False) -> Any:
     """Restores the newest checkpoint that can be read (see :meth:`restore`). Each newer one
@@ -85,16 +89,22 @@ class Checkpointer:
         state = self.restore(target, step)
       except CorruptCheckpointError as e:
         older = steps[-2 - i] if i + 1 < len(steps) else None
-        print(f"amaml: warning: {e}; " + ("trying the previous one, step "
-              f"{older}" if older is not None else "no older checkpoint"),
-              file=sys.stderr, flush=True)
+        print(
+          f"amaml: warning: {e}; "
+          + (
+            f"trying the previous one, step {older}" if older is not None else "no older checkpoint"
+          ),
+          file=sys.stderr,
+          flush=True,
+        )
         continue
-      for newer in steps[len(steps) - i:] if remove_corrupt else ():
+      for newer in steps[len(steps) - i :] if remove_corrupt else ():
         self._manager.delete(newer)
       return state
     raise CorruptCheckpointError(
-        f"no intact checkpoint in {self.directory} (steps {', '.join(map(str, steps))} cannot "
-        "be read): start a new --out directory")
+      f"no intact checkpoint in {self.directory} (steps {', '.join(map(str, steps))} cannot "
+      "be read): start a new --out directory"
+    )
 
   def check(self, step: int) -> None:
     """Reads every array of checkpoint ``step`` (one at a time, so that a failure leaves no
@@ -104,8 +114,7 @@ class Checkpointer:
     try:
       _check_item(path, path / "default")
     except (OSError, ValueError, KeyError, TypeError) as e:
-      raise CorruptCheckpointError(
-          f"checkpoint {path} cannot be read ({_one_line(e)})") from None
+      raise CorruptCheckpointError(f"checkpoint {path} cannot be read ({_one_line(e)})") from None
 
   def close(self) -> None:
     self._manager.close()
@@ -120,15 +129,22 @@ def _check_item(step_dir: Path, item: Path) -> None:
   tree = _read_json(item / "_METADATA")["tree_metadata"]
   for p in sorted((item / "array_metadatas").glob("*")):
     _read_json(p)
-  expected = {".".join(str(k["key"]) for k in leaf["key_metadata"]) for leaf in tree.values()
-              if not leaf["value_metadata"].get("skip_deserialize")}  # (None leaves)
+  expected = {
+    ".".join(str(k["key"]) for k in leaf["key_metadata"])
+    for leaf in tree.values()
+    if not leaf["value_metadata"].get("skip_deserialize")
+  }  # (None leaves)
   context = ts.Context()
   base = {"driver": "file", "path": f"{item}/"}
-  keys = ts.KvStore.open({"driver": "ocdbt", "base": base}, context=context).result().list().result()
-  stored = {k.decode()[:-len("/.zarray")] for k in keys if k.endswith(b"/.zarray")}
+  keys = (
+    ts.KvStore.open({"driver": "ocdbt", "base": base}, context=context).result().list().result()
+  )
+  stored = {k.decode()[: -len("/.zarray")] for k in keys if k.endswith(b"/.zarray")}
   if expected - stored:
-    raise ValueError(f"{len(expected - stored)} of its {len(expected)} arrays are missing, "
-                     f"e.g. {sorted(expected - stored)[0]}")
+    raise ValueError(
+      f"{len(expected - stored)} of its {len(expected)} arrays are missing, "
+      f"e.g. {sorted(expected - stored)[0]}"
+    )
   for name in sorted(expected):
     spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": base, "path": f"{name}/"}}
     ts.open(spec, open=True, read=True, context=context).result().read().result()

@@ -16,6 +16,7 @@ Exit codes: 0 done; 2 a user error (one line: the problem and the fix); 3 traini
 by the non-finite guard; 130 / 143 training stopped by SIGINT / SIGTERM after a checkpoint
 (one line with the command that resumes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,64 +41,115 @@ def _parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="amaml", description="Alpha MAML in JAX")
   sub = ap.add_subparsers(dest="command", required=True)
   tr = sub.add_parser("train", help="meta-train, then evaluate on the meta-test split")
-  tr.add_argument("--config", default="sinusoid", choices=sorted(CONFIGS),
-                  help="the named configuration to start from (amaml.configs.CONFIGS) "
-                       "[default: sinusoid]")
+  tr.add_argument(
+    "--config",
+    default="sinusoid",
+    choices=sorted(CONFIGS),
+    help="the named configuration to start from (amaml.configs.CONFIGS) [default: sinusoid]",
+  )
   tr.add_argument("--out", default=None, help="run directory (default runs/<config>-<method>)")
   tr.add_argument("--resume", action="store_true", help="continue the run in --out")
   tr.add_argument("--no_progress", action="store_true", help="no progress bar")
   mp = tr.add_argument_group(
-      "several processes", "run the same command in every process (one per host, or several "
-      "on one machine), each with its --process_id; the meta-batch is split over the devices of "
-      "all of them and process 0 writes the run directory, which every process must see")
-  mp.add_argument("--num_processes", type=int, default=1, metavar="N",
-                  help="processes in all [default: 1]")
-  mp.add_argument("--process_id", type=int, default=0, metavar="I",
-                  help="this process: 0 .. num_processes-1 "
-                  "[default: 0]")
-  mp.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
-                  help="where process 0 listens, the same in every process (e.g. host0:1234)")
-  mp.add_argument("--heartbeat_timeout", type=int, default=100, metavar="SECONDS",
-                  help="a process silent this long stops the others [default: 100]")
+    "several processes",
+    "run the same command in every process (one per host, or several "
+    "on one machine), each with its --process_id; the meta-batch is split over the devices of "
+    "all of them and process 0 writes the run directory, which every process must see",
+  )
+  mp.add_argument(
+    "--num_processes", type=int, default=1, metavar="N", help="processes in all [default: 1]"
+  )
+  mp.add_argument(
+    "--process_id",
+    type=int,
+    default=0,
+    metavar="I",
+    help="this process: 0 .. num_processes-1 [default: 0]",
+  )
+  mp.add_argument(
+    "--coordinator_address",
+    default=None,
+    metavar="HOST:PORT",
+    help="where process 0 listens, the same in every process (e.g. host0:1234)",
+  )
+  mp.add_argument(
+    "--heartbeat_timeout",
+    type=int,
+    default=100,
+    metavar="SECONDS",
+    help="a process silent this long stops the others [default: 100]",
+  )
   group = tr.add_argument_group(
-      "configuration fields", "each flag overrides one field of the named --config; a field "
-      "the config does not set has the default shown")
+    "configuration fields",
+    "each flag overrides one field of the named --config; a field "
+    "the config does not set has the default shown",
+  )
   for f in dataclasses.fields(Config):
     name = (f.type if isinstance(f.type, str) else f.type.__name__).removesuffix(" | None")
     typ = {"int": int, "float": float, "str": str, "bool": _bool}[name]
     choices = f.metadata.get("choices")
-    shown = "none" if f.default is None else ("true" if f.default is True else
-                                              "false" if f.default is False else f.default)
-    group.add_argument(f"--{f.name}", type=typ, default=None, choices=choices,
-                       metavar=name.upper() if choices is None else None,
-                       help=f"{f.metadata.get('help', '')} [default: {shown!s}]")
+    shown = (
+      "none"
+      if f.default is None
+      else ("true" if f.default is True else "false" if f.default is False else f.default)
+    )
+    group.add_argument(
+      f"--{f.name}",
+      type=typ,
+      default=None,
+      choices=choices,
+      metavar=name.upper() if choices is None else None,
+      help=f"{f.metadata.get('help', '')} [default: {shown!s}]",
+    )
   ev = sub.add_parser("evaluate", help="evaluate a run's checkpoint on meta-test tasks")
-  ev.add_argument("--run", required=True, nargs="+",
-                  help="run directories written by amaml train (several: a comparison table)")
+  ev.add_argument(
+    "--run",
+    required=True,
+    nargs="+",
+    help="run directories written by amaml train (several: a comparison table)",
+  )
   ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   ev.add_argument("--split", default="test", choices=["train", "val", "test"])
   ev.add_argument("--tasks", type=int, default=None, help="number of tasks (default: eval_tasks)")
-  ev.add_argument("--inner_steps", type=int, default=None,
-                  help="test-time inner steps at the trained alpha (default: the run's "
-                       "test_adaptation, chosen on validation tasks unless it is 'fixed')")
+  ev.add_argument(
+    "--inner_steps",
+    type=int,
+    default=None,
+    help="test-time inner steps at the trained alpha (default: the run's "
+    "test_adaptation, chosen on validation tasks unless it is 'fixed')",
+  )
   pl = sub.add_parser("plot", help="PNG learning curves and alpha/beta trajectories of runs")
   pl.add_argument("--run", required=True, nargs="+", help="run directories")
   pl.add_argument("--out", default=None, help="output folder (default: the first run)")
-  dl = sub.add_parser("download", help="fetch a data set (the official zips, SHA-256 checked) "
-                      "and write the folder amaml reads")
+  dl = sub.add_parser(
+    "download",
+    help="fetch a data set (the official zips, SHA-256 checked) and write the folder amaml reads",
+  )
   dl.add_argument("dataset", choices=["omniglot"])
-  dl.add_argument("--out", default=None, help="arrays folder to write (default "
-                  "~/.cache/amaml/omniglot, where amaml train looks for it)")
-  dl.add_argument("--url", default=None, help="where the zips are (default: the data set's "
-                  "GitHub repository; file:// URLs work too)")
+  dl.add_argument(
+    "--out",
+    default=None,
+    help="arrays folder to write (default ~/.cache/amaml/omniglot, where amaml train looks for it)",
+  )
+  dl.add_argument(
+    "--url",
+    default=None,
+    help="where the zips are (default: the data set's GitHub repository; file:// URLs work too)",
+  )
   dl.add_argument("--no_progress", action="store_true", help="no progress bar")
   return ap
 
 
 # Errors a user can cause (a missing run, a wrong data folder, an optional package not
 # installed, a bad flag value): one line naming the problem and the fix, exit code 2.
-_USER_ERRORS = (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError, ImportError,
-                ConnectionError)
+_USER_ERRORS = (
+  FileNotFoundError,
+  NotADirectoryError,
+  FileExistsError,
+  ValueError,
+  ImportError,
+  ConnectionError,
+)
 
 
 def main(argv=None) -> int:
@@ -122,8 +174,12 @@ def _train(args) -> int:
   overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
   cfg = get_config(args.config, **overrides)
   if cfg.method == "reptile" and "beta" in overrides:  # still honoured (Config.resolved_epsilon)
-    print(f"amaml train: warning: for reptile --beta is the old name of --epsilon; pass "
-          f"--epsilon {cfg.beta:g}", file=sys.stderr, flush=True)
+    print(
+      f"amaml train: warning: for reptile --beta is the old name of --epsilon; pass "
+      f"--epsilon {cfg.beta:g}",
+      file=sys.stderr,
+      flush=True,
+    )
   out = args.out or f"runs/{args.config}-{cfg.method}"
   if args.num_processes > 1:
     _join_processes(args)
@@ -132,8 +188,11 @@ def _train(args) -> int:
   try:
     _, results = train.train(cfg, out, resume=args.resume, progress=not args.no_progress)
   except signals.Interrupted as e:
-    print(f"amaml train: {e}; resume with: {resume_command(args.argv, out)}", file=sys.stderr,
-          flush=True)
+    print(
+      f"amaml train: {e}; resume with: {resume_command(args.argv, out)}",
+      file=sys.stderr,
+      flush=True,
+    )
     return e.exit_code
   except FloatingPointError as e:  # the non-finite guard: the state and checkpoints are finite
     print(f"amaml train: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
@@ -141,10 +200,13 @@ def _train(args) -> int:
   except Exception as e:
     if args.num_processes == 1 or not _lost_a_process(e):
       raise
-    print(f"amaml train: process {args.process_id} of {args.num_processes} lost the others "
-          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the last "
-          f"checkpoint in {out}/checkpoints is intact: start every process again with --resume",
-          file=sys.stderr, flush=True)
+    print(
+      f"amaml train: process {args.process_id} of {args.num_processes} lost the others "
+      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the last "
+      f"checkpoint in {out}/checkpoints is intact: start every process again with --resume",
+      file=sys.stderr,
+      flush=True,
+    )
     sys.stdout.flush()
     # now, without jax.distributed's shutdown barrier: with a process gone it can only fail,
     # and JAX's coordination client would then abort this process with a long trace
@@ -172,7 +234,8 @@ def _lost_a_process(e: BaseException | None) -> bool:
 
   while e is not None:
     if isinstance(e, jax.errors.JaxRuntimeError) or any(
-        word in str(e) for word in ("Gloo", "coordination service", "Barrier failed")):
+      word in str(e) for word in ("Gloo", "coordination service", "Barrier failed")
+    ):
       return True
     e = e.__cause__ or e.__context__
   return False
@@ -183,10 +246,16 @@ def _join_processes(args) -> None:
   from amaml import sharding
 
   if not args.coordinator_address:
-    raise ValueError(f"--num_processes {args.num_processes} needs --coordinator_address "
-                     "HOST:PORT (where process 0 listens), the same in every process")
-  sharding.initialize(args.coordinator_address, args.num_processes, args.process_id,
-                      heartbeat_timeout_seconds=args.heartbeat_timeout)
+    raise ValueError(
+      f"--num_processes {args.num_processes} needs --coordinator_address "
+      "HOST:PORT (where process 0 listens), the same in every process"
+    )
+  sharding.initialize(
+    args.coordinator_address,
+    args.num_processes,
+    args.process_id,
+    heartbeat_timeout_seconds=args.heartbeat_timeout,
+  )
 
 
 def _evaluate(args) -> int:
@@ -198,8 +267,11 @@ def _evaluate(args) -> int:
     if args.inner_steps is None and args.split == "test":  # the run's own test protocol
       results = train.meta_test(exp, state.params, state.alpha, args.tasks, progress=True)
     else:
-      results = {"test": train.evaluate(exp, state.params, state.alpha, args.split, args.tasks,
-                                        args.inner_steps, progress=True)}
+      results = {
+        "test": train.evaluate(
+          exp, state.params, state.alpha, args.split, args.tasks, args.inner_steps, progress=True
+        )
+      }
     results = {"config": dataclasses.asdict(exp.config), "steps": int(state.step), **results}
     print(f"{run}: " + train.format_results(results))
     print(json.dumps(results["test"]))
@@ -211,16 +283,22 @@ def _evaluate(args) -> int:
 
 def comparison_table(rows) -> str:
   """A markdown table of evaluated runs: ``rows`` is ``[(run directory, results)]``."""
-  lines = ["| run | method | alpha0 | meta steps | test protocol | accuracy (95% CI) | query loss |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+  lines = [
+    "| run | method | alpha0 | meta steps | test protocol | accuracy (95% CI) | query loss |",
+    "| --- | --- | --- | --- | --- | --- | --- |",
+  ]
   for run, r in rows:
     t, cfg = r["test"], r["config"]
-    how = f"{t['inner_steps']} steps" + (f" at {t['alpha_scale']:g} x alpha"
-                                          if t.get("alpha_scale", 1.0) != 1.0 else "")
-    acc = (f"{100 * t['accuracy']:.2f}% +- {100 * t['accuracy_ci95']:.2f}%"
-           if "accuracy" in t else "")
-    lines.append(f"| {run} | {cfg['method']} | {cfg['alpha']:g} | {r['steps']} | {how} | {acc} "
-                 f"| {t['loss']:.4g} +- {t['loss_ci95']:.2g} |")
+    how = f"{t['inner_steps']} steps" + (
+      f" at {t['alpha_scale']:g} x alpha" if t.get("alpha_scale", 1.0) != 1.0 else ""
+    )
+    acc = (
+      f"{100 * t['accuracy']:.2f}% +- {100 * t['accuracy_ci95']:.2f}%" if "accuracy" in t else ""
+    )
+    lines.append(
+      f"| {run} | {cfg['method']} | {cfg['alpha']:g} | {r['steps']} | {how} | {acc} "
+      f"| {t['loss']:.4g} +- {t['loss_ci95']:.2g} |"
+    )
   return "\n".join(lines)
 
 
@@ -229,8 +307,11 @@ def _download(args) -> int:
 
   kw = {} if args.url is None else {"url": args.url}
   out = omniglot_zips.download_omniglot(args.out, progress=not args.no_progress, **kw)
-  print(f"Omniglot arrays in {out} (amaml finds them there"
-        + ("" if args.out is None else "; pass --data_dir or set $AMAML_OMNIGLOT_DIR") + ")")
+  print(
+    f"Omniglot arrays in {out} (amaml finds them there"
+    + ("" if args.out is None else "; pass --data_dir or set $AMAML_OMNIGLOT_DIR")
+    + ")"
+  )
   return 0
 
 

@@ -4,6 +4,7 @@
 >>> cfg.ways, cfg.shots, cfg.meta_batch, cfg.alpha, cfg.rate_rule
 (5, 1, 32, 0.4, 'normalized')
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,17 +14,35 @@ from typing import Any
 TASKS = ("sinusoid", "omniglot", "image_folder")
 # the image benchmarks of task image_folder (amaml.data.image_folders.DATASETS)
 DATASETS = ("", "miniimagenet", "tieredimagenet", "cifar-fs", "fc100")
-METHODS = ("alpha-maml", "alpha-maml-paper", "maml", "fomaml", "meta-sgd", "anil", "maml++", "reptile",
-           "protonet", "imaml")
+METHODS = (
+  "alpha-maml",
+  "alpha-maml-paper",
+  "maml",
+  "fomaml",
+  "meta-sgd",
+  "anil",
+  "maml++",
+  "reptile",
+  "protonet",
+  "imaml",
+)
 # the outer optimizer: Adam (its rate beta adapted by hypergradient for the Alpha MAML
 # methods) or one of optax.contrib's learning-rate-free optimizers (beta then unused).
 # Each method's own: amaml's default (alpha-maml) uses D-Adaptation's AdamW, the paper's
 # rule and MAML use Adam.
 OUTER_OPTIMIZERS = ("adam", "sgd", "prodigy", "dog", "mechanize", "cocob", "dadapt_adamw")
-METHOD_OUTER_OPTIMIZER = {"alpha-maml": "dadapt_adamw", "alpha-maml-paper": "adam",
-                          "maml": "adam", "fomaml": "adam", "meta-sgd": "adam", "anil": "adam",
-                          "maml++": "adam", "protonet": "adam", "imaml": "adam",
-                          "reptile": "sgd"}
+METHOD_OUTER_OPTIMIZER = {
+  "alpha-maml": "dadapt_adamw",
+  "alpha-maml-paper": "adam",
+  "maml": "adam",
+  "fomaml": "adam",
+  "meta-sgd": "adam",
+  "anil": "adam",
+  "maml++": "adam",
+  "protonet": "adam",
+  "imaml": "adam",
+  "reptile": "sgd",
+}
 # the outer rate beta0 when Config.beta is None (Adam's, or SGD's for protonet --outer_optimizer
 # sgd). Reptile's outer step is epsilon instead: epsilon0 = 1, annealed linearly to 0 over the
 # run (Nichol et al. 2018), the rate of its outer optimizer (SGD).
@@ -37,9 +56,9 @@ EPSILON_SCHEDULES = ("constant", "linear")
 # Adam at 1e-3 for 5 steps (Nichol et al. 2018, Omniglot); on sinusoid SGD at 0.02 for 5
 # steps. 5 steps, not 1: with one step Reptile is joint training on every task's support set.
 METHOD_DEFAULTS = {
-    ("reptile", "sinusoid"): {"alpha": 0.02, "inner_steps": 5},
-    ("reptile", "omniglot"): {"inner_optimizer": "adam", "alpha": 1e-3, "inner_steps": 5},
-    ("reptile", "image_folder"): {"inner_optimizer": "adam", "alpha": 1e-3, "inner_steps": 5},
+  ("reptile", "sinusoid"): {"alpha": 0.02, "inner_steps": 5},
+  ("reptile", "omniglot"): {"inner_optimizer": "adam", "alpha": 1e-3, "inner_steps": 5},
+  ("reptile", "image_folder"): {"inner_optimizer": "adam", "alpha": 1e-3, "inner_steps": 5},
 }
 TEST_ADAPTATIONS = ("select", "fixed")
 # the network of the image tasks (omniglot, image_folder); sinusoid always uses its MLP
@@ -59,119 +78,192 @@ class Config:
   as points per task."""
 
   task: str = _field("sinusoid", "the problem", TASKS)
-  method: str = _field("alpha-maml", "the meta-learning method: alpha-maml is amaml's "
-                       "tuning-free default, alpha-maml-paper the paper's additive rule", METHODS)
+  method: str = _field(
+    "alpha-maml",
+    "the meta-learning method: alpha-maml is amaml's "
+    "tuning-free default, alpha-maml-paper the paper's additive rule",
+    METHODS,
+  )
   # episodes
   ways: int = _field(1, "classes per task (1 for sinusoid)")
   shots: int = _field(10, "support examples per class")
   queries: int = _field(10, "query examples per class")
   meta_batch: int = _field(25, "tasks per meta step")
   # model
-  model: str = _field("conv4", "the image tasks' network: conv4 (MAML's) or resnet12 "
-                      "(MetaOptNet's, 64-160-320-640 filters; --hidden does not apply)", MODELS)
+  model: str = _field(
+    "conv4",
+    "the image tasks' network: conv4 (MAML's) or resnet12 "
+    "(MetaOptNet's, 64-160-320-640 filters; --hidden does not apply)",
+    MODELS,
+  )
   hidden: int = _field(40, "hidden units (MLP) or filters (Conv4)")
-  conv_impl: str = _field("auto", "Conv4's and ResNet-12's convolution: matmul (patches, "
-                          "fast on CPU), xla (lax.conv, cuDNN on GPU) or auto (by backend)",
-                          ("auto", "matmul", "xla"))
+  conv_impl: str = _field(
+    "auto",
+    "Conv4's and ResNet-12's convolution: matmul (patches, "
+    "fast on CPU), xla (lax.conv, cuDNN on GPU) or auto (by backend)",
+    ("auto", "matmul", "xla"),
+  )
   # inner loop
   inner_steps: int = _field(1, "inner SGD steps per task in training (reptile: 5)")
   unroll: bool = _field(True, "unroll the inner loop (faster steps); false: a rolled lax.scan")
-  remat: bool = _field(False, "recompute inner steps in the backward pass: less memory, "
-                       "more time (rolled loop)")
-  alpha: float = _field(0.1, "initial inner rate alpha0 (adapted by alpha-maml; reptile: "
-                        "0.02 on sinusoid, 1e-3 with its inner adam on images)")
-  multi_step_loss: int = _field(0, "MAML++'s multi-step loss, its weights annealed over "
-                                "this many meta steps; 0: off (maml++: 5000)")
-  first_order_steps: int = _field(0, "MAML++'s derivative-order annealing: first order for "
-                                  "this many meta steps, then second; 0: off (maml++: 25000)")
-  alpha_per_step: bool | None = _field(None, "one set of inner rates per inner step (MAML++'s "
-                                      "per-step rates); none: the method's default (true for "
-                                      "maml++, false for the others)")
-  per_step_params: str | None = _field(None, "regular expression over parameter paths that get "
-                                       "one copy per inner step, learned by the outer loop only "
-                                       "(MAML++'s per-step batch norm: ^norm); none: the "
-                                       "method's default (maml++: ^norm on Conv4, "
-                                       "^block\\d+/norm on ResNet-12, else off); empty: off")
+  remat: bool = _field(
+    False, "recompute inner steps in the backward pass: less memory, more time (rolled loop)"
+  )
+  alpha: float = _field(
+    0.1,
+    "initial inner rate alpha0 (adapted by alpha-maml; reptile: "
+    "0.02 on sinusoid, 1e-3 with its inner adam on images)",
+  )
+  multi_step_loss: int = _field(
+    0,
+    "MAML++'s multi-step loss, its weights annealed over "
+    "this many meta steps; 0: off (maml++: 5000)",
+  )
+  first_order_steps: int = _field(
+    0,
+    "MAML++'s derivative-order annealing: first order for "
+    "this many meta steps, then second; 0: off (maml++: 25000)",
+  )
+  alpha_per_step: bool | None = _field(
+    None,
+    "one set of inner rates per inner step (MAML++'s "
+    "per-step rates); none: the method's default (true for "
+    "maml++, false for the others)",
+  )
+  per_step_params: str | None = _field(
+    None,
+    "regular expression over parameter paths that get "
+    "one copy per inner step, learned by the outer loop only "
+    "(MAML++'s per-step batch norm: ^norm); none: the "
+    "method's default (maml++: ^norm on Conv4, "
+    "^block\\d+/norm on ResNet-12, else off); empty: off",
+  )
   alpha_granularity: str | None = _field(
-      None, "how many inner rates alpha-maml adapts: one (scalar), one per parameter tensor "
-      "(tensor) or one per parameter; none: the method's own (alpha-maml: tensor; "
-      "alpha-maml-paper and maml: scalar; meta-sgd: parameter; maml++: tensor)",
-      ("scalar", "tensor", "parameter"))
-  inner_optimizer: str = _field("sgd", "the inner loop's optimizer, its rate alpha (adapted "
-                                "through its state by alpha-maml; reptile: adam on images)",
-                                ("sgd", "momentum", "adam"))
-  inner_params: str = _field("", "regular expression over parameter paths (conv0/kernel, "
-                             "head/bias, ...) that the inner loop adapts; empty: all of "
-                             "them (anil: the model's head)")
-  imaml_lambda: float = _field(1.0, "imaml: the regularisation strength lambda (the inner loop "
-                               "minimises the support loss + lambda/2 |phi - theta|^2 by "
-                               "inner_steps steps at alpha; raise --inner_steps to solve it)")
+    None,
+    "how many inner rates alpha-maml adapts: one (scalar), one per parameter tensor "
+    "(tensor) or one per parameter; none: the method's own (alpha-maml: tensor; "
+    "alpha-maml-paper and maml: scalar; meta-sgd: parameter; maml++: tensor)",
+    ("scalar", "tensor", "parameter"),
+  )
+  inner_optimizer: str = _field(
+    "sgd",
+    "the inner loop's optimizer, its rate alpha (adapted "
+    "through its state by alpha-maml; reptile: adam on images)",
+    ("sgd", "momentum", "adam"),
+  )
+  inner_params: str = _field(
+    "",
+    "regular expression over parameter paths (conv0/kernel, "
+    "head/bias, ...) that the inner loop adapts; empty: all of "
+    "them (anil: the model's head)",
+  )
+  imaml_lambda: float = _field(
+    1.0,
+    "imaml: the regularisation strength lambda (the inner loop "
+    "minimises the support loss + lambda/2 |phi - theta|^2 by "
+    "inner_steps steps at alpha; raise --inner_steps to solve it)",
+  )
   cg_steps: int = _field(5, "imaml: conjugate-gradient steps for the implicit meta-gradient")
   # outer loop
-  beta: float | None = _field(None, "outer rate (beta0) of outer_optimizer adam or sgd: "
-                              "adapted by hypergradient for the alpha-maml methods, fixed "
-                              "for the others (reptile: use --epsilon; --beta is its old, "
-                              "deprecated name there); none: 1e-3")
-  epsilon: float | None = _field(None, "reptile's outer step size epsilon0, the rate of its "
-                                 "outer optimizer: theta += epsilon * mean(theta' - theta); "
-                                 "none: 1.0 with its sgd (Nichol et al. 2018), 1e-3 with "
-                                 "adam")
+  beta: float | None = _field(
+    None,
+    "outer rate (beta0) of outer_optimizer adam or sgd: "
+    "adapted by hypergradient for the alpha-maml methods, fixed "
+    "for the others (reptile: use --epsilon; --beta is its old, "
+    "deprecated name there); none: 1e-3",
+  )
+  epsilon: float | None = _field(
+    None,
+    "reptile's outer step size epsilon0, the rate of its "
+    "outer optimizer: theta += epsilon * mean(theta' - theta); "
+    "none: 1.0 with its sgd (Nichol et al. 2018), 1e-3 with "
+    "adam",
+  )
   epsilon_schedule: str | None = _field(
-      None, "reptile's epsilon over the run: constant, or linear from epsilon0 to 0 at "
-      "--iterations (the paper's); none: linear", EPSILON_SCHEDULES)
+    None,
+    "reptile's epsilon over the run: constant, or linear from epsilon0 to 0 at "
+    "--iterations (the paper's); none: linear",
+    EPSILON_SCHEDULES,
+  )
   outer_optimizer: str | None = _field(
-      None, "outer optimizer: adam (its rate beta adapted by hypergradient for the alpha-maml "
-      "methods, fixed for maml) or a learning-rate-free one from optax.contrib (beta then "
-      "unused); none: the method's own (dadapt_adamw for alpha-maml, adam for the others)",
-      OUTER_OPTIMIZERS)
+    None,
+    "outer optimizer: adam (its rate beta adapted by hypergradient for the alpha-maml "
+    "methods, fixed for maml) or a learning-rate-free one from optax.contrib (beta then "
+    "unused); none: the method's own (dadapt_adamw for alpha-maml, adam for the others)",
+    OUTER_OPTIMIZERS,
+  )
   # hypergradient descent on the rates: the library's defaults (amaml.rates), the same in
   # every named config; None = the rule's default
-  rate_rule: str = _field("normalized", "how alpha and beta follow their hypergradients",
-                          RATE_RULES)
+  rate_rule: str = _field(
+    "normalized", "how alpha and beta follow their hypergradients", RATE_RULES
+  )
   alpha_lr: float | None = _field(None, "hypergradient rate of alpha (none: the rule's default)")
   beta_lr: float | None = _field(None, "hypergradient rate of beta (none: the rule's default)")
-  backtrack: bool = _field(True, "alpha-maml: halve alpha and hold the rest when adaptation "
-                           "more than doubles the query loss")
+  backtrack: bool = _field(
+    True,
+    "alpha-maml: halve alpha and hold the rest when adaptation more than doubles the query loss",
+  )
   alpha_min: float = _field(0.0, "lower bound on alpha")
   alpha_max: float | None = _field(None, "upper bound on alpha (none: unbounded)")
   beta_min: float = _field(0.0, "lower bound on beta")
   beta_max: float | None = _field(None, "upper bound on beta (none: unbounded)")
   # test-time adaptation
-  test_adaptation: str = _field("select", "select: inner steps (0..eval_inner_steps) and a "
-                                "multiple of alpha chosen on val_tasks validation tasks, each task stopping "
-                                "before a step that raises its support loss; fixed: "
-                                "eval_inner_steps steps at the trained alpha (MAML's protocol)",
-                                TEST_ADAPTATIONS)
+  test_adaptation: str = _field(
+    "select",
+    "select: inner steps (0..eval_inner_steps) and a "
+    "multiple of alpha chosen on val_tasks validation tasks, each task stopping "
+    "before a step that raises its support loss; fixed: "
+    "eval_inner_steps steps at the trained alpha (MAML's protocol)",
+    TEST_ADAPTATIONS,
+  )
   eval_inner_steps: int = _field(10, "test-time inner steps (the most that select may choose)")
   # data
-  protocol: str = _field("maml", "Omniglot split: maml (1200 training characters, rotations "
-                         "as classes) or lake (background/evaluation alphabets)", ("maml", "lake"))
+  protocol: str = _field(
+    "maml",
+    "Omniglot split: maml (1200 training characters, rotations "
+    "as classes) or lake (background/evaluation alphabets)",
+    ("maml", "lake"),
+  )
   image_size: int = _field(28, "image side in pixels (images are resized to it)")
   dataset: str = _field("", "task image_folder: the benchmark read from data_dir", DATASETS)
-  data_dir: str = _field("", "the data folder. omniglot: the arrays (empty: "
-                         "$AMAML_OMNIGLOT_DIR, then shared/data/omniglot, then "
-                         "~/.cache/amaml/omniglot); image_folder: the benchmark's folder "
-                         "(empty: $AMAML_<DATASET>_DIR)")
-  track_pre_adaptation: bool = _field(True, "also log the query loss before adaptation (one "
-                                      "more forward pass)")
+  data_dir: str = _field(
+    "",
+    "the data folder. omniglot: the arrays (empty: "
+    "$AMAML_OMNIGLOT_DIR, then shared/data/omniglot, then "
+    "~/.cache/amaml/omniglot); image_folder: the benchmark's folder "
+    "(empty: $AMAML_<DATASET>_DIR)",
+  )
+  track_pre_adaptation: bool = _field(
+    True, "also log the query loss before adaptation (one more forward pass)"
+  )
   # run
   iterations: int = _field(20000, "meta steps to train")
-  max_minutes: float = _field(0.0, "stop (checkpoint, evaluate) after this much training; "
-                              "0 = no limit")
+  max_minutes: float = _field(
+    0.0, "stop (checkpoint, evaluate) after this much training; 0 = no limit"
+  )
   seed: int = _field(0, "the one seed every random choice flows from")
   log_every: int = _field(500, "meta steps between metric lines in metrics.jsonl")
-  val_every: int = _field(5000, "meta steps between validations (0 = never; a multiple of log_every)")
+  val_every: int = _field(
+    5000, "meta steps between validations (0 = never; a multiple of log_every)"
+  )
   val_tasks: int = _field(100, "meta-validation tasks per validation and for select")
-  checkpoint_every: int = _field(5000, "meta steps between checkpoints (0 = only at the end; "
-                                 "a multiple of log_every)")
+  checkpoint_every: int = _field(
+    5000, "meta steps between checkpoints (0 = only at the end; a multiple of log_every)"
+  )
   eval_tasks: int = _field(600, "meta-test tasks at the end of training")
   eval_batch: int = _field(100, "tasks evaluated at once (lower it to save memory)")
   max_nonfinite: int = _field(50, "stop after this many consecutive non-finite steps")
-  tensorboard: bool = _field(False, "also write every logged scalar as a TensorBoard event "
-                             "in <out>/tensorboard (pip install 'amaml[tensorboard]')")
+  tensorboard: bool = _field(
+    False,
+    "also write every logged scalar as a TensorBoard event "
+    "in <out>/tensorboard (pip install 'amaml[tensorboard]')",
+  )
   # data parallelism (amaml.sharding): 1 = one device; 0 = all devices; n = the first n
-  devices: int = _field(1, "devices to shard the meta-batch over: 1 = one, 0 = all, n = the first "
-                        "n; with several processes (--num_processes) all devices of them all")
+  devices: int = _field(
+    1,
+    "devices to shard the meta-batch over: 1 = one, 0 = all, n = the first "
+    "n; with several processes (--num_processes) all devices of them all",
+  )
 
   def validate(self) -> "Config":
     """Raises ``ValueError`` naming the bad field and what it accepts."""
@@ -188,35 +280,58 @@ class Config:
     if self.model not in MODELS:
       raise ValueError(f"model={self.model!r}: use one of {MODELS}")
     if self.model != "conv4" and self.task == "sinusoid":
-      raise ValueError(f"--model {self.model} is for the image tasks (omniglot, image_folder); "
-                       "sinusoid always uses its MLP: drop --model")
+      raise ValueError(
+        f"--model {self.model} is for the image tasks (omniglot, image_folder); "
+        "sinusoid always uses its MLP: drop --model"
+      )
     if self.dataset not in DATASETS:
       raise ValueError(f"dataset={self.dataset!r}: use one of {DATASETS[1:]}")
     if (self.task == "image_folder") != bool(self.dataset):
-      raise ValueError(f"task={self.task!r} with dataset={self.dataset!r}: task image_folder "
-                       "needs a dataset, the other tasks take none")
+      raise ValueError(
+        f"task={self.task!r} with dataset={self.dataset!r}: task image_folder "
+        "needs a dataset, the other tasks take none"
+      )
     if self.protocol not in ("maml", "lake"):
       raise ValueError(f"protocol={self.protocol!r}: use maml or lake")
-    for name in ("ways", "shots", "queries", "meta_batch", "inner_steps", "iterations",
-                 "log_every", "val_tasks", "eval_tasks", "eval_batch", "max_nonfinite", "hidden"):
+    for name in (
+      "ways",
+      "shots",
+      "queries",
+      "meta_batch",
+      "inner_steps",
+      "iterations",
+      "log_every",
+      "val_tasks",
+      "eval_tasks",
+      "eval_batch",
+      "max_nonfinite",
+      "hidden",
+    ):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
     if self.devices < 0:
       raise ValueError(f"devices={self.devices} must be >= 0 (0 = all devices, 1 = one device)")
     if self.method in ("reptile", "protonet") and (self.alpha_per_step or self.per_step_params):
-      raise ValueError(f"method={self.method!r} has no per-step rates or parameters: drop "
-                       "--alpha_per_step and --per_step_params")
-    if self.alpha_granularity is not None and self.method not in ("alpha-maml",
-                                                                 "alpha-maml-paper"):
-      raise ValueError(f"method={self.method!r} sets its own rates: --alpha_granularity is "
-                       "for alpha-maml and alpha-maml-paper only")
-    if self.method == "imaml" and (self.inner_params or self.alpha_per_step
-                                   or self.per_step_params):
-      raise ValueError("method='imaml' adapts every parameter at one alpha: drop --inner_params, "
-                       "--alpha_per_step and --per_step_params")
+      raise ValueError(
+        f"method={self.method!r} has no per-step rates or parameters: drop "
+        "--alpha_per_step and --per_step_params"
+      )
+    if self.alpha_granularity is not None and self.method not in ("alpha-maml", "alpha-maml-paper"):
+      raise ValueError(
+        f"method={self.method!r} sets its own rates: --alpha_granularity is "
+        "for alpha-maml and alpha-maml-paper only"
+      )
+    if self.method == "imaml" and (
+      self.inner_params or self.alpha_per_step or self.per_step_params
+    ):
+      raise ValueError(
+        "method='imaml' adapts every parameter at one alpha: drop --inner_params, "
+        "--alpha_per_step and --per_step_params"
+      )
     if self.imaml_lambda <= 0 or self.cg_steps < 1:
-      raise ValueError(f"imaml_lambda={self.imaml_lambda} must be > 0 and "
-                       f"cg_steps={self.cg_steps} >= 1")
+      raise ValueError(
+        f"imaml_lambda={self.imaml_lambda} must be > 0 and cg_steps={self.cg_steps} >= 1"
+      )
     if self.multi_step_loss < 0 or self.first_order_steps < 0:
       raise ValueError("multi_step_loss and first_order_steps must be >= 0 (0 = off)")
     if self.max_minutes < 0:
@@ -226,7 +341,9 @@ class Config:
     for name in ("checkpoint_every", "val_every"):
       v = getattr(self, name)
       if v < 0 or (v and v % self.log_every):
-        raise ValueError(f"{name}={v} must be 0 (never) or a multiple of log_every={self.log_every}")
+        raise ValueError(
+          f"{name}={v} must be 0 (never) or a multiple of log_every={self.log_every}"
+        )
     if self.alpha < 0 or (self.beta is not None and self.beta <= 0):
       raise ValueError(f"alpha={self.alpha} must be >= 0 and beta={self.beta} > 0")
     self._validate_epsilon()
@@ -236,16 +353,21 @@ class Config:
     """Reptile's ``epsilon`` and ``epsilon_schedule``: its own, positive, one name."""
     given = [f"--{n}" for n in ("epsilon", "epsilon_schedule") if getattr(self, n) is not None]
     if given and self.method != "reptile":
-      raise ValueError(f"{' and '.join(given)} set Reptile's outer step: method "
-                       f"{self.method!r} takes --beta instead (or pass --method reptile)")
+      raise ValueError(
+        f"{' and '.join(given)} set Reptile's outer step: method "
+        f"{self.method!r} takes --beta instead (or pass --method reptile)"
+      )
     if self.epsilon is not None and self.epsilon <= 0:
       raise ValueError(f"epsilon={self.epsilon} must be > 0")
     if self.epsilon_schedule is not None and self.epsilon_schedule not in EPSILON_SCHEDULES:
-      raise ValueError(f"epsilon_schedule={self.epsilon_schedule!r}: use one of "
-                       f"{EPSILON_SCHEDULES}")
+      raise ValueError(
+        f"epsilon_schedule={self.epsilon_schedule!r}: use one of {EPSILON_SCHEDULES}"
+      )
     if self.method == "reptile" and self.epsilon is not None and self.beta is not None:
-      raise ValueError(f"epsilon={self.epsilon} and beta={self.beta}: for reptile --beta is "
-                       "the old name of --epsilon; pass --epsilon alone")
+      raise ValueError(
+        f"epsilon={self.epsilon} and beta={self.beta}: for reptile --beta is "
+        "the old name of --epsilon; pass --epsilon alone"
+      )
 
   @property
   def resolved_outer_optimizer(self) -> str:
@@ -295,38 +417,62 @@ class Config:
 # the library's default rule (tests/test_tuning_free.py checks this). MAML's own tuned
 # values (Finn et al. 2017: 5-way alpha 0.4, 20-way 0.1) are what `--method maml` needs:
 # pass --alpha.
-_OMNIGLOT = dict(task="omniglot", hidden=64, meta_batch=32, queries=5, iterations=60000,
-                 log_every=100, val_every=1000, checkpoint_every=1000, eval_batch=50,
-                 track_pre_adaptation=False)
-_IMAGENET = dict(task="image_folder", ways=5, queries=15, image_size=84, hidden=32,
-                 inner_steps=5, eval_inner_steps=10, iterations=60000, log_every=100,
-                 val_every=1000, checkpoint_every=1000, val_tasks=100, eval_tasks=600,
-                 eval_batch=25, track_pre_adaptation=False)
+_OMNIGLOT = dict(
+  task="omniglot",
+  hidden=64,
+  meta_batch=32,
+  queries=5,
+  iterations=60000,
+  log_every=100,
+  val_every=1000,
+  checkpoint_every=1000,
+  eval_batch=50,
+  track_pre_adaptation=False,
+)
+_IMAGENET = dict(
+  task="image_folder",
+  ways=5,
+  queries=15,
+  image_size=84,
+  hidden=32,
+  inner_steps=5,
+  eval_inner_steps=10,
+  iterations=60000,
+  log_every=100,
+  val_every=1000,
+  checkpoint_every=1000,
+  val_tasks=100,
+  eval_tasks=600,
+  eval_batch=25,
+  track_pre_adaptation=False,
+)
 _CIFAR = {**_IMAGENET, "image_size": 32, "hidden": 64}
 CONFIGS: dict[str, Config] = {
-    # MAML's sinusoid regression: 10 support and 10 query points, MLP 1-40-40-1.
-    "sinusoid": Config(),
-    # MAML's Omniglot episodes (Finn et al. 2017): 5-way 1 step, 32 tasks; 20-way 5 steps,
-    # 16 tasks; 60k iterations.
-    "omniglot-5w1s": Config(**{**_OMNIGLOT, "ways": 5, "shots": 1}),
-    "omniglot-5w5s": Config(**{**_OMNIGLOT, "ways": 5, "shots": 5}),
-    "omniglot-20w1s": Config(**{**_OMNIGLOT, "ways": 20, "shots": 1, "inner_steps": 5,
-                                "meta_batch": 16}),
-    "omniglot-20w5s": Config(**{**_OMNIGLOT, "ways": 20, "shots": 5, "inner_steps": 5,
-                                "meta_batch": 16}),
-    # miniImageNet (Ravi & Larochelle splits) and tieredImageNet as in MAML (Finn et al.
-    # 2017): 84x84 RGB, Conv4 with 32 filters, 15 queries per class, 5 inner steps in
-    # training and 10 at test time, 4 tasks (1-shot) or 2 tasks (5-shot) per meta step.
-    "miniimagenet-5w1s": Config(**_IMAGENET, dataset="miniimagenet", shots=1, meta_batch=4),
-    "miniimagenet-5w5s": Config(**_IMAGENET, dataset="miniimagenet", shots=5, meta_batch=2),
-    "tieredimagenet-5w1s": Config(**_IMAGENET, dataset="tieredimagenet", shots=1, meta_batch=4),
-    "tieredimagenet-5w5s": Config(**_IMAGENET, dataset="tieredimagenet", shots=5, meta_batch=2),
-    # CIFAR-FS (Bertinetto et al. 2019) and FC100 (Oreshkin et al. 2018): 32x32 RGB, the
-    # same protocol with Conv4-64.
-    "cifar-fs-5w1s": Config(**_CIFAR, dataset="cifar-fs", shots=1, meta_batch=4),
-    "cifar-fs-5w5s": Config(**_CIFAR, dataset="cifar-fs", shots=5, meta_batch=2),
-    "fc100-5w1s": Config(**_CIFAR, dataset="fc100", shots=1, meta_batch=4),
-    "fc100-5w5s": Config(**_CIFAR, dataset="fc100", shots=5, meta_batch=2),
+  # MAML's sinusoid regression: 10 support and 10 query points, MLP 1-40-40-1.
+  "sinusoid": Config(),
+  # MAML's Omniglot episodes (Finn et al. 2017): 5-way 1 step, 32 tasks; 20-way 5 steps,
+  # 16 tasks; 60k iterations.
+  "omniglot-5w1s": Config(**{**_OMNIGLOT, "ways": 5, "shots": 1}),
+  "omniglot-5w5s": Config(**{**_OMNIGLOT, "ways": 5, "shots": 5}),
+  "omniglot-20w1s": Config(
+    **{**_OMNIGLOT, "ways": 20, "shots": 1, "inner_steps": 5, "meta_batch": 16}
+  ),
+  "omniglot-20w5s": Config(
+    **{**_OMNIGLOT, "ways": 20, "shots": 5, "inner_steps": 5, "meta_batch": 16}
+  ),
+  # miniImageNet (Ravi & Larochelle splits) and tieredImageNet as in MAML (Finn et al.
+  # 2017): 84x84 RGB, Conv4 with 32 filters, 15 queries per class, 5 inner steps in
+  # training and 10 at test time, 4 tasks (1-shot) or 2 tasks (5-shot) per meta step.
+  "miniimagenet-5w1s": Config(**_IMAGENET, dataset="miniimagenet", shots=1, meta_batch=4),
+  "miniimagenet-5w5s": Config(**_IMAGENET, dataset="miniimagenet", shots=5, meta_batch=2),
+  "tieredimagenet-5w1s": Config(**_IMAGENET, dataset="tieredimagenet", shots=1, meta_batch=4),
+  "tieredimagenet-5w5s": Config(**_IMAGENET, dataset="tieredimagenet", shots=5, meta_batch=2),
+  # CIFAR-FS (Bertinetto et al. 2019) and FC100 (Oreshkin et al. 2018): 32x32 RGB, the
+  # same protocol with Conv4-64.
+  "cifar-fs-5w1s": Config(**_CIFAR, dataset="cifar-fs", shots=1, meta_batch=4),
+  "cifar-fs-5w5s": Config(**_CIFAR, dataset="cifar-fs", shots=5, meta_batch=2),
+  "fc100-5w1s": Config(**_CIFAR, dataset="fc100", shots=1, meta_batch=4),
+  "fc100-5w5s": Config(**_CIFAR, dataset="fc100", shots=5, meta_batch=2),
 }
 
 
@@ -341,4 +487,6 @@ def get_config(name: str, **overrides: Any) -> Config:
     raise ValueError(f"unknown config field(s) {bad}; fields are {sorted(fields)}")
   base = dataclasses.replace(CONFIGS[name], **overrides)
   own = METHOD_DEFAULTS.get((base.method, base.task), {})
-  return dataclasses.replace(base, **{k: v for k, v in own.items() if k not in overrides}).validate()
+  return dataclasses.replace(
+    base, **{k: v for k, v in own.items() if k not in overrides}
+  ).validate()

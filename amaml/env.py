@@ -1,4 +1,5 @@
 """What produced a result: library versions and the machine."""
+
 from __future__ import annotations
 
 import os
@@ -21,9 +22,15 @@ def versions() -> dict:
   import amaml
 
   return {
-      "amaml": amaml.__version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-      "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__,
-      "python": platform.python_version(), "backend": jax.default_backend(),
-      "devices": [d.device_kind for d in jax.devices()],
-      "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    "amaml": amaml.__version__,
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+    "flax": flax.__version__,
+    "optax": optax.__version__,
+    "numpy": np.__version__,
+    "python": platform.python_version(),
+    "backend": jax.default_backend(),
+    "devices": [d.device_kind for d in jax.devices()],
+    "cpu": platform.processor() or platform.machine(),
+    "cores": os.cpu_count(),
   }

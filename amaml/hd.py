@@ -56,6 +56,7 @@ every step), the bounds and ``discount``; ``learning_rate`` is only the initial 
 >>> sorted(opt.init(params).hyperparams)
 ['discount', 'hyper_lr', 'learning_rate']
 """
+
 from __future__ import annotations
 
 import numbers
@@ -80,15 +81,15 @@ class HypergradientState(NamedTuple):
 
 
 def hypergradient(
-    optimizer: Callable[..., optax.GradientTransformation],
-    learning_rate: float,
-    hyper_lr: float | None = None,
-    *,
-    rate_rule: str = rates.DEFAULT_RULE,
-    min_rate: float | None = None,
-    max_rate: float | None = None,
-    discount: float = 0.0,
-    **optimizer_kwargs: Any,
+  optimizer: Callable[..., optax.GradientTransformation],
+  learning_rate: float,
+  hyper_lr: float | None = None,
+  *,
+  rate_rule: str = rates.DEFAULT_RULE,
+  min_rate: float | None = None,
+  max_rate: float | None = None,
+  discount: float = 0.0,
+  **optimizer_kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps an Optax optimizer so that its learning rate adapts by hypergradient descent.
 
@@ -123,8 +124,9 @@ def hypergradient(
   """
   if isinstance(optimizer, optax.GradientTransformation):
     raise TypeError(
-        "hypergradient() takes an optimizer factory such as optax.adam, not a built "
-        "optimizer: write hypergradient(optax.adam, learning_rate=1e-3, b1=0.9)")
+      "hypergradient() takes an optimizer factory such as optax.adam, not a built "
+      "optimizer: write hypergradient(optax.adam, learning_rate=1e-3, b1=0.9)"
+    )
   if isinstance(discount, numbers.Real) and not 0.0 <= discount < 1.0:
     raise ValueError(f"discount must be in [0, 1), got {discount}; 0 is plain HD")
   # optax.inject_hyperparams binds this signature with its defaults, so the extra keywords
@@ -133,8 +135,10 @@ def hypergradient(
   base = optax.with_extra_args_support(optimizer(learning_rate=1.0, **optimizer_kwargs))
   if hyper_lr is None:
     if rate_rule != rates.DEFAULT_RULE and rate_rule in rates.RULES:
-      raise ValueError(f"rate_rule={rate_rule!r} needs hyper_lr: the HD paper's is "
-                       f"{rates.PAPER_ALPHA_LR:g} for SGD and {rates.PAPER_BETA_LR:g} for Adam")
+      raise ValueError(
+        f"rate_rule={rate_rule!r} needs hyper_lr: the HD paper's is "
+        f"{rates.PAPER_ALPHA_LR:g} for SGD and {rates.PAPER_BETA_LR:g} for Adam"
+      )
     hyper_lr = rates.DEFAULT_HYPER_LR
   rate = rates.rate_rule(hyper_lr, rate_rule, min_rate=min_rate, max_rate=max_rate)
 
@@ -142,12 +146,13 @@ def hypergradient(
     dtype = jnp.result_type(float)
     lr = jnp.asarray(learning_rate, dtype)
     return HypergradientState(
-        learning_rate=lr,
-        hypergradient=jnp.zeros((), dtype),
-        rate_state=rate.init(lr),
-        prev_direction=jax.tree.map(jnp.zeros_like, params),
-        inner_state=base.init(params),
-        count=jnp.zeros((), jnp.int32))
+      learning_rate=lr,
+      hypergradient=jnp.zeros((), dtype),
+      rate_state=rate.init(lr),
+      prev_direction=jax.tree.map(jnp.zeros_like, params),
+      inner_state=base.init(params),
+      count=jnp.zeros((), jnp.int32),
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     # h_t = <g_t, z_{t-1}>: zero on the first step, where z_0 = 0.
@@ -156,10 +161,12 @@ def hypergradient(
     direction, inner_state = base.update(updates, state.inner_state, params, **extra_args)
     new_updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), direction)
     if not isinstance(discount, numbers.Real) or discount:  # a traced discount may be 0
-      direction = jax.tree.map(lambda z, u: (discount * z + u).astype(u.dtype),
-                               state.prev_direction, direction)
-    return new_updates, HypergradientState(lr, h, rate_state, direction, inner_state,
-                                           state.count + 1)
+      direction = jax.tree.map(
+        lambda z, u: (discount * z + u).astype(u.dtype), state.prev_direction, direction
+      )
+    return new_updates, HypergradientState(
+      lr, h, rate_state, direction, inner_state, state.count + 1
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

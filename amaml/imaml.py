@@ -59,6 +59,7 @@ the other methods.
 >>> float(metrics["lam"]), int(metrics["inner_steps_taken"])
 (1.0, 5)
 """
+
 from __future__ import annotations
 
 import functools
@@ -88,15 +89,27 @@ def _support_grad(loss_fn: Callable, x: Any, y: Any) -> Callable:
   return jax.grad(lambda p: loss_fn(p, x, y)[0])
 
 
-def proximal_objective(loss_fn: Callable, params: Any, lam: jax.Array, phi: Any, x: Any,
-                       y: Any) -> jax.Array:
+def proximal_objective(
+  loss_fn: Callable, params: Any, lam: jax.Array, phi: Any, x: Any, y: Any
+) -> jax.Array:
   """``G(phi) = L_s(phi) + lam/2 |phi - params|^2``: what iMAML's inner loop minimises."""
-  return loss_fn(phi, x, y)[0] + 0.5 * lam * optax.tree.norm(optax.tree.sub(phi, params),
-                                                             squared=True)
+  return loss_fn(phi, x, y)[0] + 0.5 * lam * optax.tree.norm(
+    optax.tree.sub(phi, params), squared=True
+  )
 
 
-def proximal_step(loss_fn: Callable, params: Any, lam: jax.Array, alpha: jax.Array, x: Any,
-                  y: Any, carry: tuple, *, optimizer: Any = None, tol: float = 0.0):
+def proximal_step(
+  loss_fn: Callable,
+  params: Any,
+  lam: jax.Array,
+  alpha: jax.Array,
+  x: Any,
+  y: Any,
+  carry: tuple,
+  *,
+  optimizer: Any = None,
+  tol: float = 0.0,
+):
   """One step of the inner solver on ``G(phi) = L_s(phi) + lam/2 |phi - params|^2``.
 
   ``carry = (phi, optimizer state, done)``: the step is ``phi - alpha * d`` with ``d`` the
@@ -105,8 +118,12 @@ def proximal_step(loss_fn: Callable, params: Any, lam: jax.Array, alpha: jax.Arr
   and ``|grad G|`` at the ``phi`` it started from.
   """
   phi, opt_state, done = carry
-  grads = jax.tree.map(lambda g, p, t: g + (lam * (p - t)).astype(g.dtype),
-                       _support_grad(loss_fn, x, y)(phi), phi, params)
+  grads = jax.tree.map(
+    lambda g, p, t: g + (lam * (p - t)).astype(g.dtype),
+    _support_grad(loss_fn, x, y)(phi),
+    phi,
+    params,
+  )
   grad_norm = optax.tree.norm(grads)
   done = done | (grad_norm <= tol)
   if optimizer is None:
@@ -122,9 +139,18 @@ def _init_carry(params: Any, optimizer: Any) -> tuple:
   return params, (() if optimizer is None else optimizer.init(params)), jnp.array(False)
 
 
-def proximal_adapt(loss_fn: Callable, params: Any, lam: jax.Array, alpha: jax.Array, x: Any,
-                   y: Any, *, inner_steps: int, tol: float = 0.0,
-                   optimizer: Any = None) -> tuple[Any, dict]:
+def proximal_adapt(
+  loss_fn: Callable,
+  params: Any,
+  lam: jax.Array,
+  alpha: jax.Array,
+  x: Any,
+  y: Any,
+  *,
+  inner_steps: int,
+  tol: float = 0.0,
+  optimizer: Any = None,
+) -> tuple[Any, dict]:
   """iMAML's inner loop: up to ``inner_steps`` :func:`proximal_step` from ``phi = params``, a
   ``lax.while_loop`` that stops once ``|grad G| <= tol`` (never, for ``tol=0``). Not meant to
   be differentiated (see :func:`implicit_adapt`).
@@ -132,8 +158,9 @@ def proximal_adapt(loss_fn: Callable, params: Any, lam: jax.Array, alpha: jax.Ar
   Returns ``(phi, info)``; ``info["inner_steps_taken"]`` counts the steps that moved ``phi``
   and ``info["inner_grad_norm"]`` is ``|grad G|`` at the start of the last step.
   """
-  step = functools.partial(proximal_step, loss_fn, params, lam, alpha, x, y,
-                           optimizer=optimizer, tol=tol)
+  step = functools.partial(
+    proximal_step, loss_fn, params, lam, alpha, x, y, optimizer=optimizer, tol=tol
+  )
 
   def body(state):
     k, carry, _ = state
@@ -146,12 +173,22 @@ def proximal_adapt(loss_fn: Callable, params: Any, lam: jax.Array, alpha: jax.Ar
 
   zero = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
   k, (phi, _, done), grad_norm = jax.lax.while_loop(
-      cond, body, (jnp.zeros((), jnp.int32), _init_carry(params, optimizer), zero))
+    cond, body, (jnp.zeros((), jnp.int32), _init_carry(params, optimizer), zero)
+  )
   return phi, {"inner_steps_taken": k - done.astype(jnp.int32), "inner_grad_norm": grad_norm}
 
 
-def implicit_gradient(loss_fn: Callable, phi: Any, lam: jax.Array, x: Any, y: Any, g: Any, *,
-                      cg_steps: int, cg_tol: float = 1e-10) -> Any:
+def implicit_gradient(
+  loss_fn: Callable,
+  phi: Any,
+  lam: jax.Array,
+  x: Any,
+  y: Any,
+  g: Any,
+  *,
+  cg_steps: int,
+  cg_tol: float = 1e-10,
+) -> Any:
   """``v = (I + H / lam)^-1 g`` by at most ``cg_steps`` steps of conjugate gradient
   (``jax.scipy.sparse.linalg.cg``, relative tolerance ``cg_tol``), ``H`` the Hessian of the
   support loss at ``phi`` applied by Hessian-vector products (``jax.linearize`` of the
@@ -174,16 +211,23 @@ def _zero_cotangent(x: jax.Array):
   return np.zeros(x.shape, jax.dtypes.float0)  # integer inputs (labels) take float0
 
 
-def implicit_adapt(loss_fn: Callable, *, inner_steps: int, tol: float = 0.0,
-                   optimizer: Any = None, cg_steps: int = 5,
-                   cg_tol: float = 1e-10) -> Callable:
+def implicit_adapt(
+  loss_fn: Callable,
+  *,
+  inner_steps: int,
+  tol: float = 0.0,
+  optimizer: Any = None,
+  cg_steps: int = 5,
+  cg_tol: float = 1e-10,
+) -> Callable:
   """``adapt(params, lam, alpha, x, y) -> (phi*, info)``: :func:`proximal_adapt` with
   iMAML's implicit derivative as its ``jax.custom_vjp``. The cotangent ``g`` of ``phi*``
   maps to ``v = (I + H / lam)^-1 g`` for ``params`` (:func:`implicit_gradient`) and to
   ``-(phi* - params)^T v / lam`` for ``lam`` (the module docstring derives both); ``alpha``
   and the data get zero. Second derivatives of it are not defined."""
-  solve = functools.partial(proximal_adapt, loss_fn, inner_steps=inner_steps, tol=tol,
-                            optimizer=optimizer)
+  solve = functools.partial(
+    proximal_adapt, loss_fn, inner_steps=inner_steps, tol=tol, optimizer=optimizer
+  )
 
   @jax.custom_vjp
   def adapt(params, lam, alpha, x, y):
@@ -195,11 +239,15 @@ def implicit_adapt(loss_fn: Callable, *, inner_steps: int, tol: float = 0.0,
 
   def bwd(res, cotangents):
     phi, params, lam, alpha, x, y = res
-    v = implicit_gradient(loss_fn, phi, lam, x, y, cotangents[0], cg_steps=cg_steps,
-                          cg_tol=cg_tol)
+    v = implicit_gradient(loss_fn, phi, lam, x, y, cotangents[0], cg_steps=cg_steps, cg_tol=cg_tol)
     lam_bar = -optax.tree.vdot(optax.tree.sub(phi, params), v) / lam
-    return (v, lam_bar.astype(jnp.result_type(lam)), jax.tree.map(_zero_cotangent, alpha),
-            jax.tree.map(_zero_cotangent, x), jax.tree.map(_zero_cotangent, y))
+    return (
+      v,
+      lam_bar.astype(jnp.result_type(lam)),
+      jax.tree.map(_zero_cotangent, alpha),
+      jax.tree.map(_zero_cotangent, x),
+      jax.tree.map(_zero_cotangent, y),
+    )
 
   adapt.defvjp(fwd, bwd)
   return adapt
@@ -219,13 +267,25 @@ def _check(lam, alpha, inner_steps, cg_steps, cg_tol, inner_tol, lam_lr, lam_min
     raise ValueError(f"lam_min={lam_min} must be in (0, lam={lam}] or None")
 
 
-def imaml(loss_fn: Callable[..., tuple[jax.Array, dict]], *, lam: float = 1.0,
-          alpha: float = 0.01, inner_steps: int = 10, cg_steps: int = 5,
-          cg_tol: float = 1e-10, inner_tol: float = 0.0, inner_optimizer: Any = None,
-          optimizer: Any = None, beta: float = 1e-3, lam_lr: float = 0.0,
-          rate_rule: str = DEFAULT_RULE, lam_min: float | None = 1e-4,
-          lam_max: float | None = None, track_pre_adaptation: bool = True,
-          donate: bool = False) -> MetaLearner:
+def imaml(
+  loss_fn: Callable[..., tuple[jax.Array, dict]],
+  *,
+  lam: float = 1.0,
+  alpha: float = 0.01,
+  inner_steps: int = 10,
+  cg_steps: int = 5,
+  cg_tol: float = 1e-10,
+  inner_tol: float = 0.0,
+  inner_optimizer: Any = None,
+  optimizer: Any = None,
+  beta: float = 1e-3,
+  lam_lr: float = 0.0,
+  rate_rule: str = DEFAULT_RULE,
+  lam_min: float | None = 1e-4,
+  lam_max: float | None = None,
+  track_pre_adaptation: bool = True,
+  donate: bool = False,
+) -> MetaLearner:
   """iMAML (Rajeswaran et al., 2019): the meta-gradient of a proximal inner loop by the
   implicit function theorem and conjugate gradient (derivations in :mod:`amaml.imaml`).
 
@@ -266,13 +326,20 @@ def imaml(loss_fn: Callable[..., tuple[jax.Array, dict]], *, lam: float = 1.0,
   _check(lam, alpha, inner_steps, cg_steps, cg_tol, inner_tol, lam_lr, lam_min)
   opt = optimizer if optimizer is not None else optax.adam(beta)
   if not isinstance(opt, optax.GradientTransformation):
-    raise ValueError("optimizer must be a built optax.GradientTransformation (e.g. "
-                     "optax.adam(1e-3)) or None")
+    raise ValueError(
+      "optimizer must be a built optax.GradientTransformation (e.g. optax.adam(1e-3)) or None"
+    )
   if isinstance(inner_optimizer, str):
     inner_optimizer = inner.inner_optimizer(inner_optimizer)
   lam_rule = rates.rate_rule(lam_lr, rate_rule, min_rate=lam_min, max_rate=lam_max)
-  adapt = implicit_adapt(loss_fn, inner_steps=inner_steps, tol=inner_tol,
-                         optimizer=inner_optimizer, cg_steps=cg_steps, cg_tol=cg_tol)
+  adapt = implicit_adapt(
+    loss_fn,
+    inner_steps=inner_steps,
+    tol=inner_tol,
+    optimizer=inner_optimizer,
+    cg_steps=cg_steps,
+    cg_tol=cg_tol,
+  )
   solver = dict(tol=inner_tol, optimizer=inner_optimizer)
 
   def lam_or_default(lam_):
@@ -289,7 +356,8 @@ def imaml(loss_fn: Callable[..., tuple[jax.Array, dict]], *, lam: float = 1.0,
 
   def mean_loss(params, lam_, alpha_, batch: TaskBatch):
     losses, aux = jax.vmap(task_loss, in_axes=(None, None, None, 0, 0, 0, 0))(
-        params, lam_, alpha_, *batch)
+      params, lam_, alpha_, *batch
+    )
     return jnp.mean(losses), jax.tree.map(lambda a: jnp.mean(a.astype(losses.dtype)), aux)
 
   def meta_loss(params, alpha_, batch: TaskBatch, lam=None):
@@ -298,37 +366,55 @@ def imaml(loss_fn: Callable[..., tuple[jax.Array, dict]], *, lam: float = 1.0,
   def init(params) -> MetaState:
     dtype = jnp.result_type(float)
     lam0 = jnp.asarray(lam, dtype)
-    return MetaState(params=params, alpha=jnp.asarray(alpha, dtype),
-                     alpha_state=LamState(lam0, lam_rule.init(lam0)), opt_state=opt.init(params),
-                     step=jnp.zeros((), jnp.int32), nonfinite_streak=jnp.zeros((), jnp.int32))
+    return MetaState(
+      params=params,
+      alpha=jnp.asarray(alpha, dtype),
+      alpha_state=LamState(lam0, lam_rule.init(lam0)),
+      opt_state=opt.init(params),
+      step=jnp.zeros((), jnp.int32),
+      nonfinite_streak=jnp.zeros((), jnp.int32),
+    )
 
   def update(state: MetaState, batch: TaskBatch):
     lam_ = state.alpha_state.lam
-    (loss, aux), (grads, lam_grad) = jax.value_and_grad(mean_loss, argnums=(0, 1),
-                                                        has_aux=True)(
-        state.params, lam_, state.alpha, batch)
+    (loss, aux), (grads, lam_grad) = jax.value_and_grad(mean_loss, argnums=(0, 1), has_aux=True)(
+      state.params, lam_, state.alpha, batch
+    )
     updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_lam, rule_state = lam_rule.update(lam_, lam_grad, state.alpha_state.rule_state)
     ok = _all_finite((loss, grads, lam_grad, params, new_lam, opt_state))
-    new_state = guard(state, ok, params=params, opt_state=opt_state,
-                      alpha_state=LamState(new_lam, rule_state))
-    metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads), "alpha": state.alpha,
-               "lam": new_state.alpha_state.lam, "lam_hypergradient": lam_grad,
-               "nonfinite": jnp.logical_not(ok), "nonfinite_streak": new_state.nonfinite_streak}
+    new_state = guard(
+      state, ok, params=params, opt_state=opt_state, alpha_state=LamState(new_lam, rule_state)
+    )
+    metrics = {
+      "loss": loss,
+      **aux,
+      "grad_norm": optax.tree.norm(grads),
+      "alpha": state.alpha,
+      "lam": new_state.alpha_state.lam,
+      "lam_hypergradient": lam_grad,
+      "nonfinite": jnp.logical_not(ok),
+      "nonfinite_streak": new_state.nonfinite_streak,
+    }
     if track_pre_adaptation:
       metrics.update(pre_adaptation_metrics(loss_fn, state.params, batch))
     return new_state, metrics
 
   evaluate, adaptation_curve = _test_time(loss_fn, lam_or_default, inner_steps, **solver)
-  return MetaLearner(init=init, step=jax.jit(update, donate_argnums=(0,) if donate else ()),
-                     evaluate=jax.jit(evaluate, static_argnames=("inner_steps",)),
-                     meta_loss=meta_loss, update=update,
-                     adaptation_curve=jax.jit(adaptation_curve, static_argnames=("inner_steps",)))
+  return MetaLearner(
+    init=init,
+    step=jax.jit(update, donate_argnums=(0,) if donate else ()),
+    evaluate=jax.jit(evaluate, static_argnames=("inner_steps",)),
+    meta_loss=meta_loss,
+    update=update,
+    adaptation_curve=jax.jit(adaptation_curve, static_argnames=("inner_steps",)),
+  )
 
 
-def _test_time(loss_fn: Callable, lam_of: Callable, default_inner_steps: int, *, tol: float,
-               optimizer: Any) -> tuple[Callable, Callable]:
+def _test_time(
+  loss_fn: Callable, lam_of: Callable, default_inner_steps: int, *, tol: float, optimizer: Any
+) -> tuple[Callable, Callable]:
   """iMAML's ``evaluate`` and ``adaptation_curve`` (un-jitted): the proximal inner loop at
   ``lam_of(lam)``, reporting the query loss (and aux) before and after, or after every step.
   The curve's ``"support_loss"`` (which :func:`amaml.adaptation.support_guard` judges by) is
@@ -343,8 +429,12 @@ def _test_time(loss_fn: Callable, lam_of: Callable, default_inner_steps: int, *,
       pre_loss, pre_aux = loss_fn(params, qx, qy)
       phi, _ = proximal_adapt(loss_fn, params, lam_, alpha_, sx, sy, inner_steps=steps, **solver)
       post_loss, post_aux = loss_fn(phi, qx, qy)
-      return {"pre_loss": pre_loss, "loss": post_loss, **post_aux,
-              **{f"pre_{k}": v for k, v in pre_aux.items()}}
+      return {
+        "pre_loss": pre_loss,
+        "loss": post_loss,
+        **post_aux,
+        **{f"pre_{k}": v for k, v in pre_aux.items()},
+      }
 
     return jax.vmap(one)(*batch)
 
@@ -353,8 +443,10 @@ def _test_time(loss_fn: Callable, lam_of: Callable, default_inner_steps: int, *,
 
     def one(sx, sy, qx, qy):
       step = functools.partial(proximal_step, loss_fn, params, lam_, alpha_, sx, sy, **solver)
-      scores = lambda phi: (loss_fn(phi, qx, qy),
-                            proximal_objective(loss_fn, params, lam_, phi, sx, sy))
+      scores = lambda phi: (
+        loss_fn(phi, qx, qy),
+        proximal_objective(loss_fn, params, lam_, phi, sx, sy),
+      )
       body = lambda carry, _: (step(carry)[0], scores(carry[0]))
       last, curve = jax.lax.scan(body, _init_carry(params, optimizer), None, length=inner_steps)
       return jax.tree.map(lambda c, f: jnp.concatenate([c, f[None]]), curve, scores(last[0]))

@@ -12,6 +12,7 @@ Alpha MAML hypergradient ``d L_query / d alpha`` from one backward pass.
 >>> round(float(new["w"]), 4)   # w <- w - 0.1 * d/dw mean((w x - y)^2), twice
 1.5
 """
+
 from __future__ import annotations
 
 import re
@@ -24,8 +25,9 @@ LossFn = Callable[..., tuple[jax.Array, Any]]
 GRANULARITIES = ("scalar", "tensor", "parameter")
 
 
-def init_alpha(params: Any, value: float, granularity: str = "scalar", dtype=None,
-               steps: int | None = None) -> Any:
+def init_alpha(
+  params: Any, value: float, granularity: str = "scalar", dtype=None, steps: int | None = None
+) -> Any:
   """Initial inner learning rate(s).
 
   Args:
@@ -65,10 +67,12 @@ def at_step(tree: Any, k: int | jax.Array, select: Any = None) -> Any:
   >>> at_step({"a": jnp.array([1.0, 2.0]), "b": jnp.array([5.0, 6.0])}, 3, {"a": True, "b": False})
   {'a': Array(2., dtype=float32), 'b': Array([5., 6.], dtype=float32)}
   """
+
   def pick(x, chosen=True):
     if not chosen:
       return x
     return jax.lax.dynamic_index_in_dim(x, jnp.minimum(k, x.shape[0] - 1), keepdims=False)
+
   return jax.tree.map(pick, tree) if select is None else jax.tree.map(pick, tree, select)
 
 
@@ -76,8 +80,9 @@ def per_step_copies(params: Any, select: Any, steps: int) -> Any:
   """``params`` with each leaf where the pytree of bools ``select`` is true repeated ``steps``
   times on a new leading axis: one copy per inner step (MAML++'s per-step batch-norm scale
   and shift), read back by :func:`at_step`."""
-  return jax.tree.map(lambda p, s: jnp.broadcast_to(p, (steps, *jnp.shape(p))) if s else p,
-                      params, select)
+  return jax.tree.map(
+    lambda p, s: jnp.broadcast_to(p, (steps, *jnp.shape(p))) if s else p, params, select
+  )
 
 
 def broadcast_alpha(alpha: Any, params: Any) -> Any:
@@ -87,9 +92,10 @@ def broadcast_alpha(alpha: Any, params: Any) -> Any:
   if jax.tree_util.treedef_is_leaf(jax.tree.structure(alpha)) and jnp.ndim(alpha) == 0:
     return jax.tree.map(lambda _: alpha, params)
   raise ValueError(
-      "alpha must be a scalar or a pytree with the structure of params (see "
-      f"amaml.init_alpha); got structure {jax.tree.structure(alpha)} for params "
-      f"{jax.tree.structure(params)}")
+    "alpha must be a scalar or a pytree with the structure of params (see "
+    f"amaml.init_alpha); got structure {jax.tree.structure(alpha)} for params "
+    f"{jax.tree.structure(params)}"
+  )
 
 
 def param_mask(params: Any, select: Any = None) -> Any:
@@ -113,10 +119,12 @@ def param_mask(params: Any, select: Any = None) -> Any:
   else:
     return jax.tree.map(bool, select)
   mask = jax.tree_util.tree_map_with_path(
-      lambda kp, leaf: bool(select_fn("/".join(_key_name(k) for k in kp), leaf)), params)
+    lambda kp, leaf: bool(select_fn("/".join(_key_name(k) for k in kp), leaf)), params
+  )
   if not any(jax.tree.leaves(mask)):
-    raise ValueError(f"no parameter matches {select!r}; parameter paths are "
-                     f"{[p for p, _ in _paths(params)]}")
+    raise ValueError(
+      f"no parameter matches {select!r}; parameter paths are {[p for p, _ in _paths(params)]}"
+    )
   return mask
 
 
@@ -125,12 +133,22 @@ def _key_name(k) -> str:
 
 
 def _paths(params):
-  return [("/".join(_key_name(k) for k in kp), leaf)
-          for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
+  return [
+    ("/".join(_key_name(k) for k in kp), leaf)
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+  ]
 
 
-def sgd_step(loss_fn: LossFn, params: Any, alpha: Any, x: Any, y: Any, *,
-             first_order: bool = False, mask: Any = None) -> tuple[Any, jax.Array]:
+def sgd_step(
+  loss_fn: LossFn,
+  params: Any,
+  alpha: Any,
+  x: Any,
+  y: Any,
+  *,
+  first_order: bool = False,
+  mask: Any = None,
+) -> tuple[Any, jax.Array]:
   """One inner step ``params - alpha * grad``; returns ``(new_params, support_loss)``.
 
   With ``first_order`` the inner gradient is under ``stop_gradient`` (FOMAML):
@@ -157,16 +175,27 @@ def sgd_step(loss_fn: LossFn, params: Any, alpha: Any, x: Any, y: Any, *,
     return treedef.unflatten(full)
 
   (loss, _), grads = jax.value_and_grad(
-      lambda sub: loss_fn(with_selected(sub), x, y), has_aux=True)([leaves[i] for i in selected])
+    lambda sub: loss_fn(with_selected(sub), x, y), has_aux=True
+  )([leaves[i] for i in selected])
   if first_order:
     grads = jax.lax.stop_gradient(grads)
-  return with_selected([leaves[i] - (alpha_leaves[i] * g).astype(leaves[i].dtype)
-                        for i, g in zip(selected, grads)]), loss
+  return with_selected(
+    [leaves[i] - (alpha_leaves[i] * g).astype(leaves[i].dtype) for i, g in zip(selected, grads)]
+  ), loss
 
 
-def optimizer_step(loss_fn: LossFn, params: Any, opt_state: Any, alpha: Any, x: Any, y: Any,
-                   optimizer: Any, *, first_order: bool = False,
-                   mask: Any = None) -> tuple[Any, Any, jax.Array]:
+def optimizer_step(
+  loss_fn: LossFn,
+  params: Any,
+  opt_state: Any,
+  alpha: Any,
+  x: Any,
+  y: Any,
+  optimizer: Any,
+  *,
+  first_order: bool = False,
+  mask: Any = None,
+) -> tuple[Any, Any, jax.Array]:
   """One inner step of an Optax *direction* ``optimizer`` (a ``GradientTransformation``
   without a learning rate, e.g. ``optax.scale_by_adam(eps_root=1e-8)`` or
   ``optax.trace(0.9)``): ``params - alpha * direction``. ``alpha`` enters linearly, so
@@ -180,8 +209,9 @@ def optimizer_step(loss_fn: LossFn, params: Any, opt_state: Any, alpha: Any, x: 
   direction, opt_state = optimizer.update(grads, opt_state, params)
   alphas = broadcast_alpha(alpha, params)
   keep = mask if mask is not None else jax.tree.map(lambda _: True, params)
-  new = jax.tree.map(lambda p, a, d, m: p - (a * d).astype(p.dtype) if m else p,
-                     params, alphas, direction, keep)
+  new = jax.tree.map(
+    lambda p, a, d, m: p - (a * d).astype(p.dtype) if m else p, params, alphas, direction, keep
+  )
   return new, opt_state, loss
 
 
@@ -191,9 +221,20 @@ def init_carry(params: Any, optimizer: Any = None) -> tuple[Any, Any]:
   return params, (() if optimizer is None else optimizer.init(params))
 
 
-def inner_step(loss_fn: LossFn, carry: tuple[Any, Any], k: int | jax.Array, alpha: Any, x: Any,
-               y: Any, *, optimizer: Any = None, first_order: bool = False, mask: Any = None,
-               alpha_per_step: bool = False, per_step: Any = None) -> tuple[tuple[Any, Any], jax.Array]:
+def inner_step(
+  loss_fn: LossFn,
+  carry: tuple[Any, Any],
+  k: int | jax.Array,
+  alpha: Any,
+  x: Any,
+  y: Any,
+  *,
+  optimizer: Any = None,
+  first_order: bool = False,
+  mask: Any = None,
+  alpha_per_step: bool = False,
+  per_step: Any = None,
+) -> tuple[tuple[Any, Any], jax.Array]:
   """Inner step ``k`` from ``carry = (params, optimizer state)`` (:func:`init_carry`): an SGD
   step (:func:`sgd_step`) or one of ``optimizer`` (:func:`optimizer_step`). With
   ``alpha_per_step`` the rates are step ``k``'s copy of ``alpha``; with ``per_step`` (a
@@ -204,9 +245,11 @@ def inner_step(loss_fn: LossFn, carry: tuple[Any, Any], k: int | jax.Array, alph
   rate = at_step(alpha, k) if alpha_per_step else alpha
   if per_step is not None:
     step_loss = lambda p, x_, y_: loss_fn(at_step(p, k, per_step), x_, y_)
-    mask = jax.tree.map(lambda m, s: bool(m) and not s,
-                        mask if mask is not None else jax.tree.map(lambda _: True, per_step),
-                        per_step)
+    mask = jax.tree.map(
+      lambda m, s: bool(m) and not s,
+      mask if mask is not None else jax.tree.map(lambda _: True, per_step),
+      per_step,
+    )
     if not any(jax.tree.leaves(mask)):
       raise ValueError("every parameter is per-step: none is left for the inner loop to adapt")
   else:
@@ -214,8 +257,9 @@ def inner_step(loss_fn: LossFn, carry: tuple[Any, Any], k: int | jax.Array, alph
   if optimizer is None:
     params, loss = sgd_step(step_loss, params, rate, x, y, first_order=first_order, mask=mask)
     return (params, state), loss
-  params, state, loss = optimizer_step(step_loss, params, state, rate, x, y, optimizer,
-                                       first_order=first_order, mask=mask)
+  params, state, loss = optimizer_step(
+    step_loss, params, state, rate, x, y, optimizer, first_order=first_order, mask=mask
+  )
   return (params, state), loss
 
 
@@ -238,10 +282,22 @@ def inner_optimizer(name: str) -> Any:
   raise ValueError(f"inner optimizer {name!r}: use one of {INNER_OPTIMIZERS}")
 
 
-def adapt(loss_fn: LossFn, params: Any, alpha: Any, x: Any, y: Any, *, inner_steps: int = 1,
-          first_order: bool = False, unroll: bool | int = True,
-          remat: bool = False, mask: Any = None, optimizer: Any = None,
-          alpha_per_step: bool = False, per_step: Any = None) -> tuple[Any, jax.Array]:
+def adapt(
+  loss_fn: LossFn,
+  params: Any,
+  alpha: Any,
+  x: Any,
+  y: Any,
+  *,
+  inner_steps: int = 1,
+  first_order: bool = False,
+  unroll: bool | int = True,
+  remat: bool = False,
+  mask: Any = None,
+  optimizer: Any = None,
+  alpha_per_step: bool = False,
+  per_step: Any = None,
+) -> tuple[Any, jax.Array]:
   """Adapts ``params`` to one task by ``inner_steps`` SGD steps on its support set.
 
   Args:
@@ -274,9 +330,19 @@ def adapt(loss_fn: LossFn, params: Any, alpha: Any, x: Any, y: Any, *, inner_ste
     raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
 
   def body(carry, k):
-    return inner_step(loss_fn, carry, k, alpha, x, y, optimizer=optimizer,
-                      first_order=first_order, mask=mask, alpha_per_step=alpha_per_step,
-                      per_step=per_step)
+    return inner_step(
+      loss_fn,
+      carry,
+      k,
+      alpha,
+      x,
+      y,
+      optimizer=optimizer,
+      first_order=first_order,
+      mask=mask,
+      alpha_per_step=alpha_per_step,
+      per_step=per_step,
+    )
 
   if remat:
     body = jax.checkpoint(body)
@@ -284,6 +350,7 @@ def adapt(loss_fn: LossFn, params: Any, alpha: Any, x: Any, y: Any, *, inner_ste
       unroll = 1
   if inner_steps == 0:
     return params, jnp.zeros((0,))
-  (out, _), losses = jax.lax.scan(body, init_carry(params, optimizer), jnp.arange(inner_steps),
-                                  unroll=unroll)
+  (out, _), losses = jax.lax.scan(
+    body, init_carry(params, optimizer), jnp.arange(inner_steps), unroll=unroll
+  )
   return out, losses

@@ -7,6 +7,7 @@
 >>> float(aux["accuracy"])
 1.0
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable

@@ -40,6 +40,7 @@ A complete training loop on sinusoid regression:
 >>> sorted(metrics)[:5]
 ['alpha', 'alpha_hypergradient', 'backtracked', 'beta', 'grad_norm']
 """
+
 from __future__ import annotations
 
 import functools
@@ -51,8 +52,7 @@ import optax
 
 from amaml import inner, rates
 from amaml.hd import current_hypergradient, current_learning_rate, hypergradient
-from amaml.rates import (DEFAULT_HYPER_LR, DEFAULT_RULE, PAPER_ALPHA_LR, PAPER_BETA_LR,
-                         PAPER_RULE)
+from amaml.rates import DEFAULT_HYPER_LR, DEFAULT_RULE, PAPER_ALPHA_LR, PAPER_BETA_LR, PAPER_RULE
 from amaml.task import TaskBatch
 
 
@@ -97,13 +97,22 @@ class MetaLearner(NamedTuple):
 #: log line (:func:`amaml.train.train`): ``"last"`` keeps the value at the line's last step,
 #: ``"sum"`` adds them up (logged as ``nonfinite_steps``); every other metric is averaged
 #: over its finite values.
-METRIC_REDUCTIONS = {"alpha": "last", "beta": "last", "epsilon": "last", "lam": "last",
-                     "nonfinite_streak": "last", "nonfinite": "sum"}
+METRIC_REDUCTIONS = {
+  "alpha": "last",
+  "beta": "last",
+  "epsilon": "last",
+  "lam": "last",
+  "nonfinite_streak": "last",
+  "nonfinite": "sum",
+}
 
 
 def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  leaves = [
+    jnp.all(jnp.isfinite(x))
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
@@ -113,8 +122,10 @@ def guard(state: MetaState, ok: jax.Array, **new: Any) -> MetaState:
   way and ``nonfinite_streak`` counts the steps in a row that were not taken."""
   keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(ok, a, b), n, o)
   return state._replace(
-      **{k: keep(v, getattr(state, k)) for k, v in new.items()}, step=state.step + 1,
-      nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32))
+    **{k: keep(v, getattr(state, k)) for k, v in new.items()},
+    step=state.step + 1,
+    nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32),
+  )
 
 
 def pre_adaptation_metrics(loss_fn: Callable, params, batch: TaskBatch) -> dict:
@@ -132,34 +143,36 @@ def tree_mean(tree) -> jax.Array:
 
 
 def alpha_maml(
-    loss_fn: Callable[..., tuple[jax.Array, dict]],
-    *,
-    alpha: float = 0.1,
-    beta: float = 1e-3,
-    alpha_lr: float | None = None,
-    beta_lr: float | None = None,
-    optimizer: Callable[..., optax.GradientTransformation] | optax.GradientTransformation | None = None,
-    inner_steps: int = 1,
-    first_order: bool = False,
-    alpha_granularity: str = "tensor",
-    rate_rule: str = DEFAULT_RULE,
-    backtrack: bool = True,
-    alpha_min: float | None = 0.0,
-    alpha_max: float | None = None,
-    beta_min: float | None = 0.0,
-    beta_max: float | None = None,
-    track_pre_adaptation: bool = True,
-    unroll: bool | int = True,
-    remat: bool = False,
-    donate: bool = False,
-    inner_params: Any = None,
-    alpha_update: str = "hypergradient",
-    inner_optimizer: Any = None,
-    multi_step_loss: int = 0,
-    first_order_steps: int = 0,
-    alpha_per_step: bool = False,
-    per_step_params: Any = None,
-    **optimizer_kwargs: Any,
+  loss_fn: Callable[..., tuple[jax.Array, dict]],
+  *,
+  alpha: float = 0.1,
+  beta: float = 1e-3,
+  alpha_lr: float | None = None,
+  beta_lr: float | None = None,
+  optimizer: Callable[..., optax.GradientTransformation]
+  | optax.GradientTransformation
+  | None = None,
+  inner_steps: int = 1,
+  first_order: bool = False,
+  alpha_granularity: str = "tensor",
+  rate_rule: str = DEFAULT_RULE,
+  backtrack: bool = True,
+  alpha_min: float | None = 0.0,
+  alpha_max: float | None = None,
+  beta_min: float | None = 0.0,
+  beta_max: float | None = None,
+  track_pre_adaptation: bool = True,
+  unroll: bool | int = True,
+  remat: bool = False,
+  donate: bool = False,
+  inner_params: Any = None,
+  alpha_update: str = "hypergradient",
+  inner_optimizer: Any = None,
+  multi_step_loss: int = 0,
+  first_order_steps: int = 0,
+  alpha_per_step: bool = False,
+  per_step_params: Any = None,
+  **optimizer_kwargs: Any,
 ) -> MetaLearner:
   """Alpha MAML (Behl, Baydin & Torr, 2019): MAML with ``alpha`` (and, with an optimizer
   factory, ``beta``) adapted online by hypergradient descent, with amaml's tuning-free
@@ -263,25 +276,39 @@ def alpha_maml(
       raise TypeError("optimizer_kwargs need an optimizer factory, not a built optimizer")
     opt = optimizer
   else:
-    opt = hypergradient(optimizer, learning_rate=beta, hyper_lr=beta_lr, rate_rule=rate_rule,
-                        min_rate=beta_min, max_rate=beta_max, **optimizer_kwargs)
+    opt = hypergradient(
+      optimizer,
+      learning_rate=beta,
+      hyper_lr=beta_lr,
+      rate_rule=rate_rule,
+      min_rate=beta_min,
+      max_rate=beta_max,
+      **optimizer_kwargs,
+    )
   if alpha_granularity not in inner.GRANULARITIES:
-    raise ValueError(f"alpha_granularity must be one of {inner.GRANULARITIES}, got {alpha_granularity!r}")
+    raise ValueError(
+      f"alpha_granularity must be one of {inner.GRANULARITIES}, got {alpha_granularity!r}"
+    )
   if inner_steps < 1:
     raise ValueError(f"inner_steps must be >= 1 for meta-learning, got {inner_steps}")
   if alpha_update not in ("hypergradient", "outer"):
     raise ValueError(f"alpha_update must be 'hypergradient' or 'outer', got {alpha_update!r}")
   alpha_rule = rates.rate_rule(alpha_lr, rate_rule, min_rate=alpha_min, max_rate=alpha_max)
   mask_of = lambda params: None if inner_params is None else inner.param_mask(params, inner_params)
-  per_step_of = lambda params: (None if per_step_params is None else
-                                inner.param_mask(params, per_step_params))
+  per_step_of = lambda params: (
+    None if per_step_params is None else inner.param_mask(params, per_step_params)
+  )
   if isinstance(inner_optimizer, str):
     inner_optimizer = inner.inner_optimizer(inner_optimizer)
 
   def step_kwargs(params):
     """How every inner step runs (:func:`amaml.inner.inner_step`)."""
-    return dict(optimizer=inner_optimizer, mask=mask_of(params), alpha_per_step=alpha_per_step,
-                per_step=per_step_of(params))
+    return dict(
+      optimizer=inner_optimizer,
+      mask=mask_of(params),
+      alpha_per_step=alpha_per_step,
+      per_step=per_step_of(params),
+    )
 
   def after(params, steps):
     """The model's parameters for a forward pass after ``steps`` inner steps (per-step
@@ -291,16 +318,26 @@ def alpha_maml(
 
   def task_loss(params, alpha_, sx, sy, qx, qy, fo, weights):
     if weights is None:
-      adapted, support_losses = inner.adapt(loss_fn, params, alpha_, sx, sy,
-                                            inner_steps=inner_steps, first_order=fo,
-                                            unroll=unroll, remat=remat, **step_kwargs(params))
+      adapted, support_losses = inner.adapt(
+        loss_fn,
+        params,
+        alpha_,
+        sx,
+        sy,
+        inner_steps=inner_steps,
+        first_order=fo,
+        unroll=unroll,
+        remat=remat,
+        **step_kwargs(params),
+      )
       loss, aux = loss_fn(after(adapted, inner_steps), qx, qy)
       return loss, {**aux, "support_loss": support_losses[0]}
     # the multi-step loss: the query loss after every inner step, weighted
     carry, query_losses = inner.init_carry(params, inner_optimizer), []
     for k in range(inner_steps):
-      carry, sl = inner.inner_step(loss_fn, carry, k, alpha_, sx, sy, first_order=fo,
-                                   **step_kwargs(params))
+      carry, sl = inner.inner_step(
+        loss_fn, carry, k, alpha_, sx, sy, first_order=fo, **step_kwargs(params)
+      )
       if k == 0:
         support0 = sl
       loss, aux = loss_fn(after(carry[0], k + 1), qx, qy)
@@ -312,16 +349,20 @@ def alpha_maml(
     """The mean over tasks of the query loss after adaptation (with ``multi_step_loss``
     and a meta ``step``: MAML++'s weighted sum over inner steps)."""
     fo = first_order if first_order_ is None else first_order_
-    weights = None if not multi_step_loss or step is None else msl_weights(
-        step, inner_steps, multi_step_loss)
-    losses, aux = jax.vmap(functools.partial(task_loss, fo=fo, weights=weights),
-                           in_axes=(None, None, 0, 0, 0, 0))(params, alpha_, *batch)
+    weights = (
+      None
+      if not multi_step_loss or step is None
+      else msl_weights(step, inner_steps, multi_step_loss)
+    )
+    losses, aux = jax.vmap(
+      functools.partial(task_loss, fo=fo, weights=weights), in_axes=(None, None, 0, 0, 0, 0)
+    )(params, alpha_, *batch)
     return jnp.mean(losses), jax.tree.map(jnp.mean, aux)
 
   def meta_grads(state: MetaState, batch: TaskBatch):
     grad = lambda fo: jax.value_and_grad(
-        functools.partial(meta_loss, step=state.step, first_order_=fo), argnums=(0, 1),
-        has_aux=True)(state.params, state.alpha, batch)
+      functools.partial(meta_loss, step=state.step, first_order_=fo), argnums=(0, 1), has_aux=True
+    )(state.params, state.alpha, batch)
     if first_order_steps and not first_order:  # derivative-order annealing
       return jax.lax.cond(state.step < first_order_steps, lambda: grad(True), lambda: grad(False))
     return grad(first_order)
@@ -331,14 +372,17 @@ def alpha_maml(
   def init(params) -> MetaState:
     if per_step_params is not None:
       params = inner.per_step_copies(params, per_step_of(params), inner_steps)
-    alpha0 = inner.init_alpha(params, alpha, alpha_granularity,
-                              steps=inner_steps if alpha_per_step else None)
-    return MetaState(params=params,
-                     alpha=alpha0,
-                     alpha_state=alpha_rule.init(alpha0),
-                     opt_state=opt.init((params, alpha0) if outer_alpha else params),
-                     step=jnp.zeros((), jnp.int32),
-                     nonfinite_streak=jnp.zeros((), jnp.int32))
+    alpha0 = inner.init_alpha(
+      params, alpha, alpha_granularity, steps=inner_steps if alpha_per_step else None
+    )
+    return MetaState(
+      params=params,
+      alpha=alpha0,
+      alpha_state=alpha_rule.init(alpha0),
+      opt_state=opt.init((params, alpha0) if outer_alpha else params),
+      step=jnp.zeros((), jnp.int32),
+      nonfinite_streak=jnp.zeros((), jnp.int32),
+    )
 
   def update(state: MetaState, batch: TaskBatch):
     (loss, aux), (grads, alpha_grad) = meta_grads(state, batch)
@@ -346,8 +390,9 @@ def alpha_maml(
       aux = dict(aux)
       loss = aux.pop("final_loss")
     if outer_alpha:  # Meta-SGD: alpha is a meta-parameter of the outer optimizer
-      updates, opt_state = opt.update((grads, alpha_grad), state.opt_state,
-                                      (state.params, state.alpha))
+      updates, opt_state = opt.update(
+        (grads, alpha_grad), state.opt_state, (state.params, state.alpha)
+      )
       params, new_alpha = optax.apply_updates((state.params, state.alpha), updates)
       if alpha_min is not None or alpha_max is not None:
         new_alpha = jax.tree.map(lambda a: jnp.clip(a, alpha_min, alpha_max), new_alpha)
@@ -357,13 +402,16 @@ def alpha_maml(
       params = optax.apply_updates(state.params, updates)
       new_alpha, alpha_state = alpha_rule.update(state.alpha, alpha_grad, state.alpha_state)
     ok = _all_finite((loss, grads, alpha_grad, params, new_alpha, opt_state))
-    metrics = {"loss": loss,
-               "grad_norm": optax.tree.norm(grads),
-               "alpha_hypergradient": tree_mean(alpha_grad)}
+    metrics = {
+      "loss": loss,
+      "grad_norm": optax.tree.norm(grads),
+      "alpha_hypergradient": tree_mean(alpha_grad),
+    }
     metrics.update({k: v for k, v in aux.items()})
     if track_pre_adaptation or backtrack:
-      metrics.update(pre_adaptation_metrics(
-          loss_fn, jax.lax.stop_gradient(after(state.params, 0)), batch))
+      metrics.update(
+        pre_adaptation_metrics(loss_fn, jax.lax.stop_gradient(after(state.params, 0)), batch)
+      )
       pre_loss = metrics["pre_loss"]
     held = state  # what a step that is not taken leaves (the guard: everything as it was)
     hurts = jnp.array(False)
@@ -376,23 +424,29 @@ def alpha_maml(
       batch_ok = jnp.isfinite(pre_loss) & jnp.isfinite(aux["support_loss"])
       hurts = batch_ok & jnp.logical_not(loss - pre_loss <= jnp.abs(pre_loss))
       halved = jax.tree.map(
-          lambda a: jnp.clip(0.5 * a, alpha_min, alpha_max).astype(a.dtype),
-          state.alpha)
-      held = state._replace(alpha=jax.tree.map(lambda h, a: jnp.where(hurts, h, a),
-                                               halved, state.alpha))
+        lambda a: jnp.clip(0.5 * a, alpha_min, alpha_max).astype(a.dtype), state.alpha
+      )
+      held = state._replace(
+        alpha=jax.tree.map(lambda h, a: jnp.where(hurts, h, a), halved, state.alpha)
+      )
       metrics["backtracked"] = hurts
     take = ok & jnp.logical_not(hurts)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(take, a, b), new, old)
     new_state = MetaState(
-        params=keep(params, held.params),
-        alpha=keep(new_alpha, held.alpha),
-        alpha_state=keep(alpha_state, held.alpha_state),
-        opt_state=keep(opt_state, held.opt_state),
-        step=state.step + 1,
-        nonfinite_streak=jnp.where(ok | hurts, 0, state.nonfinite_streak + 1).astype(jnp.int32))
-    metrics.update({"alpha": tree_mean(new_state.alpha),
-                    "nonfinite": jnp.logical_not(ok),
-                    "nonfinite_streak": new_state.nonfinite_streak})
+      params=keep(params, held.params),
+      alpha=keep(new_alpha, held.alpha),
+      alpha_state=keep(alpha_state, held.alpha_state),
+      opt_state=keep(opt_state, held.opt_state),
+      step=state.step + 1,
+      nonfinite_streak=jnp.where(ok | hurts, 0, state.nonfinite_streak + 1).astype(jnp.int32),
+    )
+    metrics.update(
+      {
+        "alpha": tree_mean(new_state.alpha),
+        "nonfinite": jnp.logical_not(ok),
+        "nonfinite_streak": new_state.nonfinite_streak,
+      }
+    )
     beta_now = current_learning_rate(new_state.opt_state)
     if beta_now is not None:
       metrics["beta"] = beta_now
@@ -408,11 +462,14 @@ def alpha_maml(
 
     def body(carry, k):
       q = loss_fn(after(carry[0], k), qx, qy)
-      carry, support = inner.inner_step(loss_fn, carry, k, alpha_, sx, sy, first_order=True,
-                                        **kwargs)
+      carry, support = inner.inner_step(
+        loss_fn, carry, k, alpha_, sx, sy, first_order=True, **kwargs
+      )
       return carry, (q, support)
+
     (last, _), (curve, support) = jax.lax.scan(
-        body, inner.init_carry(params, inner_optimizer), jnp.arange(steps))
+      body, inner.init_carry(params, inner_optimizer), jnp.arange(steps)
+    )
     final = loss_fn(after(last, steps), qx, qy)
     final_support = loss_fn(after(last, steps), sx, sy)[0]
     curve = jax.tree.map(lambda c, f: jnp.concatenate([c, f[None]]), curve, final)
@@ -423,8 +480,17 @@ def alpha_maml(
 
     def one(sx, sy, qx, qy):
       pre_loss, pre_aux = loss_fn(after(params, 0), qx, qy)
-      adapted, _ = inner.adapt(loss_fn, params, alpha_, sx, sy, inner_steps=steps,
-                               first_order=True, unroll=1, **step_kwargs(params))
+      adapted, _ = inner.adapt(
+        loss_fn,
+        params,
+        alpha_,
+        sx,
+        sy,
+        inner_steps=steps,
+        first_order=True,
+        unroll=1,
+        **step_kwargs(params),
+      )
       post_loss, post_aux = loss_fn(after(adapted, steps), qx, qy)
       out = {"pre_loss": pre_loss, "loss": post_loss}
       out.update({f"pre_{k}": v for k, v in pre_aux.items()})
@@ -435,15 +501,20 @@ def alpha_maml(
 
   def adaptation_curve(params, alpha_, batch: TaskBatch, inner_steps: int):
     (loss, aux), support = jax.vmap(adapt_eval, in_axes=(None, None, 0, 0, 0, 0, None))(
-        params, alpha_, *batch, inner_steps)
+      params, alpha_, *batch, inner_steps
+    )
     return {"loss": loss, **aux, "support_loss": support}
 
   default_inner_steps = inner_steps
   step = jax.jit(update, donate_argnums=(0,) if donate else ())
-  return MetaLearner(init=init, step=step,
-                     evaluate=jax.jit(evaluate, static_argnames=("inner_steps",)),
-                     meta_loss=meta_loss, update=update,
-                     adaptation_curve=jax.jit(adaptation_curve, static_argnames=("inner_steps",)))
+  return MetaLearner(
+    init=init,
+    step=step,
+    evaluate=jax.jit(evaluate, static_argnames=("inner_steps",)),
+    meta_loss=meta_loss,
+    update=update,
+    adaptation_curve=jax.jit(adaptation_curve, static_argnames=("inner_steps",)),
+  )
 
 
 def msl_weights(step: jax.Array, inner_steps: int, anneal_steps: int) -> jax.Array:
@@ -473,11 +544,15 @@ def default_outer_optimizer() -> optax.GradientTransformation:
 
 def _default_hyper_lrs(rule: str, alpha_lr: float | None, beta_lr: float | None):
   """``alpha_lr``/``beta_lr`` with ``None`` replaced by the rule's default."""
-  defaults = {"normalized": (DEFAULT_HYPER_LR, DEFAULT_HYPER_LR),
-              "additive": (PAPER_ALPHA_LR, PAPER_BETA_LR)}
+  defaults = {
+    "normalized": (DEFAULT_HYPER_LR, DEFAULT_HYPER_LR),
+    "additive": (PAPER_ALPHA_LR, PAPER_BETA_LR),
+  }
   if (alpha_lr is None or beta_lr is None) and rule not in defaults:
-    raise ValueError(f"rate_rule={rule!r} has no default hypergradient rates: pass alpha_lr "
-                     "and beta_lr, or use rate_rule='normalized'")
+    raise ValueError(
+      f"rate_rule={rule!r} has no default hypergradient rates: pass alpha_lr "
+      "and beta_lr, or use rate_rule='normalized'"
+    )
   da, db = defaults.get(rule, (None, None))
   return (da if alpha_lr is None else alpha_lr), (db if beta_lr is None else beta_lr)
 
@@ -486,18 +561,38 @@ def alpha_maml_paper(loss_fn: Callable, **kwargs: Any) -> MetaLearner:
   """Alpha MAML as the paper describes it: the additive rule ``rate <- rate - kappa * h``
   for ``alpha`` and ``beta``, with the HD paper's ``kappa`` (``1e-3`` for the SGD rate
   ``alpha``, ``1e-7`` for Adam's ``beta``) unless given, and no backtracking."""
-  kwargs = {"rate_rule": PAPER_RULE, "backtrack": False, "optimizer": optax.adam,
-            "alpha_granularity": "scalar", **kwargs}
+  kwargs = {
+    "rate_rule": PAPER_RULE,
+    "backtrack": False,
+    "optimizer": optax.adam,
+    "alpha_granularity": "scalar",
+    **kwargs,
+  }
   return alpha_maml(loss_fn, **kwargs)
 
 
-def maml(loss_fn: Callable, *, alpha: float = 0.01, beta: float = 1e-3, inner_steps: int = 1,
-         first_order: bool = False, **kwargs: Any) -> MetaLearner:
+def maml(
+  loss_fn: Callable,
+  *,
+  alpha: float = 0.01,
+  beta: float = 1e-3,
+  inner_steps: int = 1,
+  first_order: bool = False,
+  **kwargs: Any,
+) -> MetaLearner:
   """MAML (Finn et al., 2017): :func:`alpha_maml` with ``alpha`` and ``beta`` fixed
   (one ``alpha`` for the whole model, and no backtracking)."""
   kwargs = {"backtrack": False, "optimizer": optax.adam, "alpha_granularity": "scalar", **kwargs}
-  return alpha_maml(loss_fn, alpha=alpha, beta=beta, alpha_lr=0.0, beta_lr=0.0,
-                    inner_steps=inner_steps, first_order=first_order, **kwargs)
+  return alpha_maml(
+    loss_fn,
+    alpha=alpha,
+    beta=beta,
+    alpha_lr=0.0,
+    beta_lr=0.0,
+    inner_steps=inner_steps,
+    first_order=first_order,
+    **kwargs,
+  )
 
 
 def fomaml(loss_fn: Callable, **kwargs: Any) -> MetaLearner:
@@ -505,19 +600,33 @@ def fomaml(loss_fn: Callable, **kwargs: Any) -> MetaLearner:
   return maml(loss_fn, first_order=True, **kwargs)
 
 
-def meta_sgd(loss_fn: Callable, *, alpha: float = 0.01, beta: float = 1e-3,
-             inner_steps: int = 1, **kwargs: Any) -> MetaLearner:
+def meta_sgd(
+  loss_fn: Callable, *, alpha: float = 0.01, beta: float = 1e-3, inner_steps: int = 1, **kwargs: Any
+) -> MetaLearner:
   """Meta-SGD (Li et al., 2017): one inner rate per parameter, learned by the outer
   optimizer (Adam at a fixed ``beta``) from the same meta-gradient as the weights, and
   free to change sign (no bounds). Every rate starts at ``alpha`` (the paper draws them
   from U[0.005, 0.1]; a constant start keeps every method's ``alpha`` comparable).
   amaml's counterpart adapts the same per-parameter rates by hypergradient instead:
   ``alpha_maml(loss_fn, alpha_granularity="parameter")``."""
-  kwargs = {"backtrack": False, "optimizer": optax.adam, "alpha_min": None, "alpha_max": None,
-            **kwargs}
-  return alpha_maml(loss_fn, alpha=alpha, beta=beta, alpha_lr=0.0, beta_lr=0.0,
-                    inner_steps=inner_steps, alpha_granularity="parameter",
-                    alpha_update="outer", **kwargs)
+  kwargs = {
+    "backtrack": False,
+    "optimizer": optax.adam,
+    "alpha_min": None,
+    "alpha_max": None,
+    **kwargs,
+  }
+  return alpha_maml(
+    loss_fn,
+    alpha=alpha,
+    beta=beta,
+    alpha_lr=0.0,
+    beta_lr=0.0,
+    inner_steps=inner_steps,
+    alpha_granularity="parameter",
+    alpha_update="outer",
+    **kwargs,
+  )
 
 
 def anil(loss_fn: Callable, *, inner_params: Any = "^head/", **kwargs: Any) -> MetaLearner:
@@ -528,8 +637,9 @@ def anil(loss_fn: Callable, *, inner_params: Any = "^head/", **kwargs: Any) -> M
   return maml(loss_fn, inner_params=inner_params, **kwargs)
 
 
-def epsilon_schedule(epsilon: float = 1.0, iterations: int | None = None,
-                     schedule: str = "linear") -> float | optax.Schedule:
+def epsilon_schedule(
+  epsilon: float = 1.0, iterations: int | None = None, schedule: str = "linear"
+) -> float | optax.Schedule:
   """Reptile's outer step size over a run of ``iterations`` meta steps.
 
   ``"linear"`` is the paper's (Nichol, Achiam & Schulman, 2018): ``epsilon`` at step 0,
@@ -554,16 +664,25 @@ def epsilon_schedule(epsilon: float = 1.0, iterations: int | None = None,
   if schedule != "linear":
     raise ValueError(f"epsilon schedule {schedule!r}: use linear or constant")
   if iterations is None or iterations < 1:
-    raise ValueError(f"iterations={iterations}: the linear epsilon schedule anneals to 0 over "
-                     "the run's meta steps, so it needs iterations >= 1")
+    raise ValueError(
+      f"iterations={iterations}: the linear epsilon schedule anneals to 0 over "
+      "the run's meta steps, so it needs iterations >= 1"
+    )
   return optax.linear_schedule(epsilon, 0.0, iterations)
 
 
-def reptile(loss_fn: Callable, *, alpha: float = 0.1, inner_steps: int = 5,
-            epsilon: float | optax.Schedule = 1.0,
-            optimizer: optax.GradientTransformation | None = None,
-            track_pre_adaptation: bool = True, donate: bool = False,
-            inner_params: Any = None, inner_optimizer: Any = None) -> MetaLearner:
+def reptile(
+  loss_fn: Callable,
+  *,
+  alpha: float = 0.1,
+  inner_steps: int = 5,
+  epsilon: float | optax.Schedule = 1.0,
+  optimizer: optax.GradientTransformation | None = None,
+  track_pre_adaptation: bool = True,
+  donate: bool = False,
+  inner_params: Any = None,
+  inner_optimizer: Any = None,
+) -> MetaLearner:
   """Reptile (Nichol, Achiam & Schulman, 2018): first order, no meta-gradient.
 
   Each task adapts ``params`` by ``inner_steps`` SGD steps at ``alpha`` on its support
@@ -587,9 +706,17 @@ def reptile(loss_fn: Callable, *, alpha: float = 0.1, inner_steps: int = 5,
   mask_of = lambda params: None if inner_params is None else inner.param_mask(params, inner_params)
 
   def task(params, sx, sy, qx, qy):
-    adapted, support_losses = inner.adapt(loss_fn, params, alpha, sx, sy,
-                                          inner_steps=inner_steps, first_order=True,
-                                          mask=mask_of(params), optimizer=inner_optimizer)
+    adapted, support_losses = inner.adapt(
+      loss_fn,
+      params,
+      alpha,
+      sx,
+      sy,
+      inner_steps=inner_steps,
+      first_order=True,
+      mask=mask_of(params),
+      optimizer=inner_optimizer,
+    )
     loss, aux = loss_fn(adapted, qx, qy)
     return adapted, loss, {**aux, "support_loss": support_losses[0]}
 
@@ -597,8 +724,16 @@ def reptile(loss_fn: Callable, *, alpha: float = 0.1, inner_steps: int = 5,
     mask = mask_of(params)
 
     def one(sx, sy, qx, qy):
-      adapted, _ = inner.adapt(loss_fn, params, alpha_, sx, sy, inner_steps=inner_steps,
-                               mask=mask, optimizer=inner_optimizer)
+      adapted, _ = inner.adapt(
+        loss_fn,
+        params,
+        alpha_,
+        sx,
+        sy,
+        inner_steps=inner_steps,
+        mask=mask,
+        optimizer=inner_optimizer,
+      )
       return loss_fn(adapted, qx, qy)
 
     losses, aux = jax.vmap(one)(*batch)
@@ -606,8 +741,14 @@ def reptile(loss_fn: Callable, *, alpha: float = 0.1, inner_steps: int = 5,
 
   def init(params) -> MetaState:
     a = jnp.asarray(alpha, jnp.result_type(float))
-    return MetaState(params=params, alpha=a, alpha_state=(), opt_state=opt.init(params),
-                     step=jnp.zeros((), jnp.int32), nonfinite_streak=jnp.zeros((), jnp.int32))
+    return MetaState(
+      params=params,
+      alpha=a,
+      alpha_state=(),
+      opt_state=opt.init(params),
+      step=jnp.zeros((), jnp.int32),
+      nonfinite_streak=jnp.zeros((), jnp.int32),
+    )
 
   def update(state: MetaState, batch: TaskBatch):
     adapted, losses, aux = jax.vmap(task, in_axes=(None, 0, 0, 0, 0))(state.params, *batch)
@@ -618,12 +759,19 @@ def reptile(loss_fn: Callable, *, alpha: float = 0.1, inner_steps: int = 5,
     ok = _all_finite((loss, params, opt_state))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = state._replace(
-        params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-        step=state.step + 1,
-        nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32))
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(direction), "alpha": state.alpha,
-               "nonfinite": jnp.logical_not(ok), "nonfinite_streak": new_state.nonfinite_streak,
-               **jax.tree.map(jnp.mean, aux)}
+      params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      step=state.step + 1,
+      nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32),
+    )
+    metrics = {
+      "loss": loss,
+      "grad_norm": optax.tree.norm(direction),
+      "alpha": state.alpha,
+      "nonfinite": jnp.logical_not(ok),
+      "nonfinite_streak": new_state.nonfinite_streak,
+      **jax.tree.map(jnp.mean, aux),
+    }
     if own_optimizer:  # optax.sgd(schedule) keeps the schedule's step count in its state
       count = optax.tree_utils.tree_get(state.opt_state, "count")
       metrics["epsilon"] = epsilon_at(0 if count is None else count)
@@ -632,20 +780,38 @@ def reptile(loss_fn: Callable, *, alpha: float = 0.1, inner_steps: int = 5,
     return new_state, metrics
 
   # evaluation is MAML's: adapt on the support set at alpha, score the query set
-  evaluate_like = alpha_maml(loss_fn, alpha=alpha, inner_steps=inner_steps,
-                             alpha_granularity="scalar",
-                             inner_params=inner_params, optimizer=optax.sgd(0.0),
-                             inner_optimizer=inner_optimizer)
+  evaluate_like = alpha_maml(
+    loss_fn,
+    alpha=alpha,
+    inner_steps=inner_steps,
+    alpha_granularity="scalar",
+    inner_params=inner_params,
+    optimizer=optax.sgd(0.0),
+    inner_optimizer=inner_optimizer,
+  )
   step = jax.jit(update, donate_argnums=(0,) if donate else ())
-  return MetaLearner(init=init, step=step, evaluate=evaluate_like.evaluate,
-                     meta_loss=meta_loss, update=update,
-                     adaptation_curve=evaluate_like.adaptation_curve)
+  return MetaLearner(
+    init=init,
+    step=step,
+    evaluate=evaluate_like.evaluate,
+    meta_loss=meta_loss,
+    update=update,
+    adaptation_curve=evaluate_like.adaptation_curve,
+  )
 
 
-def maml_plus_plus(loss_fn: Callable, *, alpha: float = 0.1, beta: float = 1e-3,
-                   inner_steps: int = 5, multi_step_loss: int = 5000,
-                   first_order_steps: int = 25000, alpha_per_step: bool = True,
-                   per_step_params: Any = None, **kwargs: Any) -> MetaLearner:
+def maml_plus_plus(
+  loss_fn: Callable,
+  *,
+  alpha: float = 0.1,
+  beta: float = 1e-3,
+  inner_steps: int = 5,
+  multi_step_loss: int = 5000,
+  first_order_steps: int = 25000,
+  alpha_per_step: bool = True,
+  per_step_params: Any = None,
+  **kwargs: Any,
+) -> MetaLearner:
   """MAML++ (Antoniou, Edwards & Storkey, 2019), each part also available alone as an
   argument of :func:`alpha_maml`:
 
@@ -663,17 +829,38 @@ def maml_plus_plus(loss_fn: Callable, *, alpha: float = 0.1, beta: float = 1e-3,
 
   Not offered: the cosine annealing of the outer rate (pass ``optimizer=`` a scheduled
   Optax optimizer). Outer step: Adam at ``beta``."""
-  kwargs = {"backtrack": False, "optimizer": optax.adam, "alpha_min": None,
-            "alpha_max": None, **kwargs}
-  return alpha_maml(loss_fn, alpha=alpha, beta=beta, alpha_lr=0.0, beta_lr=0.0,
-                    inner_steps=inner_steps, alpha_granularity="tensor", alpha_update="outer",
-                    multi_step_loss=multi_step_loss, first_order_steps=first_order_steps,
-                    alpha_per_step=alpha_per_step, per_step_params=per_step_params, **kwargs)
+  kwargs = {
+    "backtrack": False,
+    "optimizer": optax.adam,
+    "alpha_min": None,
+    "alpha_max": None,
+    **kwargs,
+  }
+  return alpha_maml(
+    loss_fn,
+    alpha=alpha,
+    beta=beta,
+    alpha_lr=0.0,
+    beta_lr=0.0,
+    inner_steps=inner_steps,
+    alpha_granularity="tensor",
+    alpha_update="outer",
+    multi_step_loss=multi_step_loss,
+    first_order_steps=first_order_steps,
+    alpha_per_step=alpha_per_step,
+    per_step_params=per_step_params,
+    **kwargs,
+  )
 
 
-def protonet(embed_fn: Callable[[Any, jax.Array], jax.Array], *, ways: int,
-             optimizer: optax.GradientTransformation | None = None, beta: float = 1e-3,
-             donate: bool = False) -> MetaLearner:
+def protonet(
+  embed_fn: Callable[[Any, jax.Array], jax.Array],
+  *,
+  ways: int,
+  optimizer: optax.GradientTransformation | None = None,
+  beta: float = 1e-3,
+  donate: bool = False,
+) -> MetaLearner:
   """Prototypical Networks (Snell, Swersky & Zemel, 2017): a metric-based baseline with
   no inner loop. ``embed_fn(params, x) -> [n, d]`` embeds the support and query sets;
   each class's prototype is the mean embedding of its support examples, and a query's
@@ -698,20 +885,31 @@ def protonet(embed_fn: Callable[[Any, jax.Array], jax.Array], *, ways: int,
     return jnp.mean(losses), jax.tree.map(jnp.mean, aux)
 
   def init(params) -> MetaState:
-    return MetaState(params=params, alpha=jnp.zeros((), jnp.result_type(float)), alpha_state=(),
-                     opt_state=opt.init(params), step=jnp.zeros((), jnp.int32),
-                     nonfinite_streak=jnp.zeros((), jnp.int32))
+    return MetaState(
+      params=params,
+      alpha=jnp.zeros((), jnp.result_type(float)),
+      alpha_state=(),
+      opt_state=opt.init(params),
+      step=jnp.zeros((), jnp.int32),
+      nonfinite_streak=jnp.zeros((), jnp.int32),
+    )
 
   def update(state: MetaState, batch: TaskBatch):
-    (loss, aux), grads = jax.value_and_grad(meta_loss, has_aux=True)(state.params, state.alpha,
-                                                                     batch)
+    (loss, aux), grads = jax.value_and_grad(meta_loss, has_aux=True)(
+      state.params, state.alpha, batch
+    )
     updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ok = _all_finite((loss, grads, params, opt_state))
     new_state = guard(state, ok, params=params, opt_state=opt_state)
-    return new_state, {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads),
-                       "alpha": state.alpha, "nonfinite": jnp.logical_not(ok),
-                       "nonfinite_streak": new_state.nonfinite_streak}
+    return new_state, {
+      "loss": loss,
+      **aux,
+      "grad_norm": optax.tree.norm(grads),
+      "alpha": state.alpha,
+      "nonfinite": jnp.logical_not(ok),
+      "nonfinite_streak": new_state.nonfinite_streak,
+    }
 
   def evaluate(params, alpha_, batch: TaskBatch, inner_steps: int | None = None):
     loss, aux = jax.vmap(task, in_axes=(None, 0, 0, 0, 0))(params, *batch)
@@ -722,7 +920,11 @@ def protonet(embed_fn: Callable[[Any, jax.Array], jax.Array], *, ways: int,
     return {k: jnp.repeat(out[k][:, None], inner_steps + 1, axis=1) for k in ("loss", "accuracy")}
 
   step = jax.jit(update, donate_argnums=(0,) if donate else ())
-  return MetaLearner(init=init, step=step,
-                     evaluate=jax.jit(evaluate, static_argnames=("inner_steps",)),
-                     meta_loss=meta_loss, update=update,
-                     adaptation_curve=jax.jit(adaptation_curve, static_argnames=("inner_steps",)))
+  return MetaLearner(
+    init=init,
+    step=step,
+    evaluate=jax.jit(evaluate, static_argnames=("inner_steps",)),
+    meta_loss=meta_loss,
+    update=update,
+    adaptation_curve=jax.jit(adaptation_curve, static_argnames=("inner_steps",)),
+  )

@@ -2,6 +2,7 @@
 
 Needs matplotlib (``pip install amaml[plot]``).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,11 @@ def runs_table(run_dirs) -> str:
   """A markdown table comparing runs from their logs: the last logged line (step, training
   query loss and accuracy, alpha, beta), the best validation accuracy, and the meta-test
   accuracy (or query loss) of ``results.json`` when the run has finished."""
-  lines = ["| run | method | alpha0 | steps | query loss | accuracy | best val accuracy "
-           "| alpha | beta | meta-test |", "| --- " * 10 + "|"]
+  lines = [
+    "| run | method | alpha0 | steps | query loss | accuracy | best val accuracy "
+    "| alpha | beta | meta-test |",
+    "| --- " * 10 + "|",
+  ]
   for r in map(Path, run_dirs):
     recs = read_metrics(r)
     last = recs[-1] if recs else {}
@@ -44,20 +48,37 @@ def runs_table(run_dirs) -> str:
     res = json.loads((r / "results.json").read_text()) if (r / "results.json").exists() else {}
     test = res.get("test", {})
     fmt = lambda v, f: "" if v is None else format(v, f)
-    acc = ("" if "loss" not in test else
-           f"{100 * test['accuracy']:.2f}% +- {100 * test['accuracy_ci95']:.2f}%"
-           if "accuracy" in test else f"loss {test['loss']:.4g} +- {test['loss_ci95']:.2g}")
-    lines.append(" | ".join([
-        f"| {r}", str(cfg.get("method", "")), fmt(cfg.get("alpha"), "g"), str(last.get("step", "")),
-        fmt(last.get("loss"), ".4g"), fmt(last.get("accuracy"), ".3f"),
-        fmt(max(vals) if vals else None, ".3f"), fmt(last.get("alpha"), ".3g"),
-        fmt(last.get("beta"), ".3g"), acc]) + " |")
+    acc = (
+      ""
+      if "loss" not in test
+      else f"{100 * test['accuracy']:.2f}% +- {100 * test['accuracy_ci95']:.2f}%"
+      if "accuracy" in test
+      else f"loss {test['loss']:.4g} +- {test['loss_ci95']:.2g}"
+    )
+    lines.append(
+      " | ".join(
+        [
+          f"| {r}",
+          str(cfg.get("method", "")),
+          fmt(cfg.get("alpha"), "g"),
+          str(last.get("step", "")),
+          fmt(last.get("loss"), ".4g"),
+          fmt(last.get("accuracy"), ".3f"),
+          fmt(max(vals) if vals else None, ".3f"),
+          fmt(last.get("alpha"), ".3g"),
+          fmt(last.get("beta"), ".3g"),
+          acc,
+        ]
+      )
+      + " |"
+    )
   return "\n".join(lines)
 
 
 def plot_runs(run_dirs, out_dir: str | os.PathLike | None = None) -> list[Path]:
   """Writes ``learning_curves.png`` and ``rates.png`` for one or more runs; returns the paths."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -70,18 +91,23 @@ def plot_runs(run_dirs, out_dir: str | os.PathLike | None = None) -> list[Path]:
   fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4), squeeze=False)
   for r, recs in data.items():
     steps = [x["step"] for x in recs]
-    line, = axes[0, 0].plot(steps, [x["loss"] for x in recs], label=f"{_label(r)} query loss")
+    (line,) = axes[0, 0].plot(steps, [x["loss"] for x in recs], label=f"{_label(r)} query loss")
     if any(_val(x, "loss") is not None for x in recs):
       vs = [(x["step"], _val(x, "loss")) for x in recs if _val(x, "loss") is not None]
       axes[0, 0].plot(*zip(*vs), "--", color=line.get_color(), label=f"{r.name} val")
     if has_acc:
-      axes[0, 1].plot(steps, [x.get("accuracy", float("nan")) for x in recs], color=line.get_color(),
-                      label=_label(r))
+      axes[0, 1].plot(
+        steps,
+        [x.get("accuracy", float("nan")) for x in recs],
+        color=line.get_color(),
+        label=_label(r),
+      )
       if any(_val(x, "accuracy") is not None for x in recs):
         vs = [(x["step"], _val(x, "accuracy")) for x in recs if _val(x, "accuracy") is not None]
         axes[0, 1].plot(*zip(*vs), "--", color=line.get_color())
-  axes[0, 0].set(xlabel="meta step", ylabel="query loss after adaptation", yscale="log",
-                 title="learning curve")
+  axes[0, 0].set(
+    xlabel="meta step", ylabel="query loss after adaptation", yscale="log", title="learning curve"
+  )
   axes[0, 0].legend(fontsize=7)
   if has_acc:
     axes[0, 1].set(xlabel="meta step", ylabel="query accuracy after adaptation", title="accuracy")

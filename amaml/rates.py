@@ -40,6 +40,7 @@ may be a scalar or any pytree (one rate per layer or per parameter).
 >>> round(float(rate), 4)   # 0.1 * exp(-0.01)
 0.099
 """
+
 from __future__ import annotations
 
 import numbers
@@ -68,8 +69,15 @@ _EPS = 1e-30
 _B1, _B2 = 0.9, 0.99
 
 
-def hd_step(rate: Any, hypergradient: Any, hyper_lr: float, *, log_space: bool = False,
-            min_rate: float | None = None, max_rate: float | None = None) -> Any:
+def hd_step(
+  rate: Any,
+  hypergradient: Any,
+  hyper_lr: float,
+  *,
+  log_space: bool = False,
+  min_rate: float | None = None,
+  max_rate: float | None = None,
+) -> Any:
   """One stateless hypergradient-descent step (additive, or ``log_space``).
 
   Args:
@@ -83,6 +91,7 @@ def hd_step(rate: Any, hypergradient: Any, hyper_lr: float, *, log_space: bool =
     The new rate(s). A leaf whose hypergradient or unclipped new value is not finite
     keeps its old value (unclipped); the others are clipped to the bounds.
   """
+
   def one(r, h):
     new = r * jnp.exp(-hyper_lr * r * h) if log_space else r - hyper_lr * h
     return _guard_and_clip(new, r, h, min_rate, max_rate)
@@ -101,6 +110,7 @@ def _guard_and_clip(new, old, h, min_rate, max_rate):
 
 def _check_arguments(hyper_lr, min_rate, max_rate):
   """Checks the arguments given as Python numbers; traced ones are left alone."""
+
   def number(x):
     return isinstance(x, numbers.Real)
 
@@ -118,8 +128,13 @@ class RateRule(NamedTuple):
   update: Callable[[Any, Any, Any], tuple[Any, Any]]
 
 
-def rate_rule(hyper_lr: float, rate_rule: str = "additive", *, min_rate: float | None = None,
-              max_rate: float | None = None) -> RateRule:
+def rate_rule(
+  hyper_lr: float,
+  rate_rule: str = "additive",
+  *,
+  min_rate: float | None = None,
+  max_rate: float | None = None,
+) -> RateRule:
   """The hypergradient-descent rule for a rate (see the module docstring).
 
   Args:
@@ -133,12 +148,15 @@ def rate_rule(hyper_lr: float, rate_rule: str = "additive", *, min_rate: float |
   _check_arguments(hyper_lr, min_rate, max_rate)
 
   if rate_rule in ("additive", "log"):
+
     def init(rate):
       return optax.EmptyState()
 
     def update(rate, h, state):
-      return hd_step(rate, h, hyper_lr, log_space=rate_rule == "log", min_rate=min_rate,
-                     max_rate=max_rate), state
+      return hd_step(
+        rate, h, hyper_lr, log_space=rate_rule == "log", min_rate=min_rate, max_rate=max_rate
+      ), state
+
     return RateRule(init, update)
 
   adam = optax.adam(hyper_lr, b1=_B1, b2=_B2, eps=_EPS)
@@ -149,9 +167,11 @@ def rate_rule(hyper_lr: float, rate_rule: str = "additive", *, min_rate: float |
   def update_n(rate, h, state):
     h = jax.tree.map(lambda r, g: g.astype(jnp.result_type(r)), rate, h)
     step, new_state = adam.update(h, state)
-    new = jax.tree.map(lambda r, g, s: _guard_and_clip(r * jnp.exp(s), r, g, min_rate, max_rate),
-                       rate, h, step)
+    new = jax.tree.map(
+      lambda r, g, s: _guard_and_clip(r * jnp.exp(s), r, g, min_rate, max_rate), rate, h, step
+    )
     ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(h)]))
     new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, state)
     return new, new_state
+
   return RateRule(init_n, update_n)

@@ -51,6 +51,7 @@ process stops the other, and the run resumes from its checkpoint).
 >>> batch.support_x.sharding.spec
 P('tasks',)
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -73,18 +74,20 @@ def task_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
       an int ``n``: the first ``n`` of them; or a sequence of devices.
   """
   available = jax.devices()
-  if devices is None or (isinstance(devices, (int, np.integer)) and not isinstance(devices, bool)
-                         and devices == 0):
+  if devices is None or (
+    isinstance(devices, (int, np.integer)) and not isinstance(devices, bool) and devices == 0
+  ):
     chosen = available
   elif isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
     if devices < 0:
       raise ValueError(f"devices={devices} must be >= 0 (0 = all devices)")
     if devices > len(available):
       raise ValueError(
-          f"devices={devices} but only {len(available)} {jax.default_backend()} device(s) are "
-          f"available; use --devices {len(available)} (or 0 for all). On CPU, set "
-          f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before starting Python "
-          "to emulate more")
+        f"devices={devices} but only {len(available)} {jax.default_backend()} device(s) are "
+        f"available; use --devices {len(available)} (or 0 for all). On CPU, set "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before starting Python "
+        "to emulate more"
+      )
     chosen = available[:devices]
   else:
     chosen = list(devices)
@@ -110,9 +113,10 @@ def check_divisible(num_tasks: int, mesh: Mesh, what: str = "meta_batch") -> Non
     lo, hi = (num_tasks // n) * n, -(-num_tasks // n) * n
     options = " or ".join(str(v) for v in (lo, hi) if v > 0)
     raise ValueError(
-        f"{what}={num_tasks} tasks cannot be split evenly over {n} devices: make {what} a "
-        f"multiple of {n} (e.g. {options}) or use fewer devices (--devices, or "
-        "task_mesh(devices=...))")
+      f"{what}={num_tasks} tasks cannot be split evenly over {n} devices: make {what} a "
+      f"multiple of {n} (e.g. {options}) or use fewer devices (--devices, or "
+      "task_mesh(devices=...))"
+    )
 
 
 def _num_tasks(batch: TaskBatch) -> int:
@@ -121,7 +125,9 @@ def _num_tasks(batch: TaskBatch) -> int:
     raise ValueError("a sharded batch needs a leading task axis on every array")
   sizes = {int(np.shape(x)[0]) for x in leaves}
   if len(sizes) != 1:
-    raise ValueError(f"batch arrays disagree on the number of tasks (leading axis): {sorted(sizes)}")
+    raise ValueError(
+      f"batch arrays disagree on the number of tasks (leading axis): {sorted(sizes)}"
+    )
   return sizes.pop()
 
 
@@ -135,8 +141,9 @@ def shard_batch(batch: TaskBatch, mesh: Mesh) -> TaskBatch:
   sharding = task_sharding(mesh)
   if jax.process_count() > 1:
     check_divisible(_num_tasks(batch) * jax.process_count(), mesh, "num_tasks")
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                        batch)
+    return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+    )
   check_divisible(_num_tasks(batch), mesh, "num_tasks")
   return jax.device_put(batch, sharding)
 
@@ -148,11 +155,13 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   its own devices (:func:`jax.make_array_from_callback`)."""
   sharding = replicated(mesh)
   if jax.process_count() > 1:
+
     def put(x):
       if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return x  # already a global array
       host = np.asarray(x)
       return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
     return jax.tree.map(put, tree)
   return jax.device_put(tree, sharding)
 
@@ -186,36 +195,51 @@ def sharded_step(learner, mesh: Mesh, donate: bool = False) -> Callable:
     if not all(_has_sharding(x, rep) for x in jax.tree.leaves(state)):
       state = replicate(state, mesh)
     if not all(_has_sharding(x, tasks) for x in jax.tree.leaves(batch)):
-      batch = (shard_batch(batch, mesh) if jax.process_count() > 1 else
-               jax.tree.map(lambda x: jax.device_put(x, tasks), batch))
+      batch = (
+        shard_batch(batch, mesh)
+        if jax.process_count() > 1
+        else jax.tree.map(lambda x: jax.device_put(x, tasks), batch)
+      )
     return jitted(state, batch)
 
   step.jitted = jitted  # for inspection (e.g. ``step.jitted._cache_size()``)
   return step
 
 
-def initialize(coordinator_address: str, num_processes: int, process_id: int, *,
-               heartbeat_timeout_seconds: int = 100) -> None:
+def initialize(
+  coordinator_address: str,
+  num_processes: int,
+  process_id: int,
+  *,
+  heartbeat_timeout_seconds: int = 100,
+) -> None:
   """Joins this process to a group of ``num_processes`` (:func:`jax.distributed.initialize`);
   call it before any other JAX call. CPU collectives go through gloo. A process that stops
   answering for ``heartbeat_timeout_seconds`` stops the others with an error."""
   if num_processes < 1 or not 0 <= process_id < num_processes:
-    raise ValueError(f"process_id={process_id} with num_processes={num_processes}: the ids "
-                     f"are 0 to {num_processes - 1}, one per process")
+    raise ValueError(
+      f"process_id={process_id} with num_processes={num_processes}: the ids "
+      f"are 0 to {num_processes - 1}, one per process"
+    )
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPUs only; else unused
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id,
-                             heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address,
+    num_processes=num_processes,
+    process_id=process_id,
+    heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+  )
 
 
 def host_local(tree: Any) -> Any:
   """This process's copy of every replicated array of ``tree``: with several processes a
   global array cannot be read (``np.asarray``) or mixed with local ones, its copy on one of
   this process's devices can. Other leaves are returned as they are."""
+
   def local(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       return x.addressable_data(0)
     return x
+
   return jax.tree.map(local, tree)
 
 
@@ -225,6 +249,7 @@ def agree(value: Any) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(value)
   from jax.experimental import multihost_utils
+
   return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
 
 

@@ -6,6 +6,7 @@ after the current call of the jitted loop, write a checkpoint and raise
 command that resumes) and exits with 128 + the signal's number (130, 143). A second signal
 exits at once (the checkpoints, written atomically, stay intact).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,9 @@ class Interrupted(KeyboardInterrupt):
 
   def __init__(self, signum: int, step: int, directory: str):
     self.signum, self.step, self.directory = signum, step, directory
-    super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; "
-                     f"checkpoint in {directory}")
+    super().__init__(
+      f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint in {directory}"
+    )
 
   @property
   def exit_code(self) -> int:

@@ -1,4 +1,5 @@
 """Summary statistics for few-shot evaluation."""
+
 from __future__ import annotations
 
 import math

@@ -18,6 +18,7 @@ and ``jax.device_put`` as it is.
 >>> batch.num_tasks
 4
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -45,21 +46,26 @@ def check_task_batch(batch: TaskBatch) -> None:
   """
   if not isinstance(batch, TaskBatch):
     raise TypeError(
-        f"expected an amaml.TaskBatch, got {type(batch).__name__}; build one with "
-        "amaml.TaskBatch(support_x, support_y, query_x, query_y)")
+      f"expected an amaml.TaskBatch, got {type(batch).__name__}; build one with "
+      "amaml.TaskBatch(support_x, support_y, query_x, query_y)"
+    )
   for name in TaskBatch._fields:
     if not hasattr(getattr(batch, name), "shape"):
-      raise TypeError(f"TaskBatch.{name} must be an array, got {type(getattr(batch, name)).__name__}")
+      raise TypeError(
+        f"TaskBatch.{name} must be an array, got {type(getattr(batch, name)).__name__}"
+      )
   shapes = {n: getattr(batch, n).shape for n in TaskBatch._fields}
   if any(len(s) < 2 for s in shapes.values()):
     raise ValueError(
-        f"every TaskBatch field needs a task axis and an example axis, got shapes {shapes}; "
-        "for a single task add a leading axis (x[None])")
+      f"every TaskBatch field needs a task axis and an example axis, got shapes {shapes}; "
+      "for a single task add a leading axis (x[None])"
+    )
   tasks = {s[0] for s in shapes.values()}
   if len(tasks) != 1:
     raise ValueError(f"TaskBatch fields disagree on the number of tasks (leading axis): {shapes}")
   for a, b in (("support_x", "support_y"), ("query_x", "query_y")):
     if shapes[a][1] != shapes[b][1]:
       raise ValueError(
-          f"TaskBatch.{a} has {shapes[a][1]} examples per task but {b} has {shapes[b][1]}: "
-          "inputs and targets must be paired")
+        f"TaskBatch.{a} has {shapes[a][1]} examples per task but {b} has {shapes[b][1]}: "
+        "inputs and targets must be paired"
+      )

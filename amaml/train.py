@@ -16,6 +16,7 @@ only on ``(seed, i)``, so a resumed run repeats an uninterrupted one exactly.
 :func:`_loop` (chunks, log lines, validation, checkpoints, time budget) and
 :func:`_finish` (the final evaluation into ``results.json``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -75,28 +76,36 @@ def sinusoid_setup(cfg: Config, key: jax.Array) -> TaskSetup:
     return sinusoid_tasks(k, n, num_support=cfg.shots, num_query=cfg.queries)
 
   if cfg.method == "protonet":
-    raise ValueError("method protonet needs a classification task (omniglot or image_folder), "
-                     "not sinusoid regression")
-  return TaskSetup(params, loss_fn, {"train": None, "val": None, "test": None}, sample,
-                   lambda batch, _: validate.check_regression_batch(batch))
+    raise ValueError(
+      "method protonet needs a classification task (omniglot or image_folder), "
+      "not sinusoid regression"
+    )
+  return TaskSetup(
+    params,
+    loss_fn,
+    {"train": None, "val": None, "test": None},
+    sample,
+    lambda batch, _: validate.check_regression_batch(batch),
+  )
 
 
 def omniglot_setup(cfg: Config, key: jax.Array) -> TaskSetup:
   """Omniglot N-way K-shot (``cfg.protocol``'s split): ``cfg.model``, cross-entropy."""
   from amaml.data import load_omniglot
 
-  splits = load_omniglot(cfg.protocol, image_size=cfg.image_size,
-                         omniglot_dir=cfg.data_dir or None)
-  return classification_setup(cfg, key, {name: getattr(splits, name)
-                                         for name in ("train", "val", "test")})
+  splits = load_omniglot(cfg.protocol, image_size=cfg.image_size, omniglot_dir=cfg.data_dir or None)
+  return classification_setup(
+    cfg, key, {name: getattr(splits, name) for name in ("train", "val", "test")}
+  )
 
 
 def image_folder_setup(cfg: Config, key: jax.Array) -> TaskSetup:
   """A few-shot image benchmark (``cfg.dataset``) read from ``cfg.data_dir``: ``cfg.model``."""
   from amaml.data.image_folders import load_image_benchmark
 
-  return classification_setup(cfg, key, load_image_benchmark(
-      cfg.dataset, cfg.data_dir or None, image_size=cfg.image_size))
+  return classification_setup(
+    cfg, key, load_image_benchmark(cfg.dataset, cfg.data_dir or None, image_size=cfg.image_size)
+  )
 
 
 def classification_setup(cfg: Config, key: jax.Array, splits: dict) -> TaskSetup:
@@ -108,11 +117,15 @@ def classification_setup(cfg: Config, key: jax.Array, splits: dict) -> TaskSetup
   data = {name: jnp.asarray(src.images) for name, src in splits.items() if src is not None}
   for name, images in data.items():
     if cfg.ways > images.shape[0]:
-      raise ValueError(f"ways={cfg.ways} is more than the {images.shape[0]} classes of the "
-                       f"{name} split; lower --ways")
+      raise ValueError(
+        f"ways={cfg.ways} is more than the {images.shape[0]} classes of the "
+        f"{name} split; lower --ways"
+      )
     if cfg.shots + cfg.queries > images.shape[1]:
-      raise ValueError(f"shots + queries = {cfg.shots + cfg.queries} is more than the "
-                       f"{images.shape[1]} examples per class; lower --shots or --queries")
+      raise ValueError(
+        f"shots + queries = {cfg.shots + cfg.queries} is more than the "
+        f"{images.shape[1]} examples per class; lower --shots or --queries"
+      )
   # ProtoNets: the same network without its head, an embedding
   model = image_model(cfg, num_classes=0 if cfg.method == "protonet" else cfg.ways)
   shape = data["train"].shape[2:]
@@ -142,7 +155,10 @@ def image_model(cfg: Config, num_classes: int):
 # Config.task -> its setup. A new task family is one function here and its name in
 # amaml.configs.TASKS.
 TASKS: dict[str, Callable[[Config, jax.Array], TaskSetup]] = {
-    "sinusoid": sinusoid_setup, "omniglot": omniglot_setup, "image_folder": image_folder_setup}
+  "sinusoid": sinusoid_setup,
+  "omniglot": omniglot_setup,
+  "image_folder": image_folder_setup,
+}
 
 
 def build(cfg: Config) -> Experiment:
@@ -180,52 +196,83 @@ def make_learner(cfg: Config, loss_fn, embed_fn=None) -> meta.MetaLearner:
   """The :class:`~amaml.meta.MetaLearner` of ``cfg.method`` for ``loss_fn`` (``embed_fn``:
   the embedding that protonet compares)."""
   if cfg.method == "imaml":
-    return imaml(loss_fn, lam=cfg.imaml_lambda, alpha=cfg.alpha, inner_steps=cfg.inner_steps,
-                 cg_steps=cfg.cg_steps, optimizer=_fixed_rate_outer_optimizer(cfg),
-                 inner_optimizer=cfg.inner_optimizer,
-                 track_pre_adaptation=cfg.track_pre_adaptation)
+    return imaml(
+      loss_fn,
+      lam=cfg.imaml_lambda,
+      alpha=cfg.alpha,
+      inner_steps=cfg.inner_steps,
+      cg_steps=cfg.cg_steps,
+      optimizer=_fixed_rate_outer_optimizer(cfg),
+      inner_optimizer=cfg.inner_optimizer,
+      track_pre_adaptation=cfg.track_pre_adaptation,
+    )
   if cfg.method == "protonet":
     return meta.protonet(embed_fn, ways=cfg.ways, optimizer=_fixed_rate_outer_optimizer(cfg))
   if cfg.method == "reptile":  # its own SGD logs epsilon; another outer optimizer takes it
-    epsilon = meta.epsilon_schedule(cfg.resolved_epsilon, cfg.iterations,
-                                    cfg.resolved_epsilon_schedule)
+    epsilon = meta.epsilon_schedule(
+      cfg.resolved_epsilon, cfg.iterations, cfg.resolved_epsilon_schedule
+    )
     own = cfg.resolved_outer_optimizer == "sgd"
-    return meta.reptile(loss_fn, alpha=cfg.alpha, inner_steps=cfg.inner_steps, epsilon=epsilon,
-                        optimizer=None if own else _fixed_rate_outer_optimizer(cfg, epsilon),
-                        track_pre_adaptation=cfg.track_pre_adaptation,
-                        inner_params=cfg.inner_params or None,
-                        inner_optimizer=cfg.inner_optimizer)
-  kwargs = dict(alpha=cfg.alpha, beta=cfg.resolved_beta, inner_steps=cfg.inner_steps,
-                optimizer=outer_optimizer(cfg.resolved_outer_optimizer),
-                track_pre_adaptation=cfg.track_pre_adaptation, remat=cfg.remat,
-                unroll=True if cfg.unroll else 1,
-                alpha_min=cfg.alpha_min, alpha_max=cfg.alpha_max, beta_min=cfg.beta_min,
-                beta_max=cfg.beta_max, inner_optimizer=cfg.inner_optimizer)
+    return meta.reptile(
+      loss_fn,
+      alpha=cfg.alpha,
+      inner_steps=cfg.inner_steps,
+      epsilon=epsilon,
+      optimizer=None if own else _fixed_rate_outer_optimizer(cfg, epsilon),
+      track_pre_adaptation=cfg.track_pre_adaptation,
+      inner_params=cfg.inner_params or None,
+      inner_optimizer=cfg.inner_optimizer,
+    )
+  kwargs = dict(
+    alpha=cfg.alpha,
+    beta=cfg.resolved_beta,
+    inner_steps=cfg.inner_steps,
+    optimizer=outer_optimizer(cfg.resolved_outer_optimizer),
+    track_pre_adaptation=cfg.track_pre_adaptation,
+    remat=cfg.remat,
+    unroll=True if cfg.unroll else 1,
+    alpha_min=cfg.alpha_min,
+    alpha_max=cfg.alpha_max,
+    beta_min=cfg.beta_min,
+    beta_max=cfg.beta_max,
+    inner_optimizer=cfg.inner_optimizer,
+  )
   rates = dict(alpha_lr=cfg.alpha_lr, beta_lr=cfg.beta_lr)
   plus = cfg.method == "maml++"  # MAML++'s own defaults where a field says none (or 0)
-  per_step = cfg.per_step_params if cfg.per_step_params is not None else (
-      _norms(cfg) if plus else None)
-  kwargs.update(alpha_per_step=plus if cfg.alpha_per_step is None else cfg.alpha_per_step,
-                per_step_params=per_step or None)
+  per_step = (
+    cfg.per_step_params if cfg.per_step_params is not None else (_norms(cfg) if plus else None)
+  )
+  kwargs.update(
+    alpha_per_step=plus if cfg.alpha_per_step is None else cfg.alpha_per_step,
+    per_step_params=per_step or None,
+  )
   if plus:
-    return meta.maml_plus_plus(loss_fn, **{
-        **kwargs, "alpha_min": None, "alpha_max": cfg.alpha_max,
+    return meta.maml_plus_plus(
+      loss_fn,
+      **{
+        **kwargs,
+        "alpha_min": None,
+        "alpha_max": cfg.alpha_max,
         "multi_step_loss": cfg.multi_step_loss or 5000,
-        "first_order_steps": cfg.first_order_steps or 25000})
+        "first_order_steps": cfg.first_order_steps or 25000,
+      },
+    )
   kwargs.update(multi_step_loss=cfg.multi_step_loss, first_order_steps=cfg.first_order_steps)
   if cfg.alpha_granularity is not None:  # validate() allows it for alpha-maml(-paper) only
     kwargs.update(alpha_granularity=cfg.alpha_granularity)
   if cfg.method == "alpha-maml":
-    return meta.alpha_maml(loss_fn, rate_rule=cfg.rate_rule, backtrack=cfg.backtrack,
-                           **rates, **kwargs)
+    return meta.alpha_maml(
+      loss_fn, rate_rule=cfg.rate_rule, backtrack=cfg.backtrack, **rates, **kwargs
+    )
   if cfg.method == "alpha-maml-paper":
     return meta.alpha_maml_paper(loss_fn, **rates, **kwargs)
   if cfg.method == "meta-sgd":
     return meta.meta_sgd(loss_fn, **{**kwargs, "alpha_min": None, "alpha_max": cfg.alpha_max})
   if cfg.method == "anil":
     return meta.anil(loss_fn, inner_params=cfg.inner_params or _HEADS[cfg.task], **kwargs)
-  return meta.maml(loss_fn, first_order=cfg.method == "fomaml", inner_params=cfg.inner_params or None,
-                   **kwargs)
+  return meta.maml(
+    loss_fn, first_order=cfg.method == "fomaml", inner_params=cfg.inner_params or None, **kwargs
+  )
 
 
 # the model head of each task's model: what ANIL adapts unless --inner_params says otherwise
@@ -283,6 +330,7 @@ def make_train_chunk(exp: Experiment, length: int, mesh=None):
       st, rows = carry
       st, m = one(st, images, start + j)
       return st, jax.tree.map(lambda r, v: r.at[j].set(v), rows, m)
+
     return jax.lax.fori_loop(0, jnp.minimum(steps, length), body, (state, rows))
 
   if mesh is None:
@@ -304,15 +352,24 @@ def _eval_batches(exp: Experiment, split: str, num_tasks: int):
 def _curves(exp: Experiment, params, alpha, batches, steps: int, guard: bool) -> dict:
   """Per-task adaptation curves over ``batches`` (:attr:`MetaLearner.adaptation_curve`),
   with the support-loss guard (:func:`amaml.adaptation.support_guard`) if ``guard``."""
-  outs = [jax.device_get(exp.learner.adaptation_curve(params, alpha, b, inner_steps=steps))
-          for b in batches]
+  outs = [
+    jax.device_get(exp.learner.adaptation_curve(params, alpha, b, inner_steps=steps))
+    for b in batches
+  ]
   out = {k: np.concatenate([np.asarray(o[k]) for o in outs]) for k in outs[0]}
   return guarded_curves(out) if guard else out
 
 
-def select_adaptation(exp: Experiment, params, alpha, split: str = "val",
-                      num_tasks: int | None = None, max_steps: int | None = None,
-                      scales=ALPHA_SCALES, guard: bool = True) -> dict:
+def select_adaptation(
+  exp: Experiment,
+  params,
+  alpha,
+  split: str = "val",
+  num_tasks: int | None = None,
+  max_steps: int | None = None,
+  scales=ALPHA_SCALES,
+  guard: bool = True,
+) -> dict:
   """Test-time adaptation chosen on meta-validation tasks, so that it cannot diverge.
 
   Every ``(scale, steps)`` with ``scale`` in ``scales`` (the inner rate is ``scale *
@@ -329,18 +386,32 @@ def select_adaptation(exp: Experiment, params, alpha, split: str = "val",
   batches = list(_eval_batches(exp, split, num_tasks))
   curves = {}
   for scale in scales:
-    out = _curves(exp, params, jax.tree.map(lambda x: x * scale, alpha), batches, max_steps,
-                  guard)
+    out = _curves(exp, params, jax.tree.map(lambda x: x * scale, alpha), batches, max_steps, guard)
     key = "accuracy" if "accuracy" in out else "loss"
     curves[scale] = out[key][:num_tasks].mean(axis=0)
   scale, steps, scores = best_adaptation(curves, higher_is_better=key == "accuracy")
-  return {"inner_steps": steps, "alpha_scale": scale, "split": split, "tasks": num_tasks,
-          "selected_by": key, "guard": guard, "scores": scores}
+  return {
+    "inner_steps": steps,
+    "alpha_scale": scale,
+    "split": split,
+    "tasks": num_tasks,
+    "selected_by": key,
+    "guard": guard,
+    "scores": scores,
+  }
 
 
-def evaluate(exp: Experiment, params, alpha, split: str = "test", num_tasks: int | None = None,
-             inner_steps: int | None = None, progress: bool = False,
-             alpha_scale: float = 1.0, guard: bool = False) -> dict:
+def evaluate(
+  exp: Experiment,
+  params,
+  alpha,
+  split: str = "test",
+  num_tasks: int | None = None,
+  inner_steps: int | None = None,
+  progress: bool = False,
+  alpha_scale: float = 1.0,
+  guard: bool = False,
+) -> dict:
   """Meta-test: adapt on ``num_tasks`` fresh tasks of ``split`` and summarise.
 
   Returns means and 95% confidence half-widths over tasks of the query loss (and
@@ -357,15 +428,28 @@ def evaluate(exp: Experiment, params, alpha, split: str = "test", num_tasks: int
   it = _eval_batches(exp, split, num_tasks)
   if progress:
     from tqdm.auto import tqdm
-    it = tqdm(it, total=math.ceil(num_tasks / cfg.eval_batch), desc=f"evaluate {split}",
-              unit="batch", leave=False)
+
+    it = tqdm(
+      it,
+      total=math.ceil(num_tasks / cfg.eval_batch),
+      desc=f"evaluate {split}",
+      unit="batch",
+      leave=False,
+    )
   for batch in it:
-    out = (_guarded_evaluate(exp, params, a, batch, inner_steps) if guard else
-           exp.learner.evaluate(params, a, batch, inner_steps=inner_steps))
+    out = (
+      _guarded_evaluate(exp, params, a, batch, inner_steps)
+      if guard
+      else exp.learner.evaluate(params, a, batch, inner_steps=inner_steps)
+    )
     for k, v in out.items():
       per_task.setdefault(k, []).append(np.asarray(v))
-  summary = {"split": split, "tasks": num_tasks, "inner_steps": inner_steps,
-             "alpha_scale": alpha_scale}
+  summary = {
+    "split": split,
+    "tasks": num_tasks,
+    "inner_steps": inner_steps,
+    "alpha_scale": alpha_scale,
+  }
   for k, v in per_task.items():
     m, ci = mean_confidence_interval(np.concatenate(v)[:num_tasks])
     summary[k] = m
@@ -382,8 +466,9 @@ def _guarded_evaluate(exp: Experiment, params, alpha, batch, inner_steps: int) -
   return out
 
 
-def meta_test(exp: Experiment, params, alpha, num_tasks: int | None = None,
-              progress: bool = False) -> dict:
+def meta_test(
+  exp: Experiment, params, alpha, num_tasks: int | None = None, progress: bool = False
+) -> dict:
   """The final evaluation on the meta-test split, with the test-time adaptation of
   ``test_adaptation``: ``"select"`` chooses it on meta-validation tasks
   (:func:`select_adaptation`), adapts each test task under the support-loss guard, and also
@@ -396,9 +481,20 @@ def meta_test(exp: Experiment, params, alpha, num_tasks: int | None = None,
     return {"test": evaluate(exp, params, alpha, "test", num_tasks, progress=progress)}
   split = "val" if "val" in exp.data else "train"  # Omniglot's lake protocol has no val
   choice = select_adaptation(exp, params, alpha, split)
-  out = {"test": evaluate(exp, params, alpha, "test", num_tasks, choice["inner_steps"],
-                          progress, choice["alpha_scale"], guard=True),
-         "test_adaptation": choice}
+  out = {
+    "test": evaluate(
+      exp,
+      params,
+      alpha,
+      "test",
+      num_tasks,
+      choice["inner_steps"],
+      progress,
+      choice["alpha_scale"],
+      guard=True,
+    ),
+    "test_adaptation": choice,
+  }
   if (choice["inner_steps"], choice["alpha_scale"]) != (cfg.eval_inner_steps, 1.0):
     out["test_fixed"] = evaluate(exp, params, alpha, "test", num_tasks, progress=progress)
   return out
@@ -461,8 +557,14 @@ class _Run(NamedTuple):
   ckpt: Any  # amaml.checkpoint.Checkpointer
 
 
-def train(cfg: Config, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
-          evaluate_at_end: bool = True) -> tuple[meta.MetaState, dict]:
+def train(
+  cfg: Config,
+  out_dir: str | os.PathLike,
+  *,
+  resume: bool = False,
+  progress: bool = True,
+  evaluate_at_end: bool = True,
+) -> tuple[meta.MetaState, dict]:
   """Trains ``cfg`` into ``out_dir``; with ``resume`` continues from its last checkpoint.
   With several processes (:func:`amaml.sharding.initialize` first) every process calls it
   alike; process 0 writes the files.
@@ -484,21 +586,27 @@ def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
   cfg.validate()
   mesh = None
   if cfg.devices != 1 or jax.process_count() > 1:  # before any file is written: fails on too
-    mesh = _mesh(cfg)                               # few devices or an uneven split
+    mesh = _mesh(cfg)  # few devices or an uneven split
     sharding.check_divisible(cfg.meta_batch, mesh)
   out.mkdir(parents=True, exist_ok=True)
   cfg_path = out / "config.json"
   if cfg_path.exists() and resume:
     old = Config.from_json(cfg_path.read_text())
     may_change = ("iterations", "devices", "max_minutes", "tensorboard")
-    diff = {f.name: (getattr(old, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(Config)
-            if getattr(old, f.name) != getattr(cfg, f.name) and f.name not in may_change}
+    diff = {
+      f.name: (getattr(old, f.name), getattr(cfg, f.name))
+      for f in dataclasses.fields(Config)
+      if getattr(old, f.name) != getattr(cfg, f.name) and f.name not in may_change
+    }
     if diff:
-      raise ValueError(f"--resume with a configuration that differs from {cfg_path}: {diff}; "
-                       f"use the same settings (only {', '.join(may_change)} may change) or a new --out")
+      raise ValueError(
+        f"--resume with a configuration that differs from {cfg_path}: {diff}; "
+        f"use the same settings (only {', '.join(may_change)} may change) or a new --out"
+      )
   elif (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()) and not resume:
-    raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or "
-                          "choose another --out")
+    raise FileExistsError(
+      f"{out} already holds a run: pass --resume to continue it, or choose another --out"
+    )
   if _primary():
     tmp = cfg_path.with_suffix(".tmp")
     tmp.write_text(cfg.to_json())
@@ -532,8 +640,10 @@ def _mesh(cfg: Config):
   """The task mesh of ``cfg.devices``; with several processes (:func:`amaml.sharding.initialize`)
   it spans the devices of them all (``devices`` 0 or 1)."""
   if jax.process_count() > 1 and cfg.devices not in (0, 1, jax.device_count()):
-    raise ValueError(f"devices={cfg.devices} with {jax.process_count()} processes: several "
-                     "processes train on all their devices; pass --devices 0")
+    raise ValueError(
+      f"devices={cfg.devices} with {jax.process_count()} processes: several "
+      "processes train on all their devices; pass --devices 0"
+    )
   return sharding.task_mesh(0 if jax.process_count() > 1 else cfg.devices)
 
 
@@ -559,8 +669,11 @@ def _loop(run: _Run, progress: bool):
   board = _tensorboard(run.out) if cfg.tensorboard and primary else None
   compile_s = None
   try:
-    with ticker, signals.StopRequest() as stop, (
-        open(run.out / "metrics.jsonl", "a") if primary else contextlib.nullcontext()) as log:
+    with (
+      ticker,
+      signals.StopRequest() as stop,
+      open(run.out / "metrics.jsonl", "a") if primary else contextlib.nullcontext() as log,
+    ):
       while step < cfg.iterations:
         n = min(per_call, cfg.log_every - step % cfg.log_every, cfg.iterations - step)
         t0 = time.perf_counter()
@@ -582,15 +695,25 @@ def _loop(run: _Run, progress: bool):
         out_of_time = bool(sharding.agree(budget_s > 0 and elapsed >= budget_s))
         signum = int(sharding.agree(stop.signum or 0))  # SIGINT, SIGTERM: stop here
         halt = out_of_time or signum > 0
-        if step % cfg.log_every == 0 or step >= cfg.iterations or halt or streak >= cfg.max_nonfinite:
+        if (
+          step % cfg.log_every == 0 or step >= cfg.iterations or halt or streak >= cfg.max_nonfinite
+        ):
           stacked = jax.device_get(jax.tree.map(lambda *x: np.concatenate(x), *pending))
           steps_in_line = len(stacked["loss"])
-          rec = {"step": step, **_summarise(stacked),
-                 "steps_per_s": steps_in_line / max(time.perf_counter() - t_line, 1e-9)}
+          rec = {
+            "step": step,
+            **_summarise(stacked),
+            "steps_per_s": steps_in_line / max(time.perf_counter() - t_line, 1e-9),
+          }
           pending, t_line = [], time.perf_counter()
           if cfg.val_every and step % cfg.val_every == 0 and "val" in exp.data:
-            val = evaluate(exp, *sharding.host_local((state.params, state.alpha)), "val",
-                           cfg.val_tasks, inner_steps=cfg.inner_steps)
+            val = evaluate(
+              exp,
+              *sharding.host_local((state.params, state.alpha)),
+              "val",
+              cfg.val_tasks,
+              inner_steps=cfg.inner_steps,
+            )
             rec.update({f"val_{k}": v for k, v in val.items() if isinstance(v, float)})
           if log is not None:
             log.write(json.dumps(rec) + "\n")
@@ -604,12 +727,17 @@ def _loop(run: _Run, progress: bool):
         if streak >= cfg.max_nonfinite:
           outer_rate = "--epsilon" if cfg.method == "reptile" else "--beta"
           raise FloatingPointError(
-              f"{cfg.max_nonfinite} non-finite meta steps in a row by step {step}: the state was "
-              f"kept finite and the last good checkpoint is in {run.ckpt.directory}. Lower --alpha or "
-              f"{outer_rate}, or use the default --method alpha-maml (normalized rule with "
-              "backtracking)")
-        if ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step >= cfg.iterations
-            or halt):
+            f"{cfg.max_nonfinite} non-finite meta steps in a row by step {step}: the state was "
+            f"kept finite and the last good checkpoint is in {run.ckpt.directory}. "
+            "Lower --alpha or "
+            f"{outer_rate}, or use the default --method alpha-maml (normalized rule with "
+            "backtracking)"
+          )
+        if (
+          (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+          or step >= cfg.iterations
+          or halt
+        ):
           run.ckpt.save(step, state)
         if signum:
           raise signals.Interrupted(signum, step, f"{run.ckpt.directory}/{step}")
@@ -676,9 +804,13 @@ def _progress_bar(cfg: Config, start: int):
 
   desc = f"{cfg.method} {cfg.task}"
   if cfg.max_minutes:
-    return tqdm(total=round(60 * cfg.max_minutes), desc=f"{desc} (time budget)", unit="s",
-                dynamic_ncols=True,
-                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")
+    return tqdm(
+      total=round(60 * cfg.max_minutes),
+      desc=f"{desc} (time budget)",
+      unit="s",
+      dynamic_ncols=True,
+      bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]",
+    )
   return tqdm(total=cfg.iterations, initial=start, desc=desc, unit="step", dynamic_ncols=True)
 
 
@@ -694,15 +826,20 @@ def _bar_fields(rec: dict) -> dict:
   return post
 
 
-def _finish(run: _Run, state, step: int, train_s: float, compile_s, evaluate_at_end: bool,
-            progress: bool) -> dict:
+def _finish(
+  run: _Run, state, step: int, train_s: float, compile_s, evaluate_at_end: bool, progress: bool
+) -> dict:
   """The final evaluation, written atomically to ``results.json`` (by process 0; every
   process evaluates its own copy of the state, so each returns the same results)."""
   state = sharding.host_local(state)
-  results = {"config": dataclasses.asdict(run.cfg), "steps": step, "train_seconds": train_s,
-             "first_chunk_seconds_incl_compile": compile_s,
-             "final_alpha": float(meta.tree_mean(state.alpha)),
-             "versions": versions()}
+  results = {
+    "config": dataclasses.asdict(run.cfg),
+    "steps": step,
+    "train_seconds": train_s,
+    "first_chunk_seconds_incl_compile": compile_s,
+    "final_alpha": float(meta.tree_mean(state.alpha)),
+    "versions": versions(),
+  }
   beta = current_learning_rate(state.opt_state)
   results["final_beta"] = None if beta is None else float(beta)
   if evaluate_at_end:
@@ -714,7 +851,9 @@ def _finish(run: _Run, state, step: int, train_s: float, compile_s, evaluate_at_
   return results
 
 
-def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[Experiment, meta.MetaState]:
+def load_run(
+  run_dir: str | os.PathLike, step: int | None = None
+) -> tuple[Experiment, meta.MetaState]:
   """The experiment and state saved in ``run_dir``: checkpoint ``step``, or the newest that
   can be read (each newer one that cannot is named on stderr; see
   :meth:`amaml.checkpoint.Checkpointer.restore_newest_intact`)."""
@@ -722,7 +861,9 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[Exper
 
   run = Path(run_dir)
   if not (run / "config.json").exists():
-    raise FileNotFoundError(f"{run} has no config.json: is it a run directory written by amaml train?")
+    raise FileNotFoundError(
+      f"{run} has no config.json: is it a run directory written by amaml train?"
+    )
   cfg = Config.from_json((run / "config.json").read_text())
   exp = build(cfg)
   ckpt = Checkpointer(run / "checkpoints")
@@ -738,29 +879,42 @@ def format_results(results: dict) -> str:
   """A readable summary of a results dict."""
   cfg = results.get("config", {})
   t = results["test"]
-  lines = [f"{cfg.get('method', '?')} on {cfg.get('task', '?')}: {results.get('steps', '?')} meta steps"
-           + (f" in {results['train_seconds']:.0f} s" if "train_seconds" in results else "")]
+  lines = [
+    f"{cfg.get('method', '?')} on {cfg.get('task', '?')}: {results.get('steps', '?')} meta steps"
+    + (f" in {results['train_seconds']:.0f} s" if "train_seconds" in results else "")
+  ]
   how = f"{t['inner_steps']} inner steps" if cfg.get("method") != "protonet" else "no inner loop"
   if t.get("alpha_scale", 1.0) != 1.0:
     how += f" at {t['alpha_scale']:g} x alpha"
   if "test_adaptation" in results:
-    how += f", chosen on {results['test_adaptation']['tasks']} {results['test_adaptation']['split']} tasks"
+    choice = results["test_adaptation"]
+    how += f", chosen on {choice['tasks']} {choice['split']} tasks"
   if "accuracy" in t:
-    lines.append(f"  meta-test accuracy on {t['tasks']} tasks ({how}): "
-                 f"{100 * t['accuracy']:.2f}% +- {100 * t['accuracy_ci95']:.2f}% (95% CI)")
+    lines.append(
+      f"  meta-test accuracy on {t['tasks']} tasks ({how}): "
+      f"{100 * t['accuracy']:.2f}% +- {100 * t['accuracy_ci95']:.2f}% (95% CI)"
+    )
   else:
     lines.append(f"  meta-test on {t['tasks']} tasks ({how})")
-  lines.append(f"  query loss before adaptation {t['pre_loss']:.4f} +- {t['pre_loss_ci95']:.4f}, "
-               f"after {t['loss']:.4f} +- {t['loss_ci95']:.4f}")
+  lines.append(
+    f"  query loss before adaptation {t['pre_loss']:.4f} +- {t['pre_loss_ci95']:.4f}, "
+    f"after {t['loss']:.4f} +- {t['loss_ci95']:.4f}"
+  )
   fixed = results.get("test_fixed")
   if fixed is not None and "accuracy" in fixed:
-    lines.append(f"  with MAML's fixed protocol ({fixed['inner_steps']} steps at alpha): "
-                 f"{100 * fixed['accuracy']:.2f}% +- {100 * fixed['accuracy_ci95']:.2f}%")
+    lines.append(
+      f"  with MAML's fixed protocol ({fixed['inner_steps']} steps at alpha): "
+      f"{100 * fixed['accuracy']:.2f}% +- {100 * fixed['accuracy_ci95']:.2f}%"
+    )
   elif fixed is not None:
-    lines.append(f"  with MAML's fixed protocol ({fixed['inner_steps']} steps at alpha): query loss "
-                 f"{fixed['loss']:.4f} +- {fixed['loss_ci95']:.4f}")
+    lines.append(
+      f"  with MAML's fixed protocol ({fixed['inner_steps']} steps at alpha): query loss "
+      f"{fixed['loss']:.4f} +- {fixed['loss_ci95']:.4f}"
+    )
   if "final_alpha" in results:
     beta = results.get("final_beta")
-    lines.append(f"  final alpha {results['final_alpha']:.4g}"
-                 + (f", final beta {beta:.4g}" if beta is not None else ""))
+    lines.append(
+      f"  final alpha {results['final_alpha']:.4g}"
+      + (f", final beta {beta:.4g}" if beta is not None else "")
+    )
   return "\n".join(lines)

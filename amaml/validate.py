@@ -16,6 +16,7 @@ Traceback (most recent call last):
 ...
 ValueError: TaskBatch.query_y holds labels from 1 to 5, but a 5-way task needs labels in 0..4; relabel each task's classes 0..ways-1 (or raise ways)
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -29,8 +30,10 @@ from amaml.task import TaskBatch, check_task_batch
 def _host(batch: TaskBatch) -> dict[str, np.ndarray]:
   for name in TaskBatch._fields:
     if isinstance(getattr(batch, name), jax.core.Tracer):
-      raise TypeError("amaml.validate checks concrete arrays on the host: call it outside "
-                      "jax.jit / vmap / scan, e.g. on the first batch of your sampler")
+      raise TypeError(
+        "amaml.validate checks concrete arrays on the host: call it outside "
+        "jax.jit / vmap / scan, e.g. on the first batch of your sampler"
+      )
   return {name: np.asarray(getattr(batch, name)) for name in TaskBatch._fields}
 
 
@@ -42,8 +45,9 @@ def check_finite_batch(batch: TaskBatch) -> None:
       bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
       if bad:
         raise ValueError(
-            f"TaskBatch.{name} has {bad} non-finite value(s) (NaN or inf); clean the data "
-            "source (e.g. np.nan_to_num, or drop the bad examples) before meta-training")
+          f"TaskBatch.{name} has {bad} non-finite value(s) (NaN or inf); clean the data "
+          "source (e.g. np.nan_to_num, or drop the bad examples) before meta-training"
+        )
 
 
 def check_regression_batch(batch: TaskBatch) -> None:
@@ -51,13 +55,16 @@ def check_regression_batch(batch: TaskBatch) -> None:
   check_task_batch(batch)
   for name, x in _host(batch).items():
     if not np.issubdtype(x.dtype, np.floating):
-      raise TypeError(f"TaskBatch.{name} must be floating point for regression, got {x.dtype}; "
-                      f"convert it with x.astype(np.float32)")
+      raise TypeError(
+        f"TaskBatch.{name} must be floating point for regression, got {x.dtype}; "
+        f"convert it with x.astype(np.float32)"
+      )
   check_finite_batch(batch)
 
 
-def check_classification_batch(batch: TaskBatch, ways: int,
-                               example_shape: Sequence[int] | None = None) -> None:
+def check_classification_batch(
+  batch: TaskBatch, ways: int, example_shape: Sequence[int] | None = None
+) -> None:
   """Checks an N-way classification batch before it reaches the meta step.
 
   Args:
@@ -76,34 +83,45 @@ def check_classification_batch(batch: TaskBatch, ways: int,
   for name in ("support_x", "query_x"):
     x = arrays[name]
     if x.dtype == np.uint8:
-      raise TypeError(f"TaskBatch.{name} is uint8 (raw pixels); the model takes floats: use "
-                      f"x.astype(np.float32) / 255")
+      raise TypeError(
+        f"TaskBatch.{name} is uint8 (raw pixels); the model takes floats: use "
+        f"x.astype(np.float32) / 255"
+      )
     if not np.issubdtype(x.dtype, np.floating):
-      raise TypeError(f"TaskBatch.{name} must be floating point, got {x.dtype}; use "
-                      "x.astype(np.float32)")
+      raise TypeError(
+        f"TaskBatch.{name} must be floating point, got {x.dtype}; use x.astype(np.float32)"
+      )
   sx, qx = arrays["support_x"].shape[2:], arrays["query_x"].shape[2:]
   if sx != qx:
-    raise ValueError(f"support and query examples differ in shape: support_x has {sx}, query_x "
-                     f"has {qx}; both sets must come from the same images")
+    raise ValueError(
+      f"support and query examples differ in shape: support_x has {sx}, query_x "
+      f"has {qx}; both sets must come from the same images"
+    )
   if example_shape is not None and tuple(sx) != tuple(example_shape):
-    hint = (" (add a channel axis: x[..., None])" if tuple(sx) == tuple(example_shape)[:-1]
-            else "")
-    raise ValueError(f"examples have shape {tuple(sx)} but the model expects "
-                     f"{tuple(example_shape)}{hint}; resize the images or build the model for "
-                     "this shape")
+    hint = " (add a channel axis: x[..., None])" if tuple(sx) == tuple(example_shape)[:-1] else ""
+    raise ValueError(
+      f"examples have shape {tuple(sx)} but the model expects "
+      f"{tuple(example_shape)}{hint}; resize the images or build the model for "
+      "this shape"
+    )
   for name in ("support_y", "query_y"):
     y = arrays[name]
     if y.ndim == 3 and np.issubdtype(y.dtype, np.number):
-      raise ValueError(f"TaskBatch.{name} has shape {y.shape}: looks one-hot; pass class indices "
-                       f"[tasks, examples] instead (y.argmax(-1))")
+      raise ValueError(
+        f"TaskBatch.{name} has shape {y.shape}: looks one-hot; pass class indices "
+        f"[tasks, examples] instead (y.argmax(-1))"
+      )
     if y.ndim != 2:
-      raise ValueError(f"TaskBatch.{name} must be [tasks, examples] class indices, got shape "
-                       f"{y.shape}")
+      raise ValueError(
+        f"TaskBatch.{name} must be [tasks, examples] class indices, got shape {y.shape}"
+      )
     if not np.issubdtype(y.dtype, np.integer):
-      raise TypeError(f"TaskBatch.{name} must hold integer class indices, got {y.dtype}; use "
-                      "y.astype(np.int32)")
+      raise TypeError(
+        f"TaskBatch.{name} must hold integer class indices, got {y.dtype}; use y.astype(np.int32)"
+      )
     if y.size and (y.min() < 0 or y.max() >= ways):
       raise ValueError(
-          f"TaskBatch.{name} holds labels from {y.min()} to {y.max()}, but a {ways}-way task "
-          f"needs labels in 0..{ways - 1}; relabel each task's classes 0..ways-1 (or raise ways)")
+        f"TaskBatch.{name} holds labels from {y.min()} to {y.max()}, but a {ways}-way task "
+        f"needs labels in 0..{ways - 1}; relabel each task's classes 0..ways-1 (or raise ways)"
+      )
   check_finite_batch(batch)

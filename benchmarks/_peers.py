@@ -5,6 +5,7 @@ The peers (PyTorch and plain-JAX MAML on Conv4) start from the numpy weights of
 puts those into :class:`amaml.models.Conv4`'s parameter dict, so that amaml and a peer
 start from identical weights and compute the same meta-loss.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,9 @@ import sys
 import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-PEERS_DIR = os.environ.get("AMAML_PEERS_DIR", os.path.normpath(
-    os.path.join(_HERE, "..", "..", "shared", "peers")))
+PEERS_DIR = os.environ.get(
+  "AMAML_PEERS_DIR", os.path.normpath(os.path.join(_HERE, "..", "..", "shared", "peers"))
+)
 if not os.path.isdir(PEERS_DIR) and os.path.isdir("/work/shared/peers"):
   PEERS_DIR = "/work/shared/peers"
 
@@ -28,6 +30,7 @@ def peers_common():
   if PEERS_DIR not in sys.path:
     sys.path.insert(0, PEERS_DIR)
   import common  # noqa: E402  (shared/peers/common.py)
+
   return common
 
 
@@ -43,10 +46,14 @@ def conv4_params_from_torch(torch_params, num_blocks: int = 4) -> dict:
   get = lambda k: np.asarray(torch_params[k], dtype=np.float32)
   out = {}
   for b in range(num_blocks):
-    out[f"conv{b}"] = {"kernel": jnp.asarray(np.transpose(get(f"conv{b}.weight"), (2, 3, 1, 0))),
-                       "bias": jnp.asarray(get(f"conv{b}.bias"))}
-    out[f"norm{b}"] = {"scale": jnp.asarray(get(f"bn{b}.weight")),
-                       "bias": jnp.asarray(get(f"bn{b}.bias"))}
+    out[f"conv{b}"] = {
+      "kernel": jnp.asarray(np.transpose(get(f"conv{b}.weight"), (2, 3, 1, 0))),
+      "bias": jnp.asarray(get(f"conv{b}.bias")),
+    }
+    out[f"norm{b}"] = {
+      "scale": jnp.asarray(get(f"bn{b}.weight")),
+      "bias": jnp.asarray(get(f"bn{b}.bias")),
+    }
   out["head"] = {"kernel": jnp.asarray(get("fc.weight").T), "bias": jnp.asarray(get("fc.bias"))}
   return out
 

@@ -7,6 +7,7 @@ Trains the same run alternately with one step per call and with ``--steps`` step
 (one compiled loop serves both) and prints steps/s for each, twice. The difference is the
 cost that :data:`amaml.train.CHUNK_SECONDS` amortises.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,9 @@ from amaml.configs import get_config
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   ap.add_argument("--config", default="omniglot-5w1s")
   ap.add_argument("--steps", type=int, default=20, help="steps per mode (and per long call)")
   args = ap.parse_args(argv)

@@ -12,6 +12,7 @@ and with the test-time adaptation selected on 200 validation tasks. It prints th
 per (alpha0, beta0) over seeds and the worst/best ratio over cells, the quantity the default
 must keep small (the target is 1.5).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,12 @@ from amaml import train
 
 ALPHAS = (0.01, 0.1, 1.0, 4.0)
 BETAS = (1e-4, 1e-3, 1e-2)
-VARIANTS = [{"alpha_lr": 0.03, "beta_lr": 0.03}, {"alpha_lr": 0.03, "beta_lr": 0.01},
-            {"alpha_lr": 0.03, "beta_lr": 0.1}, {"alpha_lr": 0.05, "beta_lr": 0.05}]
+VARIANTS = [
+  {"alpha_lr": 0.03, "beta_lr": 0.03},
+  {"alpha_lr": 0.03, "beta_lr": 0.01},
+  {"alpha_lr": 0.03, "beta_lr": 0.1},
+  {"alpha_lr": 0.05, "beta_lr": 0.05},
+]
 
 
 def probe(overrides: dict, seeds: int, steps: int, alphas=ALPHAS, betas=BETAS) -> dict:
@@ -50,8 +55,9 @@ def probe(overrides: dict, seeds: int, steps: int, alphas=ALPHAS, betas=BETAS) -
     by = {}
     for c, e in zip(cells, ev):
       by.setdefault(c[:2], []).append(float(np.mean(e[name])))
-    means = {f"{a:g},{b if b is None else format(b, 'g')}": float(np.mean(v))
-             for (a, b), v in by.items()}
+    means = {
+      f"{a:g},{b if b is None else format(b, 'g')}": float(np.mean(v)) for (a, b), v in by.items()
+    }
     out[name] = means
     out[f"{name}_worst_over_best"] = max(means.values()) / min(means.values())
   out["final_alpha"] = [float(x) for x in hist["alpha"][-1]]
@@ -60,21 +66,30 @@ def probe(overrides: dict, seeds: int, steps: int, alphas=ALPHAS, betas=BETAS) -
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   ap.add_argument("--variants", type=json.loads, default=VARIANTS)
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--steps", type=int, default=5000)
   ap.add_argument("--alphas", type=float, nargs="+", default=ALPHAS)
-  ap.add_argument("--betas", type=float, nargs="+", default=BETAS,
-                  help="beta0 values (one is enough for a learning-rate-free outer optimizer)")
+  ap.add_argument(
+    "--betas",
+    type=float,
+    nargs="+",
+    default=BETAS,
+    help="beta0 values (one is enough for a learning-rate-free outer optimizer)",
+  )
   args = ap.parse_args(argv)
   for v in args.variants:
     r = probe(v, args.seeds, args.steps, args.alphas, args.betas)
     print(json.dumps(r), flush=True)
-    print(f"# {v}: worst/best {r['one_step_worst_over_best']:.2f} (1 step), "
-          f"{r['selected_worst_over_best']:.2f} (selected); "
-          f"best {min(r['one_step'].values()):.3f}, worst {max(r['one_step'].values()):.3f}",
-          flush=True)
+    print(
+      f"# {v}: worst/best {r['one_step_worst_over_best']:.2f} (1 step), "
+      f"{r['selected_worst_over_best']:.2f} (selected); "
+      f"best {min(r['one_step'].values()):.3f}, worst {max(r['one_step'].values()):.3f}",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ amaml.train, amaml.data`` (what ``amaml train`` imports before it builds anythin
 ``import amaml.data.tfds_omniglot`` where TFDS is installed (the cost of the TFDS path).
 Prints one JSON line per environment.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,16 @@ import subprocess
 import time
 from pathlib import Path
 
-IMPORTS = {"amaml": "import amaml, amaml.train, amaml.data",
-           "tfds path": "import amaml.data.tfds_omniglot"}
+IMPORTS = {
+  "amaml": "import amaml, amaml.train, amaml.data",
+  "tfds path": "import amaml.data.tfds_omniglot",
+}
 
 
 def _size_mb(path: Path) -> float:
-  return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) / 2**20
+  return (
+    sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) / 2**20
+  )
 
 
 def _import_s(python: Path, code: str, repeats: int) -> float | None:
@@ -45,10 +50,14 @@ def main(argv=None):
   args = ap.parse_args(argv)
   for venv in args.venvs:
     python = venv / "bin" / "python"
-    dists = subprocess.run([str(python), "-m", "pip", "list", "--format", "json"],
-                           capture_output=True, text=True)
-    row = {"venv": str(venv), "size_mb": round(_size_mb(venv), 1),
-           "distributions": len(json.loads(dists.stdout)) if dists.returncode == 0 else None}
+    dists = subprocess.run(
+      [str(python), "-m", "pip", "list", "--format", "json"], capture_output=True, text=True
+    )
+    row = {
+      "venv": str(venv),
+      "size_mb": round(_size_mb(venv), 1),
+      "distributions": len(json.loads(dists.stdout)) if dists.returncode == 0 else None,
+    }
     for name, code in IMPORTS.items():
       s = _import_s(python, code, args.repeats)
       row[f"import_s {name}"] = None if s is None else round(s, 2)

@@ -2,7 +2,7 @@
 1-shot for a fixed number of GPU seconds each, and sinusoid regression for a fixed number of
 meta steps (BENCHMARKS.md, "Methods on one budget").
 
-    python benchmarks/methods.py --sinusoid [--names N ...]  # trains every method (or row N) on sinusoid
+    python benchmarks/methods.py --sinusoid [--names N ...]  # every method (or row N), sinusoid
     python benchmarks/methods.py --omniglot omniglot-20w1s --minutes 0.5 --out DIR
                                                    # amaml train for every method, one by one
     python benchmarks/methods.py                   # prints the table from the saved results
@@ -15,6 +15,7 @@ BENCHMARKS.md); their ``results.json`` files are copied to
 them and the sinusoid results (``benchmarks/results/sinusoid-methods.jsonl``) and prints one
 markdown table, next to the published Omniglot numbers of each method's paper.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,36 +37,75 @@ SINUSOID = RESULTS / "sinusoid-methods.jsonl"
 # (see ALPHA_20W), 0.01 on sinusoid), and MAML also from alpha = 4. Sinusoid has no ProtoNet
 # (it is not classification).
 RUNS = [
-    ("amaml default (alpha-maml: one alpha per tensor), alpha0 = 4", "alpha-maml",
-     {"alpha": 4.0, "alpha_granularity": "tensor"},
-     {"alpha": 4.0, "alpha_granularity": "tensor"}, "default-tensor-a4"),
-    ("amaml default (alpha-maml: one alpha per tensor), alpha0 = 0.01", "alpha-maml",
-     {"alpha": 0.01, "alpha_granularity": "tensor"},
-     {"alpha": 0.01, "alpha_granularity": "tensor"}, "default-tensor-a0.01"),
-    ("amaml's second default (one alpha), alpha0 = 4", "alpha-maml",
-     {"alpha": 4.0, "alpha_granularity": "scalar"}, {"alpha": 4.0, "alpha_granularity": "scalar"},
-     "dadapt-default-a4"),
-    ("amaml's second default (one alpha), alpha0 = 0.01", "alpha-maml",
-     {"alpha": 0.01, "alpha_granularity": "scalar"},
-     {"alpha": 0.01, "alpha_granularity": "scalar"}, "dadapt-default-a0.01"),
-    ("alpha-maml with inner Adam, alpha0 = 0.1", "alpha-maml", {"inner_optimizer": "adam"},
-     {"inner_optimizer": "adam", "alpha": 0.1}, "alpha-maml-adam"),
-    ("MAML, tuned alpha (0.4; 20w1s 0.1; sinusoid 0.01)", "maml", {"alpha": 0.4},
-     {"alpha": 0.01}, "maml"),
-    ("MAML, alpha = 4", "maml", {"alpha": 4.0}, {"alpha": 4.0}, "maml-a4"),
-    ("FOMAML, alpha = 0.4 (20w1s 0.1; sinusoid 0.01)", "fomaml", {"alpha": 0.4},
-     {"alpha": 0.01}, "fomaml"),
-    ("Meta-SGD, alpha0 = 0.1 (sinusoid 0.01)", "meta-sgd", {}, {"alpha": 0.01}, "meta-sgd"),
-    ("ANIL, alpha = 0.4 (20w1s 0.1; sinusoid 0.01)", "anil", {"alpha": 0.4}, {"alpha": 0.01},
-     "anil"),
-    # MAML++ is first order for its first third of training (50 of 150 epochs): here the
-    # first 300 of about 1,000 Omniglot steps, 6,000 of the 20,000 sinusoid steps
-    ("MAML++, alpha0 = 0.1 (sinusoid 0.01)", "maml++", {"first_order_steps": 300},
-     {"alpha": 0.01, "first_order_steps": 6000}, "maml++"),
-    ("Reptile, inner Adam 1e-3, 5 steps, epsilon = 1 (sinusoid: SGD 0.01)", "reptile",
-     {"inner_optimizer": "adam", "alpha": 0.001, "inner_steps": 5},
-     {"alpha": 0.01, "inner_steps": 5}, "reptile"),
-    ("ProtoNets", "protonet", {}, None, "protonet"),
+  (
+    "amaml default (alpha-maml: one alpha per tensor), alpha0 = 4",
+    "alpha-maml",
+    {"alpha": 4.0, "alpha_granularity": "tensor"},
+    {"alpha": 4.0, "alpha_granularity": "tensor"},
+    "default-tensor-a4",
+  ),
+  (
+    "amaml default (alpha-maml: one alpha per tensor), alpha0 = 0.01",
+    "alpha-maml",
+    {"alpha": 0.01, "alpha_granularity": "tensor"},
+    {"alpha": 0.01, "alpha_granularity": "tensor"},
+    "default-tensor-a0.01",
+  ),
+  (
+    "amaml's second default (one alpha), alpha0 = 4",
+    "alpha-maml",
+    {"alpha": 4.0, "alpha_granularity": "scalar"},
+    {"alpha": 4.0, "alpha_granularity": "scalar"},
+    "dadapt-default-a4",
+  ),
+  (
+    "amaml's second default (one alpha), alpha0 = 0.01",
+    "alpha-maml",
+    {"alpha": 0.01, "alpha_granularity": "scalar"},
+    {"alpha": 0.01, "alpha_granularity": "scalar"},
+    "dadapt-default-a0.01",
+  ),
+  (
+    "alpha-maml with inner Adam, alpha0 = 0.1",
+    "alpha-maml",
+    {"inner_optimizer": "adam"},
+    {"inner_optimizer": "adam", "alpha": 0.1},
+    "alpha-maml-adam",
+  ),
+  (
+    "MAML, tuned alpha (0.4; 20w1s 0.1; sinusoid 0.01)",
+    "maml",
+    {"alpha": 0.4},
+    {"alpha": 0.01},
+    "maml",
+  ),
+  ("MAML, alpha = 4", "maml", {"alpha": 4.0}, {"alpha": 4.0}, "maml-a4"),
+  (
+    "FOMAML, alpha = 0.4 (20w1s 0.1; sinusoid 0.01)",
+    "fomaml",
+    {"alpha": 0.4},
+    {"alpha": 0.01},
+    "fomaml",
+  ),
+  ("Meta-SGD, alpha0 = 0.1 (sinusoid 0.01)", "meta-sgd", {}, {"alpha": 0.01}, "meta-sgd"),
+  ("ANIL, alpha = 0.4 (20w1s 0.1; sinusoid 0.01)", "anil", {"alpha": 0.4}, {"alpha": 0.01}, "anil"),
+  # MAML++ is first order for its first third of training (50 of 150 epochs): here the
+  # first 300 of about 1,000 Omniglot steps, 6,000 of the 20,000 sinusoid steps
+  (
+    "MAML++, alpha0 = 0.1 (sinusoid 0.01)",
+    "maml++",
+    {"first_order_steps": 300},
+    {"alpha": 0.01, "first_order_steps": 6000},
+    "maml++",
+  ),
+  (
+    "Reptile, inner Adam 1e-3, 5 steps, epsilon = 1 (sinusoid: SGD 0.01)",
+    "reptile",
+    {"inner_optimizer": "adam", "alpha": 0.001, "inner_steps": 5},
+    {"alpha": 0.01, "inner_steps": 5},
+    "reptile",
+  ),
+  ("ProtoNets", "protonet", {}, None, "protonet"),
 ]
 
 # MAML's tuned 5-way alpha (0.4) becomes its 20-way one (0.1, Finn et al. 2017) on 20w1s
@@ -81,14 +121,15 @@ def results_file(config: str, name: str) -> str:
   """The results file of one row: 5w1s ran 30 CPU minutes, 20w1s on a GPU."""
   return f"{config}-{name}-{'30min' if config == 'omniglot-5w1s' else 'gpu'}.json"
 
+
 # published Omniglot 5-way 1-shot / 20-way 1-shot accuracies (%), from each paper's table
 PUBLISHED = {
-    "maml": ("98.7 ± 0.4 / 95.8 ± 0.3", "Finn et al. 2017, Table 1"),
-    "fomaml": ("98.3 ± 0.5 / 89.4 ± 0.5", "Finn et al. 2017, Table 1"),
-    "meta-sgd": ("99.53 ± 0.26 / 95.93 ± 0.38", "Li et al. 2017, Table 1"),
-    "maml++": ("99.47 / 97.65 ± 0.05", "Antoniou et al. 2019, Table 1"),
-    "protonet": ("98.8 / 96.0", "Snell et al. 2017, Table 1"),
-    "reptile": ("97.68 ± 0.04 / 89.43 ± 0.14", "Nichol et al. 2018, Table 1 (transductive)"),
+  "maml": ("98.7 ± 0.4 / 95.8 ± 0.3", "Finn et al. 2017, Table 1"),
+  "fomaml": ("98.3 ± 0.5 / 89.4 ± 0.5", "Finn et al. 2017, Table 1"),
+  "meta-sgd": ("99.53 ± 0.26 / 95.93 ± 0.38", "Li et al. 2017, Table 1"),
+  "maml++": ("99.47 / 97.65 ± 0.05", "Antoniou et al. 2019, Table 1"),
+  "protonet": ("98.8 / 96.0", "Snell et al. 2017, Table 1"),
+  "reptile": ("97.68 ± 0.04 / 89.43 ± 0.14", "Nichol et al. 2018, Table 1 (transductive)"),
 }
 
 # sinusoid: MAML's setting (1 inner step, meta-batch 25), each method's own start
@@ -104,8 +145,15 @@ def train_sinusoid(steps: int, names=None) -> None:
   for label, method, _, flags, name in _rows(names):
     if flags is None:
       continue
-    cfg = get_config("sinusoid", method=method, iterations=steps, log_every=1000,
-                     val_every=0, checkpoint_every=0, **flags)
+    cfg = get_config(
+      "sinusoid",
+      method=method,
+      iterations=steps,
+      log_every=1000,
+      val_every=0,
+      checkpoint_every=0,
+      **flags,
+    )
     with tempfile.TemporaryDirectory() as out:
       try:
         _, results = train.train(cfg, out, progress=False)
@@ -113,10 +161,14 @@ def train_sinusoid(steps: int, names=None) -> None:
         results = None  # diverged: the table says so
     rec = {"label": label, "method": method, "flags": flags, "steps": steps}
     if results is not None:
-      rec.update(seconds_per_step=results["train_seconds"] / results["steps"],
-                 mse=results["test"]["loss"], mse_ci95=results["test"]["loss_ci95"],
-                 inner_steps=results["test"]["inner_steps"],
-                 final_alpha=results["final_alpha"], versions=results["versions"])
+      rec.update(
+        seconds_per_step=results["train_seconds"] / results["steps"],
+        mse=results["test"]["loss"],
+        mse_ci95=results["test"]["loss_ci95"],
+        inner_steps=results["test"]["inner_steps"],
+        final_alpha=results["final_alpha"],
+        versions=results["versions"],
+      )
     print(json.dumps(rec), flush=True)
     with open(SINUSOID, "a") as f:
       f.write(json.dumps(rec) + "\n")
@@ -132,9 +184,24 @@ def train_omniglot(config: str, minutes: float, out: Path, names=None) -> None:
     if "20w" in config and flags.get("alpha") in ALPHA_20W:
       flags = {**flags, "alpha": ALPHA_20W[flags["alpha"]]}
     with tempfile.TemporaryDirectory() as run_dir:
-      cmd = [sys.executable, "-m", "amaml", "train", "--config", config, "--method", method,
-             "--max_minutes", str(minutes), "--val_every", "0", "--checkpoint_every", "0",
-             "--out", run_dir]
+      cmd = [
+        sys.executable,
+        "-m",
+        "amaml",
+        "train",
+        "--config",
+        config,
+        "--method",
+        method,
+        "--max_minutes",
+        str(minutes),
+        "--val_every",
+        "0",
+        "--checkpoint_every",
+        "0",
+        "--out",
+        run_dir,
+      ]
       for key, value in flags.items():
         cmd += [f"--{key}", str(value)]
       print("$", " ".join(cmd[1:]), flush=True)
@@ -144,8 +211,9 @@ def train_omniglot(config: str, minutes: float, out: Path, names=None) -> None:
       if done.returncode == 0:
         shutil.copy(Path(run_dir) / "results.json", out / results_file(config, name))
       else:  # diverged or broke: the table says so, with the run's last line
-        (out / results_file(config, name)).write_text(json.dumps(
-            {"error": tail[-1] if tail else "", "command": cmd[1:]}))
+        (out / results_file(config, name)).write_text(
+          json.dumps({"error": tail[-1] if tail else "", "command": cmd[1:]})
+        )
 
 
 def _accuracy(test: dict) -> tuple[float, float]:
@@ -163,8 +231,11 @@ def _omniglot(path: Path, compile_s: bool = False) -> tuple[str, str, str]:
   if "error" in r:
     return ("failed: " + r["error"], "", "")
   acc, ci = _accuracy(r["test"])
-  cost = (f"{r['first_chunk_seconds_incl_compile']:.1f}" if compile_s
-          else f"{r['train_seconds'] / r['steps']:.2f}")
+  cost = (
+    f"{r['first_chunk_seconds_incl_compile']:.1f}"
+    if compile_s
+    else f"{r['train_seconds'] / r['steps']:.2f}"
+  )
   return (f"{r['steps']:,}", cost, f"{acc:.2f}% ± {ci:.2f}%")
 
 
@@ -175,17 +246,26 @@ def table() -> str:
     for line in SINUSOID.read_text().splitlines():
       rec = json.loads(line)
       sinusoid[rec["method"], json.dumps(rec["flags"], sort_keys=True)] = rec
-  lines = ["| method, start | 5w1s: meta steps in 30 CPU min | s / step (with validation) "
-           "| Omniglot 5w1s, 600 tasks (95% CI) | 20w1s: meta steps in 30 H200 s "
-           "| first call, compile included (s) | Omniglot 20w1s, 600 tasks (95% CI) "
-           "| sinusoid MSE, 600 tasks (95% CI) | published 5w1s / 20w1s (%) |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  lines = [
+    "| method, start | 5w1s: meta steps in 30 CPU min | s / step (with validation) "
+    "| Omniglot 5w1s, 600 tasks (95% CI) | 20w1s: meta steps in 30 H200 s "
+    "| first call, compile included (s) | Omniglot 20w1s, 600 tasks (95% CI) "
+    "| sinusoid MSE, 600 tasks (95% CI) | published 5w1s / 20w1s (%) |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+  ]
   for label, method, _, sin_flags, name in RUNS:
     omni = _omniglot(RESULTS / results_file("omniglot-5w1s", name))
     omni += _omniglot(RESULTS / results_file("omniglot-20w1s", name), compile_s=True)
     s = sinusoid.get((method, json.dumps(sin_flags, sort_keys=True)))
-    sin = ("" if sin_flags is None else "not run" if s is None else
-           "diverged" if "mse" not in s else f"{s['mse']:.3f} ± {s['mse_ci95']:.3f}")
+    sin = (
+      ""
+      if sin_flags is None
+      else "not run"
+      if s is None
+      else "diverged"
+      if "mse" not in s
+      else f"{s['mse']:.3f} ± {s['mse_ci95']:.3f}"
+    )
     pub = published.pop(method, None)  # once, at the method's first row
     pub = f"{pub[0]} ({pub[1]})" if pub else ""
     lines.append(f"| {label} | {' | '.join(omni)} | {sin} | {pub} |")
@@ -196,8 +276,9 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--sinusoid", action="store_true", help="train every method on sinusoid first")
   ap.add_argument("--steps", type=int, default=SINUSOID_STEPS, help="sinusoid meta steps")
-  ap.add_argument("--omniglot", metavar="CONFIG",
-                  help="run `amaml train --config CONFIG` for every method first")
+  ap.add_argument(
+    "--omniglot", metavar="CONFIG", help="run `amaml train --config CONFIG` for every method first"
+  )
   ap.add_argument("--minutes", type=float, default=0.5, help="--omniglot: budget per method")
   ap.add_argument("--out", type=Path, default=RESULTS, help="--omniglot: where results go")
   ap.add_argument("--names", nargs="*", help="only these rows (by results name)")

@@ -7,6 +7,7 @@ writes ``docs/images/omniglot-5w1s-30min-curves.png`` (validation accuracy and t
 query loss against meta steps) and ``docs/images/omniglot-5w1s-30min-rates.png`` (alpha
 and beta).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,11 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 # label -> metrics file
 RUNS = {
-    "amaml default, alpha0 = 4": "omniglot-5w1s-dadapt-default-a4-30min-metrics.jsonl",
-    "amaml default, alpha0 = 0.01": "omniglot-5w1s-dadapt-default-a0.01-30min-metrics.jsonl",
-    "MAML, tuned alpha = 0.4": "omniglot-5w1s-maml-30min-metrics.jsonl",
-    "MAML, alpha = 4": "omniglot-5w1s-maml-a4-30min-metrics.jsonl",
-    "MAML, alpha = 0.01, beta = 1e-2": "omniglot-5w1s-maml-a0.01-b1e-2-30min-metrics.jsonl",
+  "amaml default, alpha0 = 4": "omniglot-5w1s-dadapt-default-a4-30min-metrics.jsonl",
+  "amaml default, alpha0 = 0.01": "omniglot-5w1s-dadapt-default-a0.01-30min-metrics.jsonl",
+  "MAML, tuned alpha = 0.4": "omniglot-5w1s-maml-30min-metrics.jsonl",
+  "MAML, alpha = 4": "omniglot-5w1s-maml-a4-30min-metrics.jsonl",
+  "MAML, alpha = 0.01, beta = 1e-2": "omniglot-5w1s-maml-a0.01-b1e-2-30min-metrics.jsonl",
 }
 
 
@@ -34,6 +35,7 @@ def main(argv=None):
   ap.add_argument("--out", default=str(ROOT / "docs" / "images"))
   args = ap.parse_args(argv)
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -43,8 +45,11 @@ def main(argv=None):
   for i, (label, recs) in enumerate(runs.items()):
     kw = dict(color=f"C{i}", label=label, linestyle="-" if label.startswith("amaml") else "--")
     # older logs (tuned MAML, commit a89f269) name the field val_post_accuracy
-    val = [(r["step"], r.get("val_accuracy", r.get("val_post_accuracy"))) for r in recs
-           if "val_accuracy" in r or "val_post_accuracy" in r]
+    val = [
+      (r["step"], r.get("val_accuracy", r.get("val_post_accuracy")))
+      for r in recs
+      if "val_accuracy" in r or "val_post_accuracy" in r
+    ]
     if val:
       ax_val.plot(*zip(*val), marker="o", **kw)
     ax_loss.plot([r["step"] for r in recs], [r["loss"] for r in recs], **kw)
@@ -52,12 +57,20 @@ def main(argv=None):
     beta = [(r["step"], r["beta"]) for r in recs if "beta" in r]
     if beta:
       ax_b.plot(*zip(*beta), **kw)
-  ax_val.set(xlabel="meta step", ylabel="validation accuracy (100 tasks; tuned MAML: 50)", ylim=(0.2, 1.0),
-             title="Omniglot 5w1s, 30 minutes on 2 CPU cores")
+  ax_val.set(
+    xlabel="meta step",
+    ylabel="validation accuracy (100 tasks; tuned MAML: 50)",
+    ylim=(0.2, 1.0),
+    title="Omniglot 5w1s, 30 minutes on 2 CPU cores",
+  )
   ax_loss.set(xlabel="meta step", ylabel="training query loss after adaptation", yscale="log")
   ax_a.set(xlabel="meta step", ylabel="alpha", yscale="log", title="inner rate")
-  ax_b.set(xlabel="meta step", ylabel="beta (D-Adaptation's estimate for amaml)",
-           yscale="log", title="outer rate")
+  ax_b.set(
+    xlabel="meta step",
+    ylabel="beta (D-Adaptation's estimate for amaml)",
+    yscale="log",
+    title="outer rate",
+  )
   for ax in (ax_val, ax_loss, ax_a, ax_b):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

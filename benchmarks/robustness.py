@@ -33,11 +33,13 @@ multiple of alpha, chosen per cell on meta-validation tasks). The table reports 
 by its own protocol (``alpha-maml``: selected; the others: fixed) and the JSON lines hold
 both for every cell.
 
-Writes ``benchmarks/results/robustness-<task>.jsonl.gz`` (gzipped: the trajectories are large; one line per cell, with the alpha and
+Writes ``benchmarks/results/robustness-<task>.jsonl.gz`` (gzipped: the trajectories are
+large; one line per cell, with the alpha and
 beta trajectories), heat maps ``docs/images/robustness-<task>.png``, alpha/beta trajectories
 of the corner cells ``docs/images/robustness-<task>-rates.png``, and prints the markdown
 tables of BENCHMARKS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,24 +64,30 @@ ALPHAS = (0.01, 0.04, 0.1, 0.4, 1.0, 4.0)
 BETAS = (1e-4, 1e-3, 1e-2)
 METHODS = ("maml", "alpha-maml-paper", "alpha-maml@scalar+adam", "alpha-maml@scalar", "alpha-maml")
 ANCHORS = tuple(f"maml+{o}" for o in OUTER_OPTIMIZERS if o != "adam")
-LABELS = {"maml": "MAML (fixed rates)", "alpha-maml-paper": "Alpha MAML, paper's additive rule",
-          "alpha-maml@scalar+adam": "amaml's first default (one alpha, beta by hypergradient on Adam)",
-          "alpha-maml@scalar": "amaml's second default (one alpha)",
-          "alpha-maml": "amaml default (one alpha per tensor)"}
-CONFIG_NAMES = {"sinusoid": "sinusoid", "omniglot": "omniglot-5w1s",
-                "omniglot-20w1s": "omniglot-20w1s"}
+LABELS = {
+  "maml": "MAML (fixed rates)",
+  "alpha-maml-paper": "Alpha MAML, paper's additive rule",
+  "alpha-maml@scalar+adam": "amaml's first default (one alpha, beta by hypergradient on Adam)",
+  "alpha-maml@scalar": "amaml's second default (one alpha)",
+  "alpha-maml": "amaml default (one alpha per tensor)",
+}
+CONFIG_NAMES = {
+  "sinusoid": "sinusoid",
+  "omniglot": "omniglot-5w1s",
+  "omniglot-20w1s": "omniglot-20w1s",
+}
 # CPU budgets (a method's 18 cells in about half an hour on 2 cores), and --full.
-_OMNIGLOT_BUDGET = dict(cpu=dict(steps=300, meta_batch=8, eval_tasks=100, val_tasks=50,
-                                 log_every=50),
-                        full=dict(steps=60000, meta_batch=32, eval_tasks=600, val_tasks=200,
-                                  log_every=500))
+_OMNIGLOT_BUDGET = dict(
+  cpu=dict(steps=300, meta_batch=8, eval_tasks=100, val_tasks=50, log_every=50),
+  full=dict(steps=60000, meta_batch=32, eval_tasks=600, val_tasks=200, log_every=500),
+)
 BUDGETS = {
-    "sinusoid": dict(cpu=dict(steps=5000, meta_batch=25, eval_tasks=600, val_tasks=200,
-                              log_every=250),
-                     full=dict(steps=70000, meta_batch=25, eval_tasks=600, val_tasks=200,
-                               log_every=1000)),
-    "omniglot": _OMNIGLOT_BUDGET,
-    "omniglot-20w1s": _OMNIGLOT_BUDGET,
+  "sinusoid": dict(
+    cpu=dict(steps=5000, meta_batch=25, eval_tasks=600, val_tasks=200, log_every=250),
+    full=dict(steps=70000, meta_batch=25, eval_tasks=600, val_tasks=200, log_every=1000),
+  ),
+  "omniglot": _OMNIGLOT_BUDGET,
+  "omniglot-20w1s": _OMNIGLOT_BUDGET,
 }
 EVAL_STEPS = 10  # MAML's test-time inner steps, and the most the selection may choose
 
@@ -92,9 +100,17 @@ def make_config(task: str, method: str, budget: dict):
     method, kw["outer_optimizer"] = method.split("+", 1)
   if "@" in method:
     method, kw["alpha_granularity"] = method.split("@", 1)
-  return get_config(CONFIG_NAMES[task], method=method, iterations=budget["steps"],
-                    meta_batch=budget["meta_batch"], log_every=budget["log_every"],
-                    checkpoint_every=0, val_every=0, eval_inner_steps=EVAL_STEPS, **kw)
+  return get_config(
+    CONFIG_NAMES[task],
+    method=method,
+    iterations=budget["steps"],
+    meta_batch=budget["meta_batch"],
+    log_every=budget["log_every"],
+    checkpoint_every=0,
+    val_every=0,
+    eval_inner_steps=EVAL_STEPS,
+    **kw,
+  )
 
 
 def init_cells(cfg, exp, cells):
@@ -106,8 +122,9 @@ def init_cells(cfg, exp, cells):
   states = []
   for a0, b0, seed in cells:
     if seed not in params:
-      params[seed] = (exp.params if seed == cfg.seed else
-                      train.build(dataclasses.replace(cfg, seed=seed)).params)
+      params[seed] = (
+        exp.params if seed == cfg.seed else train.build(dataclasses.replace(cfg, seed=seed)).params
+      )
     st = exp.learner.init(params[seed])
     st = st._replace(alpha=jax.tree.map(lambda x: jnp.full_like(x, a0), st.alpha))
     hd = st.opt_state
@@ -128,9 +145,11 @@ def make_chunk(exp, length: int):
       def one(s, seed):
         key = jax.random.fold_in(train.run_keys(seed).train, i)
         return exp.learner.update(s, exp.sample(key, images, cfg.meta_batch))
+
       st, m = jax.vmap(one)(st, seeds)
       nan = jnp.full_like(m["alpha"], jnp.nan)
       return st, {"loss": m["loss"], "alpha": m["alpha"], "beta": m.get("beta", nan)}
+
     return jax.lax.scan(body, state, start + jnp.arange(length))
 
   return jax.jit(chunk, donate_argnums=(0,))
@@ -156,8 +175,11 @@ def run_cells(exp, cells, steps: int, log_every: int):
   seeds = jnp.asarray([c[2] for c in cells], jnp.int32)
   images = exp.data["train"]
   t0 = time.perf_counter()
-  compiled = _compiled(exp, ("chunk", len(cells), log_every), lambda: make_chunk(
-      exp, log_every).lower(state, images, seeds, jnp.int32(0)).compile())
+  compiled = _compiled(
+    exp,
+    ("chunk", len(cells), log_every),
+    lambda: make_chunk(exp, log_every).lower(state, images, seeds, jnp.int32(0)).compile(),
+  )
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   hist = []
@@ -176,16 +198,25 @@ def curves_cells(exp, state, batch, scale: float, inner_steps: int, max_tasks: i
   metric. At most ``max_tasks`` (cells x tasks) per call, to bound memory."""
   cells = jax.tree.leaves(state.params)[0].shape[0]
   chunk = max(1, max_tasks // cells)
-  fn = _compiled(exp, ("curve", inner_steps), lambda: jax.jit(jax.vmap(  # no recompiles
-      lambda p, a, b: exp.learner.adaptation_curve(p, a, b, inner_steps=inner_steps),
-      in_axes=(0, 0, None))))
+  fn = _compiled(
+    exp,
+    ("curve", inner_steps),
+    lambda: jax.jit(
+      jax.vmap(  # no recompiles
+        lambda p, a, b: exp.learner.adaptation_curve(p, a, b, inner_steps=inner_steps),
+        in_axes=(0, 0, None),
+      )
+    ),
+  )
   scale = jnp.asarray(scale, jnp.float32)  # a scalar, or one per cell
-  alpha = jax.tree.map(lambda a: a * scale.reshape((-1,) + (1,) * (a.ndim - 1)) if scale.ndim
-                       else a * scale, state.alpha)
+  alpha = jax.tree.map(
+    lambda a: a * scale.reshape((-1,) + (1,) * (a.ndim - 1)) if scale.ndim else a * scale,
+    state.alpha,
+  )
   outs = []
   n = batch.support_x.shape[0]
   for i in range(0, n, chunk):
-    part = jax.tree.map(lambda x: x[i:i + chunk], batch)
+    part = jax.tree.map(lambda x: x[i : i + chunk], batch)
     outs.append(jax.device_get(fn(state.params, alpha, part)))
   return {k: np.concatenate([o[k] for o in outs], axis=1) for k in outs[0]}
 
@@ -207,8 +238,12 @@ def _guard(out: dict) -> dict:
 def _choose(val: dict, key: str, scales) -> list:
   """Per cell, the best ``(scale, steps)`` of the mean validation curves ``val``."""
   cells = val[1.0][key].shape[0]
-  return [train.best_adaptation({s: val[s][key][j].mean(axis=0) for s in scales},
-                                higher_is_better=key == "accuracy")[:2] for j in range(cells)]
+  return [
+    train.best_adaptation(
+      {s: val[s][key][j].mean(axis=0) for s in scales}, higher_is_better=key == "accuracy"
+    )[:2]
+    for j in range(cells)
+  ]
 
 
 def evaluate_cells(exp, state, val_batch, test_batch, max_tasks: int):
@@ -217,21 +252,33 @@ def evaluate_cells(exp, state, val_batch, test_batch, max_tasks: int):
   :data:`amaml.adaptation.ALPHA_SCALES` by :func:`amaml.train.best_adaptation`, every task
   under the support-loss guard) and the same without the guard over :data:`COARSE_SCALES`
   (``selected_coarse``), all scored on ``test_batch``."""
-  raw = {scale: curves_cells(exp, state, val_batch, scale, EVAL_STEPS, max_tasks)
-         for scale in train.ALPHA_SCALES}
+  raw = {
+    scale: curves_cells(exp, state, val_batch, scale, EVAL_STEPS, max_tasks)
+    for scale in train.ALPHA_SCALES
+  }
   key = "accuracy" if "accuracy" in raw[1.0] else "loss"
   chosen = _choose({s: _guard(v) for s, v in raw.items()}, key, train.ALPHA_SCALES)
   coarse = _choose(raw, key, COARSE_SCALES)
   at_alpha = curves_cells(exp, state, test_batch, 1.0, EVAL_STEPS, max_tasks)[key]
-  at_chosen = _guard(curves_cells(exp, state, test_batch, [c[0] for c in chosen], EVAL_STEPS,
-                                  max_tasks))[key]
-  at_coarse = curves_cells(exp, state, test_batch, [c[0] for c in coarse], EVAL_STEPS,
-                           max_tasks)[key]
-  return [{"fixed": at_alpha[j, :, EVAL_STEPS], "one_step": at_alpha[j, :, 1],
-           "selected": at_chosen[j, :, chosen[j][1]], "selected_scale": chosen[j][0],
-           "selected_steps": chosen[j][1], "selected_coarse": at_coarse[j, :, coarse[j][1]],
-           "coarse_scale": coarse[j][0], "coarse_steps": coarse[j][1]}
-          for j in range(len(chosen))]
+  at_chosen = _guard(
+    curves_cells(exp, state, test_batch, [c[0] for c in chosen], EVAL_STEPS, max_tasks)
+  )[key]
+  at_coarse = curves_cells(exp, state, test_batch, [c[0] for c in coarse], EVAL_STEPS, max_tasks)[
+    key
+  ]
+  return [
+    {
+      "fixed": at_alpha[j, :, EVAL_STEPS],
+      "one_step": at_alpha[j, :, 1],
+      "selected": at_chosen[j, :, chosen[j][1]],
+      "selected_scale": chosen[j][0],
+      "selected_steps": chosen[j][1],
+      "selected_coarse": at_coarse[j, :, coarse[j][1]],
+      "coarse_scale": coarse[j][0],
+      "coarse_steps": coarse[j][1],
+    }
+    for j in range(len(chosen))
+  ]
 
 
 def grid(task: str, method: str, budget: dict, alphas, betas, seeds: int, cells_per_call: int):
@@ -247,22 +294,33 @@ def grid(task: str, method: str, budget: dict, alphas, betas, seeds: int, cells_
   max_tasks = 64 if task != "sinusoid" else 1 << 20  # Conv4 evaluation is memory-bound
   rows, wall, compile_s = [], 0.0, 0.0
   for lo in range(0, len(cells), cells_per_call):
-    part = cells[lo:lo + cells_per_call]
+    part = cells[lo : lo + cells_per_call]
     state, hist, w, c = run_cells(exp, part, budget["steps"], budget["log_every"])
     wall, compile_s = wall + w, compile_s + c
     ev = evaluate_cells(exp, state, val, test, max_tasks)
     for j, (a0, b0, seed) in enumerate(part):
       e = ev[j]
-      r = {"task": task, "method": method, "alpha0": a0, "beta0": b0, "seed": seed,
-           "steps": budget["steps"], "meta_batch": budget["meta_batch"],
-           "eval_tasks": budget["eval_tasks"], "val_tasks": budget["val_tasks"],
-           "final_alpha": float(hist["alpha"][-1, j]), "final_beta": float(hist["beta"][-1, j]),
-           "final_train_loss": float(hist["loss"][-1, j]),
-           "selected_scale": e["selected_scale"], "selected_steps": e["selected_steps"],
-           "alpha_traj": [float(x) for x in hist["alpha"][:, j]],
-           "beta_traj": [float(x) for x in hist["beta"][:, j]]}
-      names = ["fixed", "selected", "selected_coarse"] + (["one_step"] if task == "sinusoid"
-                                                          else [])
+      r = {
+        "task": task,
+        "method": method,
+        "alpha0": a0,
+        "beta0": b0,
+        "seed": seed,
+        "steps": budget["steps"],
+        "meta_batch": budget["meta_batch"],
+        "eval_tasks": budget["eval_tasks"],
+        "val_tasks": budget["val_tasks"],
+        "final_alpha": float(hist["alpha"][-1, j]),
+        "final_beta": float(hist["beta"][-1, j]),
+        "final_train_loss": float(hist["loss"][-1, j]),
+        "selected_scale": e["selected_scale"],
+        "selected_steps": e["selected_steps"],
+        "alpha_traj": [float(x) for x in hist["alpha"][:, j]],
+        "beta_traj": [float(x) for x in hist["beta"][:, j]],
+      }
+      names = ["fixed", "selected", "selected_coarse"] + (
+        ["one_step"] if task == "sinusoid" else []
+      )
       for name in names:
         m, ci = amaml.mean_confidence_interval(e[name])
         r[f"test_{name}"], r[f"test_{name}_ci"] = m, ci
@@ -276,7 +334,7 @@ def has_beta0(cfg) -> bool:
 
 
 def metric(task):
-  return ("meta-test accuracy (%)" if task != "sinusoid" else "meta-test MSE")
+  return "meta-test accuracy (%)" if task != "sinusoid" else "meta-test MSE"
 
 
 def protocol(method: str, task: str) -> str:
@@ -304,8 +362,11 @@ def _fmt(v, task):
   if not np.all(np.isfinite(v)):
     return f"diverged ({int(np.sum(~np.isfinite(v)))}/{len(v)})"
   spread = f" ± {np.std(v):.1f}" if len(v) > 1 else ""
-  return f"{np.mean(v):.1f}{spread}" if task != "sinusoid" else \
-      (f"{np.mean(v):.3g}" + (f" ± {np.std(v):.2g}" if len(v) > 1 else ""))
+  return (
+    f"{np.mean(v):.1f}{spread}"
+    if task != "sinusoid"
+    else (f"{np.mean(v):.3g}" + (f" ± {np.std(v):.2g}" if len(v) > 1 else ""))
+  )
 
 
 def table(rows, task, alphas, betas, field=None) -> str:
@@ -313,12 +374,19 @@ def table(rows, task, alphas, betas, field=None) -> str:
   by = by_cell(rows, task, field, betas)
   methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
   head = " / ".join(LABELS[m] for m in methods)
-  lines = ["| alpha0 | " + " | ".join(f"beta0={b:g}" for b in betas) + " |",
-           "| --- |" + " --- |" * len(betas)]
+  lines = [
+    "| alpha0 | " + " | ".join(f"beta0={b:g}" for b in betas) + " |",
+    "| --- |" + " --- |" * len(betas),
+  ]
   for a in alphas:
-    cells = [" / ".join(f"**{_fmt(by[(m, a, b)], task)}**" if m == "alpha-maml" else
-                        _fmt(by[(m, a, b)], task) for m in methods if (m, a, b) in by)
-             for b in betas]
+    cells = [
+      " / ".join(
+        f"**{_fmt(by[(m, a, b)], task)}**" if m == "alpha-maml" else _fmt(by[(m, a, b)], task)
+        for m in methods
+        if (m, a, b) in by
+      )
+      for b in betas
+    ]
     lines.append(f"| {a:g} | " + " | ".join(cells) + " |")
   return f"{metric(task)}: {head}\n\n" + "\n".join(lines)
 
@@ -329,8 +397,10 @@ def anchor_table(rows, task, alphas, field=None) -> str:
   by = by_cell(rows, task, field)
   higher = task != "sinusoid"
   methods = [m for m in METHODS + ANCHORS if any(r["method"] == m for r in rows)]
-  lines = ["| method | " + " | ".join(f"alpha0={a:g}" for a in alphas) + " | worst | best |",
-           "| --- |" + " --- |" * (len(alphas) + 2)]
+  lines = [
+    "| method | " + " | ".join(f"alpha0={a:g}" for a in alphas) + " | worst | best |",
+    "| --- |" + " --- |" * (len(alphas) + 2),
+  ]
   for m in methods:
     vals = {}
     for a in alphas:
@@ -343,14 +413,18 @@ def anchor_table(rows, task, alphas, field=None) -> str:
     worst = (min(finite) if higher else max(finite)) if len(finite) == len(vals) else float("nan")
     best = (max(finite) if higher else min(finite)) if finite else float("nan")
     f = (lambda v: f"{v:.1f}") if higher else (lambda v: f"{v:.3g}")
-    lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(f(vals[a]) if a in vals else "" for a in alphas)
-                 + f" | {f(worst)} | {f(best)} |")
-  note = ("(methods with beta0: their best beta0 for each alpha0)")
+    lines.append(
+      f"| {LABELS.get(m, m)} | "
+      + " | ".join(f(vals[a]) if a in vals else "" for a in alphas)
+      + f" | {f(worst)} | {f(best)} |"
+    )
+  note = "(methods with beta0: their best beta0 for each alpha0)"
   return note + "\n\n" + "\n".join(lines)
 
 
 def plot(rows, task, alphas, betas, out_dir: Path):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from matplotlib.colors import LogNorm
@@ -359,16 +433,22 @@ def plot(rows, task, alphas, betas, out_dir: Path):
   label = metric(task)
   by = by_cell(rows, task, betas=betas)
   methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-  grids = {m: np.array([[np.mean(by.get((m, a, b), [np.nan])) for b in betas] for a in alphas])
-           for m in methods}
+  grids = {
+    m: np.array([[np.mean(by.get((m, a, b), [np.nan])) for b in betas] for a in alphas])
+    for m in methods
+  }
   allv = np.concatenate([g.ravel() for g in grids.values()])
   allv = allv[np.isfinite(allv)]
   if task != "sinusoid":
     norm, cmap = dict(vmin=float(allv.min()), vmax=float(allv.max())), "viridis"
   else:
-    norm, cmap = dict(norm=LogNorm(vmin=max(float(allv.min()), 1e-3), vmax=float(allv.max()))), "viridis_r"
-  fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 4.2), constrained_layout=True,
-                           squeeze=False)
+    norm, cmap = (
+      dict(norm=LogNorm(vmin=max(float(allv.min()), 1e-3), vmax=float(allv.max()))),
+      "viridis_r",
+    )
+  fig, axes = plt.subplots(
+    1, len(methods), figsize=(5 * len(methods), 4.2), constrained_layout=True, squeeze=False
+  )
   for ax, m in zip(axes[0], methods):
     im = ax.imshow(grids[m], cmap=cmap, aspect="auto", **norm)
     ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas])
@@ -379,10 +459,18 @@ def plot(rows, task, alphas, betas, out_dir: Path):
     for i in range(len(alphas)):
       for j in range(len(betas)):
         v = grids[m][i, j]
-        txt = ("not run" if (m, alphas[i], betas[j]) not in by else "div." if not np.isfinite(v)
-               else f"{v:.1f}" if task != "sinusoid" else f"{v:.2g}")
-        ax.text(j, i, txt, ha="center", va="center", color="w" if np.isfinite(v) else "k",
-                fontsize=8)
+        txt = (
+          "not run"
+          if (m, alphas[i], betas[j]) not in by
+          else "div."
+          if not np.isfinite(v)
+          else f"{v:.1f}"
+          if task != "sinusoid"
+          else f"{v:.2g}"
+        )
+        ax.text(
+          j, i, txt, ha="center", va="center", color="w" if np.isfinite(v) else "k", fontsize=8
+        )
   fig.colorbar(im, ax=axes[0].tolist(), label=label)
   fig.suptitle(f"{task}: {label}, each method by its own test protocol, mean over seeds")
   heat = out_dir / f"robustness-{task}.png"
@@ -391,18 +479,30 @@ def plot(rows, task, alphas, betas, out_dir: Path):
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
   corners = {(a, b) for a in (min(alphas), max(alphas)) for b in (min(betas), max(betas))}
-  short = {"alpha-maml": "amaml", "alpha-maml@scalar": "amaml, one alpha",
-           "alpha-maml@scalar+adam": "amaml+adam", "alpha-maml-paper": "paper"}
-  for m, style in (("alpha-maml", "-"), ("alpha-maml@scalar", "-."),
-                   ("alpha-maml@scalar+adam", "--"), ("alpha-maml-paper", ":")):
+  short = {
+    "alpha-maml": "amaml",
+    "alpha-maml@scalar": "amaml, one alpha",
+    "alpha-maml@scalar+adam": "amaml+adam",
+    "alpha-maml-paper": "paper",
+  }
+  for m, style in (
+    ("alpha-maml", "-"),
+    ("alpha-maml@scalar", "-."),
+    ("alpha-maml@scalar+adam", "--"),
+    ("alpha-maml-paper", ":"),
+  ):
     for r in rows:
       corner = r["beta0"] is None or (r["alpha0"], r["beta0"]) in corners
-      if r["method"] == m and r["seed"] == 0 and r["alpha0"] in (min(alphas), max(alphas)) and corner:
+      if (
+        r["method"] == m and r["seed"] == 0 and r["alpha0"] in (min(alphas), max(alphas)) and corner
+      ):
         b0 = "" if r["beta0"] is None else f" b0={r['beta0']:g}"
         lab = f"{short[m]} a0={r['alpha0']:g}{b0}"
         axes[0].plot(r["alpha_traj"], style, label=lab)
         axes[1].plot(r["beta_traj"], style, label=lab)
-  axes[0].set(yscale="log", xlabel="meta step", ylabel="alpha", title="alpha, corner cells (seed 0)")
+  axes[0].set(
+    yscale="log", xlabel="meta step", ylabel="alpha", title="alpha, corner cells (seed 0)"
+  )
   axes[1].set(yscale="log", xlabel="meta step", ylabel="beta", title="beta, corner cells (seed 0)")
   for ax in axes:
     ax.legend(fontsize=6)
@@ -417,8 +517,10 @@ def report(rows, task, alphas, betas) -> str:
   every method scored by the selected test-time adaptation, and the per-alpha0 summary
   with the learning-rate-free anchors."""
   parts = [table(rows, task, alphas, betas)]
-  parts.append("Every method with the test-time adaptation selected on validation tasks:\n\n"
-               + table(rows, task, alphas, betas, field="test_selected"))
+  parts.append(
+    "Every method with the test-time adaptation selected on validation tasks:\n\n"
+    + table(rows, task, alphas, betas, field="test_selected")
+  )
   parts.append(anchor_table(rows, task, alphas))
   return "\n\n".join(parts)
 
@@ -451,7 +553,9 @@ def write_jsonl(path: Path, lines: list[dict]) -> None:
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   ap.add_argument("--task", choices=tuple(BUDGETS), default="omniglot")
   ap.add_argument("--full", action="store_true", help="paper-scale budget (for a GPU)")
   ap.add_argument("--steps", type=int, help="override the budget's meta steps per cell")
@@ -462,15 +566,29 @@ def main(argv=None):
   ap.add_argument("--betas", type=float, nargs="+", default=list(BETAS))
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--methods", nargs="+", choices=METHODS + ANCHORS, default=list(METHODS))
-  ap.add_argument("--cells-per-call", type=int, default=18,
-                  help="cells trained together in one vmapped computation")
-  ap.add_argument("--out", default=None, help="JSON lines, gzipped if the name ends in .gz "
-                  "(default benchmarks/results/robustness-<task>.jsonl.gz)")
-  ap.add_argument("--append", action="store_true",
-                  help="add these methods' cells to --out (replacing the same methods' cells)")
+  ap.add_argument(
+    "--cells-per-call",
+    type=int,
+    default=18,
+    help="cells trained together in one vmapped computation",
+  )
+  ap.add_argument(
+    "--out",
+    default=None,
+    help="JSON lines, gzipped if the name ends in .gz "
+    "(default benchmarks/results/robustness-<task>.jsonl.gz)",
+  )
+  ap.add_argument(
+    "--append",
+    action="store_true",
+    help="add these methods' cells to --out (replacing the same methods' cells)",
+  )
   ap.add_argument("--images", default=str(ROOT / "docs" / "images"))
-  ap.add_argument("--render", metavar="JSONL", help="only print the tables and draw the figures "
-                  "of an earlier run's JSON lines")
+  ap.add_argument(
+    "--render",
+    metavar="JSONL",
+    help="only print the tables and draw the figures of an earlier run's JSON lines",
+  )
   args = ap.parse_args(argv)
   if args.render:
     recs = read_jsonl(Path(args.render))
@@ -494,15 +612,28 @@ def main(argv=None):
   if args.append and out.exists():
     lines = read_jsonl(out)
     lines = [l for l in lines if l.get("method") not in args.methods]
-  head = {"task": args.task, "methods": args.methods, "budget": budget, "full": args.full,
-          "seeds": args.seeds, "date": time.strftime("%Y-%m-%d"), "versions": versions()}
+  head = {
+    "task": args.task,
+    "methods": args.methods,
+    "budget": budget,
+    "full": args.full,
+    "seeds": args.seeds,
+    "date": time.strftime("%Y-%m-%d"),
+    "versions": versions(),
+  }
   lines.append(head)
   print(json.dumps(head), flush=True)
   for method in args.methods:
-    r, wall, compile_s, _ = grid(args.task, method, budget, args.alphas, args.betas,
-                                 args.seeds, args.cells_per_call)
-    timing = {"method": method, "cells": len(r), "cells_per_call": args.cells_per_call,
-              "grid_wall_s": wall, "grid_compile_s": compile_s}
+    r, wall, compile_s, _ = grid(
+      args.task, method, budget, args.alphas, args.betas, args.seeds, args.cells_per_call
+    )
+    timing = {
+      "method": method,
+      "cells": len(r),
+      "cells_per_call": args.cells_per_call,
+      "grid_wall_s": wall,
+      "grid_compile_s": compile_s,
+    }
     print(json.dumps(timing), flush=True)
     lines += [timing] + r
     write_jsonl(out, lines)  # after every method: a stopped run keeps what it finished

@@ -18,6 +18,7 @@ On CPU, forced devices are not extra hardware: they split the same cores (this m
 how XLA:CPU's thread pool is shared, not a real speed-up. On several GPUs or TPU cores the same
 code spreads the tasks over real devices.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 TASKS = {
-    "sinusoid": dict(config="sinusoid", overrides=dict(meta_batch=32)),
-    "omniglot-5w1s": dict(config="omniglot-5w1s",
-                          overrides=dict(meta_batch=8, hidden=32, val_every=0)),
+  "sinusoid": dict(config="sinusoid", overrides=dict(meta_batch=32)),
+  "omniglot-5w1s": dict(
+    config="omniglot-5w1s", overrides=dict(meta_batch=8, hidden=32, val_every=0)
+  ),
 }
 
 
@@ -48,6 +50,7 @@ def worker(task: str, devices: int, length: int, repeats: int) -> dict:
   spec = TASKS[task]
   if task != "sinusoid":
     import amaml.models
+
     if not hasattr(amaml.models, "Conv4"):
       return {"task": task, "devices": devices, "skipped": "amaml.models.Conv4 does not exist yet"}
   cfg = get_config(spec["config"], log_every=length, devices=devices, **spec["overrides"])
@@ -72,37 +75,67 @@ def worker(task: str, devices: int, length: int, repeats: int) -> dict:
     jax.block_until_ready(ms)
     times.append(time.perf_counter() - t0)
   dt = statistics.median(times)
-  return {"task": task, "devices": devices, "meta_batch": cfg.meta_batch, "length": length,
-          "tasks_per_s": cfg.meta_batch * length / dt, "step_ms": 1e3 * dt / length,
-          "first_chunk_s": compile_s, "compiles": chunk._cache_size(),
-          "backend": jax.default_backend(), "device_count": len(jax.devices()),
-          "cores": os.cpu_count()}
+  return {
+    "task": task,
+    "devices": devices,
+    "meta_batch": cfg.meta_batch,
+    "length": length,
+    "tasks_per_s": cfg.meta_batch * length / dt,
+    "step_ms": 1e3 * dt / length,
+    "first_chunk_s": compile_s,
+    "compiles": chunk._cache_size(),
+    "backend": jax.default_backend(),
+    "device_count": len(jax.devices()),
+    "cores": os.cpu_count(),
+  }
 
 
 def run(task: str, devices: int, length: int, repeats: int) -> dict:
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-         "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
-         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-  proc = subprocess.run([sys.executable, __file__, "--worker", task, "--devices", str(devices),
-                         "--length", str(length), "--repeats", str(repeats)],
-                        env=env, cwd=REPO, capture_output=True, text=True)
+  env = {
+    **os.environ,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+  }
+  proc = subprocess.run(
+    [
+      sys.executable,
+      __file__,
+      "--worker",
+      task,
+      "--devices",
+      str(devices),
+      "--length",
+      str(length),
+      "--repeats",
+      str(repeats),
+    ],
+    env=env,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+  )
   if proc.returncode:
     return {"task": task, "devices": devices, "skipped": proc.stderr.strip().splitlines()[-1]}
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def table(rows: list[dict]) -> str:
-  lines = ["| task | devices | tasks/s | speed-up | ms / meta step | first chunk (compile) s |",
-           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+  lines = [
+    "| task | devices | tasks/s | speed-up | ms / meta step | first chunk (compile) s |",
+    "| --- | ---: | ---: | ---: | ---: | ---: |",
+  ]
   base = {}
   for r in rows:
     if "skipped" in r:
       lines.append(f"| {r['task']} | {r['devices']} | skipped: {r['skipped']} | | | |")
       continue
     base.setdefault(r["task"], r["tasks_per_s"])
-    lines.append(f"| {r['task']} | {r['devices']} | {r['tasks_per_s']:.0f} | "
-                 f"{r['tasks_per_s'] / base[r['task']]:.2f}x | {r['step_ms']:.2f} | "
-                 f"{r['first_chunk_s']:.1f} |")
+    lines.append(
+      f"| {r['task']} | {r['devices']} | {r['tasks_per_s']:.0f} | "
+      f"{r['tasks_per_s'] / base[r['task']]:.2f}x | {r['step_ms']:.2f} | "
+      f"{r['first_chunk_s']:.1f} |"
+    )
   return "\n".join(lines)
 
 
@@ -120,9 +153,11 @@ def main() -> None:
     return
   rows = [run(task, n, args.length, args.repeats) for task in args.tasks for n in args.devices]
   print(table(rows))
-  print(f"\nForced CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N) share this "
-        f"machine's {os.cpu_count()} cores: the speed-up is not that of N real devices. "
-        f"Median of {args.repeats} chunks of {args.length} meta steps, compile excluded.")
+  print(
+    f"\nForced CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N) share this "
+    f"machine's {os.cpu_count()} cores: the speed-up is not that of N real devices. "
+    f"Median of {args.repeats} chunks of {args.length} meta steps, compile excluded."
+  )
   if args.json:
     Path(args.json).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 

@@ -8,6 +8,7 @@ Every cell of the grid (initial alpha x seed) of one method trains as ONE vmappe
 jitted computation: a batch of independent runs, each with its own parameters,
 optimizer state, alpha and beta. Prints JSON lines and a markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,6 +46,7 @@ def grid(method: str, alphas, seeds: int, iterations: int, chunk: int = 1000):
       keys = jax.random.split(jax.random.fold_in(train_key, i), cells)
       batch = jax.vmap(lambda k: exp.sample(k, None, cfg.meta_batch))(keys)
       return jax.vmap(exp.learner.update)(st, batch)
+
     st, ms = jax.lax.scan(body, state, start + jnp.arange(chunk))
     return st, {k: ms[k][-1] for k in ("alpha", "beta", "loss")}
 
@@ -76,8 +78,15 @@ def grid(method: str, alphas, seeds: int, iterations: int, chunk: int = 1000):
 
 def loop_time(method: str, alpha0: float, iterations: int, chunk: int = 1000) -> float:
   """The same training, one run after another (for the vmapped grid's speedup)."""
-  cfg = get_config("sinusoid", method=method, iterations=iterations, alpha=alpha0,
-                   log_every=chunk, checkpoint_every=0, val_every=0)
+  cfg = get_config(
+    "sinusoid",
+    method=method,
+    iterations=iterations,
+    alpha=alpha0,
+    log_every=chunk,
+    checkpoint_every=0,
+    val_every=0,
+  )
   exp = train.build(cfg)
   step = train.make_train_chunk(exp, chunk)
   st = exp.learner.init(exp.params)
@@ -94,8 +103,12 @@ def step_speed(inner_steps: int, unroll, repeats: int = 200) -> dict:
   cfg = get_config("sinusoid", inner_steps=inner_steps)
   exp = train.build(cfg)
   learner = amaml.alpha_maml(
-      amaml.losses.mse(lambda p, x: amaml.models.MLP().apply({"params": p}, x)),
-      alpha=0.01, alpha_lr=cfg.alpha_lr, inner_steps=inner_steps, unroll=unroll)
+    amaml.losses.mse(lambda p, x: amaml.models.MLP().apply({"params": p}, x)),
+    alpha=0.01,
+    alpha_lr=cfg.alpha_lr,
+    inner_steps=inner_steps,
+    unroll=unroll,
+  )
   state = learner.init(exp.params)
   batches = [amaml.sinusoid_tasks(jax.random.key(i), 25) for i in range(8)]
   t0 = time.perf_counter()
@@ -108,8 +121,13 @@ def step_speed(inner_steps: int, unroll, repeats: int = 200) -> dict:
     jax.block_until_ready(m["loss"])
     times.append(time.perf_counter() - t)
   med = statistics.median(times[10:])
-  return {"inner_steps": inner_steps, "unroll": str(unroll), "compile_s": compile_s,
-          "median_step_ms": 1e3 * med, "steps_per_s": 1.0 / med}
+  return {
+    "inner_steps": inner_steps,
+    "unroll": str(unroll),
+    "compile_s": compile_s,
+    "median_step_ms": 1e3 * med,
+    "steps_per_s": 1.0 / med,
+  }
 
 
 def main():
@@ -131,20 +149,33 @@ def main():
   for method in ("maml", "alpha-maml"):
     rows, wall, cells = grid(method, args.alphas, args.seeds, args.iterations)
     one = loop_time(method, args.alphas[0], args.iterations)
-    print(json.dumps({"method": method, "cells": cells, "grid_wall_s": wall,
-                      "one_run_wall_s": one, "speedup_vs_sequential": cells * one / wall}), flush=True)
+    print(
+      json.dumps(
+        {
+          "method": method,
+          "cells": cells,
+          "grid_wall_s": wall,
+          "one_run_wall_s": one,
+          "speedup_vs_sequential": cells * one / wall,
+        }
+      ),
+      flush=True,
+    )
     for r in rows:
       print(json.dumps(r), flush=True)
       table.setdefault((r["alpha0"], method), []).append(r)
-  print("\n| alpha0 | MAML MSE (1 step) | Alpha MAML MSE (1 step) | MAML MSE (10 steps) | "
-        "Alpha MAML MSE (10 steps) | Alpha MAML final alpha |")
+  print(
+    "\n| alpha0 | MAML MSE (1 step) | Alpha MAML MSE (1 step) | MAML MSE (10 steps) | "
+    "Alpha MAML MSE (10 steps) | Alpha MAML final alpha |"
+  )
   print("| --- | --- | --- | --- | --- | --- |")
   for a0 in args.alphas:
     m, a = table[(a0, "maml")], table[(a0, "alpha-maml")]
-    f = lambda rs, k: (f"{np.mean([r[k] for r in rs]):.3f}"
-                       f" ({', '.join(f'{r[k]:.3g}' for r in rs)})")
-    print(f"| {a0:g} | {f(m, 'mse_1step')} | {f(a, 'mse_1step')} | {f(m, 'mse_10step')} | "
-          f"{f(a, 'mse_10step')} | {np.mean([r['final_alpha'] for r in a]):.4f} |")
+    f = lambda rs, k: f"{np.mean([r[k] for r in rs]):.3f} ({', '.join(f'{r[k]:.3g}' for r in rs)})"
+    print(
+      f"| {a0:g} | {f(m, 'mse_1step')} | {f(a, 'mse_1step')} | {f(m, 'mse_10step')} | "
+      f"{f(a, 'mse_10step')} | {np.mean([r['final_alpha'] for r in a]):.4f} |"
+    )
 
 
 if __name__ == "__main__":

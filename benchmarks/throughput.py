@@ -31,6 +31,7 @@ every worker process (amaml's and the peers') gets ``MALLOC_MMAP_THRESHOLD_`` /
 The findings of the probes behind the Conv4 step (formulations, XLA flags, the pool
 miscompile, the profile) are in BENCHMARKS.md, "Omniglot meta-step throughput".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,23 +51,36 @@ sys.path.insert(0, ROOT)
 import _peers  # noqa: E402
 
 PEAK_GFLOPS = 200.0  # fp32 matmul peak of the 2-core reference machine (shared/peers/README)
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
-              "MALLOC_TOP_PAD_": str(1 << 30)}
+MALLOC_ENV = {
+  "MALLOC_MMAP_THRESHOLD_": str(1 << 34),
+  "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
+  "MALLOC_TOP_PAD_": str(1 << 30),
+}
 PEER_IMPLS = {
-    "torchfunc-loop": ["torchfunc_maml.py", "--mode", "loop"],
-    "torchopt-metasgd": ["l2l_maml.py", "--lib", "torchopt"],
-    # the same torch.func step on a CUDA device (benchmarks/torch_peer.py)
-    "torchfunc-loop-cuda": [os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                         "torch_peer.py"), "--mode", "loop", "--device", "cuda"],
+  "torchfunc-loop": ["torchfunc_maml.py", "--mode", "loop"],
+  "torchopt-metasgd": ["l2l_maml.py", "--lib", "torchopt"],
+  # the same torch.func step on a CUDA device (benchmarks/torch_peer.py)
+  "torchfunc-loop-cuda": [
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_peer.py"),
+    "--mode",
+    "loop",
+    "--device",
+    "cuda",
+  ],
 }
 AMAML_IMPLS = ("amaml-maml", "amaml-alpha", "raw")
 
 
 def _summ(times):
   import numpy as np
+
   t = np.asarray(times, np.float64)
-  return dict(median_step_s=float(np.median(t)), p10=float(np.percentile(t, 10)),
-              p90=float(np.percentile(t, 90)), n_timed=int(t.size))
+  return dict(
+    median_step_s=float(np.median(t)),
+    p10=float(np.percentile(t, 10)),
+    p90=float(np.percentile(t, 90)),
+    n_timed=int(t.size),
+  )
 
 
 def _flops(compiled):
@@ -93,22 +107,35 @@ def worker(args) -> dict:
   cfg = common.CONFIGS[args.config]
   ways, inner_steps, alpha = cfg["ways"], cfg["inner_steps"], cfg["alpha"]
   n_pool = min(args.pool, args.steps + args.warmup)
-  pool = [amaml.TaskBatch(jnp.asarray(xs[..., None]), jnp.asarray(ys.astype(np.int32)),
-                          jnp.asarray(xq[..., None]), jnp.asarray(yq.astype(np.int32)))
-          for xs, ys, xq, yq in common.make_pool(cfg, args.seed, n_pool)]
+  pool = [
+    amaml.TaskBatch(
+      jnp.asarray(xs[..., None]),
+      jnp.asarray(ys.astype(np.int32)),
+      jnp.asarray(xq[..., None]),
+      jnp.asarray(yq.astype(np.int32)),
+    )
+    for xs, ys, xq, yq in common.make_pool(cfg, args.seed, n_pool)
+  ]
   model = Conv4(ways, conv_impl=args.conv_impl)
   params = _peers.conv4_params_from_torch(common.init_params(args.seed, ways))
   apply_fn = lambda p, x: model.apply({"params": p}, x)
   loss_fn = amaml.losses.cross_entropy(apply_fn)
 
   if args.impl in ("amaml-maml", "amaml-alpha"):
-    kw = dict(alpha=alpha, beta=cfg["outer_lr"], inner_steps=inner_steps,
-              track_pre_adaptation=False, donate=args.donate)
-    learner = (amaml.maml(loss_fn, **kw) if args.impl == "amaml-maml"
-               else amaml.alpha_maml(loss_fn, alpha_lr=args.alpha_lr, **kw))
+    kw = dict(
+      alpha=alpha,
+      beta=cfg["outer_lr"],
+      inner_steps=inner_steps,
+      track_pre_adaptation=False,
+      donate=args.donate,
+    )
+    learner = (
+      amaml.maml(loss_fn, **kw)
+      if args.impl == "amaml-maml"
+      else amaml.alpha_maml(loss_fn, alpha_lr=args.alpha_lr, **kw)
+    )
     state = learner.init(params)
     step = learner.step
-    run = lambda state, batch: step(state, batch)
     loss_of = lambda out: out[1]["loss"]
     carry = lambda out: out[0]
     lower = lambda: step.lower(state, pool[0])
@@ -126,8 +153,9 @@ def worker(args) -> dict:
 
     def meta_step(st, batch):
       p, o = st
-      loss, g = jax.value_and_grad(lambda p: jnp.mean(
-          jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(p, *batch)))(p)
+      loss, g = jax.value_and_grad(
+        lambda p: jnp.mean(jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(p, *batch))
+      )(p)
       u, o = opt.update(g, o, p)
       return (optax.apply_updates(p, u), o), loss
 
@@ -154,17 +182,29 @@ def worker(args) -> dict:
     if i >= args.warmup:
       times.append(dt)
   s = _summ(times)
-  return dict(impl=args.impl, config=args.config, conv_impl=args.conv_impl, **s,
-              tasks_per_s=cfg["meta_batch"] / s["median_step_s"], compile_s=compile_s,
-              xla_flops_per_step=flops,
-              achieved_gflops=flops / s["median_step_s"] / 1e9,
-              fraction_of_peak=flops / s["median_step_s"] / 1e9 / args.peak_gflops,
-              peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-              first_meta_loss=losses[0], final_meta_loss=losses[-1],
-              losses=[round(l, 4) for l in losses], warmup=args.warmup, seed=args.seed,
-              malloc_tuned=all(k in os.environ for k in MALLOC_ENV),
-              versions={"jax": jax.__version__, "backend": jax.default_backend(),
-                        "device": str(jax.devices()[0].device_kind)})
+  return dict(
+    impl=args.impl,
+    config=args.config,
+    conv_impl=args.conv_impl,
+    **s,
+    tasks_per_s=cfg["meta_batch"] / s["median_step_s"],
+    compile_s=compile_s,
+    xla_flops_per_step=flops,
+    achieved_gflops=flops / s["median_step_s"] / 1e9,
+    fraction_of_peak=flops / s["median_step_s"] / 1e9 / args.peak_gflops,
+    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+    first_meta_loss=losses[0],
+    final_meta_loss=losses[-1],
+    losses=[round(l, 4) for l in losses],
+    warmup=args.warmup,
+    seed=args.seed,
+    malloc_tuned=all(k in os.environ for k in MALLOC_ENV),
+    versions={
+      "jax": jax.__version__,
+      "backend": jax.default_backend(),
+      "device": str(jax.devices()[0].device_kind),
+    },
+  )
 
 
 def _run(cmd, cwd, env, timeout):
@@ -189,25 +229,31 @@ def _run(cmd, cwd, env, timeout):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--config", nargs="+", default=["omniglot-5w1s"],
-                  choices=["omniglot-5w1s", "omniglot-20w1s"])
+  ap.add_argument(
+    "--config", nargs="+", default=["omniglot-5w1s"], choices=["omniglot-5w1s", "omniglot-20w1s"]
+  )
   ap.add_argument("--steps", type=int, default=5, help="timed meta-steps")
   ap.add_argument("--warmup", type=int, default=1, help="untimed meta-steps after compiling")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--pool", type=int, default=16, help="pre-sampled meta-batches, cycled")
-  ap.add_argument("--impls", nargs="+", default=["amaml-maml", "amaml-alpha"],
-                  choices=list(AMAML_IMPLS))
+  ap.add_argument(
+    "--impls", nargs="+", default=["amaml-maml", "amaml-alpha"], choices=list(AMAML_IMPLS)
+  )
   ap.add_argument("--conv-impl", default="auto", choices=["auto", "matmul", "xla"])
   ap.add_argument("--alpha-lr", type=float, default=1e-4)
   ap.add_argument("--donate", action="store_true", help="donate the state to the step")
   ap.add_argument("--peers", action="store_true", help="also run PyTorch peer(s), interleaved")
   ap.add_argument("--peer-impls", nargs="+", default=["torchfunc-loop"], choices=list(PEER_IMPLS))
-  ap.add_argument("--peers-python", default=os.environ.get("PEERS_TORCH_PY",
-                                                           "/tmp/venv-peers/bin/python"))
+  ap.add_argument(
+    "--peers-python", default=os.environ.get("PEERS_TORCH_PY", "/tmp/venv-peers/bin/python")
+  )
   ap.add_argument("--rounds", type=int, default=1)
-  ap.add_argument("--peak-gflops", type=float, default=PEAK_GFLOPS,
-                  help="the machine's fp32 peak, for fraction_of_peak (an H100's plain fp32 "
-                       "is about 67,000)")
+  ap.add_argument(
+    "--peak-gflops",
+    type=float,
+    default=PEAK_GFLOPS,
+    help="the machine's fp32 peak, for fraction_of_peak (an H100's plain fp32 is about 67,000)",
+  )
   ap.add_argument("--no-malloc-tuning", action="store_true")
   ap.add_argument("--timeout", type=float, default=900)
   ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
@@ -226,19 +272,49 @@ def main(argv=None):
   jobs = []
   for cfg in args.config:
     for impl in args.impls:
-      cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--config", cfg,
-             "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed),
-             "--pool", str(args.pool), "--conv-impl", args.conv_impl,
-             "--alpha-lr", str(args.alpha_lr), "--peak-gflops", str(args.peak_gflops)
-             ] + (["--donate"] if args.donate else [])
+      cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        impl,
+        "--config",
+        cfg,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--seed",
+        str(args.seed),
+        "--pool",
+        str(args.pool),
+        "--conv-impl",
+        args.conv_impl,
+        "--alpha-lr",
+        str(args.alpha_lr),
+        "--peak-gflops",
+        str(args.peak_gflops),
+      ] + (["--donate"] if args.donate else [])
       jobs.append((cfg, impl, cmd, ROOT))
     if args.peers:
       if not _peers.peers_available():
         raise SystemExit(f"--peers: no peers at {_peers.PEERS_DIR}")
       for impl in args.peer_impls:
-        cmd = [args.peers_python] + PEER_IMPLS[impl] + [
-            "--config", cfg, "--steps", str(args.steps), "--warmup", str(args.warmup),
-            "--seed", str(args.seed), "--pool", str(args.pool)]
+        cmd = (
+          [args.peers_python]
+          + PEER_IMPLS[impl]
+          + [
+            "--config",
+            cfg,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--seed",
+            str(args.seed),
+            "--pool",
+            str(args.pool),
+          ]
+        )
         jobs.append((cfg, impl, cmd, _peers.PEERS_DIR))
 
   rows = []
@@ -268,10 +344,18 @@ def main(argv=None):
     for peer in (k for k in med if k in PEER_IMPLS):
       for ours in (k for k in med if k in AMAML_IMPLS):
         ratios[f"{peer}/{ours}"] = med[peer] / med[ours]
-    summary[cfg] = dict(median_of_medians_s=med, runs={k: len(v) for k, v in meds.items()},
-                        speedup_vs_peer=ratios)
-  line = json.dumps(dict(summary=summary, rounds=args.rounds, steps=args.steps,
-                         warmup=args.warmup, malloc_tuned=not args.no_malloc_tuning))
+    summary[cfg] = dict(
+      median_of_medians_s=med, runs={k: len(v) for k, v in meds.items()}, speedup_vs_peer=ratios
+    )
+  line = json.dumps(
+    dict(
+      summary=summary,
+      rounds=args.rounds,
+      steps=args.steps,
+      warmup=args.warmup,
+      malloc_tuned=not args.no_malloc_tuning,
+    )
+  )
   print(line, flush=True)
   if args.out:
     with open(args.out, "a") as f:

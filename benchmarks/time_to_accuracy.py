@@ -29,6 +29,7 @@ first whose 95% interval's upper and lower ends do), and the accuracy at 10 and 
 (``--report-minutes``). ``--render`` redraws both from ``--out``, also of a run stopped early.
 Needs PyTorch (``pip install torch``) and the peers' folder (``$AMAML_PEERS_DIR``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,12 +50,17 @@ import _peers  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "time-to-accuracy.jsonl"
 IMPLS = ("torchfunc", "amaml-maml", "amaml")
 TARGETS = (0.95, 0.97)
-LABELS = {"torchfunc": "torch.func peer: MAML at its tuned alpha = 0.4",
-          "amaml-maml": "amaml.maml at alpha = 0.4",
-          "amaml": "amaml default from the untuned alpha0 = 4"}
+LABELS = {
+  "torchfunc": "torch.func peer: MAML at its tuned alpha = 0.4",
+  "amaml-maml": "amaml.maml at alpha = 0.4",
+  "amaml": "amaml default from the untuned alpha0 = 4",
+}
 # what throughput.py gives every worker: XLA:CPU's per-call buffers then reuse freed memory
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
-              "MALLOC_TOP_PAD_": str(1 << 30)}
+MALLOC_ENV = {
+  "MALLOC_MMAP_THRESHOLD_": str(1 << 34),
+  "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
+  "MALLOC_TOP_PAD_": str(1 << 30),
+}
 
 
 class AmamlImpl:
@@ -70,11 +76,13 @@ class AmamlImpl:
     self.chunk = train.make_train_chunk(exp, 1000)
     self.step_s, self.steps = None, 0
     self.images = exp.data["train"]
-    jax.block_until_ready(self.chunk(jax.tree.map(jnp.copy, self.state), self.images,
-                                     jnp.int32(0), jnp.int32(1)))  # compile off the clock
+    jax.block_until_ready(
+      self.chunk(jax.tree.map(jnp.copy, self.state), self.images, jnp.int32(0), jnp.int32(1))
+    )  # compile off the clock
 
   def train_for(self, seconds: float) -> float:
     import numpy as np
+
     used = 0.0
     while used < seconds:
       n = 1 if self.step_s is None else max(1, min(1000, int((seconds - used) / self.step_s)))
@@ -89,13 +97,22 @@ class AmamlImpl:
 
   def accuracies(self, batches, inner_steps: int):
     import numpy as np
-    return np.concatenate([np.asarray(self.exp.learner.evaluate(
-        self.state.params, self.state.alpha, b, inner_steps=inner_steps)["accuracy"])
-        for b in batches])
+
+    return np.concatenate(
+      [
+        np.asarray(
+          self.exp.learner.evaluate(
+            self.state.params, self.state.alpha, b, inner_steps=inner_steps
+          )["accuracy"]
+        )
+        for b in batches
+      ]
+    )
 
   @property
   def alpha(self) -> float:
     from amaml.meta import tree_mean
+
     return float(tree_mean(self.state.alpha))
 
 
@@ -118,18 +135,25 @@ class TorchImpl:
 
   def _to_torch(self, batch):
     import numpy as np
+
     t = self.torch
     nchw = lambda x: t.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(x), -1, -3)))
-    return (nchw(batch.support_x), t.from_numpy(np.asarray(batch.support_y).astype(np.int64)),
-            nchw(batch.query_x), t.from_numpy(np.asarray(batch.query_y).astype(np.int64)))
+    return (
+      nchw(batch.support_x),
+      t.from_numpy(np.asarray(batch.support_y).astype(np.int64)),
+      nchw(batch.query_x),
+      t.from_numpy(np.asarray(batch.query_y).astype(np.int64)),
+    )
 
   def train_for(self, seconds: float) -> float:
     import jax
+
     used = 0.0
     while used < seconds:
       key = jax.random.fold_in(self.train_key, self.steps)
-      batch = self._to_torch(self.exp.sample(key, self.exp.data["train"],
-                                             self.exp.config.meta_batch))  # off the clock
+      batch = self._to_torch(
+        self.exp.sample(key, self.exp.data["train"], self.exp.config.meta_batch)
+      )  # off the clock
       t0 = time.perf_counter()
       self.step(batch)
       self.opt.step()
@@ -141,6 +165,7 @@ class TorchImpl:
     import numpy as np
     import torch.nn.functional as F
     from torch.func import functional_call
+
     t = self.torch
     params = {n: p.detach() for n, p in self.model.named_parameters()}
     out = []
@@ -151,8 +176,10 @@ class TorchImpl:
         for _ in range(inner_steps):  # first order at test time, as amaml's evaluate
           loss = F.cross_entropy(functional_call(self.model, fast, (xs[i],)), ys[i])
           g = t.autograd.grad(loss, list(fast.values()))
-          fast = {n: (w - self.alpha * gi).detach().requires_grad_(True)
-                  for (n, w), gi in zip(fast.items(), g)}
+          fast = {
+            n: (w - self.alpha * gi).detach().requires_grad_(True)
+            for (n, w), gi in zip(fast.items(), g)
+          }
         with t.no_grad():
           pred = functional_call(self.model, fast, (xq[i],)).argmax(-1)
         out.append(float((pred == yq[i]).float().mean()))
@@ -174,8 +201,11 @@ def build(args):
       exp = train.build(get_config("omniglot-5w1s", method="maml", alpha=0.4, **base))
       impls[name] = TorchImpl(exp, common.CONFIGS["omniglot-5w1s"], args.seed, 0.4)
     else:
-      cfg = get_config("omniglot-5w1s", **base, **(
-          {"method": "maml", "alpha": 0.4} if name == "amaml-maml" else {"alpha": 4.0}))
+      cfg = get_config(
+        "omniglot-5w1s",
+        **base,
+        **({"method": "maml", "alpha": 0.4} if name == "amaml-maml" else {"alpha": 4.0}),
+      )
       exp = train.build(cfg)
       impls[name] = AmamlImpl(exp, params)
   ref = next(iter(impls.values())).exp
@@ -187,10 +217,12 @@ def crossing(points, target):
   """(minutes at which the mean reaches target, [upper CI end reaches, lower end reaches]).
   An accuracy is a count of right queries over all of them, averaged in float32: 97% of
   3,000 queries can arrive as 0.96999999, so a target counts as reached within 1e-6."""
-  first = lambda key: next((p["train_minutes"] for p in points if key(p) >= target - 1e-6),
-                           None)
-  return (first(lambda p: p["accuracy"]), first(lambda p: p["accuracy"] + p["ci95"]),
-          first(lambda p: p["accuracy"] - p["ci95"]))
+  first = lambda key: next((p["train_minutes"] for p in points if key(p) >= target - 1e-6), None)
+  return (
+    first(lambda p: p["accuracy"]),
+    first(lambda p: p["accuracy"] + p["ci95"]),
+    first(lambda p: p["accuracy"] - p["ci95"]),
+  )
 
 
 def at_minutes(points, minutes):
@@ -205,10 +237,14 @@ def table(records, minutes=(10, 30)) -> str:
   :data:`TARGETS`, and the accuracy at each of ``minutes`` of training."""
   impls = list(dict.fromkeys(r["impl"] for r in records))
   fmt = lambda v: "not reached" if v is None else f"{v:.1f}"
-  lines = ["| implementation | meta steps | s / step | " + " | ".join(
-      f"minutes to {100 * t:.0f}% [CI]" for t in TARGETS) + " | "
-           + " | ".join(f"accuracy at {m:g} min" for m in minutes) + " |",
-           "| --- " * (3 + len(TARGETS) + len(minutes)) + "|"]
+  lines = [
+    "| implementation | meta steps | s / step | "
+    + " | ".join(f"minutes to {100 * t:.0f}% [CI]" for t in TARGETS)
+    + " | "
+    + " | ".join(f"accuracy at {m:g} min" for m in minutes)
+    + " |",
+    "| --- " * (3 + len(TARGETS) + len(minutes)) + "|",
+  ]
   for impl in impls:
     pts = [r for r in records if r["impl"] == impl]
     last = pts[-1]
@@ -219,15 +255,21 @@ def table(records, minutes=(10, 30)) -> str:
     accs = []
     for m in minutes:  # blank where the run stopped short of m minutes
       p = at_minutes(pts, m)
-      accs.append("" if p is None or last["train_minutes"] < 0.98 * m else
-                  f"{100 * p['accuracy']:.2f}% ± {100 * p['ci95']:.2f}%")
-    lines.append(f"| {LABELS.get(impl, impl)} | {last['steps']:,} | {60 * last['train_minutes'] / last['steps']:.2f} | "
-                 + " | ".join(cells + accs) + " |")
+      accs.append(
+        ""
+        if p is None or last["train_minutes"] < 0.98 * m
+        else f"{100 * p['accuracy']:.2f}% ± {100 * p['ci95']:.2f}%"
+      )
+    lines.append(
+      f"| {LABELS.get(impl, impl)} | {last['steps']:,} | "
+      f"{60 * last['train_minutes'] / last['steps']:.2f} | " + " | ".join(cells + accs) + " |"
+    )
   return "\n".join(lines)
 
 
 def plot(records, path: Path) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -237,14 +279,22 @@ def plot(records, path: Path) -> None:
     x = [p["train_minutes"] for p in pts]
     y = [100 * p["accuracy"] for p in pts]
     ci = [100 * p["ci95"] for p in pts]
-    line, = ax.plot(x, y, "o-", label=LABELS.get(impl, impl))
-    ax.fill_between(x, [a - c for a, c in zip(y, ci)], [a + c for a, c in zip(y, ci)],
-                    color=line.get_color(), alpha=0.2)
+    (line,) = ax.plot(x, y, "o-", label=LABELS.get(impl, impl))
+    ax.fill_between(
+      x,
+      [a - c for a, c in zip(y, ci)],
+      [a + c for a, c in zip(y, ci)],
+      color=line.get_color(),
+      alpha=0.2,
+    )
   for t in TARGETS:
     ax.axhline(100 * t, color="grey", lw=0.8, ls=":")
-  ax.set(xlabel="training wall time on the 2-core CPU (minutes)", ylim=(80, 100),
-         ylabel="meta-test accuracy, 600 tasks (%)",
-         title="Omniglot 5-way 1-shot: accuracy against training time")
+  ax.set(
+    xlabel="training wall time on the 2-core CPU (minutes)",
+    ylim=(80, 100),
+    ylabel="meta-test accuracy, 600 tasks (%)",
+    title="Omniglot 5-way 1-shot: accuracy against training time",
+  )
   ax.legend()
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -255,15 +305,24 @@ def plot(records, path: Path) -> None:
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--minutes", type=float, default=30.0, help="training minutes per implementation")
-  ap.add_argument("--round-minutes", type=float, default=3.0, help="training minutes between evaluations")
+  ap.add_argument(
+    "--round-minutes", type=float, default=3.0, help="training minutes between evaluations"
+  )
   ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
   ap.add_argument("--eval-tasks", type=int, default=600)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default=str(RESULTS))
   ap.add_argument("--png", default=str(ROOT / "docs" / "images" / "time-to-accuracy.png"))
-  ap.add_argument("--render", action="store_true", help="only print the table and draw the PNG from --out")
-  ap.add_argument("--report-minutes", type=float, nargs="+", default=[10, 30],
-                  help="training minutes at which the table gives each accuracy")
+  ap.add_argument(
+    "--render", action="store_true", help="only print the table and draw the PNG from --out"
+  )
+  ap.add_argument(
+    "--report-minutes",
+    type=float,
+    nargs="+",
+    default=[10, 30],
+    help="training minutes at which the table gives each accuracy",
+  )
   args = ap.parse_args(argv)
   if args.render:
     records = [json.loads(l) for l in Path(args.out).read_text().splitlines()]
@@ -287,11 +346,19 @@ def main(argv=None):
     for name, impl in impls.items():
       budget = min(args.round_minutes, args.minutes - clock[name] / 60) * 60
       clock[name] += impl.train_for(budget)
-      acc = impl.accuracies(batches, inner_steps=10)[:args.eval_tasks]
+      acc = impl.accuracies(batches, inner_steps=10)[: args.eval_tasks]
       mean, ci = mean_confidence_interval(acc)
-      rec = {"impl": name, "round": r, "train_minutes": clock[name] / 60, "steps": impl.steps,
-             "accuracy": float(mean), "ci95": float(ci), "tasks": int(acc.size),
-             "alpha": float(impl.alpha), "versions": versions()}
+      rec = {
+        "impl": name,
+        "round": r,
+        "train_minutes": clock[name] / 60,
+        "steps": impl.steps,
+        "accuracy": float(mean),
+        "ci95": float(ci),
+        "tasks": int(acc.size),
+        "alpha": float(impl.alpha),
+        "versions": versions(),
+      }
       if name == "torchfunc":
         rec["versions"]["torch"] = impl.torch.__version__
       records.append(rec)

@@ -8,6 +8,7 @@ synchronising the device around each timed step. It prints one JSON line in the 
 
     python benchmarks/torch_peer.py --config omniglot-5w1s --device cuda --steps 20
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,9 @@ def main(argv=None):
   dev = torch.device(args.device)
   cfg = common.CONFIGS[args.config]
   n_pool = min(args.pool, args.steps + args.warmup)
-  pool = [tuple(t.to(dev) for t in tc.to_torch_batch(b))
-          for b in common.make_pool(cfg, args.seed, n_pool)]
+  pool = [
+    tuple(t.to(dev) for t in tc.to_torch_batch(b)) for b in common.make_pool(cfg, args.seed, n_pool)
+  ]
   model = tc.make_model(cfg["ways"], args.seed, bn=args.bn).to(dev)
   step, _ = torchfunc_maml.build_step(model, cfg, args.mode)
   opt = torch.optim.Adam(model.parameters(), lr=cfg["outer_lr"])
@@ -59,11 +61,20 @@ def main(argv=None):
   versions = tc.versions()
   if dev.type == "cuda":
     versions["gpu"] = torch.cuda.get_device_name(dev)
-  common.emit(dict(impl=name, config=args.config, **s,
-                   tasks_per_s=cfg["meta_batch"] / s["median_step_s"],
-                   first_meta_loss=losses[0], final_meta_loss=losses[-1],
-                   losses=[round(l, 4) for l in losses], warmup=args.warmup, seed=args.seed,
-                   versions=versions))
+  common.emit(
+    dict(
+      impl=name,
+      config=args.config,
+      **s,
+      tasks_per_s=cfg["meta_batch"] / s["median_step_s"],
+      first_meta_loss=losses[0],
+      final_meta_loss=losses[-1],
+      losses=[round(l, 4) for l in losses],
+      warmup=args.warmup,
+      seed=args.seed,
+      versions=versions,
+    )
+  )
 
 
 if __name__ == "__main__":

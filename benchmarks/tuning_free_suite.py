@@ -28,11 +28,11 @@ Writes ``benchmarks/results/tuning-free-suite.jsonl.gz`` (one line per cell and 
 heat maps ``docs/images/tuning-free-suite.png`` and prints the tables of BENCHMARKS.md:
 one per family with the column "default's worst start minus MAML's best", and a summary.
 """
+
 from __future__ import annotations
 
 import argparse
 import functools
-import gzip
 import json
 import math
 import sys
@@ -84,6 +84,7 @@ def _mlp_setup(hidden, out, in_shape, loss):
   def setup(seed):
     params = model.init(jax.random.key(seed), jnp.zeros((1, math.prod(in_shape))))["params"]
     return params, loss(apply)
+
   return setup
 
 
@@ -128,6 +129,7 @@ def _omniglot_data(image_size=28, num_train=None):
   def load():
     s = load_omniglot("maml", image_size=image_size, num_train=num_train)
     return {k: jnp.asarray(getattr(s, k).images) for k in ("train", "val", "test")}
+
   return load
 
 
@@ -142,38 +144,120 @@ def _conv4_setup(ways, hidden, image_size=28):
   def setup(seed):
     x = jnp.zeros((1, image_size, image_size, 1))
     return model.init(jax.random.key(seed), x)["params"], loss
+
   return setup
 
 
 _generated = lambda: {"train": None, "val": None, "test": None}
 _ce = amaml.losses.cross_entropy
 FAMILIES: dict[str, Family] = {
-    "linear": Family(_linear_setup, lambda k, _, n: _linear_tasks(k, n), _generated, 1, 25,
-                     200, 2000, 3, 600, 200, f"y = x.w, d={LINEAR_DIM}, {LINEAR_SHOTS} shots, "
-                     f"1 step; best alpha {LINEAR_BEST_ALPHA:.3f} in closed form"),
-    "sinusoid": Family(_mlp_setup((40, 40), 1, (1,), amaml.losses.mse),
-                       lambda k, _, n: amaml.sinusoid_tasks(k, n), _generated, 1, 25, 500, 3000,
-                       3, 600, 200, "MAML's sinusoid, MLP 1-40-40-1, 10 shots, 1 step"),
-    "sinusoid-hard": Family(_mlp_setup((40, 40), 1, (1,), amaml.losses.mse),
-                            lambda k, _, n: _sinusoid_hard(k, n), _generated, 5, 25, 300, 1500,
-                            3, 600, 200, "A in [1, 10], freq in [0.5, 1.5], phase in [0, 2pi], "
-                            "x in [-7.5, 7.5], 20 shots, 5 steps"),
-    "omniglot-mlp": Family(_mlp_setup((256, 128, 64, 64), 5, (28, 28, 1), _ce), _episodes(5, 1),
-                           _omniglot_data(), 1, 16, 100, 500, 3, 300, 100,
-                           "5w1s, MAML's non-conv net 256-128-64-64 (no batch norm), 1 step"),
-    "omniglot-small": Family(_mlp_setup((128, 64), 5, (14, 14, 1), _ce), _episodes(5, 1),
-                             _omniglot_data(14, num_train=30), 1, 16, 300, 1500, 3, 300, 100,
-                             "5w1s from 30 training characters (120 classes) at 14x14, "
-                             "MLP 128-64, 1 step: meta-overfits early"),
-    "omniglot-5w1s": Family(_conv4_setup(5, 32), _episodes(5, 1), _omniglot_data(), 1, 4, 200,
-                            1000, 1, 200, 100, "Conv4-32, 4 tasks a step, 1 step (reduced CPU "
-                            "budget: the named config has 64 filters and 32 tasks)"),
-    "omniglot-5w5s": Family(_conv4_setup(5, 32), _episodes(5, 5), _omniglot_data(), 1, 4, 150,
-                            750, 1, 200, 100, "Conv4-32, 4 tasks a step, 1 step (reduced CPU "
-                            "budget)"),
-    "omniglot-20w1s": Family(_conv4_setup(20, 32), _episodes(20, 1, 3), _omniglot_data(), 5, 2,
-                             60, 300, 1, 100, 50, "Conv4-32, 2 tasks a step, 5 steps, 3 queries "
-                             "per class (reduced CPU budget: no GPU)"),
+  "linear": Family(
+    _linear_setup,
+    lambda k, _, n: _linear_tasks(k, n),
+    _generated,
+    1,
+    25,
+    200,
+    2000,
+    3,
+    600,
+    200,
+    f"y = x.w, d={LINEAR_DIM}, {LINEAR_SHOTS} shots, "
+    f"1 step; best alpha {LINEAR_BEST_ALPHA:.3f} in closed form",
+  ),
+  "sinusoid": Family(
+    _mlp_setup((40, 40), 1, (1,), amaml.losses.mse),
+    lambda k, _, n: amaml.sinusoid_tasks(k, n),
+    _generated,
+    1,
+    25,
+    500,
+    3000,
+    3,
+    600,
+    200,
+    "MAML's sinusoid, MLP 1-40-40-1, 10 shots, 1 step",
+  ),
+  "sinusoid-hard": Family(
+    _mlp_setup((40, 40), 1, (1,), amaml.losses.mse),
+    lambda k, _, n: _sinusoid_hard(k, n),
+    _generated,
+    5,
+    25,
+    300,
+    1500,
+    3,
+    600,
+    200,
+    "A in [1, 10], freq in [0.5, 1.5], phase in [0, 2pi], x in [-7.5, 7.5], 20 shots, 5 steps",
+  ),
+  "omniglot-mlp": Family(
+    _mlp_setup((256, 128, 64, 64), 5, (28, 28, 1), _ce),
+    _episodes(5, 1),
+    _omniglot_data(),
+    1,
+    16,
+    100,
+    500,
+    3,
+    300,
+    100,
+    "5w1s, MAML's non-conv net 256-128-64-64 (no batch norm), 1 step",
+  ),
+  "omniglot-small": Family(
+    _mlp_setup((128, 64), 5, (14, 14, 1), _ce),
+    _episodes(5, 1),
+    _omniglot_data(14, num_train=30),
+    1,
+    16,
+    300,
+    1500,
+    3,
+    300,
+    100,
+    "5w1s from 30 training characters (120 classes) at 14x14, "
+    "MLP 128-64, 1 step: meta-overfits early",
+  ),
+  "omniglot-5w1s": Family(
+    _conv4_setup(5, 32),
+    _episodes(5, 1),
+    _omniglot_data(),
+    1,
+    4,
+    200,
+    1000,
+    1,
+    200,
+    100,
+    "Conv4-32, 4 tasks a step, 1 step (reduced CPU "
+    "budget: the named config has 64 filters and 32 tasks)",
+  ),
+  "omniglot-5w5s": Family(
+    _conv4_setup(5, 32),
+    _episodes(5, 5),
+    _omniglot_data(),
+    1,
+    4,
+    150,
+    750,
+    1,
+    200,
+    100,
+    "Conv4-32, 4 tasks a step, 1 step (reduced CPU budget)",
+  ),
+  "omniglot-20w1s": Family(
+    _conv4_setup(20, 32),
+    _episodes(20, 1, 3),
+    _omniglot_data(),
+    5,
+    2,
+    60,
+    300,
+    1,
+    100,
+    50,
+    "Conv4-32, 2 tasks a step, 5 steps, 3 queries per class (reduced CPU budget: no GPU)",
+  ),
 }
 
 
@@ -187,27 +271,33 @@ def _outer(make_opt):
 
 
 METHODS: dict[str, Callable] = {
-    "maml": lambda loss_fn, k: amaml.maml(loss_fn, inner_steps=k),
-    "default": _default,
-    "adam": _outer(lambda: optax.adam(1e-3)),
-    "prodigy": _outer(optax.contrib.prodigy),
-    "schedule-free": _outer(optax.contrib.schedule_free_adamw),
-    "dog": _outer(optax.contrib.dog),
-    "mechanic": _outer(lambda: optax.contrib.mechanize(optax.adam(1.0))),
-    "dadapt-d0=1e-4": _outer(lambda: optax.contrib.dadapt_adamw(estim_lr0=1e-4)),
-    "dadapt-d0=1e-3": _outer(lambda: optax.contrib.dadapt_adamw(estim_lr0=1e-3)),
-    "prodigy-d0=1e-3": _outer(lambda: optax.contrib.prodigy(estim_lr0=1e-3)),
-    "adam-hd-discount": lambda loss_fn, k: amaml.alpha_maml(
-        loss_fn, inner_steps=k, optimizer=optax.adam, discount=0.9),
+  "maml": lambda loss_fn, k: amaml.maml(loss_fn, inner_steps=k),
+  "default": _default,
+  "adam": _outer(lambda: optax.adam(1e-3)),
+  "prodigy": _outer(optax.contrib.prodigy),
+  "schedule-free": _outer(optax.contrib.schedule_free_adamw),
+  "dog": _outer(optax.contrib.dog),
+  "mechanic": _outer(lambda: optax.contrib.mechanize(optax.adam(1.0))),
+  "dadapt-d0=1e-4": _outer(lambda: optax.contrib.dadapt_adamw(estim_lr0=1e-4)),
+  "dadapt-d0=1e-3": _outer(lambda: optax.contrib.dadapt_adamw(estim_lr0=1e-3)),
+  "prodigy-d0=1e-3": _outer(lambda: optax.contrib.prodigy(estim_lr0=1e-3)),
+  "adam-hd-discount": lambda loss_fn, k: amaml.alpha_maml(
+    loss_fn, inner_steps=k, optimizer=optax.adam, discount=0.9
+  ),
 }
-LABELS = {"maml": "MAML (Adam 1e-3, alpha fixed)", "default": "amaml default (D-Adaptation)",
-          "adam": "Alpha MAML + Adam 1e-3 (beta fixed)", "prodigy": "Alpha MAML + Prodigy",
-          "schedule-free": "Alpha MAML + schedule-free AdamW (2.5e-3)",
-          "dog": "Alpha MAML + DoG", "mechanic": "Alpha MAML + Mechanic(Adam)",
-          "dadapt-d0=1e-4": "Alpha MAML + D-Adaptation, d0 = 1e-4",
-          "dadapt-d0=1e-3": "Alpha MAML + D-Adaptation, d0 = 1e-3",
-          "prodigy-d0=1e-3": "Alpha MAML + Prodigy, d0 = 1e-3",
-          "adam-hd-discount": "Alpha MAML + Adam-HD, discount 0.9"}
+LABELS = {
+  "maml": "MAML (Adam 1e-3, alpha fixed)",
+  "default": "amaml default (D-Adaptation)",
+  "adam": "Alpha MAML + Adam 1e-3 (beta fixed)",
+  "prodigy": "Alpha MAML + Prodigy",
+  "schedule-free": "Alpha MAML + schedule-free AdamW (2.5e-3)",
+  "dog": "Alpha MAML + DoG",
+  "mechanic": "Alpha MAML + Mechanic(Adam)",
+  "dadapt-d0=1e-4": "Alpha MAML + D-Adaptation, d0 = 1e-4",
+  "dadapt-d0=1e-3": "Alpha MAML + D-Adaptation, d0 = 1e-3",
+  "prodigy-d0=1e-3": "Alpha MAML + Prodigy, d0 = 1e-3",
+  "adam-hd-discount": "Alpha MAML + Adam-HD, discount 0.9",
+}
 
 
 # ----------------------------------------------------------------------------- running
@@ -215,8 +305,13 @@ def experiment(family: Family, method: str, data: dict):
   """What ``robustness``' grid functions need: learner, sampler, data, meta-batch."""
   params, loss_fn = family.setup(0)
   learner = METHODS[method](loss_fn, family.inner_steps)
-  return SimpleNamespace(config=SimpleNamespace(meta_batch=family.meta_batch), learner=learner,
-                         params=params, data=data, sample=family.sample)
+  return SimpleNamespace(
+    config=SimpleNamespace(meta_batch=family.meta_batch),
+    learner=learner,
+    params=params,
+    data=data,
+    sample=family.sample,
+  )
 
 
 def init_cells(family: Family, exp, cells):
@@ -231,8 +326,9 @@ def init_cells(family: Family, exp, cells):
 def eval_params(state):
   """The parameters to evaluate: schedule-free's averaged sequence, else ``state.params``."""
   if isinstance(state.opt_state, optax.contrib.ScheduleFreeState):
-    return state._replace(params=jax.vmap(optax.contrib.schedule_free_eval_params)(
-        state.opt_state, state.params))
+    return state._replace(
+      params=jax.vmap(optax.contrib.schedule_free_eval_params)(state.opt_state, state.params)
+    )
   return state
 
 
@@ -257,21 +353,34 @@ def run_family(name: str, method: str, alphas=ALPHAS, budgets=None, seeds=None, 
       state, m = chunk(state, data["train"], ids, jnp.int32(step))
       alpha_traj.append(np.asarray(m["alpha"][-1]))
       step += log_every
-    ev = robustness.evaluate_cells(exp, eval_params(state), val, test, 64 if "omniglot" in name
-                                   else 1 << 20)
+    ev = robustness.evaluate_cells(
+      exp, eval_params(state), val, test, 64 if "omniglot" in name else 1 << 20
+    )
     for j, (a0, seed) in enumerate(cells):
       e = ev[j]
       scale = 100.0 if "omniglot" in name else 1.0
       mean, ci = amaml.mean_confidence_interval(e["selected"])
-      rows.append({"family": name, "method": method, "budget": budget_name, "steps": until,
-                   "alpha0": a0, "seed": seed, "test": mean * scale, "test_ci": ci * scale,
-                   "test_fixed": float(np.mean(e["fixed"])) * scale,
-                   "test_coarse": float(np.mean(e["selected_coarse"])) * scale,
-                   "selected_scale": e["selected_scale"], "selected_steps": e["selected_steps"],
-                   "coarse_scale": e["coarse_scale"], "coarse_steps": e["coarse_steps"],
-                   "final_alpha": float(alpha_traj[-1][j]),
-                   "alpha_traj": [float(a[j]) for a in alpha_traj],
-                   "wall_s": time.perf_counter() - t0})
+      rows.append(
+        {
+          "family": name,
+          "method": method,
+          "budget": budget_name,
+          "steps": until,
+          "alpha0": a0,
+          "seed": seed,
+          "test": mean * scale,
+          "test_ci": ci * scale,
+          "test_fixed": float(np.mean(e["fixed"])) * scale,
+          "test_coarse": float(np.mean(e["selected_coarse"])) * scale,
+          "selected_scale": e["selected_scale"],
+          "selected_steps": e["selected_steps"],
+          "coarse_scale": e["coarse_scale"],
+          "coarse_steps": e["coarse_steps"],
+          "final_alpha": float(alpha_traj[-1][j]),
+          "alpha_traj": [float(a[j]) for a in alpha_traj],
+          "wall_s": time.perf_counter() - t0,
+        }
+      )
   return rows
 
 
@@ -315,14 +424,20 @@ def family_table(rows, family: str, budget: str, alphas) -> str:
   start against MAML's best cell."""
   means, higher = cell_means(rows), higher_is_better(family)
   methods = [m for m in METHODS if (family, budget, m, alphas[0]) in means]
-  maml = worst_best([means[(family, budget, "maml", a)] for a in alphas], higher)[1] \
-      if "maml" in methods else float("nan")
+  maml = (
+    worst_best([means[(family, budget, "maml", a)] for a in alphas], higher)[1]
+    if "maml" in methods
+    else float("nan")
+  )
   f = (lambda v: f"{v:.1f}") if higher else (lambda v: f"{v:.3g}")
   fmt = lambda v: "diverged" if not np.isfinite(v) else f(v)
   unit = "points" if higher else "ratio"
-  lines = ["| method | " + " | ".join(f"a0={a:g}" for a in alphas)
-           + f" | worst | best | spread | worst vs MAML's best ({unit}) |",
-           "| --- |" + " --- |" * (len(alphas) + 4)]
+  lines = [
+    "| method | "
+    + " | ".join(f"a0={a:g}" for a in alphas)
+    + f" | worst | best | spread | worst vs MAML's best ({unit}) |",
+    "| --- |" + " --- |" * (len(alphas) + 4),
+  ]
   for m in methods:
     vals = [means[(family, budget, m, a)] for a in alphas]
     worst, best = worst_best(vals, higher)
@@ -331,20 +446,30 @@ def family_table(rows, family: str, budget: str, alphas) -> str:
     mark = " (met)" if meets(g, higher) else ""
     name = f"**{LABELS[m]}**" if m == "default" else LABELS[m]
     g_txt = "-" if m == "maml" else (f"{g:+.1f}{mark}" if higher else f"{g:.2f}x{mark}")
-    lines.append(f"| {name} | " + " | ".join(fmt(v) for v in vals)
-                 + f" | {fmt(worst)} | {fmt(best)} | {fmt(spread)} | {g_txt} |")
+    lines.append(
+      f"| {name} | "
+      + " | ".join(fmt(v) for v in vals)
+      + f" | {fmt(worst)} | {fmt(best)} | {fmt(spread)} | {g_txt} |"
+    )
   return "\n".join(lines)
 
 
 def summary(rows, alphas, method: str = "default") -> str:
   """One line per (family, budget) for ``method``, and how many meet the target."""
   means = cell_means(rows)
-  lines = [f"| family | budget | {LABELS[method]}: worst | MAML's best | worst vs best | met |",
-           "| --- | --- | --- | --- | --- | --- |"]
+  lines = [
+    f"| family | budget | {LABELS[method]}: worst | MAML's best | worst vs best | met |",
+    "| --- | --- | --- | --- | --- | --- |",
+  ]
   met = total = 0
   for fam in FAMILIES:
     for budget in ("short", "long"):
-      if (fam, budget, method, alphas[0]) not in means or (fam, budget, "maml", alphas[0]) not in means:
+      if (fam, budget, method, alphas[0]) not in means or (
+        fam,
+        budget,
+        "maml",
+        alphas[0],
+      ) not in means:
         continue
       higher = higher_is_better(fam)
       worst = worst_best([means[(fam, budget, method, a)] for a in alphas], higher)[0]
@@ -353,8 +478,10 @@ def summary(rows, alphas, method: str = "default") -> str:
       total += 1
       met += meets(g, higher)
       g_txt = f"{g:+.1f}" if higher else f"{g:.2f}x"
-      lines.append(f"| {fam} | {budget} | {worst:.3g} | {best:.3g} | {g_txt} | "
-                   f"{'yes' if meets(g, higher) else 'no'} |")
+      lines.append(
+        f"| {fam} | {budget} | {worst:.3g} | {best:.3g} | {g_txt} | "
+        f"{'yes' if meets(g, higher) else 'no'} |"
+      )
   return "\n".join(lines) + f"\n\n{LABELS[method]}: the target is met on {met} of {total}."
 
 
@@ -363,8 +490,10 @@ def overview(rows, alphas) -> str:
   against it (points, or a ratio for MSE); a method not run there is blank."""
   means = cell_means(rows)
   methods = [m for m in METHODS if m != "maml" and any(r["method"] == m for r in rows)]
-  lines = ["| family | budget | MAML's best | " + " | ".join(methods) + " |",
-           "| --- | --- |" + " --- |" * (len(methods) + 1)]
+  lines = [
+    "| family | budget | MAML's best | " + " | ".join(methods) + " |",
+    "| --- | --- |" + " --- |" * (len(methods) + 1),
+  ]
   for fam in FAMILIES:
     for budget in ("short", "long"):
       if (fam, budget, "maml", alphas[0]) not in means:
@@ -377,12 +506,15 @@ def overview(rows, alphas) -> str:
           cells.append("")
           continue
         g = gap(worst_best([means[(fam, budget, m, a)] for a in alphas], higher)[0], best, higher)
-        txt = "diverged" if not np.isfinite(g) or g > 1e6 else (f"{g:+.1f}" if higher
-                                                                 else f"{g:.2f}x")
+        txt = (
+          "diverged" if not np.isfinite(g) or g > 1e6 else (f"{g:+.1f}" if higher else f"{g:.2f}x")
+        )
         cells.append(f"**{txt}**" if np.isfinite(g) and meets(g, higher) else txt)
       lines.append(f"| {fam} | {budget} | {best:.3g} | " + " | ".join(cells) + " |")
-  return ("Worst start of each method against MAML's best cell (bold: the target is met, "
-          "within 1 point or 1.1x):\n\n" + "\n".join(lines))
+  return (
+    "Worst start of each method against MAML's best cell (bold: the target is met, "
+    "within 1 point or 1.1x):\n\n" + "\n".join(lines)
+  )
 
 
 def report(rows) -> str:
@@ -393,8 +525,10 @@ def report(rows) -> str:
       if any(r["family"] == fam and r["budget"] == budget for r in rows):
         steps = next(r["steps"] for r in rows if r["family"] == fam and r["budget"] == budget)
         metric = "accuracy (%)" if higher_is_better(fam) else "MSE"
-        parts.append(f"**{fam}, {budget} ({steps} steps)**, meta-test {metric}: "
-                     f"{FAMILIES[fam].note}\n\n" + family_table(rows, fam, budget, alphas))
+        parts.append(
+          f"**{fam}, {budget} ({steps} steps)**, meta-test {metric}: "
+          f"{FAMILIES[fam].note}\n\n" + family_table(rows, fam, budget, alphas)
+        )
   methods = sorted({r["method"] for r in rows} - {"maml"}, key=list(METHODS).index)
   parts += [summary(rows, alphas, m) for m in methods]
   return "\n\n".join(parts)
@@ -402,6 +536,7 @@ def report(rows) -> str:
 
 def plot(rows, out: Path) -> Path:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -409,8 +544,13 @@ def plot(rows, out: Path) -> Path:
   alphas = sorted({r["alpha0"] for r in rows})
   fams = [f for f in FAMILIES if any(r["family"] == f for r in rows)]
   methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-  fig, axes = plt.subplots(2, len(fams), figsize=(3.2 * len(fams), 2 + 0.5 * len(methods) * 2),
-                           squeeze=False, constrained_layout=True)
+  fig, axes = plt.subplots(
+    2,
+    len(fams),
+    figsize=(3.2 * len(fams), 2 + 0.5 * len(methods) * 2),
+    squeeze=False,
+    constrained_layout=True,
+  )
   for i, budget in enumerate(("short", "long")):
     for j, fam in enumerate(fams):
       ax = axes[i, j]
@@ -418,14 +558,21 @@ def plot(rows, out: Path) -> Path:
       higher = higher_is_better(fam)
       shown = grid if higher else np.log10(grid)
       finite = shown[np.isfinite(shown)]
-      ax.imshow(shown, cmap="viridis" if higher else "viridis_r", aspect="auto",
-                vmin=finite.min() if finite.size else 0, vmax=finite.max() if finite.size else 1)
+      ax.imshow(
+        shown,
+        cmap="viridis" if higher else "viridis_r",
+        aspect="auto",
+        vmin=finite.min() if finite.size else 0,
+        vmax=finite.max() if finite.size else 1,
+      )
       for (y, x), v in np.ndenumerate(grid):
         ran = (fam, budget, methods[y], alphas[x]) in means
-        txt = ("" if not ran else "div." if not np.isfinite(v) else
-               f"{v:.1f}" if higher else f"{v:.2g}")
-        ax.text(x, y, txt, ha="center", va="center", fontsize=6,
-                color="w" if np.isfinite(v) else "k")
+        txt = (
+          "" if not ran else "div." if not np.isfinite(v) else f"{v:.1f}" if higher else f"{v:.2g}"
+        )
+        ax.text(
+          x, y, txt, ha="center", va="center", fontsize=6, color="w" if np.isfinite(v) else "k"
+        )
       ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas], fontsize=7)
       ax.set_yticks(range(len(methods)), [m if j == 0 else "" for m in methods], fontsize=7)
       ax.set_title(f"{fam}, {budget}", fontsize=8)
@@ -439,23 +586,41 @@ def plot(rows, out: Path) -> Path:
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   ap.add_argument("--families", nargs="+", choices=tuple(FAMILIES), default=list(FAMILIES))
   ap.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=list(METHODS))
   ap.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
   ap.add_argument("--seeds", type=int, help="seeds per cell (default: the family's)")
-  ap.add_argument("--budgets", type=int, nargs=2, metavar=("SHORT", "LONG"),
-                  help="meta steps of the two budgets (default: the family's)")
-  ap.add_argument("--out", default=str(OUT), help="JSON lines; rows of the same (family, "
-                  "method) already there are replaced")
+  ap.add_argument(
+    "--budgets",
+    type=int,
+    nargs=2,
+    metavar=("SHORT", "LONG"),
+    help="meta steps of the two budgets (default: the family's)",
+  )
+  ap.add_argument(
+    "--out",
+    default=str(OUT),
+    help="JSON lines; rows of the same (family, method) already there are replaced",
+  )
   ap.add_argument("--images", default=str(ROOT / "docs" / "images"))
-  ap.add_argument("--render", metavar="JSONL", nargs="+", help="only print the tables and draw "
-                  "the heat maps of earlier runs (several files: their rows together)")
-  ap.add_argument("--field", default="test", choices=("test", "test_coarse", "test_fixed"),
-                  help="the score to tabulate: amaml's test-time adaptation (test), the same "
-                  "without the support-loss guard on the coarse grid 2..1/8 (test_coarse), "
-                  "or MAML's fixed 10 steps at alpha (test_fixed)")
+  ap.add_argument(
+    "--render",
+    metavar="JSONL",
+    nargs="+",
+    help="only print the tables and draw "
+    "the heat maps of earlier runs (several files: their rows together)",
+  )
+  ap.add_argument(
+    "--field",
+    default="test",
+    choices=("test", "test_coarse", "test_fixed"),
+    help="the score to tabulate: amaml's test-time adaptation (test), the same "
+    "without the support-loss guard on the coarse grid 2..1/8 (test_coarse), "
+    "or MAML's fixed 10 steps at alpha (test_fixed)",
+  )
   args = ap.parse_args(argv)
   out = Path(args.out)
   if args.render:
@@ -463,8 +628,12 @@ def main(argv=None):
   else:
     lines = robustness.read_jsonl(out) if out.exists() else []
     out.parent.mkdir(parents=True, exist_ok=True)
-    head = {"suite": True, "date": time.strftime("%Y-%m-%d"), "versions": versions(),
-            "argv": sys.argv[1:] if argv is None else argv}
+    head = {
+      "suite": True,
+      "date": time.strftime("%Y-%m-%d"),
+      "versions": versions(),
+      "argv": sys.argv[1:] if argv is None else argv,
+    }
     lines.append(head)
     print(json.dumps(head), flush=True)
     for fam in args.families:

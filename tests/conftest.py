@@ -2,6 +2,7 @@
 
 Trees are compared with ``chex.assert_trees_all_close`` / ``chex.assert_trees_all_equal``.
 """
+
 from pathlib import Path
 
 import jax
@@ -12,8 +13,16 @@ from amaml.configs import get_config
 from amaml.data.omniglot_arrays import write_omniglot_arrays
 
 # the sinusoid config cut to seconds of training
-TINY_SINUSOID = dict(hidden=16, meta_batch=4, iterations=40, log_every=10, checkpoint_every=20,
-                     val_every=0, eval_tasks=20, eval_batch=10)
+TINY_SINUSOID = dict(
+  hidden=16,
+  meta_batch=4,
+  iterations=40,
+  log_every=10,
+  checkpoint_every=20,
+  val_every=0,
+  eval_tasks=20,
+  eval_batch=10,
+)
 
 
 @pytest.fixture
@@ -26,14 +35,24 @@ def x64():
 @pytest.fixture
 def tiny_config():
   """A factory of tiny sinusoid configs: ``tiny_config(**overrides)``."""
+
   def make(**overrides):
     return get_config("sinusoid", **{**TINY_SINUSOID, **overrides})
+
   return make
 
 
-def write_fake_omniglot(path: Path, n_background: int = 6, n_evaluation: int = 4, *,
-                        drawers: int = 20, seed: int = 0, alphabets=None, ink: float = 0.15,
-                        pattern: str = "noise") -> Path:
+def write_fake_omniglot(
+  path: Path,
+  n_background: int = 6,
+  n_evaluation: int = 4,
+  *,
+  drawers: int = 20,
+  seed: int = 0,
+  alphabets=None,
+  ink: float = 0.15,
+  pattern: str = "noise",
+) -> Path:
   """Omniglot arrays in ``path`` (``write_omniglot_arrays``' layout), made from ``seed``.
 
   ``noise``: random ink with an asymmetric blob in one corner, so that the four rotations of
@@ -42,6 +61,7 @@ def write_fake_omniglot(path: Path, n_background: int = 6, n_evaluation: int = 4
   """
   rng = np.random.default_rng(seed)
   if pattern == "noise":
+
     def chars(n, offset):
       out = rng.random((n, drawers, 105, 105)) > ink  # True = paper
       out[:, :, :30, :10] = False
@@ -67,8 +87,10 @@ def write_fake_omniglot(path: Path, n_background: int = 6, n_evaluation: int = 4
 def fake_omniglot(tmp_path):
   """A factory of fake Omniglot folders under the test's ``tmp_path``:
   ``fake_omniglot(name, n_background, n_evaluation, **write_fake_omniglot_kwargs)``."""
+
   def make(name: str = "omniglot", *args, **kw) -> Path:
     return write_fake_omniglot(tmp_path / name, *args, **kw)
+
   return make
 
 

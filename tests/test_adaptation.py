@@ -9,32 +9,52 @@ import numpy as np
 import amaml
 from amaml import adaptation, inner, train
 
-TINY = dict(hidden=40, meta_batch=25, log_every=20, checkpoint_every=0, eval_tasks=50,
-            eval_batch=25, val_tasks=50)
+TINY = dict(
+  hidden=40,
+  meta_batch=25,
+  log_every=20,
+  checkpoint_every=0,
+  eval_tasks=50,
+  eval_batch=25,
+  val_tasks=50,
+)
 
 
 def test_support_guard_against_hand_computed_curves():
-  query = np.array([[5.0, 4.0, 3.0, 2.0, 1.0],   # support falls throughout: unchanged
-                    [5.0, 4.0, 3.0, 2.0, 1.0],   # step 2 overshoots, step 3 is best again
-                    [5.0, 4.0, 3.0, 2.0, 1.0],   # support NaN after step 3
-                    [5.0, 4.0, 3.0, 2.0, 1.0],   # support inf after step 1, then higher
-                    [5.0, 4.0, 3.0, 2.0, 1.0]])  # ties keep the earlier step
-  support = np.array([[9.0, 8.0, 7.0, 6.0, 5.0],
-                      [9.0, 8.0, 9.5, 7.0, 8.5],
-                      [9.0, 8.0, 7.0, np.nan, 7.5],
-                      [9.0, np.inf, 10.0, 9.0, 1.0],
-                      [9.0, 3.0, 3.0, 9.0, 2.0]])
-  expected = [[5.0, 4.0, 3.0, 2.0, 1.0],
-              [5.0, 4.0, 4.0, 2.0, 2.0],
-              [5.0, 4.0, 3.0, 3.0, 3.0],
-              [5.0, 5.0, 5.0, 5.0, 1.0],
-              [5.0, 4.0, 4.0, 4.0, 1.0]]
+  query = np.array(
+    [
+      [5.0, 4.0, 3.0, 2.0, 1.0],  # support falls throughout: unchanged
+      [5.0, 4.0, 3.0, 2.0, 1.0],  # step 2 overshoots, step 3 is best again
+      [5.0, 4.0, 3.0, 2.0, 1.0],  # support NaN after step 3
+      [5.0, 4.0, 3.0, 2.0, 1.0],  # support inf after step 1, then higher
+      [5.0, 4.0, 3.0, 2.0, 1.0],
+    ]
+  )  # ties keep the earlier step
+  support = np.array(
+    [
+      [9.0, 8.0, 7.0, 6.0, 5.0],
+      [9.0, 8.0, 9.5, 7.0, 8.5],
+      [9.0, 8.0, 7.0, np.nan, 7.5],
+      [9.0, np.inf, 10.0, 9.0, 1.0],
+      [9.0, 3.0, 3.0, 9.0, 2.0],
+    ]
+  )
+  expected = [
+    [5.0, 4.0, 3.0, 2.0, 1.0],
+    [5.0, 4.0, 4.0, 2.0, 2.0],
+    [5.0, 4.0, 3.0, 3.0, 3.0],
+    [5.0, 5.0, 5.0, 5.0, 1.0],
+    [5.0, 4.0, 4.0, 4.0, 1.0],
+  ]
   np.testing.assert_array_equal(adaptation.support_guard(query, support), expected)
 
 
 def test_guarded_curves_guard_every_metric_and_keep_the_support_loss():
-  out = {"loss": np.array([[1.0, 0.5, 9.0]]), "accuracy": np.array([[0.2, 0.6, 0.1]]),
-         "support_loss": np.array([[2.0, 1.0, 3.0]])}
+  out = {
+    "loss": np.array([[1.0, 0.5, 9.0]]),
+    "accuracy": np.array([[0.2, 0.6, 0.1]]),
+    "support_loss": np.array([[2.0, 1.0, 3.0]]),
+  }
   got = adaptation.guarded_curves(out)
   np.testing.assert_array_equal(got["loss"], [[1.0, 0.5, 0.5]])
   np.testing.assert_array_equal(got["accuracy"], [[0.2, 0.6, 0.6]])
@@ -62,8 +82,19 @@ def test_adaptation_curve_reports_the_support_loss_after_each_step(tiny_config):
   mse = amaml.losses.mse(lambda p, x: model.apply({"params": p}, x))
   for t in range(4):
     for k in range(4):
-      adapted, _ = inner.adapt(mse, exp.params, alpha, batch.support_x[t], batch.support_y[t],
-                               inner_steps=k, first_order=True) if k else (exp.params, None)
+      adapted, _ = (
+        inner.adapt(
+          mse,
+          exp.params,
+          alpha,
+          batch.support_x[t],
+          batch.support_y[t],
+          inner_steps=k,
+          first_order=True,
+        )
+        if k
+        else (exp.params, None)
+      )
       want = mse(adapted, batch.support_x[t], batch.support_y[t])[0]
       np.testing.assert_allclose(curve["support_loss"][t, k], want, rtol=1e-5, atol=1e-6)
 
@@ -76,12 +107,12 @@ def test_guarded_evaluation_never_ends_above_not_adapting(tiny_config):
   exp = train.build(tiny_config(**TINY))
   blown = train.evaluate(exp, exp.params, jnp.float32(40.0), "test", 50, inner_steps=10)
   assert not blown["loss"] < 10 * blown["pre_loss"]
-  guarded = train.evaluate(exp, exp.params, jnp.float32(40.0), "test", 50, inner_steps=10,
-                           guard=True)
+  guarded = train.evaluate(
+    exp, exp.params, jnp.float32(40.0), "test", 50, inner_steps=10, guard=True
+  )
   np.testing.assert_allclose(guarded["loss"], guarded["pre_loss"], rtol=1e-6)
   np.testing.assert_allclose(guarded["pre_loss"], blown["pre_loss"], rtol=1e-6)
-  safe = train.evaluate(exp, exp.params, jnp.float32(0.01), "test", 50, inner_steps=3,
-                        guard=True)
+  safe = train.evaluate(exp, exp.params, jnp.float32(0.01), "test", 50, inner_steps=3, guard=True)
   assert safe["loss"] < safe["pre_loss"]
   batches = list(train._eval_batches(exp, "test", 50))
   want = []

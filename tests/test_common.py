@@ -1,6 +1,7 @@
 """One test over every method and every outer optimizer (as optax's ``contrib/_common_test``):
 each combination's jitted meta step keeps its state's structure, compiles once, and lowers
 the sinusoid meta-loss."""
+
 import chex
 import jax
 import numpy as np
@@ -13,7 +14,9 @@ from amaml import configs, train
 # scale-free: on sinusoid (hypergradients of 1e3-1e4) alpha jumps to 2.4 in one step, then
 # the loss and beta explode (BENCHMARKS.md, "Tuning-free defaults"). Strict: the test fails
 # if that ever stops being true.
-PAPER_DIVERGES = pytest.mark.xfail(strict=True, reason="the paper's additive rule diverges on sinusoid")
+PAPER_DIVERGES = pytest.mark.xfail(
+  strict=True, reason="the paper's additive rule diverges on sinusoid"
+)
 
 
 def _case(method, outer):

@@ -1,6 +1,7 @@
 """Conv4 and its layers: both conv forms agree (values, gradients, second order), the
 vmapped per-task model equals a loop over tasks, batch norm uses batch statistics,
 shapes and errors."""
+
 import importlib.util
 import os
 
@@ -14,10 +15,10 @@ from amaml.models import Conv4
 from amaml.models import layers
 
 
-
 def _maml_task_loss(model, alpha=0.4):
   """Query cross-entropy after one inner SGD step (amaml's own adapt and loss)."""
   import amaml
+
   loss_fn = amaml.losses.cross_entropy(lambda p, x: model.apply({"params": p}, x))
 
   def task_loss(p, xs, ys, xq, yq):
@@ -26,17 +27,21 @@ def _maml_task_loss(model, alpha=0.4):
 
   return task_loss
 
+
 def _conv_args(key, n=3, h=6, w=5, c=4, o=7, dtype=jnp.float32):
   k1, k2, k3 = jax.random.split(key, 3)
-  return (jax.random.normal(k1, (n, h, w, c), dtype),
-          jax.random.normal(k2, (3, 3, c, o), dtype) * 0.3,
-          jax.random.normal(k3, (o,), dtype))
+  return (
+    jax.random.normal(k1, (n, h, w, c), dtype),
+    jax.random.normal(k2, (3, 3, c, o), dtype) * 0.3,
+    jax.random.normal(k3, (o,), dtype),
+  )
 
 
 def _conv_losses(x, k, b):
   """A scalar function of each conv form, its gradient, and a function of that gradient."""
-  r = jnp.cos(jnp.arange(x.shape[0] * x.shape[1] * x.shape[2] * k.shape[3], dtype=x.dtype)
-              ).reshape(x.shape[:3] + (k.shape[3],))
+  r = jnp.cos(jnp.arange(x.shape[0] * x.shape[1] * x.shape[2] * k.shape[3], dtype=x.dtype)).reshape(
+    x.shape[:3] + (k.shape[3],)
+  )
   out = {}
   for impl in ("matmul", "xla"):
     f = lambda x, k, b, impl=impl: jnp.sum(jnp.tanh(layers.conv3x3(x, k, b, impl=impl)) * r)
@@ -69,9 +74,10 @@ def test_matmul_conv_is_a_real_convolution():
   ref = np.zeros((2, 4, 3, 3))
   for r in range(4):
     for s in range(3):
-      ref[:, r, s] = np.einsum("nijc,ijco->no", xp[:, r:r + 3, s:s + 3], kn) + bn
-  np.testing.assert_allclose(np.asarray(layers.conv3x3(x, k, b, impl="matmul")), ref,
-                             rtol=1e-5, atol=1e-5)
+      ref[:, r, s] = np.einsum("nijc,ijco->no", xp[:, r : r + 3, s : s + 3], kn) + bn
+  np.testing.assert_allclose(
+    np.asarray(layers.conv3x3(x, k, b, impl="matmul")), ref, rtol=1e-5, atol=1e-5
+  )
 
 
 def test_max_pool_matches_reduce_window_odd_and_even():
@@ -80,8 +86,11 @@ def test_max_pool_matches_reduce_window_odd_and_even():
     ref = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
     np.testing.assert_array_equal(np.asarray(layers.max_pool_2x2(x)), np.asarray(ref))
     g = jax.grad(lambda x: jnp.sum(layers.max_pool_2x2(x) ** 2))(x)
-    g_ref = jax.grad(lambda x: jnp.sum(jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") ** 2))(x)
+    g_ref = jax.grad(
+      lambda x: jnp.sum(
+        jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") ** 2
+      )
+    )(x)
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-6)
 
 
@@ -183,8 +192,9 @@ def test_vmap_over_per_task_params_equals_loop():
   out = jax.jit(jax.vmap(apply))(stacked, xq)
   for t in range(xs.shape[0]):
     p_t = jax.tree.map(lambda a: a[t], stacked)
-    np.testing.assert_allclose(np.asarray(out[t]), np.asarray(apply(p_t, xq[t])),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(out[t]), np.asarray(apply(p_t, xq[t])), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_second_order_meta_gradient_vmap_equals_loop():
@@ -224,14 +234,22 @@ def test_matches_peer_reference_forward_from_shared_init():
   p = {k: jnp.asarray(v) for k, v in torch_layout.items()}
   h = x
   for b in range(4):
-    h = jax.lax.conv_general_dilated(h, jnp.transpose(p[f"conv{b}.weight"], (2, 3, 1, 0)), (1, 1),
-                                     ((1, 1), (1, 1)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + p[f"conv{b}.bias"]
+    h = (
+      jax.lax.conv_general_dilated(
+        h,
+        jnp.transpose(p[f"conv{b}.weight"], (2, 3, 1, 0)),
+        (1, 1),
+        ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      )
+      + p[f"conv{b}.bias"]
+    )
     m = jnp.mean(h, (0, 1, 2))
     v = jnp.mean(jnp.square(h - m), (0, 1, 2))
     h = (h - m) * jax.lax.rsqrt(v + 1e-5) * p[f"bn{b}.weight"] + p[f"bn{b}.bias"]
-    h = jax.lax.reduce_window(jax.nn.relu(h), -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
-                              "VALID")
+    h = jax.lax.reduce_window(
+      jax.nn.relu(h), -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
+    )
   ref = h.reshape(7, -1) @ p["fc.weight"].T + p["fc.bias"]
   np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-4, atol=1e-4)
 
@@ -258,8 +276,11 @@ def test_second_order_meta_gradient_vmap_equals_loop_on_omniglot():
   meta = lambda p: jnp.mean(jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(p, xs, ys, xq, yq))
   g_vmap = jax.jit(jax.grad(meta))(params)
   one = jax.jit(jax.grad(task_loss))
-  g_loop = jax.tree.map(lambda a, b: (a + b) / 2, one(params, xs[0], ys[0], xq[0], yq[0]),
-                        one(params, xs[1], ys[1], xq[1], yq[1]))
+  g_loop = jax.tree.map(
+    lambda a, b: (a + b) / 2,
+    one(params, xs[0], ys[0], xq[0], yq[0]),
+    one(params, xs[1], ys[1], xq[1], yq[1]),
+  )
   for a, b in zip(jax.tree.leaves(g_vmap), jax.tree.leaves(g_loop)):
     if float(jnp.max(jnp.abs(b))) > 1e-4:  # conv biases: ~0 (batch norm removes them)
       assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-4

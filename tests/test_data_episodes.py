@@ -88,8 +88,13 @@ def test_host_sampler_shuffles_classes_and_label_order():
 
 
 @settings(max_examples=60, deadline=None)
-@given(classes=st.integers(1, 12), examples=st.integers(2, 9), data=st.data(),
-       num_tasks=st.integers(1, 5), seed=st.integers(0, 2**32 - 1))
+@given(
+  classes=st.integers(1, 12),
+  examples=st.integers(2, 9),
+  data=st.data(),
+  num_tasks=st.integers(1, 5),
+  seed=st.integers(0, 2**32 - 1),
+)
 def test_host_sampler_invariants_property(classes, examples, data, num_tasks, seed):
   ways = data.draw(st.integers(1, classes), label="ways")
   shots = data.draw(st.integers(1, examples - 1), label="shots")
@@ -100,14 +105,17 @@ def test_host_sampler_invariants_property(classes, examples, data, num_tasks, se
   np.testing.assert_array_equal(batch.query_x, again.query_x)
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(ways=13, shots=1, queries=1), "ways=13 exceeds the 12 classes"),
     (dict(ways=5, shots=10, queries=8), "shots \\+ queries = 10 \\+ 8 = 18 exceeds the 17"),
     (dict(ways=0, shots=1, queries=1), "ways must be a positive int"),
     (dict(ways=5, shots=-1, queries=1), "shots must be a positive int"),
     (dict(ways=5, shots=1, queries=0), "queries must be a positive int"),
     (dict(ways=5, shots=1.0, queries=1), "shots must be a positive int"),
-])
+  ],
+)
 def test_bad_arguments(kwargs, match):
   images = _coded_images(12, 17)
   with pytest.raises(ValueError, match=match):
@@ -191,6 +199,7 @@ def test_device_sampler_under_scan():
     def body(count, k):
       b = sample_tasks(k, images, 3, 2, 2, 4)
       return count + 1, b
+
     return jax.lax.scan(body, 0, jax.random.split(key, 5))
 
   count, batches = run(jax.random.key(0))

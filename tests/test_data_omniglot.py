@@ -3,6 +3,7 @@
 Uses a tiny generated arrays folder (10 characters); one test family reads the real
 arrays in ../shared/data/omniglot (next to the repository), skipped where absent.
 """
+
 import os
 from pathlib import Path
 
@@ -15,17 +16,31 @@ from conftest import write_fake_omniglot
 from amaml.data import load_omniglot, omniglot_split_indices, rotate_classes
 from amaml.data import omniglot as omniglot_mod
 from amaml.data.omniglot import ink_to_uint8, load_omniglot_characters
-from amaml.data.omniglot_arrays import (Alphabet, arrays_checksum, find_omniglot_dir,
-                                        read_omniglot_arrays)
+from amaml.data.omniglot_arrays import (
+  Alphabet,
+  arrays_checksum,
+  find_omniglot_dir,
+  read_omniglot_arrays,
+)
 
 REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
-ALPHABETS = [Alphabet("background", "Alpha", 1, 4), Alphabet("background", "Beta", 5, 6),
-             Alphabet("evaluation", "Gamma", 7, 9), Alphabet("evaluation", "Delta", 10, 10)]
+ALPHABETS = [
+  Alphabet("background", "Alpha", 1, 4),
+  Alphabet("background", "Beta", 5, 6),
+  Alphabet("evaluation", "Gamma", 7, 9),
+  Alphabet("evaluation", "Delta", 10, 10),
+]
 
 
 def make_arrays(path, seed=0, n_bg=6, n_ev=4, drawers=20):
-  return write_fake_omniglot(path, n_bg, n_ev, drawers=drawers, seed=seed,
-                             alphabets=ALPHABETS if (n_bg, n_ev) == (6, 4) else None)
+  return write_fake_omniglot(
+    path,
+    n_bg,
+    n_ev,
+    drawers=drawers,
+    seed=seed,
+    alphabets=ALPHABETS if (n_bg, n_ev) == (6, 4) else None,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +85,9 @@ def test_cache_is_written_once_and_reused(arrays_dir, cache, monkeypatch):
   files = list(cache.iterdir())
   assert len(files) == 1 and files[0].name.startswith("omniglot_28px_arrays_")
   assert first.characters.images.shape == (10, 20, 28, 28, 1) and first.num_background == 6
-  monkeypatch.setattr(omniglot_mod, "read_omniglot_arrays",
-                      lambda d: pytest.fail("the cache was not used"))
+  monkeypatch.setattr(
+    omniglot_mod, "read_omniglot_arrays", lambda d: pytest.fail("the cache was not used")
+  )
   again = load_omniglot_characters(28, omniglot_dir=arrays_dir, cache_dir=cache)
   np.testing.assert_array_equal(first.characters.images, again.characters.images)
   assert first.characters.class_names == again.characters.class_names
@@ -159,12 +175,15 @@ def test_lake_split_of_the_real_sizes():
   assert not set(v["train"]) & set(v["val"])
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(protocol="vinyals"), "unknown Omniglot protocol"),
     (dict(protocol="maml", num_train=1600, num_val=100), "leave a test split"),
     (dict(protocol="lake", num_val=964), "num_val must be in"),
     (dict(protocol="lake", num_train=10), "num_train is not used"),
-])
+  ],
+)
 def test_bad_split_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     omniglot_split_indices(1623, 964, **kwargs)
@@ -196,8 +215,12 @@ def test_lake_protocol(arrays_dir, cache):
   assert s.val is None
   np.testing.assert_array_equal(s.train.images, chars.images[:6])
   np.testing.assert_array_equal(s.test.images, chars.images[6:])
-  assert _base_names(s.test) == {"Gamma/character01", "Gamma/character02", "Gamma/character03",
-                                 "Delta/character01"}
+  assert _base_names(s.test) == {
+    "Gamma/character01",
+    "Gamma/character02",
+    "Gamma/character03",
+    "Delta/character01",
+  }
   v = load_omniglot("lake", omniglot_dir=arrays_dir, cache_dir=cache, num_val=2)
   assert (v.train.num_classes, v.val.num_classes) == (4, 2)
   assert not _base_names(v.train) & _base_names(v.val)
@@ -205,6 +228,7 @@ def test_lake_protocol(arrays_dir, cache):
 
 def test_rotate_classes_rejects_bad_angles():
   from amaml.data import ClassImages
+
   with pytest.raises(ValueError, match="multiples of 90"):
     rotate_classes(ClassImages(np.zeros((1, 2, 3, 3, 1), np.uint8)), (0, 45))
 
@@ -217,8 +241,10 @@ def test_without_alphabets_tsv_names_by_id(tmp_path, cache):
 
 # --- the real data (../shared/data/omniglot), skipped where absent -------------------------
 
-real = pytest.mark.skipif(not (REAL_DIR / "images_background.npz").is_file(),
-                          reason=f"no real Omniglot arrays at {REAL_DIR}")
+real = pytest.mark.skipif(
+  not (REAL_DIR / "images_background.npz").is_file(),
+  reason=f"no real Omniglot arrays at {REAL_DIR}",
+)
 
 
 @real

@@ -1,4 +1,5 @@
 """ClassImages: validation with clear errors, from arrays and from a folder of images."""
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -17,14 +18,17 @@ def test_from_arrays_adds_channel_and_keeps_names():
   np.testing.assert_array_equal(sub.images[0], src.images[2])
 
 
-@pytest.mark.parametrize("images, error, match", [
+@pytest.mark.parametrize(
+  "images, error, match",
+  [
     (np.zeros((2, 3, 4), np.uint8), ValueError, "5-D"),
     (np.zeros((2, 3, 4, 4), np.uint8), ValueError, "add a channel axis"),
     (np.zeros((2, 3, 4, 4, 1), np.float32), TypeError, "must be uint8"),
     (np.zeros((0, 3, 4, 4, 1), np.uint8), ValueError, "empty"),
     (np.zeros((2, 1, 4, 4, 1), np.uint8), ValueError, "at least 2 examples per class"),
     ([[1, 2]], TypeError, "must be an array"),
-])
+  ],
+)
 def test_bad_arrays_are_rejected_with_a_fix(images, error, match):
   with pytest.raises(error, match=match):
     ClassImages(images)

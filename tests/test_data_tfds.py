@@ -1,6 +1,7 @@
 """The TFDS path (no TensorFlow, never downloading): data prepared from an arrays folder
 through TFDS and read back equals the arrays path; zips give the same examples; clear
 errors when nothing is prepared."""
+
 import io
 import zipfile
 
@@ -14,23 +15,27 @@ from amaml.data import tfds_omniglot  # noqa: E402
 from conftest import write_fake_omniglot  # noqa: E402
 from amaml.data.omniglot_arrays import Alphabet, read_omniglot_arrays  # noqa: E402
 
-ALPHABETS = [Alphabet("background", "Alpha", 1, 3), Alphabet("background", "Beta", 4, 5),
-             Alphabet("evaluation", "Gamma", 6, 7)]
+ALPHABETS = [
+  Alphabet("background", "Alpha", 1, 3),
+  Alphabet("background", "Beta", 4, 5),
+  Alphabet("evaluation", "Gamma", 6, 7),
+]
 
 
 @pytest.fixture(autouse=True)
 def never_download(monkeypatch):
   """Offline, a TFDS download retries for minutes: make any attempt fail at once."""
+
   def refuse(*a, **k):
     raise AssertionError("a test asked TFDS to download")
+
   monkeypatch.setattr(tfds.download.DownloadManager, "download", refuse)
   monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", refuse)
 
 
 @pytest.fixture(scope="module")
 def arrays_dir(tmp_path_factory):
-  return write_fake_omniglot(tmp_path_factory.mktemp("arrays"), 5, 2, ink=0.2,
-                             alphabets=ALPHABETS)
+  return write_fake_omniglot(tmp_path_factory.mktemp("arrays"), 5, 2, ink=0.2, alphabets=ALPHABETS)
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +55,18 @@ def _sorted_drawers(x):
 def test_prepared_as_array_record_with_the_stock_features(tfds_dir):
   path = tfds_dir / "amaml_omniglot" / "3.0.0"
   assert sorted(p.name for p in path.glob("*.array_record*")) == [
-      "amaml_omniglot-test.array_record-00000-of-00001",
-      "amaml_omniglot-train.array_record-00000-of-00001"]
-  source = tfds.data_source("amaml_omniglot", split="train", data_dir=str(tfds_dir),
-                            download=False)
+    "amaml_omniglot-test.array_record-00000-of-00001",
+    "amaml_omniglot-train.array_record-00000-of-00001",
+  ]
+  source = tfds.data_source("amaml_omniglot", split="train", data_dir=str(tfds_dir), download=False)
   assert len(source) == 5 * 20
   ex = source[0]
   assert set(ex) == {"image", "alphabet", "alphabet_char_id", "label"}
   assert ex["image"].shape == (105, 105, 3) and ex["image"].dtype == np.uint8
-  assert len(tfds.data_source("amaml_omniglot", split="test", data_dir=str(tfds_dir),
-                              download=False)) == 2 * 20
+  assert (
+    len(tfds.data_source("amaml_omniglot", split="test", data_dir=str(tfds_dir), download=False))
+    == 2 * 20
+  )
 
 
 def test_tfds_read_back_equals_arrays(arrays_dir, tfds_dir):
@@ -70,20 +77,24 @@ def test_tfds_read_back_equals_arrays(arrays_dir, tfds_dir):
     assert x.shape == y.shape and y.dtype == bool
     np.testing.assert_array_equal(_sorted_drawers(x), _sorted_drawers(y))
   assert [(r.split, r.first_id, r.last_id) for r in b.alphabets] == [
-      (r.split, r.first_id, r.last_id) for r in ALPHABETS]
+    (r.split, r.first_id, r.last_id) for r in ALPHABETS
+  ]
 
 
 def test_load_omniglot_from_tfds_equals_arrays(arrays_dir, tfds_dir, tmp_path):
   via_arrays = load_omniglot("lake", omniglot_dir=arrays_dir, cache_dir=tmp_path)
   via_tfds = load_omniglot("lake", source="tfds", tfds_data_dir=tfds_dir, cache_dir=tmp_path)
   for split in ("train", "test"):
-    np.testing.assert_array_equal(_sorted_drawers(getattr(via_arrays, split).images),
-                                  _sorted_drawers(getattr(via_tfds, split).images))
+    np.testing.assert_array_equal(
+      _sorted_drawers(getattr(via_arrays, split).images),
+      _sorted_drawers(getattr(via_tfds, split).images),
+    )
   assert any(p.name.startswith("omniglot_28px_tfds_") for p in tmp_path.iterdir())
   # the maml protocol splits the same characters whatever the source
   m1 = load_omniglot("maml", omniglot_dir=arrays_dir, cache_dir=tmp_path, num_train=4, num_val=1)
-  m2 = load_omniglot("maml", source="tfds", tfds_data_dir=tfds_dir, cache_dir=tmp_path,
-                     num_train=4, num_val=1)
+  m2 = load_omniglot(
+    "maml", source="tfds", tfds_data_dir=tfds_dir, cache_dir=tmp_path, num_train=4, num_val=1
+  )
   np.testing.assert_array_equal(_sorted_drawers(m1.test.images), _sorted_drawers(m2.test.images))
 
 
@@ -132,14 +143,16 @@ def test_nothing_prepared_and_no_download(tmp_path):
 
 
 def test_prepare_needs_alphabets(tmp_path):
-  d = write_omniglot_arrays(tmp_path / "a", np.ones((2, 2, 105, 105), bool),
-                            np.ones((1, 2, 105, 105), bool))
+  d = write_omniglot_arrays(
+    tmp_path / "a", np.ones((2, 2, 105, 105), bool), np.ones((1, 2, 105, 105), bool)
+  )
   with pytest.raises(FileNotFoundError, match="alphabets.tsv"):
     prepare_tfds_omniglot(tmp_path / "t", arrays_dir=d)
 
 
 def test_png_is_one_bit_like_the_originals():
   from PIL import Image
+
   paper = np.ones((105, 105), bool)
   paper[10:20, 10:20] = False
   with Image.open(io.BytesIO(tfds_omniglot._png_1bit(paper))) as im:
@@ -157,8 +170,9 @@ def test_real_arrays_through_tfds(tmp_path):
   b = tfds_omniglot.read_tfds_omniglot(prepare_tfds_omniglot(tmp_path, arrays_dir=REAL_DIR))
   assert b.alphabets == a.alphabets and b.character_names() == a.character_names()
   for part in ("background", "evaluation"):
-    np.testing.assert_array_equal(_sorted_drawers(getattr(a, part)),
-                                  _sorted_drawers(getattr(b, part)))
+    np.testing.assert_array_equal(
+      _sorted_drawers(getattr(a, part)), _sorted_drawers(getattr(b, part))
+    )
   builder = tfds.builder("amaml_omniglot", data_dir=str(tmp_path))
   assert len(builder.info.features["alphabet"].names) == 50
   assert builder.info.features["label"].names[:2] == ["Arcadian_0", "Arcadian_1"]

@@ -1,6 +1,7 @@
 """``amaml download omniglot`` offline: official-layout zips that the test builds, served
 from a local folder through file:// URLs, become the arrays folder (pixel for pixel); a
 corrupt zip is refused and nothing is written."""
+
 import io
 import zipfile
 
@@ -31,8 +32,10 @@ def served(tmp_path):
   server = tmp_path / "server"
   server.mkdir()
   images = {"background": [], "evaluation": []}
-  zips = {"background": zipfile.ZipFile(server / "images_background.zip", "w"),
-          "evaluation": zipfile.ZipFile(server / "images_evaluation.zip", "w")}
+  zips = {
+    "background": zipfile.ZipFile(server / "images_background.zip", "w"),
+    "evaluation": zipfile.ZipFile(server / "images_evaluation.zip", "w"),
+  }
   gid = 0
   for split, alphabet, n in LAYOUT:
     for k in range(1, n + 1):
@@ -41,8 +44,9 @@ def served(tmp_path):
       images[split].append(drawings)
       top = zips[split].filename.split("/")[-1][:-4]
       for d in range(DRAWERS):  # written in a shuffled order: the reader must sort
-        zips[split].writestr(f"{top}/{alphabet}/character{k:02d}/{gid:04d}_{d + 1:02d}.png",
-                             _png(drawings[d]))
+        zips[split].writestr(
+          f"{top}/{alphabet}/character{k:02d}/{gid:04d}_{d + 1:02d}.png", _png(drawings[d])
+        )
   for z in zips.values():
     z.close()
   sums = {p.name: (p.stat().st_size, sha256(p)) for p in server.glob("*.zip")}
@@ -55,8 +59,11 @@ def test_download_writes_the_arrays_pixel_for_pixel(served, tmp_path):
   arr = read_omniglot_arrays(out)
   np.testing.assert_array_equal(arr.background, images["background"])
   np.testing.assert_array_equal(arr.evaluation, images["evaluation"])
-  assert arr.alphabets == (Alphabet("background", "Alpha", 1, 2), Alphabet("background", "Beta", 3, 5),
-                           Alphabet("evaluation", "Gamma", 6, 7))
+  assert arr.alphabets == (
+    Alphabet("background", "Alpha", 1, 2),
+    Alphabet("background", "Beta", 3, 5),
+    Alphabet("evaluation", "Gamma", 6, 7),
+  )
   # a second call finds the folder complete and fetches nothing
   (server / "images_background.zip").unlink()
   assert download_omniglot(out, url=server.as_uri(), sums=sums, progress=False) == out
@@ -96,8 +103,17 @@ def test_cli_downloads_and_train_finds_the_default_folder(served, tmp_path, monk
 
 
 def test_cli_names_an_unreachable_url_in_one_line(tmp_path, capsys):
-  rc = cli.main(["download", "omniglot", "--out", str(tmp_path / "o"), "--url",
-                 (tmp_path / "no-such-folder").as_uri(), "--no_progress"])
+  rc = cli.main(
+    [
+      "download",
+      "omniglot",
+      "--out",
+      str(tmp_path / "o"),
+      "--url",
+      (tmp_path / "no-such-folder").as_uri(),
+      "--no_progress",
+    ]
+  )
   err = capsys.readouterr().err
   assert rc == 2 and len(err.strip().splitlines()) == 1
   assert "could not download" in err and "copy the zip into" in err

@@ -3,6 +3,7 @@ arrays, ``eqx.combine`` in the apply function (``amaml.models.from_equinox``). A
 sinusoid and a conv net with ``eqx.nn.BatchNorm`` (batch statistics, its state dropped) on
 fake images: the loss falls, vmap over tasks equals a loop, ANIL's and MAML++'s regular
 expressions find the attribute paths, and every method trains."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +39,7 @@ class CNN(eqx.Module):
   """One block conv 3x3 -> batch norm (this batch's statistics) -> ReLU -> max-pool, then
   a linear head (``ways=0``: no head, the flattened features). Takes NHWC ``[n, H, W, 1]``
   and the batch norm's ``eqx.nn.State``."""
+
   conv0: eqx.nn.Conv2d
   norm0: eqx.nn.BatchNorm
   head: eqx.nn.Linear | None
@@ -54,8 +56,9 @@ class CNN(eqx.Module):
       v = layers.max_pool_2x2(jax.nn.relu(v)[..., None])[..., 0]  # pools axes 1 and 2
       return v.reshape(-1), state
 
-    z, state = jax.vmap(features, axis_name="examples", in_axes=(0, None),
-                        out_axes=(0, None))(jnp.moveaxis(x, -1, 1), state)
+    z, state = jax.vmap(features, axis_name="examples", in_axes=(0, None), out_axes=(0, None))(
+      jnp.moveaxis(x, -1, 1), state
+    )
     return (z if self.head is None else jax.vmap(self.head)(z)), state
 
 
@@ -85,8 +88,14 @@ def test_from_equinox_is_partition_and_combine_with_the_state_left_out():
   x = _images(0).support_x[0]
   params, apply_fn = amaml.models.from_equinox(model, state)
   np.testing.assert_allclose(apply_fn(params, x), model(x, state)[0], rtol=1e-6)
-  assert _paths(params) == ["conv0/weight", "conv0/bias", "norm0/weight", "norm0/bias",
-                            "head/weight", "head/bias"]
+  assert _paths(params) == [
+    "conv0/weight",
+    "conv0/bias",
+    "norm0/weight",
+    "norm0/bias",
+    "head/weight",
+    "head/bias",
+  ]
   head = amaml.inner.param_mask(params, "^head/")
   assert [p for p, m in amaml.inner._paths(head) if m] == ["head/weight", "head/bias"]
   assert sum(jax.tree.leaves(amaml.inner.param_mask(params, "^norm"))) == 2
@@ -128,8 +137,9 @@ def test_equinox_meta_loss_under_vmap_equals_a_loop(model):
   learner = amaml.maml(loss_fn, alpha=0.1, inner_steps=2)
   meta_loss = jax.jit(learner.meta_loss)
   loss, _ = meta_loss(params, jnp.float32(0.1), batch)
-  one = lambda t: meta_loss(params, jnp.float32(0.1),
-                                    jax.tree.map(lambda x: x[t:t + 1], batch))[0]
+  one = lambda t: meta_loss(params, jnp.float32(0.1), jax.tree.map(lambda x: x[t : t + 1], batch))[
+    0
+  ]
   np.testing.assert_allclose(loss, np.mean([one(t) for t in range(4)]), rtol=1e-5)
 
 
@@ -137,21 +147,22 @@ def test_anil_on_equinox_adapts_only_the_head():
   params, loss_fn = _mlp()
   batch = amaml.sinusoid_tasks(jax.random.key(0), 2)
   mask = amaml.inner.param_mask(params, "^head/")
-  adapted, _ = amaml.adapt(loss_fn, params, 0.1, batch.support_x[0], batch.support_y[0],
-                           inner_steps=2, mask=mask)
+  adapted, _ = amaml.adapt(
+    loss_fn, params, 0.1, batch.support_x[0], batch.support_y[0], inner_steps=2, mask=mask
+  )
   for layer in ("body0", "body1"):
     np.testing.assert_array_equal(getattr(adapted, layer).weight, getattr(params, layer).weight)
   assert not np.allclose(adapted.head.weight, params.head.weight)
 
 
 LEARNERS = {
-    "alpha_maml": lambda f: amaml.alpha_maml(f, inner_steps=2),
-    "alpha_maml_paper": lambda f: amaml.alpha_maml_paper(f, alpha=0.01),
-    "maml": lambda f: amaml.maml(f, alpha=0.01),
-    "fomaml": lambda f: amaml.fomaml(f, alpha=0.01),
-    "meta_sgd": lambda f: amaml.meta_sgd(f),
-    "anil": lambda f: amaml.anil(f, inner_params="^head/"),
-    "reptile": lambda f: amaml.reptile(f, alpha=0.01, inner_steps=2, epsilon=0.1),
+  "alpha_maml": lambda f: amaml.alpha_maml(f, inner_steps=2),
+  "alpha_maml_paper": lambda f: amaml.alpha_maml_paper(f, alpha=0.01),
+  "maml": lambda f: amaml.maml(f, alpha=0.01),
+  "fomaml": lambda f: amaml.fomaml(f, alpha=0.01),
+  "meta_sgd": lambda f: amaml.meta_sgd(f),
+  "anil": lambda f: amaml.anil(f, inner_params="^head/"),
+  "reptile": lambda f: amaml.reptile(f, alpha=0.01, inner_steps=2, epsilon=0.1),
 }
 
 
@@ -160,8 +171,9 @@ def _trains(learner, params, batches):
   for batch in batches:
     state, metrics = learner.step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
-  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params,
-                       learner.init(params).params)
+  moved = jax.tree.map(
+    lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params, learner.init(params).params
+  )
   assert max(jax.tree.leaves(moved)) > 0
   return state
 
@@ -169,14 +181,22 @@ def _trains(learner, params, batches):
 @pytest.mark.parametrize("method", sorted(LEARNERS))
 def test_every_method_trains_an_equinox_mlp(method):
   params, loss_fn = _mlp()
-  _trains(LEARNERS[method](loss_fn), params,
-          [amaml.sinusoid_tasks(jax.random.key(i), 4) for i in range(3)])
+  _trains(
+    LEARNERS[method](loss_fn),
+    params,
+    [amaml.sinusoid_tasks(jax.random.key(i), 4) for i in range(3)],
+  )
 
 
 def test_maml_plus_plus_keeps_equinox_batch_norm_parameters_per_step():
   params, apply_fn = _cnn()
-  learner = amaml.maml_plus_plus(amaml.losses.cross_entropy(apply_fn), inner_steps=2,
-                                 multi_step_loss=0, first_order_steps=0, per_step_params="^norm")
+  learner = amaml.maml_plus_plus(
+    amaml.losses.cross_entropy(apply_fn),
+    inner_steps=2,
+    multi_step_loss=0,
+    first_order_steps=0,
+    per_step_params="^norm",
+  )
   state = _trains(learner, params, [_images(i) for i in range(3)])
   assert state.params.norm0.weight.shape == (2, 4)  # one copy per inner step
   assert state.params.conv0.weight.shape == params.conv0.weight.shape

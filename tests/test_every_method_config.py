@@ -9,6 +9,7 @@ meta step takes 10-60 s to compile on 2 CPU cores, so the default run covers eve
 on sinusoid and the two methods with their own update (Reptile, ProtoNets) on Omniglot
 5w1s; the other pairs run with ``-m slow``.
 """
+
 import dataclasses
 
 import jax
@@ -20,13 +21,19 @@ from test_image_folders import write_folders
 
 from amaml import configs, train
 
-TINY = dict(hidden=4, meta_batch=2, queries=1, image_size=16, val_tasks=2, eval_tasks=2,
-            eval_batch=2)
+TINY = dict(
+  hidden=4, meta_batch=2, queries=1, image_size=16, val_tasks=2, eval_tasks=2, eval_batch=2
+)
 STEPS = 2
-DEFAULT_RUN = {(m, "sinusoid") for m in configs.METHODS} | {("reptile", "omniglot-5w1s"),
-                                                            ("protonet", "omniglot-5w1s")}
-PAIRS = [pytest.param(m, c, marks=() if (m, c) in DEFAULT_RUN else pytest.mark.slow,
-                      id=f"{m}-{c}") for m in configs.METHODS for c in configs.CONFIGS]
+DEFAULT_RUN = {(m, "sinusoid") for m in configs.METHODS} | {
+  ("reptile", "omniglot-5w1s"),
+  ("protonet", "omniglot-5w1s"),
+}
+PAIRS = [
+  pytest.param(m, c, marks=() if (m, c) in DEFAULT_RUN else pytest.mark.slow, id=f"{m}-{c}")
+  for m in configs.METHODS
+  for c in configs.CONFIGS
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +47,11 @@ def data_dirs(tmp_path_factory):
     mp.setattr(om, "MAML_NUM_TRAIN", 6)
     mp.setattr(om, "MAML_NUM_VAL", 5)
     mp.setenv("AMAML_CACHE_DIR", str(root / "cache"))
-    yield {"sinusoid": "", "omniglot": str(write_fake_omniglot(root / "omniglot", 10, 6)),
-           "image_folder": str(write_folders(root / "images"))}
+    yield {
+      "sinusoid": "",
+      "omniglot": str(write_fake_omniglot(root / "omniglot", 10, 6)),
+      "image_folder": str(write_folders(root / "images")),
+    }
 
 
 _TRAINED = {}  # one program's config (its folder left out) -> the losses of its steps
@@ -57,8 +67,9 @@ def _train_steps(exp: train.Experiment) -> list[float]:
       batch = exp.sample(jax.random.key(i), exp.data["train"], exp.config.meta_batch)
       new, m = exp.learner.step(state, batch)
       assert not bool(m["nonfinite"]), f"step {i}: the guard rejected it ({m['loss']})"
-      moved = [np.any(a != b) for a, b in zip(jax.tree.leaves(new.params),
-                                               jax.tree.leaves(state.params))]
+      moved = [
+        np.any(a != b) for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params))
+      ]
       assert any(moved), f"step {i} left every weight where it was"
       losses.append(float(m["loss"]))
       state = new
@@ -83,6 +94,11 @@ def test_only_sizes_are_overridden():
   settings (e.g. Reptile's own inner loop, the 20-way configs' 5 inner steps)."""
   cfg = configs.get_config("omniglot-20w1s", method="reptile", **TINY)
   assert (cfg.ways, cfg.shots, cfg.inner_steps, cfg.inner_optimizer, cfg.alpha) == (
-      20, 1, 5, "adam", 1e-3)
+    20,
+    1,
+    5,
+    "adam",
+    1e-3,
+  )
   cfg = configs.get_config("omniglot-20w1s", method="maml", **TINY)
   assert (cfg.inner_steps, cfg.inner_optimizer, cfg.alpha) == (5, "sgd", 0.1)

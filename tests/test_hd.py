@@ -1,6 +1,7 @@
 """The Optax hypergradient transform against hand-written SGD-HD / Adam-HD reference
 loops (the paper's additive rule) and the default normalized rule, its base optimizers
 at hyper_lr = 0, its safeguards and ``optax.inject_hyperparams``."""
+
 import functools
 
 import jax
@@ -23,7 +24,7 @@ def _run(opt, steps, p0=P0, dtype=jnp.float64):
   update = jax.jit(opt.update)
   rates, traj = [], []
   for _ in range(steps):
-    g = jax.grad(lambda p: 0.5 * jnp.sum(jnp.asarray(A, dtype) * p ** 2))(params)
+    g = jax.grad(lambda p: 0.5 * jnp.sum(jnp.asarray(A, dtype) * p**2))(params)
     upd, state = update(g, state, params)
     params = optax.apply_updates(params, upd)
     rates.append(float(amaml.current_learning_rate(state)))
@@ -41,8 +42,9 @@ def test_sgd_hd_matches_reference_sequence(x64):
     p = p - beta * g
     g_prev = g
     ref.append(beta)
-  rates, traj = _run(amaml.hypergradient(optax.sgd, learning_rate=0.1, rate_rule="additive",
-                                         hyper_lr=kappa), 5)
+  rates, traj = _run(
+    amaml.hypergradient(optax.sgd, learning_rate=0.1, rate_rule="additive", hyper_lr=kappa), 5
+  )
   np.testing.assert_allclose(rates, ref, rtol=1e-12)
   np.testing.assert_allclose(traj[-1], p, rtol=1e-12)
   assert rates[0] == 0.1 and len(set(np.round(rates, 10))) == 5  # h_1 = 0, then beta moves
@@ -59,10 +61,14 @@ def test_adam_hd_matches_reference_sequence(x64):
       lr = lr + kappa * h
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
-    p = p - lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (np.sqrt(v) + eps)
+    p = p - lr * np.sqrt(1 - b2**t) / (1 - b1**t) * m / (np.sqrt(v) + eps)
     ref.append(lr)
-  rates, traj = _run(amaml.hypergradient(optax.adam, learning_rate=0.05, rate_rule="additive",
-                                         hyper_lr=kappa, b1=b1, b2=b2, eps=eps), 5)
+  rates, traj = _run(
+    amaml.hypergradient(
+      optax.adam, learning_rate=0.05, rate_rule="additive", hyper_lr=kappa, b1=b1, b2=b2, eps=eps
+    ),
+    5,
+  )
   # eps sits before bias correction in the reference, after it in optax: O(eps) apart
   np.testing.assert_allclose(rates, ref, rtol=1e-7)
   np.testing.assert_allclose(traj[-1], p, rtol=1e-6)
@@ -70,14 +76,14 @@ def test_adam_hd_matches_reference_sequence(x64):
 
 
 BASES = {
-    "sgd": (optax.sgd, {}),
-    "momentum": (optax.sgd, {"momentum": 0.9}),
-    "nesterov": (optax.sgd, {"momentum": 0.9, "nesterov": True}),
-    "adam": (optax.adam, {}),
-    "adamw": (optax.adamw, {"weight_decay": 1e-2}),
-    "rmsprop": (optax.rmsprop, {}),
-    "adagrad": (optax.adagrad, {}),
-    "lion": (optax.lion, {}),
+  "sgd": (optax.sgd, {}),
+  "momentum": (optax.sgd, {"momentum": 0.9}),
+  "nesterov": (optax.sgd, {"momentum": 0.9, "nesterov": True}),
+  "adam": (optax.adam, {}),
+  "adamw": (optax.adamw, {"weight_decay": 1e-2}),
+  "rmsprop": (optax.rmsprop, {}),
+  "adagrad": (optax.adagrad, {}),
+  "lion": (optax.lion, {}),
 }
 
 
@@ -85,8 +91,9 @@ BASES = {
 def test_wrapper_over_base_optimizers(name):
   factory, kwargs = BASES[name]
   # hyper_lr = 0: exactly the base optimizer at a fixed rate (default rule)
-  _, traj_hd = _run(amaml.hypergradient(factory, learning_rate=0.01, hyper_lr=0.0, **kwargs), 6,
-                    dtype=jnp.float32)
+  _, traj_hd = _run(
+    amaml.hypergradient(factory, learning_rate=0.01, hyper_lr=0.0, **kwargs), 6, dtype=jnp.float32
+  )
   params = jnp.asarray(P0, jnp.float32)
   base = factory(learning_rate=0.01, **kwargs)
   state = base.init(params)
@@ -96,38 +103,53 @@ def test_wrapper_over_base_optimizers(name):
     params = optax.apply_updates(params, upd)
     np.testing.assert_allclose(traj_hd[i], params, rtol=1e-5, atol=1e-7)
   # a rate far too small grows: consecutive gradients agree
-  rates, _ = _run(amaml.hypergradient(factory, learning_rate=1e-4, rate_rule="additive",
-                                      hyper_lr=1e-3, **kwargs), 20,
-                  dtype=jnp.float32)
+  rates, _ = _run(
+    amaml.hypergradient(factory, learning_rate=1e-4, rate_rule="additive", hyper_lr=1e-3, **kwargs),
+    20,
+    dtype=jnp.float32,
+  )
   assert rates[-1] > 1e-4
 
 
 def test_sgd_hd_shrinks_a_rate_that_oscillates():
-  rates, _ = _run(amaml.hypergradient(optax.sgd, learning_rate=0.9, rate_rule="additive",
-                                      hyper_lr=0.01), 10,
-                  dtype=jnp.float32)  # 0.9 * 3 > 2: oscillates along the steep axis
+  rates, _ = _run(
+    amaml.hypergradient(optax.sgd, learning_rate=0.9, rate_rule="additive", hyper_lr=0.01),
+    10,
+    dtype=jnp.float32,
+  )  # 0.9 * 3 > 2: oscillates along the steep axis
   assert rates[-1] < 0.9
 
 
 def test_composes_with_chain_under_jit():
-  opt = optax.chain(optax.clip_by_global_norm(1.0),
-                    amaml.hypergradient(optax.adam, learning_rate=0.01))  # defaults
+  opt = optax.chain(
+    optax.clip_by_global_norm(1.0), amaml.hypergradient(optax.adam, learning_rate=0.01)
+  )  # defaults
   rates, traj = _run(opt, 10, dtype=jnp.float32)
   assert rates[-1] != 0.01
-  assert np.sum(A * traj[-1] ** 2) < np.sum(A * P0 ** 2)
+  assert np.sum(A * traj[-1] ** 2) < np.sum(A * P0**2)
 
 
 def test_log_space_keeps_rate_positive_and_bounds_hold():
   # huge hyper_lr on an oscillating problem: additive HD would go negative
-  add, _ = _run(amaml.hypergradient(optax.sgd, learning_rate=0.9, rate_rule="additive",
-                                    hyper_lr=10.0), 5,
-                dtype=jnp.float32)
+  add, _ = _run(
+    amaml.hypergradient(optax.sgd, learning_rate=0.9, rate_rule="additive", hyper_lr=10.0),
+    5,
+    dtype=jnp.float32,
+  )
   assert add.min() < 0
-  log, _ = _run(amaml.hypergradient(optax.sgd, learning_rate=0.9, hyper_lr=10.0, rate_rule="log"), 5,
-                dtype=jnp.float32)
+  log, _ = _run(
+    amaml.hypergradient(optax.sgd, learning_rate=0.9, hyper_lr=10.0, rate_rule="log"),
+    5,
+    dtype=jnp.float32,
+  )
   assert log.min() >= 0 and log[-1] < 0.9
-  bounded, _ = _run(amaml.hypergradient(optax.sgd, learning_rate=0.9, rate_rule="additive",
-                                        hyper_lr=10.0, min_rate=0.05, max_rate=1.0), 5, dtype=jnp.float32)
+  bounded, _ = _run(
+    amaml.hypergradient(
+      optax.sgd, learning_rate=0.9, rate_rule="additive", hyper_lr=10.0, min_rate=0.05, max_rate=1.0
+    ),
+    5,
+    dtype=jnp.float32,
+  )
   assert bounded.min() >= 0.05 and bounded.max() <= 1.0
   assert np.isclose(bounded.min(), 0.05)
 
@@ -158,12 +180,17 @@ def test_discounted_hypergradient_matches_reference_sequence(x64):
     p = p - beta * g
     z = mu * z - g
     ref.append(beta)
-  rates, traj = _run(amaml.hypergradient(optax.sgd, learning_rate=0.1, rate_rule="additive",
-                                         hyper_lr=kappa, discount=mu), 6)
+  rates, traj = _run(
+    amaml.hypergradient(
+      optax.sgd, learning_rate=0.1, rate_rule="additive", hyper_lr=kappa, discount=mu
+    ),
+    6,
+  )
   np.testing.assert_allclose(rates, ref, rtol=1e-12)
   np.testing.assert_allclose(traj[-1], p, rtol=1e-12)
-  plain, _ = _run(amaml.hypergradient(optax.sgd, learning_rate=0.1, rate_rule="additive",
-                                       hyper_lr=kappa), 6)
+  plain, _ = _run(
+    amaml.hypergradient(optax.sgd, learning_rate=0.1, rate_rule="additive", hyper_lr=kappa), 6
+  )
   assert np.all(rates[:2] == plain[:2]) and abs(rates[-1] - plain[-1]) > 1e-4  # differs from step 3
 
 
@@ -180,7 +207,7 @@ def test_default_is_the_normalized_rule_reference_sequence(x64):
     g = grad_np(p)
     h = -g @ g_prev  # <g_t, u_{t-1}>, u = -g for SGD
     m, v = b1 * m + (1 - b1) * h, b2 * v + (1 - b2) * h * h
-    m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+    m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
     beta = beta * np.exp(-kappa * m_hat / (np.sqrt(v_hat) + 1e-30))
     p = p - beta * g
     g_prev = g
@@ -188,7 +215,7 @@ def test_default_is_the_normalized_rule_reference_sequence(x64):
   rates, traj = _run(amaml.hypergradient(optax.sgd, learning_rate=0.1), 6)
   np.testing.assert_allclose(rates, ref, rtol=1e-12)
   np.testing.assert_allclose(traj[-1], p, rtol=1e-12)
-  assert rates[1] == pytest.approx(0.1 * np.exp(kappa * np.sqrt(1 - b2 ** 2) / (1 - b1 ** 2)))
+  assert rates[1] == pytest.approx(0.1 * np.exp(kappa * np.sqrt(1 - b2**2) / (1 - b1**2)))
 
 
 def _two_sgd_steps(g1, g2, **kwargs):
@@ -202,8 +229,9 @@ def _two_sgd_steps(g1, g2, **kwargs):
 
 def test_additive_rule_max_rate_caps_growth():
   # beta_2 = 0.1 + 1 * <g_2, g_1> = 0.1 + 1 + 0.5 = 1.6, capped at 0.5; u_2 = -0.5 g_2
-  rate, u2 = _two_sgd_steps([1.0, 1.0, 0.0], [1.0, 0.5, 2.0], learning_rate=0.1, hyper_lr=1.0,
-                            max_rate=0.5)
+  rate, u2 = _two_sgd_steps(
+    [1.0, 1.0, 0.0], [1.0, 0.5, 2.0], learning_rate=0.1, hyper_lr=1.0, max_rate=0.5
+  )
   assert rate == pytest.approx(0.5)
   np.testing.assert_allclose(u2, [-0.5, -0.25, -1.0], rtol=1e-6)
   unbounded, _ = _two_sgd_steps([1.0, 1.0, 0.0], [1.0, 0.5, 2.0], learning_rate=0.1, hyper_lr=1.0)
@@ -212,16 +240,19 @@ def test_additive_rule_max_rate_caps_growth():
 
 def test_additive_rule_min_rate_stops_a_negative_rate():
   # beta_2 = 0.9 + 1 * <g_2, g_1> = 0.9 - 3 = -2.1, kept at min_rate = 0: no step
-  rate, u2 = _two_sgd_steps([1.0, 1.0, 1.0], [-1.0, -1.0, -1.0], learning_rate=0.9,
-                            hyper_lr=1.0, min_rate=0.0)
+  rate, u2 = _two_sgd_steps(
+    [1.0, 1.0, 1.0], [-1.0, -1.0, -1.0], learning_rate=0.9, hyper_lr=1.0, min_rate=0.0
+  )
   assert rate == 0.0 and np.all(u2 == 0.0)
-  unbounded, _ = _two_sgd_steps([1.0, 1.0, 1.0], [-1.0, -1.0, -1.0], learning_rate=0.9,
-                                hyper_lr=1.0)
+  unbounded, _ = _two_sgd_steps(
+    [1.0, 1.0, 1.0], [-1.0, -1.0, -1.0], learning_rate=0.9, hyper_lr=1.0
+  )
   assert unbounded == pytest.approx(-2.1)
 
 
-@pytest.mark.parametrize("g2", [[-jnp.inf, 0.0, 0.0], [-3e38, 0.0, 0.0]],
-                         ids=["infinite-hypergradient", "rate-overflows"])
+@pytest.mark.parametrize(
+  "g2", [[-jnp.inf, 0.0, 0.0], [-3e38, 0.0, 0.0]], ids=["infinite-hypergradient", "rate-overflows"]
+)
 def test_nonfinite_step_keeps_the_rate_despite_the_bound(g2):
   # h_2 = <g_2, -g_1> = +inf, or 3e38 and beta = 0.1 + 10 * 3e38 overflows float32: the
   # rate stays 0.1 (the clip alone would have jumped it to max_rate = 1)
@@ -231,9 +262,13 @@ def test_nonfinite_step_keeps_the_rate_despite_the_bound(g2):
 
 
 def test_hd_step_guard_comes_before_the_clip():
-  got = amaml.hd_step({"a": jnp.float32(0.1), "b": jnp.float32(0.1)},
-                      {"a": jnp.float32(-jnp.inf), "b": jnp.float32(-100.0)}, hyper_lr=0.01,
-                      max_rate=1.0, min_rate=0.2)
+  got = amaml.hd_step(
+    {"a": jnp.float32(0.1), "b": jnp.float32(0.1)},
+    {"a": jnp.float32(-jnp.inf), "b": jnp.float32(-100.0)},
+    hyper_lr=0.01,
+    max_rate=1.0,
+    min_rate=0.2,
+  )
   assert float(got["a"]) == pytest.approx(0.1)  # 0.1 + inf: kept as it was, not clipped to 1
   assert float(got["b"]) == pytest.approx(1.0)  # 0.1 + 1 = 1.1, clipped
 
@@ -249,12 +284,15 @@ def test_inject_hyperparams_matches_and_reads_hyper_lr_every_step(x64):
   np.testing.assert_allclose(injected, plain, rtol=1e-12)
   np.testing.assert_allclose(traj_i, traj, rtol=1e-12)
   # the other form: the factory as a static argument
-  static = optax.inject_hyperparams(amaml.hypergradient, static_args="optimizer")(optax.sgd, **kwargs)
+  static = optax.inject_hyperparams(amaml.hypergradient, static_args="optimizer")(
+    optax.sgd, **kwargs
+  )
   np.testing.assert_allclose(_run(static, 5)[0], plain, rtol=1e-12)
   # the base optimizer's keywords come through (static): momentum changes the path
   heavy = dict(kwargs, momentum=0.9)
-  np.testing.assert_allclose(_run(_inject(**heavy), 5)[1],
-                             _run(amaml.hypergradient(optax.sgd, **heavy), 5)[1], rtol=1e-12)
+  np.testing.assert_allclose(
+    _run(_inject(**heavy), 5)[1], _run(amaml.hypergradient(optax.sgd, **heavy), 5)[1], rtol=1e-12
+  )
   assert not np.allclose(_run(_inject(**heavy), 5)[1], traj)
   # hyper_lr = 0 injected after the first step freezes the rate at beta_1 = 0.1
   opt = _inject(**kwargs)
@@ -270,13 +308,15 @@ def test_inject_hyperparams_matches_and_reads_hyper_lr_every_step(x64):
 
 def test_traced_hyper_lr_and_bounds_under_jit():
   def final_rate(kappa, max_rate):
-    opt = amaml.hypergradient(optax.sgd, learning_rate=0.1, rate_rule="additive",
-                              hyper_lr=kappa, max_rate=max_rate)
+    opt = amaml.hypergradient(
+      optax.sgd, learning_rate=0.1, rate_rule="additive", hyper_lr=kappa, max_rate=max_rate
+    )
     params = jnp.zeros(3)
     state = opt.init(params)
     for g in ([1.0, 1.0, 0.0], [1.0, 0.5, 2.0]):
       _, state = opt.update(jnp.asarray(g), state, params)
     return state.learning_rate
+
   # as test_additive_rule_max_rate_caps_growth, with kappa and max_rate traced
   assert float(jax.jit(final_rate)(1.0, 0.5)) == pytest.approx(0.5)
   assert float(jax.jit(final_rate)(1.0, 10.0)) == pytest.approx(1.6)
@@ -290,5 +330,7 @@ def test_bad_numbers_are_named():
   with pytest.raises(ValueError, match="rate_rule must be one of"):
     amaml.hypergradient(optax.sgd, learning_rate=0.1, rate_rule="paper")
   # the default hyper_lr is the normalized rule's: the additive rule's scale is the problem's
-  with pytest.raises(ValueError, match="rate_rule='additive' needs hyper_lr: the HD paper's is 0.001"):
+  with pytest.raises(
+    ValueError, match="rate_rule='additive' needs hyper_lr: the HD paper's is 0.001"
+  ):
     amaml.hypergradient(optax.sgd, learning_rate=0.1, rate_rule="additive")

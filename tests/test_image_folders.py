@@ -1,6 +1,7 @@
 """The few-shot image benchmarks from local folders: every named config builds and takes
 a finite meta step on a small synthetic folder of its layout; the split-file layout reads
 the same images as the folder layout; a missing folder says where to get the data."""
+
 import csv
 
 import jax
@@ -12,9 +13,11 @@ from amaml import cli, configs, train
 from amaml.data import image_folders
 
 # two configs in the default run (one per image size and shot count), the rest with -m slow
-IMAGE_CONFIGS = [n if n in ("miniimagenet-5w1s", "cifar-fs-5w5s") else
-                 pytest.param(n, marks=pytest.mark.slow)
-                 for n, c in configs.CONFIGS.items() if c.task == "image_folder"]
+IMAGE_CONFIGS = [
+  n if n in ("miniimagenet-5w1s", "cifar-fs-5w5s") else pytest.param(n, marks=pytest.mark.slow)
+  for n, c in configs.CONFIGS.items()
+  if c.task == "image_folder"
+]
 CLASSES, EXAMPLES = 6, 20  # enough for 5 ways and 5 shots + 15 queries
 
 
@@ -58,8 +61,9 @@ def folders(tmp_path_factory):
 @pytest.mark.parametrize("name", IMAGE_CONFIGS)
 def test_every_image_config_takes_a_finite_step(name, folders, tmp_path, monkeypatch):
   monkeypatch.setenv("AMAML_CACHE_DIR", str(tmp_path / "cache"))
-  cfg = configs.get_config(name, data_dir=str(folders), image_size=16, hidden=4, queries=2,
-                           inner_steps=1, eval_batch=2)
+  cfg = configs.get_config(
+    name, data_dir=str(folders), image_size=16, hidden=4, queries=2, inner_steps=1, eval_batch=2
+  )
   exp = train.build(cfg)
   assert exp.data["train"].shape == (CLASSES, EXAMPLES, 16, 16, 3)
   state = exp.learner.init(exp.params)
@@ -70,37 +74,50 @@ def test_every_image_config_takes_a_finite_step(name, folders, tmp_path, monkeyp
 
 
 def test_split_files_read_the_same_images_as_folders(tmp_path):
-  a = image_folders.load_image_benchmark("miniimagenet", write_folders(tmp_path / "a", seed=3),
-                                         image_size=12, cache_dir=False)
-  b = image_folders.load_image_benchmark("miniimagenet", write_split_files(tmp_path / "b", seed=3),
-                                         image_size=12, cache_dir=False)
+  a = image_folders.load_image_benchmark(
+    "miniimagenet", write_folders(tmp_path / "a", seed=3), image_size=12, cache_dir=False
+  )
+  b = image_folders.load_image_benchmark(
+    "miniimagenet", write_split_files(tmp_path / "b", seed=3), image_size=12, cache_dir=False
+  )
   for split in image_folders.SPLITS:
     np.testing.assert_array_equal(a[split].images, b[split].images)
     assert a[split].class_names == b[split].class_names
 
 
 def test_the_cache_is_used_on_the_second_load(folders, tmp_path, monkeypatch):
-  first = image_folders.load_image_benchmark("cifar-fs", folders, image_size=8,
-                                             cache_dir=tmp_path)
+  first = image_folders.load_image_benchmark("cifar-fs", folders, image_size=8, cache_dir=tmp_path)
   assert len(list(tmp_path.glob("cifar-fs_*_8px_*.npz"))) == 3
 
   def refuse(*a, **k):
     raise AssertionError("read the images again instead of the cache")
 
   monkeypatch.setattr(image_folders.ClassImages, "from_files", refuse)
-  again = image_folders.load_image_benchmark("cifar-fs", folders, image_size=8,
-                                             cache_dir=tmp_path)
+  again = image_folders.load_image_benchmark("cifar-fs", folders, image_size=8, cache_dir=tmp_path)
   np.testing.assert_array_equal(first["val"].images, again["val"].images)
 
 
 def test_a_missing_folder_says_where_to_get_the_data(tmp_path, monkeypatch, capsys):
   monkeypatch.delenv("AMAML_MINIIMAGENET_DIR", raising=False)
-  with pytest.raises(FileNotFoundError, match=r"miniImageNet not found .*twitter/meta-learning-lstm"
-                     r".*train.csv.*AMAML_MINIIMAGENET_DIR"):
+  with pytest.raises(
+    FileNotFoundError,
+    match=r"miniImageNet not found .*twitter/meta-learning-lstm"
+    r".*train.csv.*AMAML_MINIIMAGENET_DIR",
+  ):
     image_folders.load_image_benchmark("miniimagenet")
   (tmp_path / "empty").mkdir()
-  rc = cli.main(["train", "--config", "fc100-5w1s", "--data_dir", str(tmp_path / "empty"),
-                 "--out", str(tmp_path / "run"), "--no_progress"])
+  rc = cli.main(
+    [
+      "train",
+      "--config",
+      "fc100-5w1s",
+      "--data_dir",
+      str(tmp_path / "empty"),
+      "--out",
+      str(tmp_path / "run"),
+      "--no_progress",
+    ]
+  )
   err = capsys.readouterr().err
   assert rc == 2 and len(err.strip().splitlines()) == 1
   assert "FC100 not found" in err and "ElementAI/TADAM" in err and "AMAML_FC100_DIR" in err

@@ -1,6 +1,7 @@
 """iMAML: the implicit meta-gradient and lambda's hypergradient against closed forms on a
 quadratic family (float64), CG against a direct solve, vmap against a loop, training on
 sinusoid with the non-finite guard, and the --method imaml path."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -31,10 +32,12 @@ def _quadratic_family(seed=0):
   rng = np.random.default_rng(seed)
   q = np.linalg.qr(rng.normal(size=(TASKS, D, D)))[0]
   a_mat = q @ (rng.uniform(0.5, 2.0, (TASKS, D))[..., None] * np.swapaxes(q, 1, 2))
-  batch = TaskBatch(support_x=jnp.asarray(a_mat),
-                    support_y=jnp.asarray(rng.normal(size=(TASKS, D))),
-                    query_x=jnp.broadcast_to(jnp.eye(D), (TASKS, D, D)),
-                    query_y=jnp.asarray(rng.normal(size=(TASKS, D))))
+  batch = TaskBatch(
+    support_x=jnp.asarray(a_mat),
+    support_y=jnp.asarray(rng.normal(size=(TASKS, D))),
+    query_x=jnp.broadcast_to(jnp.eye(D), (TASKS, D, D)),
+    query_y=jnp.asarray(rng.normal(size=(TASKS, D))),
+  )
   return {"w": jnp.asarray(rng.normal(size=D))}, batch
 
 
@@ -55,8 +58,7 @@ def _closed_form(theta, lam, batch):
 def _quadratic_learner(**kw):
   # alpha (A + lam I) <= 0.3 * 2.7: the inner solve contracts by 0.64 or better per step, so 120
   # steps reach phi* to float64 precision; CG on a 4-dimensional system is exact in 4 steps
-  return amaml.imaml(quadratic, lam=LAM, alpha=0.3, inner_steps=120, cg_steps=D, cg_tol=1e-14,
-                     **kw)
+  return amaml.imaml(quadratic, lam=LAM, alpha=0.3, inner_steps=120, cg_steps=D, cg_tol=1e-14, **kw)
 
 
 def test_implicit_meta_gradient_equals_the_exact_one_on_a_quadratic_family(x64):
@@ -64,10 +66,10 @@ def test_implicit_meta_gradient_equals_the_exact_one_on_a_quadratic_family(x64):
   learner = _quadratic_learner()
   phi, want_loss, want_grad, _ = _closed_form(theta["w"], LAM, batch)
   solved, _ = proximal_adapt(
-      quadratic, theta, LAM, 0.3, batch.support_x[0], batch.support_y[0], inner_steps=120)
+    quadratic, theta, LAM, 0.3, batch.support_x[0], batch.support_y[0], inner_steps=120
+  )
   np.testing.assert_allclose(solved["w"], phi[0], rtol=1e-12)
-  (loss, _), grad = jax.jit(jax.value_and_grad(learner.meta_loss, has_aux=True))(theta, 0.3,
-                                                                                    batch)
+  (loss, _), grad = jax.jit(jax.value_and_grad(learner.meta_loss, has_aux=True))(theta, 0.3, batch)
   np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
   np.testing.assert_allclose(grad["w"], want_grad, rtol=1e-10, atol=1e-12)
   # it is not the first-order gradient mean(phi* - b), which this family tells apart
@@ -99,13 +101,25 @@ def test_both_derivatives_on_a_network_match_finite_differences(x64):
   """A smooth (tanh) network, whose inner problem the solver reaches to 1e-11 (a ReLU
   network's kinks would make finite differences meaningless)."""
   k1, k2 = jax.random.split(jax.random.key(0))
-  params = {"w1": 0.5 * jax.random.normal(k1, (1, 8)), "b1": jnp.zeros(8),
-            "w2": 0.5 * jax.random.normal(k2, (8, 1)), "b2": jnp.zeros(1)}
-  batch = jax.tree.map(lambda x: x.astype(jnp.float64),
-                       amaml.sinusoid_tasks(jax.random.key(1), num_tasks=2))
+  params = {
+    "w1": 0.5 * jax.random.normal(k1, (1, 8)),
+    "b1": jnp.zeros(8),
+    "w2": 0.5 * jax.random.normal(k2, (8, 1)),
+    "b2": jnp.zeros(1),
+  }
+  batch = jax.tree.map(
+    lambda x: x.astype(jnp.float64), amaml.sinusoid_tasks(jax.random.key(1), num_tasks=2)
+  )
   # lam = 5 keeps I + H / lam positive definite here (H's least eigenvalue is about -3)
-  learner = amaml.imaml(amaml.losses.mse(_tanh_net), lam=5.0, alpha=0.02, inner_steps=3000,
-                        inner_tol=1e-11, cg_steps=40, cg_tol=1e-13)
+  learner = amaml.imaml(
+    amaml.losses.mse(_tanh_net),
+    lam=5.0,
+    alpha=0.02,
+    inner_steps=3000,
+    inner_tol=1e-11,
+    cg_steps=40,
+    cg_tol=1e-13,
+  )
   loss_at = jax.jit(lambda p, lam: learner.meta_loss(p, 0.02, batch, lam=lam)[0])
   g_theta, g_lam = jax.grad(loss_at, argnums=(0, 1))(params, 5.0)
   eps, d = 1e-5, jax.tree.map(jnp.ones_like, params)
@@ -120,16 +134,20 @@ def test_cg_solution_equals_a_direct_solve(x64):
   """(I + H / lam) v = g on a small logistic regression (convex: H is PSD)."""
   rng = np.random.default_rng(2)
   x, y = jnp.asarray(rng.normal(size=(20, 5))), jnp.asarray(rng.integers(0, 2, 20))
-  loss_fn = lambda p, x_, y_: (jnp.mean(optax.sigmoid_binary_cross_entropy(
-      x_ @ p["w"] + p["b"], y_.astype(jnp.float64))), {})
+  loss_fn = lambda p, x_, y_: (
+    jnp.mean(optax.sigmoid_binary_cross_entropy(x_ @ p["w"] + p["b"], y_.astype(jnp.float64))),
+    {},
+  )
   phi = {"w": jnp.asarray(rng.normal(size=5)), "b": jnp.asarray(0.3)}
   g = {"w": jnp.asarray(rng.normal(size=5)), "b": jnp.asarray(-1.2)}
   flat_phi, unravel = ravel_pytree(phi)
   h = jax.hessian(lambda f: loss_fn(unravel(f), x, y)[0])(flat_phi)
   lam = 0.05  # small: H / lam dominates, so a wrong Hessian-vector product would show
   want = jnp.linalg.solve(jnp.eye(6) + h / lam, ravel_pytree(g)[0])
-  solve = jax.jit(lambda steps: implicit_gradient(loss_fn, phi, lam, x, y, g, cg_steps=steps,
-                                                   cg_tol=1e-14), static_argnums=0)
+  solve = jax.jit(
+    lambda steps: implicit_gradient(loss_fn, phi, lam, x, y, g, cg_steps=steps, cg_tol=1e-14),
+    static_argnums=0,
+  )
   np.testing.assert_allclose(ravel_pytree(solve(6))[0], want, rtol=1e-9)
   short = solve(1)
   assert not np.allclose(ravel_pytree(short)[0], want, rtol=1e-3)  # the steps matter
@@ -140,9 +158,10 @@ def test_meta_gradient_under_vmap_equals_a_loop():
   batch = amaml.sinusoid_tasks(jax.random.key(3), num_tasks=4)
   learner = amaml.imaml(MSE, lam=2.0, alpha=0.01, inner_steps=5, cg_steps=3, inner_tol=0.5)
   grad = jax.jit(lambda b: jax.grad(lambda p: learner.meta_loss(p, 0.01, b)[0])(params))
-  one = [grad(jax.tree.map(lambda x: x[t:t + 1], batch)) for t in range(4)]
-  chex.assert_trees_all_close(grad(batch), jax.tree.map(lambda *g: sum(g) / 4, *one),
-                              rtol=2e-5, atol=1e-6)
+  one = [grad(jax.tree.map(lambda x: x[t : t + 1], batch)) for t in range(4)]
+  chex.assert_trees_all_close(
+    grad(batch), jax.tree.map(lambda *g: sum(g) / 4, *one), rtol=2e-5, atol=1e-6
+  )
 
 
 def test_inner_tolerance_stops_the_solver_early(x64):
@@ -157,21 +176,32 @@ def test_training_on_sinusoid_lowers_the_loss_and_the_guard_holds_a_nonfinite_st
   params = MODEL.init(jax.random.key(0), jnp.zeros((1, 1)))["params"]
   # lam = 10: a ReLU network's support Hessian has eigenvalues near -4 here, and CG needs
   # I + H / lam positive definite (at lam = 1 the loss falls by 4% in 60 steps, not 19%)
-  learner = amaml.imaml(MSE, lam=10.0, alpha=0.01, inner_steps=5, cg_steps=5,
-                        optimizer=optax.adam(3e-3))
+  learner = amaml.imaml(
+    MSE, lam=10.0, alpha=0.01, inner_steps=5, cg_steps=5, optimizer=optax.adam(3e-3)
+  )
   state, losses = learner.init(params), []
   for i in range(60):
     state, m = learner.step(state, amaml.sinusoid_tasks(jax.random.key(i), num_tasks=8))
     assert not bool(m["nonfinite"])
     losses.append(float(m["loss"]))
-  assert {"loss", "pre_loss", "grad_norm", "alpha", "lam", "lam_hypergradient",
-          "nonfinite_streak", "inner_steps_taken"} <= set(m)
+  assert {
+    "loss",
+    "pre_loss",
+    "grad_norm",
+    "alpha",
+    "lam",
+    "lam_hypergradient",
+    "nonfinite_streak",
+    "inner_steps_taken",
+  } <= set(m)
   assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10]), losses
   assert learner.step._cache_size() == 1
-  curve = learner.adaptation_curve(state.params, state.alpha,
-                                   amaml.sinusoid_tasks(jax.random.key(99), num_tasks=5), 5)
-  ev = learner.evaluate(state.params, state.alpha,
-                        amaml.sinusoid_tasks(jax.random.key(99), num_tasks=5))
+  curve = learner.adaptation_curve(
+    state.params, state.alpha, amaml.sinusoid_tasks(jax.random.key(99), num_tasks=5), 5
+  )
+  ev = learner.evaluate(
+    state.params, state.alpha, amaml.sinusoid_tasks(jax.random.key(99), num_tasks=5)
+  )
   np.testing.assert_allclose(curve["loss"][:, -1], ev["loss"], rtol=1e-5)
   np.testing.assert_allclose(curve["loss"][:, 0], ev["pre_loss"], rtol=1e-5)
   # the curve's support loss is the inner objective, which gradient descent lowers
@@ -201,9 +231,18 @@ def test_bad_arguments_name_the_fix():
 
 
 def test_method_imaml_trains_from_a_config(tiny_config, tmp_path):
-  cfg = tiny_config(method="imaml", inner_steps=3, cg_steps=3, imaml_lambda=2.0, alpha=0.01,
-                    iterations=20, checkpoint_every=0, eval_tasks=10, val_tasks=10,
-                    eval_inner_steps=3)
+  cfg = tiny_config(
+    method="imaml",
+    inner_steps=3,
+    cg_steps=3,
+    imaml_lambda=2.0,
+    alpha=0.01,
+    iterations=20,
+    checkpoint_every=0,
+    eval_tasks=10,
+    val_tasks=10,
+    eval_inner_steps=3,
+  )
   assert cfg.resolved_outer_optimizer == "adam" and cfg.resolved_beta == 1e-3
   exp = train.build(cfg)
   state = exp.learner.init(exp.params)

@@ -1,5 +1,6 @@
 """The inner loop and its hypergradient d L_query / d alpha, against closed forms and
 finite differences in float64."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -14,8 +15,12 @@ from amaml import inner
 def _problem(seed=0, n_support=6, n_query=8):
   """A small smooth (tanh) MLP regression task, float64."""
   k = jax.random.split(jax.random.key(seed), 6)
-  params = {"w1": jax.random.normal(k[0], (2, 5)) * 0.7, "b1": jax.random.normal(k[1], (5,)) * 0.1,
-            "w2": jax.random.normal(k[2], (5, 1)) * 0.7, "b2": jnp.zeros((1,))}
+  params = {
+    "w1": jax.random.normal(k[0], (2, 5)) * 0.7,
+    "b1": jax.random.normal(k[1], (5,)) * 0.1,
+    "w2": jax.random.normal(k[2], (5, 1)) * 0.7,
+    "b2": jnp.zeros((1,)),
+  }
 
   def loss_fn(p, x, y):
     h = jnp.tanh(x @ p["w1"] + p["b1"])
@@ -28,8 +33,9 @@ def _problem(seed=0, n_support=6, n_query=8):
 
 
 def _query_loss(loss_fn, params, alpha, xs, ys, xq, yq, inner_steps, first_order=False):
-  adapted, _ = amaml.adapt(loss_fn, params, alpha, xs, ys, inner_steps=inner_steps,
-                           first_order=first_order)
+  adapted, _ = amaml.adapt(
+    loss_fn, params, alpha, xs, ys, inner_steps=inner_steps, first_order=first_order
+  )
   return loss_fn(adapted, xq, yq)[0]
 
 
@@ -107,10 +113,12 @@ def test_per_parameter_alpha_hypergradients_finite_differences(x64, granularity)
   checked = 0
   for i, leaf in enumerate(leaves):
     idx = tuple(int(rng.integers(s)) for s in leaf.shape)  # one entry per leaf
+
     def bump(d):
       new = list(leaves)
       new[i] = leaf.at[idx].add(d)
       return jax.tree.unflatten(treedef, new)
+
     fd = (f(bump(eps)) - f(bump(-eps))) / (2 * eps)
     if abs(float(fd)) > 1e-8:
       assert abs(float(g_leaves[i][idx]) - float(fd)) <= 1e-6 * abs(float(fd)) + 1e-10
@@ -133,8 +141,9 @@ def test_scan_rolled_unrolled_and_remat_agree():
   loss_fn, params, xs, ys, xq, yq = _problem(seed=5)
   outs = []
   for unroll, remat in [(True, False), (1, False), (1, True)]:
-    f = lambda p: loss_fn(amaml.adapt(loss_fn, p, 0.1, xs, ys, inner_steps=4, unroll=unroll,
-                                      remat=remat)[0], xq, yq)[0]
+    f = lambda p: loss_fn(
+      amaml.adapt(loss_fn, p, 0.1, xs, ys, inner_steps=4, unroll=unroll, remat=remat)[0], xq, yq
+    )[0]
     outs.append(jax.grad(f)(params))
   for o in outs[1:]:
     chex.assert_trees_all_close(o, outs[0], rtol=1e-5, atol=1e-6)
@@ -151,8 +160,9 @@ def test_remat_bounds_the_memory_of_the_meta_gradient():
   y = jnp.sin(3 * x)
 
   def temp_mb(remat, unroll=True):
-    f = lambda p: loss_fn(amaml.adapt(loss_fn, p, 0.01, x, y, inner_steps=12, unroll=unroll,
-                                      remat=remat)[0], x, y)[0]
+    f = lambda p: loss_fn(
+      amaml.adapt(loss_fn, p, 0.01, x, y, inner_steps=12, unroll=unroll, remat=remat)[0], x, y
+    )[0]
     mem = jax.jit(jax.grad(f)).lower(params).compile().memory_analysis()
     return mem.temp_size_in_bytes / 2**20
 

@@ -1,5 +1,6 @@
 """The jitted, task-vmapped meta step: against a Python loop over tasks, hand-computed
 updates, its safeguards, and training that must lower the loss."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,8 @@ def test_vmap_over_tasks_equals_python_loop():
   params, batch = _params(), _batch()
   alpha = jnp.float32(0.05)
   (loss, _), (g, ga) = jax.value_and_grad(learner.meta_loss, argnums=(0, 1), has_aux=True)(
-      params, alpha, batch)
+    params, alpha, batch
+  )
 
   def one(p, a, i):
     adapted, _ = amaml.adapt(LOSS, p, a, batch.support_x[i], batch.support_y[i], inner_steps=2)
@@ -44,19 +46,30 @@ def test_vmap_over_tasks_equals_python_loop():
 
 def test_step_applies_hand_computed_updates():
   alpha_lr, beta = 1e-5, 0.01
-  learner = amaml.alpha_maml(LOSS, alpha=0.05, beta=beta, alpha_lr=alpha_lr, beta_lr=0.0,
-                             optimizer=optax.sgd, alpha_min=None,
-                             rate_rule="additive", backtrack=False)
+  learner = amaml.alpha_maml(
+    LOSS,
+    alpha=0.05,
+    beta=beta,
+    alpha_lr=alpha_lr,
+    beta_lr=0.0,
+    optimizer=optax.sgd,
+    alpha_min=None,
+    rate_rule="additive",
+    backtrack=False,
+  )
   params, batch = _params(), _batch()
   state = learner.init(params)
   (_, _), (g, ga) = jax.value_and_grad(learner.meta_loss, argnums=(0, 1), has_aux=True)(
-      params, state.alpha, batch)
+    params, state.alpha, batch
+  )
   new, metrics = learner.step(state, batch)
   assert jax.tree.structure(new.alpha) == jax.tree.structure(params)  # one alpha per tensor
-  chex.assert_trees_all_close(new.alpha, jax.tree.map(lambda gai: 0.05 - alpha_lr * gai, ga),
-                              rtol=1e-6)
-  chex.assert_trees_all_close(new.params, jax.tree.map(lambda p, gi: p - beta * gi, params, g),
-                              rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(
+    new.alpha, jax.tree.map(lambda gai: 0.05 - alpha_lr * gai, ga), rtol=1e-6
+  )
+  chex.assert_trees_all_close(
+    new.params, jax.tree.map(lambda p, gi: p - beta * gi, params, g), rtol=1e-5, atol=1e-7
+  )
   assert int(new.step) == 1 and not bool(metrics["nonfinite"])
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((new.alpha, new.params)))
 
@@ -101,7 +114,9 @@ def test_nan_batch_leaves_state_unchanged():
   bad = bad._replace(query_y=bad.query_y.at[0, 0, 0].set(jnp.nan))
   new, metrics = learner.step(state, bad)
   assert bool(metrics["nonfinite"]) and int(metrics["nonfinite_streak"]) == 1
-  chex.assert_trees_all_equal((new.params, new.alpha, new.opt_state), (state.params, state.alpha, state.opt_state))
+  chex.assert_trees_all_equal(
+    (new.params, new.alpha, new.opt_state), (state.params, state.alpha, state.opt_state)
+  )
   new2, metrics = learner.step(new, bad)
   assert int(metrics["nonfinite_streak"]) == 2
   new3, metrics = learner.step(new2, _batch(seed=5))
@@ -121,8 +136,9 @@ def test_alpha_bounds_hold_and_log_space_stays_positive():
   assert min(seen) >= lo and max(seen) <= hi
   assert lo in seen or hi in seen  # the bound was hit, and held
   for rule in ("additive", "log", "normalized"):
-    learner = amaml.alpha_maml(LOSS, alpha=0.05, alpha_lr=1e-3, beta_lr=0.0, rate_rule=rule,
-                               alpha_min=None, backtrack=False)
+    learner = amaml.alpha_maml(
+      LOSS, alpha=0.05, alpha_lr=1e-3, beta_lr=0.0, rate_rule=rule, alpha_min=None, backtrack=False
+    )
     state = learner.init(_params())
     for _ in range(3):
       state, m = learner.step(state, batch)
@@ -146,7 +162,9 @@ def test_per_tensor_alpha_steps(granularity):
 
 
 def test_alpha_maml_training_lowers_the_loss():
-  learner = amaml.alpha_maml(LOSS)  # the defaults: alpha0 = 0.1, D-Adaptation outside, no rate to tune
+  learner = amaml.alpha_maml(
+    LOSS
+  )  # the defaults: alpha0 = 0.1, D-Adaptation outside, no rate to tune
   state = learner.init(_params())
   eval_batch = amaml.sinusoid_tasks(jax.random.key(99), num_tasks=100)
   before = learner.evaluate(state.params, state.alpha, eval_batch)
@@ -154,7 +172,10 @@ def test_alpha_maml_training_lowers_the_loss():
   def body(st, key):
     st, m = learner.update(st, amaml.sinusoid_tasks(key, num_tasks=25))
     return st, m
-  state, ms = jax.jit(lambda st: jax.lax.scan(body, st, jax.random.split(jax.random.key(0), 1500)))(state)
+
+  state, ms = jax.jit(lambda st: jax.lax.scan(body, st, jax.random.split(jax.random.key(0), 1500)))(
+    state
+  )
   losses = np.asarray(ms["loss"])
   m = jax.tree.map(lambda x: x[-1], ms)
   after = learner.evaluate(state.params, state.alpha, eval_batch)

@@ -1,6 +1,7 @@
 """The methods users compare against, on the same core: Meta-SGD, ANIL and Reptile, each
 against a hand-written reference on a tiny problem; vmap over tasks equals a loop; no
 recompilation; the loss falls (sinusoid here, every method x optimizer in test_common)."""
+
 import dataclasses
 
 import chex
@@ -48,8 +49,9 @@ def test_reptile_moves_toward_the_mean_adapted_weights():
       p = jax.tree.map(lambda a, b: a - alpha * b, p, g)
     adapted.append(p)
   mean = jax.tree.map(lambda *xs: sum(xs) / len(xs), *adapted)
-  chex.assert_trees_all_close(new.params, jax.tree.map(lambda t, m: t + eps * (m - t), params, mean),
-                              rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(
+    new.params, jax.tree.map(lambda t, m: t + eps * (m - t), params, mean), rtol=1e-5, atol=1e-6
+  )
   query = np.mean([LOSS(a, batch.query_x[t], batch.query_y[t])[0] for t, a in enumerate(adapted)])
   np.testing.assert_allclose(metrics["loss"], query, rtol=1e-5)
 
@@ -57,8 +59,9 @@ def test_reptile_moves_toward_the_mean_adapted_weights():
 def test_anil_adapts_only_the_head_and_its_meta_gradient_is_exact(x64):
   params, batch = _params(dtype=jnp.float64), _batch(dtype=jnp.float64)
   mask = amaml.inner.param_mask(params, HEAD)
-  adapted, _ = amaml.adapt(LOSS, params, 0.1, batch.support_x[0], batch.support_y[0],
-                           inner_steps=2, mask=mask)
+  adapted, _ = amaml.adapt(
+    LOSS, params, 0.1, batch.support_x[0], batch.support_y[0], inner_steps=2, mask=mask
+  )
   for name in ("Dense_0", "Dense_1"):  # the body: zero inner step
     chex.assert_trees_all_equal(adapted[name], params[name])
   assert not np.allclose(adapted["Dense_2"]["kernel"], params["Dense_2"]["kernel"])
@@ -81,8 +84,9 @@ def test_meta_sgd_rate_gradient_is_exact_and_adam_steps_the_rates(x64):
   f = lambda a: learner.meta_loss(params, a, batch)[0]
   ga = jax.grad(f)(state.alpha)
   v = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape, x.dtype), state.alpha)
-  np.testing.assert_allclose(optax.tree_utils.tree_vdot(ga, v),
-                             _central_fd(f, state.alpha, v, 1e-6), rtol=1e-6)
+  np.testing.assert_allclose(
+    optax.tree_utils.tree_vdot(ga, v), _central_fd(f, state.alpha, v, 1e-6), rtol=1e-6
+  )
   # one step = Adam(beta) on (params, alpha) together, from the same meta-gradient
   new, _ = learner.step(state, batch)
   g = jax.grad(lambda p: learner.meta_loss(p, state.alpha, batch)[0])(params)
@@ -99,8 +103,9 @@ def test_method_meta_loss_under_vmap_equals_a_loop_and_compiles_once(method, tin
   state = exp.learner.init(exp.params)
   batch = exp.sample(jax.random.key(0), None, 4)
   loss, _ = exp.learner.meta_loss(state.params, state.alpha, batch)
-  one = lambda t: exp.learner.meta_loss(state.params, state.alpha,
-                                        jax.tree.map(lambda x: x[t:t + 1], batch))[0]
+  one = lambda t: exp.learner.meta_loss(
+    state.params, state.alpha, jax.tree.map(lambda x: x[t : t + 1], batch)
+  )[0]
   np.testing.assert_allclose(loss, np.mean([one(t) for t in range(4)]), rtol=1e-5)
   for i in range(2):
     state, _ = exp.learner.step(state, exp.sample(jax.random.key(i + 1), None, 4))
@@ -110,8 +115,15 @@ def test_method_meta_loss_under_vmap_equals_a_loop_and_compiles_once(method, tin
 def test_reptile_epsilon_schedule_is_the_papers_linear_anneal():
   n = 400  # hand-computed: epsilon0 * (1 - t / n), 0 from step n on
   eps = amaml.epsilon_schedule(1.0, n)
-  for t, want in ((0, 1.0), (n // 4, 0.75), (n // 2, 0.5), (3 * n // 4, 0.25), (n - 1, 0.0025),
-                  (n, 0.0), (2 * n, 0.0)):
+  for t, want in (
+    (0, 1.0),
+    (n // 4, 0.75),
+    (n // 2, 0.5),
+    (3 * n // 4, 0.25),
+    (n - 1, 0.0025),
+    (n, 0.0),
+    (2 * n, 0.0),
+  ):
     np.testing.assert_allclose(float(eps(t)), want, rtol=1e-6, atol=1e-7, err_msg=f"step {t}")
   np.testing.assert_allclose(float(amaml.epsilon_schedule(0.5, 10)(4)), 0.3, rtol=1e-6)
   assert amaml.epsilon_schedule(0.7, 10, "constant") == 0.7
@@ -138,8 +150,11 @@ def test_reptile_step_with_the_schedule_moves_by_epsilon_t_times_the_mean_differ
     mean = jax.tree.map(lambda *xs: sum(xs) / len(xs), *adapted)
     eps_t = 1.0 - t / n  # 1, 0.875, 0.75
     chex.assert_trees_all_close(
-        new.params, jax.tree.map(lambda th, m: th + eps_t * (m - th), state.params, mean),
-        rtol=1e-5, atol=1e-6)
+      new.params,
+      jax.tree.map(lambda th, m: th + eps_t * (m - th), state.params, mean),
+      rtol=1e-5,
+      atol=1e-6,
+    )
     np.testing.assert_allclose(metrics["epsilon"], eps_t, rtol=1e-6)
     state = new
 
@@ -177,11 +192,11 @@ def test_reptile_config_epsilon_flags():
     state, m = learner.step(state, _batch(seed=t))
     eps.append(float(m["epsilon"]))
   np.testing.assert_allclose(eps, [1.0, 0.75, 0.5, 0.25, 0.0], atol=1e-7)
-  const = configs.get_config("sinusoid", method="reptile", epsilon=0.3,
-                             epsilon_schedule="constant")
+  const = configs.get_config("sinusoid", method="reptile", epsilon=0.3, epsilon_schedule="constant")
   state = train.make_learner(const, LOSS).init(_params())
   assert float(train.make_learner(const, LOSS).step(state, _batch())[1]["epsilon"]) == (
-      pytest.approx(0.3))
+    pytest.approx(0.3)
+  )
   # --beta, reptile's old name for epsilon, still sets it; both at once is refused
   assert configs.get_config("sinusoid", method="reptile", beta=0.5).resolved_epsilon == 0.5
   with pytest.raises(ValueError, match="pass --epsilon alone"):
@@ -194,6 +209,7 @@ def test_reptile_config_epsilon_flags():
   old = dataclasses.asdict(configs.get_config("sinusoid", method="reptile", beta=0.5))
   del old["epsilon"], old["epsilon_schedule"]
   import json
+
   back = configs.Config.from_json(json.dumps(old))
   assert (back.resolved_epsilon, back.resolved_epsilon_schedule) == (0.5, "constant")
 
@@ -202,27 +218,66 @@ def test_reptile_defaults_train_on_sinusoid_where_alpha_0_1_diverged(tmp_path):
   """Reptile's defaults on sinusoid (SGD at 0.02 for 5 steps): 200 steps stay finite and the
   loss falls. Its former defaults (alpha 0.1, 1 step: plain SGD at 0.1) went non-finite."""
   import json
-  cfg = configs.get_config("sinusoid", method="reptile", iterations=200, log_every=100,
-                           val_every=0, checkpoint_every=0, hidden=40)
+
+  cfg = configs.get_config(
+    "sinusoid",
+    method="reptile",
+    iterations=200,
+    log_every=100,
+    val_every=0,
+    checkpoint_every=0,
+    hidden=40,
+  )
   assert (cfg.alpha, cfg.inner_steps, cfg.inner_optimizer) == (0.02, 5, "sgd")
   train.train(cfg, tmp_path / "r", progress=False, evaluate_at_end=False)
   recs = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
   assert all(r["nonfinite_steps"] == 0 for r in recs)
-  assert recs[-1]["loss"] < recs[0]["loss"] and recs[-1]["epsilon"] == pytest.approx(0.005, rel=1e-4)
+  assert recs[-1]["loss"] < recs[0]["loss"] and recs[-1]["epsilon"] == pytest.approx(
+    0.005, rel=1e-4
+  )
 
 
 def test_cli_reptile_non_finite_stop_is_one_line_and_exit_3(tmp_path, capsys):
   from amaml import cli
-  args = ["train", "--config", "sinusoid", "--method", "reptile", "--no_progress",
-          "--out", str(tmp_path / "r"), "--iterations", "20", "--hidden", "8",
-          "--meta_batch", "2", "--log_every", "10", "--checkpoint_every", "10",
-          "--eval_tasks", "10", "--eval_batch", "10", "--max_nonfinite", "3",
-          "--alpha", "0.1", "--inner_steps", "1", "--epsilon", "1e30"]
+
+  args = [
+    "train",
+    "--config",
+    "sinusoid",
+    "--method",
+    "reptile",
+    "--no_progress",
+    "--out",
+    str(tmp_path / "r"),
+    "--iterations",
+    "20",
+    "--hidden",
+    "8",
+    "--meta_batch",
+    "2",
+    "--log_every",
+    "10",
+    "--checkpoint_every",
+    "10",
+    "--eval_tasks",
+    "10",
+    "--eval_batch",
+    "10",
+    "--max_nonfinite",
+    "3",
+    "--alpha",
+    "0.1",
+    "--inner_steps",
+    "1",
+    "--epsilon",
+    "1e30",
+  ]
   assert cli.main(args) == 3
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "Traceback" not in err, err
   assert err.startswith("amaml train: 3 non-finite meta steps in a row by step ") and (
-      "Lower --alpha or --epsilon" in err), err
+    "Lower --alpha or --epsilon" in err
+  ), err
 
 
 def test_methods_have_their_papers_defaults():
@@ -252,12 +307,20 @@ def test_alpha_hypergradient_through_an_inner_optimizer_finite_differences(x64, 
       d = m
     else:  # Adam (b1 0.9, b2 0.999, eps 1e-8, eps_root 1e-8), bias-corrected
       m = jax.tree.map(lambda mi, gi: 0.9 * mi + 0.1 * gi, m, g)
-      v = jax.tree.map(lambda vi, gi: 0.999 * vi + 0.001 * gi ** 2, v, g)
-      d = jax.tree.map(lambda mi, vi: (mi / (1 - 0.9 ** t))
-                       / (jnp.sqrt(vi / (1 - 0.999 ** t) + 1e-8) + 1e-8), m, v)
+      v = jax.tree.map(lambda vi, gi: 0.999 * vi + 0.001 * gi**2, v, g)
+      d = jax.tree.map(
+        lambda mi, vi: (mi / (1 - 0.9**t)) / (jnp.sqrt(vi / (1 - 0.999**t) + 1e-8) + 1e-8), m, v
+      )
     p = jax.tree.map(lambda a, b: a - 0.03 * b, p, d)
-  adapted, _ = amaml.adapt(LOSS, params, 0.03, batch.support_x[0], batch.support_y[0],
-                           inner_steps=3, optimizer=amaml.inner.inner_optimizer(name))
+  adapted, _ = amaml.adapt(
+    LOSS,
+    params,
+    0.03,
+    batch.support_x[0],
+    batch.support_y[0],
+    inner_steps=3,
+    optimizer=amaml.inner.inner_optimizer(name),
+  )
   chex.assert_trees_all_close(adapted, p, rtol=1e-12, atol=1e-14)
 
 
@@ -287,15 +350,17 @@ def test_derivative_order_annealing_switches_from_first_to_second_order():
   params, batch = _params(), _batch()
   fo = amaml.maml(LOSS, alpha=0.1, inner_steps=2, first_order=True)
   so = amaml.maml(LOSS, alpha=0.1, inner_steps=2)
-  doa = amaml.maml(LOSS, alpha=0.1, inner_steps=2, first_order_steps=3, optimizer=optax.sgd,
-                   beta=1.0)
+  doa = amaml.maml(
+    LOSS, alpha=0.1, inner_steps=2, first_order_steps=3, optimizer=optax.sgd, beta=1.0
+  )
   g = lambda l: jax.grad(lambda p: l.meta_loss(p, jnp.float32(0.1), batch)[0])(params)
   state = doa.init(params)
   for step, want in ((0, g(fo)), (2, g(fo)), (3, g(so)), (7, g(so))):
     new, _ = doa.step(state._replace(step=jnp.int32(step)), batch)
     # beta = 1 plain SGD: the update is minus the gradient the step used
-    chex.assert_trees_all_close(jax.tree.map(lambda a, b: a - b, params, new.params), want,
-                                rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(
+      jax.tree.map(lambda a, b: a - b, params, new.params), want, rtol=1e-4, atol=1e-6
+    )
   assert doa.step._cache_size() == 1
   assert float(optax.tree.norm(jax.tree.map(lambda a, b: a - b, g(fo), g(so)))) > 1e-4
 
@@ -318,7 +383,9 @@ def test_protonet_logits_are_minus_squared_distances_to_the_prototypes():
   np.testing.assert_allclose(aux["accuracy"], np.mean(logits.argmax(-1) == [1, 0, 1]))
   # vmap over tasks equals a loop
   two = jax.tree.map(lambda x: jnp.concatenate([x, x[:, ::-1]]), batch)
-  per = [learner.meta_loss(params, 0.0, jax.tree.map(lambda x: x[t:t + 1], two))[0] for t in (0, 1)]
+  per = [
+    learner.meta_loss(params, 0.0, jax.tree.map(lambda x: x[t : t + 1], two))[0] for t in (0, 1)
+  ]
   np.testing.assert_allclose(learner.meta_loss(params, 0.0, two)[0], np.mean(per), rtol=1e-6)
 
 
@@ -329,34 +396,50 @@ def _scaled_loss(p, x, y):
 
 
 def test_per_step_rates_and_parameters_follow_a_hand_written_inner_loop(x64):
-  params = {"lin": {"w": jnp.array([[0.3]]), "b": jnp.array([0.1])},
-            "norm": {"scale": jnp.array(1.0)}}
+  params = {
+    "lin": {"w": jnp.array([[0.3]]), "b": jnp.array([0.1])},
+    "norm": {"scale": jnp.array(1.0)},
+  }
   batch = _batch(dtype=jnp.float64)
   k = 3
-  learner = amaml.alpha_maml(_scaled_loss, inner_steps=k, alpha=0.1, alpha_granularity="tensor",
-                             alpha_per_step=True, per_step_params="^norm/")
+  learner = amaml.alpha_maml(
+    _scaled_loss,
+    inner_steps=k,
+    alpha=0.1,
+    alpha_granularity="tensor",
+    alpha_per_step=True,
+    per_step_params="^norm/",
+  )
   state = learner.init(params)
   assert state.params["norm"]["scale"].shape == (k,) and state.alpha["lin"]["w"].shape == (k,)
   p = {**state.params, "norm": {"scale": jnp.array([1.5, 0.5, 2.0])}}
-  a = {"lin": {"w": jnp.array([0.1, 0.05, 0.2]), "b": jnp.array([0.02, 0.3, 0.1])},
-       "norm": {"scale": jnp.zeros(k)}}
+  a = {
+    "lin": {"w": jnp.array([0.1, 0.05, 0.2]), "b": jnp.array([0.02, 0.3, 0.1])},
+    "norm": {"scale": jnp.zeros(k)},
+  }
 
   def by_hand(t, steps):
     """Step j: copy min(j, k-1) of the scale and of the rates; the scale never adapts."""
     lin, sx, sy = params["lin"], batch.support_x[t], batch.support_y[t]
     for j in range(steps):
       c = min(j, k - 1)
-      scaled = lambda q: _scaled_loss({"lin": q, "norm": {"scale": p["norm"]["scale"][c]}}, sx, sy)[0]
+      scaled = lambda q: _scaled_loss({"lin": q, "norm": {"scale": p["norm"]["scale"][c]}}, sx, sy)[
+        0
+      ]
       g = jax.grad(scaled)(lin)
       lin = {n: lin[n] - a["lin"][n][c] * g[n] for n in lin}
     last = p["norm"]["scale"][min(max(steps - 1, 0), k - 1)]  # the query after `steps` steps
-    return _scaled_loss({"lin": lin, "norm": {"scale": last}}, batch.query_x[t], batch.query_y[t])[0]
+    return _scaled_loss({"lin": lin, "norm": {"scale": last}}, batch.query_x[t], batch.query_y[t])[
+      0
+    ]
 
   want = np.mean([by_hand(t, k) for t in range(batch.num_tasks)])
   np.testing.assert_allclose(learner.meta_loss(p, a, batch)[0], want, rtol=1e-10)
   # a longer test-time adaptation reuses the last step's copies; the curve holds every count
   ev = learner.evaluate(p, a, batch, inner_steps=5)
-  np.testing.assert_allclose(ev["loss"], [by_hand(t, 5) for t in range(batch.num_tasks)], rtol=1e-10)
+  np.testing.assert_allclose(
+    ev["loss"], [by_hand(t, 5) for t in range(batch.num_tasks)], rtol=1e-10
+  )
   curve = learner.adaptation_curve(p, a, batch, inner_steps=5)["loss"]
   np.testing.assert_allclose(curve[1], [by_hand(1, s) for s in range(6)], rtol=1e-10)
   # the meta-gradient through the per-step copies and rates: central differences
@@ -364,8 +447,9 @@ def test_per_step_rates_and_parameters_follow_a_hand_written_inner_loop(x64):
   g = jax.grad(f)((p, a))
   for seed in range(3):
     v = jax.tree.map(lambda x: jax.random.normal(jax.random.key(seed), x.shape, x.dtype), (p, a))
-    np.testing.assert_allclose(optax.tree_utils.tree_vdot(g, v), _central_fd(f, (p, a), v, 1e-6),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+      optax.tree_utils.tree_vdot(g, v), _central_fd(f, (p, a), v, 1e-6), rtol=1e-6
+    )
   assert np.all(np.abs(g[0]["norm"]["scale"]) > 0) and np.all(np.abs(g[1]["lin"]["w"]) > 0)
 
 
@@ -393,7 +477,9 @@ def test_maml_plus_plus_on_conv4_keeps_batch_norm_and_rates_per_step():
 def test_alpha_granularity_sets_one_rate_per_tensor_or_parameter_from_the_config():
   from amaml import cli
 
-  args = cli._parser().parse_args(["train", "--config", "sinusoid", "--alpha_granularity", "tensor"])
+  args = cli._parser().parse_args(
+    ["train", "--config", "sinusoid", "--alpha_granularity", "tensor"]
+  )
   assert args.alpha_granularity == "tensor"
   model = amaml.models.MLP()
   params = model.init(jax.random.key(0), jnp.zeros((1, 1)))["params"]
@@ -402,7 +488,9 @@ def test_alpha_granularity_sets_one_rate_per_tensor_or_parameter_from_the_config
     cfg = configs.get_config("sinusoid", alpha_granularity=granularity, alpha=0.01)
     learner = train.make_learner(cfg, loss)
     state = learner.init(params)
-    chex.assert_trees_all_equal_shapes(state.alpha, jax.tree.map(lambda p: jnp.zeros(shape(p)), params))
+    chex.assert_trees_all_equal_shapes(
+      state.alpha, jax.tree.map(lambda p: jnp.zeros(shape(p)), params)
+    )
     for seed in range(4):  # the normalised rule's first step is the same for every rate
       state, _ = learner.step(state, amaml.sinusoid_tasks(jax.random.key(seed), 4))
     moved = np.array([float(jnp.mean(a)) for a in jax.tree.leaves(state.alpha)])

@@ -3,6 +3,7 @@ train a few sharded Alpha MAML steps, each on its half of the tasks, and end wit
 state one process computes over all tasks; when one process dies, the other stops with
 an error instead of hanging. The same for ``amaml train --num_processes 2``, whose run
 then resumes from its checkpoint."""
+
 import json
 import os
 import signal
@@ -59,9 +60,16 @@ def _free_port():
 def _run(nproc, die_after=0, timeout=240):
   port, env = _free_port(), {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)  # one CPU device per process
-  procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(pid), str(nproc),
-                             str(die_after)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env) for pid in range(nproc)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", WORKER, str(port), str(pid), str(nproc), str(die_after)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=env,
+    )
+    for pid in range(nproc)
+  ]
   outs = []
   for p in procs:
     try:
@@ -75,7 +83,7 @@ def _run(nproc, die_after=0, timeout=240):
 
 
 def test_two_processes_equal_one():
-  (rc1, out1, err1), = _run(1)
+  ((rc1, out1, err1),) = _run(1)
   assert rc1 == 0, err1[-2000:]
   two = _run(2)
   for rc, out, err in two:
@@ -96,9 +104,25 @@ def test_a_dead_process_stops_the_other_with_an_error():
 
 
 # amaml train itself: sinusoid, 4 tasks a step (2 per process), a checkpoint every 5 steps
-TRAIN = ["--config", "sinusoid", "--meta_batch", "4", "--log_every", "5", "--checkpoint_every", "5",
-         "--val_every", "0", "--val_tasks", "20", "--eval_tasks", "20", "--eval_batch", "20",
-         "--no_progress"]
+TRAIN = [
+  "--config",
+  "sinusoid",
+  "--meta_batch",
+  "4",
+  "--log_every",
+  "5",
+  "--checkpoint_every",
+  "5",
+  "--val_every",
+  "0",
+  "--val_tasks",
+  "20",
+  "--eval_tasks",
+  "20",
+  "--eval_batch",
+  "20",
+  "--no_progress",
+]
 
 
 def _start_train(out, nproc, *extra, devices=1):
@@ -108,12 +132,30 @@ def _start_train(out, nproc, *extra, devices=1):
   env.pop("XLA_FLAGS", None)
   if devices > 1:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  group = lambda i: (["--num_processes", str(nproc), "--process_id", str(i),
-                      "--coordinator_address", f"localhost:{port}", "--heartbeat_timeout", "10"]
-                     if nproc > 1 else ["--devices", str(devices)])
-  return [subprocess.Popen([sys.executable, "-m", "amaml", "train", *TRAIN, "--out", str(out),
-                            *extra, *group(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, env=env) for i in range(nproc)]
+  group = lambda i: (
+    [
+      "--num_processes",
+      str(nproc),
+      "--process_id",
+      str(i),
+      "--coordinator_address",
+      f"localhost:{port}",
+      "--heartbeat_timeout",
+      "10",
+    ]
+    if nproc > 1
+    else ["--devices", str(devices)]
+  )
+  return [
+    subprocess.Popen(
+      [sys.executable, "-m", "amaml", "train", *TRAIN, "--out", str(out), *extra, *group(i)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=env,
+    )
+    for i in range(nproc)
+  ]
 
 
 def _wait(procs, timeout=300):
@@ -149,7 +191,9 @@ def test_amaml_train_in_two_processes_equals_one_process_on_two_devices(tmp_path
   np.testing.assert_allclose(r2["test"]["loss"], r1["test"]["loss"], rtol=1e-3)
 
 
-@pytest.mark.slow  # two processes trained, killed and restarted: CI time; test_reliability.py keeps kill/resume in the default run
+# two processes trained, killed and restarted: CI time; test_reliability.py keeps kill/resume
+# in the default run
+@pytest.mark.slow
 def test_a_killed_training_process_stops_the_other_and_the_run_resumes(tmp_path):
   run = tmp_path / "run"
   procs = _start_train(run, 2, "--iterations", "1000000")

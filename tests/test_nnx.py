@@ -3,6 +3,7 @@
 An MLP on sinusoid and a conv net with ``nnx.BatchNorm`` on fake images: the loss falls,
 vmap over tasks equals a loop, ANIL's and MAML++'s regular expressions find the NNX
 attribute paths, and every method trains."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,8 +80,10 @@ def test_from_nnx_is_split_and_merge_with_the_batch_statistics_left_out():
   assert not [p for p in _paths(params) if "/mean/" in p or "/var/" in p]
   # the regular expressions of ANIL and MAML++ select NNX attributes
   head = amaml.inner.param_mask(params, "^head/")
-  assert sorted(p for p, m in amaml.inner._paths(head) if m) == ["head/bias/value",
-                                                                  "head/kernel/value"]
+  assert sorted(p for p, m in amaml.inner._paths(head) if m) == [
+    "head/bias/value",
+    "head/kernel/value",
+  ]
   norms = amaml.inner.param_mask(params, "^norm")
   assert sum(jax.tree.leaves(norms)) == 2
   # new parameters change the output: apply_fn reads p, not the module's own weights
@@ -122,8 +125,9 @@ def test_nnx_meta_loss_under_vmap_equals_a_loop(model):
   learner = amaml.maml(loss_fn, alpha=0.1, inner_steps=2)
   meta_loss = jax.jit(learner.meta_loss)
   loss, _ = meta_loss(params, jnp.float32(0.1), batch)
-  one = lambda t: meta_loss(params, jnp.float32(0.1),
-                                    jax.tree.map(lambda x: x[t:t + 1], batch))[0]
+  one = lambda t: meta_loss(params, jnp.float32(0.1), jax.tree.map(lambda x: x[t : t + 1], batch))[
+    0
+  ]
   np.testing.assert_allclose(loss, np.mean([one(t) for t in range(4)]), rtol=1e-5)
 
 
@@ -131,21 +135,22 @@ def test_anil_on_nnx_adapts_only_the_head():
   params, loss_fn = _mlp()
   batch = amaml.sinusoid_tasks(jax.random.key(0), 2)
   mask = amaml.inner.param_mask(params, "^head/")
-  adapted, _ = amaml.adapt(loss_fn, params, 0.1, batch.support_x[0], batch.support_y[0],
-                           inner_steps=2, mask=mask)
+  adapted, _ = amaml.adapt(
+    loss_fn, params, 0.1, batch.support_x[0], batch.support_y[0], inner_steps=2, mask=mask
+  )
   for name in ("body0", "body1"):
     np.testing.assert_array_equal(adapted[name]["kernel"][...], params[name]["kernel"][...])
   assert not np.allclose(adapted["head"]["kernel"][...], params["head"]["kernel"][...])
 
 
 LEARNERS = {
-    "alpha_maml": lambda f: amaml.alpha_maml(f, inner_steps=2),
-    "alpha_maml_paper": lambda f: amaml.alpha_maml_paper(f, alpha=0.01),
-    "maml": lambda f: amaml.maml(f, alpha=0.01),
-    "fomaml": lambda f: amaml.fomaml(f, alpha=0.01),
-    "meta_sgd": lambda f: amaml.meta_sgd(f),
-    "anil": lambda f: amaml.anil(f, inner_params="^head/"),
-    "reptile": lambda f: amaml.reptile(f, alpha=0.01, inner_steps=2, epsilon=0.1),
+  "alpha_maml": lambda f: amaml.alpha_maml(f, inner_steps=2),
+  "alpha_maml_paper": lambda f: amaml.alpha_maml_paper(f, alpha=0.01),
+  "maml": lambda f: amaml.maml(f, alpha=0.01),
+  "fomaml": lambda f: amaml.fomaml(f, alpha=0.01),
+  "meta_sgd": lambda f: amaml.meta_sgd(f),
+  "anil": lambda f: amaml.anil(f, inner_params="^head/"),
+  "reptile": lambda f: amaml.reptile(f, alpha=0.01, inner_steps=2, epsilon=0.1),
 }
 
 
@@ -154,8 +159,9 @@ def _trains(learner, params, batches):
   for batch in batches:
     state, metrics = learner.step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
-  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params,
-                       learner.init(params).params)
+  moved = jax.tree.map(
+    lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params, learner.init(params).params
+  )
   assert max(jax.tree.leaves(moved)) > 0
   return state
 
@@ -163,14 +169,22 @@ def _trains(learner, params, batches):
 @pytest.mark.parametrize("method", sorted(LEARNERS))
 def test_every_method_trains_an_nnx_mlp(method):
   params, loss_fn = _mlp()
-  _trains(LEARNERS[method](loss_fn), params,
-          [amaml.sinusoid_tasks(jax.random.key(i), 4) for i in range(3)])
+  _trains(
+    LEARNERS[method](loss_fn),
+    params,
+    [amaml.sinusoid_tasks(jax.random.key(i), 4) for i in range(3)],
+  )
 
 
 def test_maml_plus_plus_keeps_nnx_batch_norm_parameters_per_step():
   params, apply_fn = _cnn()
-  learner = amaml.maml_plus_plus(amaml.losses.cross_entropy(apply_fn), inner_steps=2,
-                                 multi_step_loss=0, first_order_steps=0, per_step_params="^norm")
+  learner = amaml.maml_plus_plus(
+    amaml.losses.cross_entropy(apply_fn),
+    inner_steps=2,
+    multi_step_loss=0,
+    first_order_steps=0,
+    per_step_params="^norm",
+  )
   state = _trains(learner, params, [_images(i) for i in range(3)])
   assert state.params["norm0"]["scale"][...].shape == (2, 4)  # one copy per inner step
   assert state.params["conv0"]["kernel"][...].shape == params["conv0"]["kernel"][...].shape

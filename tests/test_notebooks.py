@@ -9,6 +9,7 @@ Each ``notebooks/NN_name.ipynb`` is generated from its paired jupytext source
 ``.py`` file, then regenerate with ``python notebooks/_build.py`` (add ``--execute`` to save
 outputs).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,10 +28,10 @@ pytestmark = pytest.mark.notebook
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 # name -> (figures at least, text that some output must contain)
 EXPECTED = {
-    "01_quickstart_sinusoid.ipynb": (3, "after 10 steps"),
-    "02_omniglot.ipynb": (2, "meta-test accuracy on"),
-    "03_hypergradient_explained.ipynb": (3, "closed form"),
-    "04_sensitivity.ipynb": (2, "runs x"),
+  "01_quickstart_sinusoid.ipynb": (3, "after 10 steps"),
+  "02_omniglot.ipynb": (2, "meta-test accuracy on"),
+  "03_hypergradient_explained.ipynb": (3, "closed form"),
+  "04_sensitivity.ipynb": (2, "runs x"),
 }
 
 
@@ -73,14 +74,18 @@ def test_notebook_runs(name, monkeypatch, tmp_path):
   for cell in nb.cells:  # run from scratch, not from the committed outputs
     if cell.cell_type == "code":
       cell.outputs, cell.execution_count = [], None
-  client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                   resources={"metadata": {"path": str(tmp_path)}})
+  client = nbclient.NotebookClient(
+    nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+  )
   client.execute()  # raises CellExecutionError on the first failing cell
   outputs = list(_outputs(nb))
   errors = [o for o in outputs if o.output_type == "error"]
   assert not errors, errors
-  images = [o for o in outputs if o.output_type in ("display_data", "execute_result")
-            and "image/png" in o.get("data", {})]
+  images = [
+    o
+    for o in outputs
+    if o.output_type in ("display_data", "execute_result") and "image/png" in o.get("data", {})
+  ]
   min_images, text = EXPECTED[name]
   assert len(images) >= min_images, f"{name}: {len(images)} figures, expected {min_images}"
   all_text = json.dumps([o.get("text", "") for o in outputs if o.output_type == "stream"])
@@ -111,12 +116,15 @@ def test_notebook_matches_its_jupytext_source(name):
   source = NOTEBOOKS / name.replace(".ipynb", ".py")
   text = source.read_text()
   # the header names the format, so that `jupytext --to ipynb` reads it as we do
-  assert jupytext.formats.guess_format(text, ".py")[0] == "percent", f"{source.name}: no percent header"
+  assert jupytext.formats.guess_format(text, ".py")[0] == "percent", (
+    f"{source.name}: no percent header"
+  )
   from_source = jupytext.reads(text, fmt="py")
   assert from_source.metadata.get("kernelspec", {}).get("name") == "python3", source.name
   committed = nbformat.read(NOTEBOOKS / name, as_version=4)
   assert _cells(committed) == _cells(from_source), (
-      f"{name} differs from {source.name}: edit the .py, then run python notebooks/_build.py")
+    f"{name} differs from {source.name}: edit the .py, then run python notebooks/_build.py"
+  )
 
 
 def test_build_script_writes_the_source_cells():

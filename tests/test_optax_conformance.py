@@ -7,6 +7,7 @@ grid of optimizers differs: SGD-HD and Adam-HD under every rate rule. The other 
 by name with ``_common_test._get_opt_factory``; each test here patches it to answer
 amaml's names.
 """
+
 import functools
 import re
 from unittest import mock
@@ -26,13 +27,14 @@ BASES = {"sgd": optax.sgd, "adam": optax.adam}
 # the rate overshoots 2 / L faster than it can back off and Rosenbrock diverges. Adam's
 # normalized rule runs at the defaults (no hyper_lr given).
 KWARGS = {
-    ("sgd", "additive"): dict(learning_rate=1e-3, hyper_lr=rates.PAPER_ALPHA_LR,
-                              min_rate=0.0, max_rate=2e-3),
-    ("sgd", "log"): dict(learning_rate=1e-3, hyper_lr=1e-2),
-    ("sgd", "normalized"): dict(learning_rate=1e-3, hyper_lr=1e-2),
-    ("adam", "additive"): dict(learning_rate=1e-2, hyper_lr=rates.PAPER_BETA_LR),
-    ("adam", "log"): dict(learning_rate=1e-2, hyper_lr=1e-3),
-    ("adam", "normalized"): dict(learning_rate=1e-2),
+  ("sgd", "additive"): dict(
+    learning_rate=1e-3, hyper_lr=rates.PAPER_ALPHA_LR, min_rate=0.0, max_rate=2e-3
+  ),
+  ("sgd", "log"): dict(learning_rate=1e-3, hyper_lr=1e-2),
+  ("sgd", "normalized"): dict(learning_rate=1e-3, hyper_lr=1e-2),
+  ("adam", "additive"): dict(learning_rate=1e-2, hyper_lr=rates.PAPER_BETA_LR),
+  ("adam", "log"): dict(learning_rate=1e-2, hyper_lr=1e-3),
+  ("adam", "normalized"): dict(learning_rate=1e-2),
 }
 
 
@@ -40,13 +42,19 @@ def _name(base, rule):
   return f"amaml_hd_{base}_{rule}"
 
 
-FACTORIES = {_name(b, r): functools.partial(amaml.hypergradient, BASES[b], rate_rule=r)
-             for b, r in KWARGS}
-OPTIMIZERS = tuple({"opt_name": _name(b, r), "opt_kwargs": kwargs,
-                    "wrapper_name": None, "wrapper_kwargs": None}
-                   for (b, r), kwargs in KWARGS.items())
-TARGETS = (common._setup_parabola, common._setup_rosenbrock, common._setup_matrix_parabola,
-           common._setup_mixed_tensor_target)
+FACTORIES = {
+  _name(b, r): functools.partial(amaml.hypergradient, BASES[b], rate_rule=r) for b, r in KWARGS
+}
+OPTIMIZERS = tuple(
+  {"opt_name": _name(b, r), "opt_kwargs": kwargs, "wrapper_name": None, "wrapper_kwargs": None}
+  for (b, r), kwargs in KWARGS.items()
+)
+TARGETS = (
+  common._setup_parabola,
+  common._setup_rosenbrock,
+  common._setup_matrix_parabola,
+  common._setup_mixed_tensor_target,
+)
 
 
 def _get_opt_factory(opt_name):
@@ -65,23 +73,28 @@ class HypergradientCommonTest(parameterized.TestCase):
     super().setUp()
     self.enter_context(mock.patch.object(common, "_get_opt_factory", _get_opt_factory))
 
-  test_optimizers_accept_extra_args = parameterized.product(
-      OPTIMIZERS, wrap=[True, False])(_optax_body("test_optimizers_accept_extra_args"))
-  test_optimizers = parameterized.product(
-      OPTIMIZERS, target=TARGETS, dtype=("float32",))(_optax_body("test_optimizers"))
-  test_optimizers_can_be_wrapped_in_inject_hyperparams = parameterized.product(
-      OPTIMIZERS)(_optax_body("test_optimizers_can_be_wrapped_in_inject_hyperparams"))
-  test_preserve_dtype = parameterized.product(
-      OPTIMIZERS, dtype=("bfloat16", "float32"))(_optax_body("test_preserve_dtype"))
-  test_gradient_accumulation = parameterized.product(
-      OPTIMIZERS, dtype=("bfloat16", "float32"))(_optax_body("test_gradient_accumulation"))
+  test_optimizers_accept_extra_args = parameterized.product(OPTIMIZERS, wrap=[True, False])(
+    _optax_body("test_optimizers_accept_extra_args")
+  )
+  test_optimizers = parameterized.product(OPTIMIZERS, target=TARGETS, dtype=("float32",))(
+    _optax_body("test_optimizers")
+  )
+  test_optimizers_can_be_wrapped_in_inject_hyperparams = parameterized.product(OPTIMIZERS)(
+    _optax_body("test_optimizers_can_be_wrapped_in_inject_hyperparams")
+  )
+  test_preserve_dtype = parameterized.product(OPTIMIZERS, dtype=("bfloat16", "float32"))(
+    _optax_body("test_preserve_dtype")
+  )
+  test_gradient_accumulation = parameterized.product(OPTIMIZERS, dtype=("bfloat16", "float32"))(
+    _optax_body("test_gradient_accumulation")
+  )
   test_state_shape_dtype_shard_stability = parameterized.product(
-      OPTIMIZERS, dtype=(common.jnp.float16, common.jnp.bfloat16, common.jnp.float32,
-                         common.jnp.float64),
+    OPTIMIZERS,
+    dtype=(common.jnp.float16, common.jnp.bfloat16, common.jnp.float32, common.jnp.float64),
   )(_optax_body("test_state_shape_dtype_shard_stability"))
   test_optimizers_accept_learning_rate_schedule_if_type_annotated_as_such = parameterized.product(
-      OPTIMIZERS)(_optax_body(
-          "test_optimizers_accept_learning_rate_schedule_if_type_annotated_as_such"))
+    OPTIMIZERS
+  )(_optax_body("test_optimizers_accept_learning_rate_schedule_if_type_annotated_as_such"))
 
 
 def _test_names(cls):

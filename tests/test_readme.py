@@ -1,4 +1,5 @@
 """The README's code runs as written (with fewer iterations)."""
+
 import re
 from pathlib import Path
 
@@ -20,10 +21,14 @@ def test_readme_optax_snippet_runs():
   import jax.numpy as jnp
   import optax
   import amaml
+
   code = _blocks()[1]
   params = jnp.ones(3)
   env = {"optax": optax, "amaml": amaml}
-  exec(compile(code.replace("amaml.current_learning_rate(opt_state)", "pass"), "README.md", "exec"), env)
+  exec(
+    compile(code.replace("amaml.current_learning_rate(opt_state)", "pass"), "README.md", "exec"),
+    env,
+  )
   state = env["opt"].init(params)
   assert abs(float(amaml.current_learning_rate(state)) - 0.01) < 1e-9
 
@@ -32,9 +37,11 @@ def test_readme_commands_parse():
   """Every `amaml ...` command in the README's shell blocks is accepted by the CLI parser."""
   import shlex
   from amaml import cli
+
   shell = "\n".join(re.findall(r"```bash\n(.*?)```", README.read_text(), re.S))
-  commands = [line.split("amaml ", 1)[1].split("#")[0] for line in shell.splitlines()
-              if "bin/amaml " in line]
+  commands = [
+    line.split("amaml ", 1)[1].split("#")[0] for line in shell.splitlines() if "bin/amaml " in line
+  ]
   assert len(commands) >= 5
   for c in commands:
     args = cli._parser().parse_args(shlex.split(c))
@@ -51,6 +58,7 @@ def test_readme_methods_snippet_runs(capsys):
 def test_readme_protonet_snippet_runs(capsys, monkeypatch, tmp_path):
   from conftest import write_fake_omniglot
   import amaml.data.omniglot as om
+
   monkeypatch.setattr(om, "MAML_NUM_TRAIN", 12)  # the fake set's 20 characters: 12 / 4 / 4
   monkeypatch.setattr(om, "MAML_NUM_VAL", 4)
   monkeypatch.setenv("AMAML_OMNIGLOT_DIR", str(write_fake_omniglot(tmp_path / "omni", 12, 8)))
@@ -62,6 +70,7 @@ def test_readme_protonet_snippet_runs(capsys, monkeypatch, tmp_path):
 
 def test_readme_nnx_snippet_runs(capsys):
   from flax import nnx
+
   env = {}
   exec(compile(_blocks()[4].replace("range(2000)", "range(20)"), "README.md", "exec"), env)
   assert isinstance(env["state"].params, nnx.State) and "head" in env["state"].params

@@ -11,6 +11,7 @@
 * Bad input: every case fails with an error naming the problem and the fix.
 * Determinism across seeds, and checkpoints that never unpickle.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,15 +48,34 @@ from amaml.data import sample_tasks
 from amaml.task import TaskBatch, check_task_batch
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(hidden=8, meta_batch=2, log_every=10, checkpoint_every=10, val_every=0, eval_tasks=10,
-            eval_batch=10)
+TINY = dict(
+  hidden=8,
+  meta_batch=2,
+  log_every=10,
+  checkpoint_every=10,
+  val_every=0,
+  eval_tasks=10,
+  eval_batch=10,
+)
 
 
 # --- faults ------------------------------------------------------------------------------------
 
+
 def _cmd(out: Path, iterations: int, resume: bool = False) -> list[str]:
-  cmd = [sys.executable, "-m", "amaml", "train", "--config", "sinusoid", "--no_progress",
-         "--iterations", str(iterations), "--out", str(out)]
+  cmd = [
+    sys.executable,
+    "-m",
+    "amaml",
+    "train",
+    "--config",
+    "sinusoid",
+    "--no_progress",
+    "--iterations",
+    str(iterations),
+    "--out",
+    str(out),
+  ]
   for k, v in TINY.items():
     cmd += [f"--{k}", str(v)]
   return cmd + (["--resume"] if resume else [])
@@ -66,17 +86,22 @@ def env(tmp_path_factory):
   """Subprocess environment. The runs share a persistent compilation cache (each process
   would otherwise spend ~4 s compiling the same programs); a cached executable is the
   same program, so bitwise comparisons still hold."""
-  return {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
-          "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  return {
+    **os.environ,
+    "PYTHONPATH": str(REPO),
+    "JAX_PLATFORMS": "cpu",
+    "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+  }
 
 
 def _start(env: dict, out: Path, iterations: int, resume: bool = False) -> subprocess.Popen:
   out.mkdir(parents=True, exist_ok=True)
   err = open(out.parent / f"{out.name}.stderr", "ab")
-  return subprocess.Popen(_cmd(out, iterations, resume), cwd=REPO, env=env,
-                          stdout=subprocess.DEVNULL, stderr=err)
+  return subprocess.Popen(
+    _cmd(out, iterations, resume), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err
+  )
 
 
 def _lines(out: Path) -> int:
@@ -93,12 +118,14 @@ def _writing_checkpoint(out: Path, min_step: int) -> bool:
     names = os.listdir(out / "checkpoints")
   except FileNotFoundError:
     return False
-  return any("tmp" in n and n.split(".")[0].isdigit() and int(n.split(".")[0]) >= min_step
-             for n in names)
+  return any(
+    "tmp" in n and n.split(".")[0].isdigit() and int(n.split(".")[0]) >= min_step for n in names
+  )
 
 
-def _kill_when(proc: subprocess.Popen, ready, delay: float = 0.0, timeout: float = 120,
-               kill: bool = True) -> bool:
+def _kill_when(
+  proc: subprocess.Popen, ready, delay: float = 0.0, timeout: float = 120, kill: bool = True
+) -> bool:
   """SIGKILLs ``proc`` ``delay`` seconds after ``ready()`` holds; False if it ended first.
   With ``kill=False`` only waits for ``ready()``."""
   t_end = time.monotonic() + timeout
@@ -124,7 +151,9 @@ def _target(cfg: Config = get_config("sinusoid", **TINY)):
 
 def _assert_readable(out: Path) -> None:
   """After a kill: the latest checkpoint restores, is finite, and metrics.jsonl parses."""
-  for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []:
+  for line in (
+    (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+  ):
     json.loads(line)
   if not (out / "checkpoints").exists():
     return
@@ -142,8 +171,10 @@ def _final(out: Path, iterations: int):
   assert ckpt.latest_step() == iterations
   leaves = [np.asarray(x) for x in jax.tree.leaves(ckpt.restore(_target()))]
   ckpt.close()
-  metrics = [{k: v for k, v in json.loads(l).items() if k != "steps_per_s"}
-             for l in (out / "metrics.jsonl").read_text().splitlines()]
+  metrics = [
+    {k: v for k, v in json.loads(l).items() if k != "steps_per_s"}
+    for l in (out / "metrics.jsonl").read_text().splitlines()
+  ]
   test = json.loads((out / "results.json").read_text())["test"]
   return leaves, metrics, test
 
@@ -229,8 +260,10 @@ def test_sigkill_repeatedly_then_resume_equals_uninterrupted_run(tmp_path, env):
 
 # --- signals -----------------------------------------------------------------------------------
 
-_STOPPED = (r"^amaml train: stopped by {sig} at step (\d+); checkpoint in (\S+)/checkpoints/\1; "
-            r"resume with: (amaml train .* --resume)$")
+_STOPPED = (
+  r"^amaml train: stopped by {sig} at step (\d+); checkpoint in (\S+)/checkpoints/\1; "
+  r"resume with: (amaml train .* --resume)$"
+)
 
 
 def _signal_when_logging(proc: subprocess.Popen, out: Path, sig: int, lines: int = 2) -> str:
@@ -257,8 +290,9 @@ def test_sigterm_checkpoints_prints_the_resume_command_and_resumes_bitwise(tmp_p
   assert ckpt.latest_step() == step
   ckpt.close()
   resume = shlex.split(m.group(3))
-  assert resume[0] == "amaml" and resume[1:] == _cmd(tmp_path / "victim", iterations,
-                                                     resume=True)[3:]
+  assert (
+    resume[0] == "amaml" and resume[1:] == _cmd(tmp_path / "victim", iterations, resume=True)[3:]
+  )
   assert ref.wait(timeout=300) == 0
   _finish(env, tmp_path / "victim", iterations)  # the command of the line
   _assert_same_run(tmp_path / "ref", tmp_path / "victim", iterations)
@@ -276,6 +310,7 @@ def test_sigint_checkpoints_and_exits_130(tmp_path, env):
 
 
 # --- corrupt checkpoints ------------------------------------------------------------------------
+
 
 def _corrupt(step_dir: Path, how: str) -> None:
   """Damages one file of an Orbax checkpoint: its data file cut in half or overwritten with
@@ -296,8 +331,12 @@ def two_checkpoints(tmp_path_factory):
   root = tmp_path_factory.mktemp("two_checkpoints")
   cfg = get_config("sinusoid", iterations=20, **TINY)
   train.train(cfg, root / "run", progress=False, evaluate_at_end=False)
-  state30, _ = train.train(get_config("sinusoid", iterations=30, **TINY), root / "run30",
-                           progress=False, evaluate_at_end=False)
+  state30, _ = train.train(
+    get_config("sinusoid", iterations=30, **TINY),
+    root / "run30",
+    progress=False,
+    evaluate_at_end=False,
+  )
   return root / "run", [np.asarray(x) for x in jax.tree.leaves(state30)]
 
 
@@ -309,16 +348,19 @@ def _damaged_copy(src: Path, dst: Path, how: str, steps=(20,)) -> Path:
 
 
 @pytest.mark.parametrize("how", ["truncated", "missing", "garbage"])
-def test_evaluate_and_load_run_fall_back_to_the_newest_intact_checkpoint(tmp_path, two_checkpoints,
-                                                                         how, capsys):
+def test_evaluate_and_load_run_fall_back_to_the_newest_intact_checkpoint(
+  tmp_path, two_checkpoints, how, capsys
+):
   run = _damaged_copy(two_checkpoints[0], tmp_path / "run", how)
   code = cli.main(["evaluate", "--run", str(run), "--tasks", "10"])
   out, err = capsys.readouterr()
   assert code == 0 and f"{run}: alpha-maml on sinusoid: 10 meta steps" in out, err
   warning = [l for l in err.splitlines() if l.startswith("amaml: warning:")]
   assert len(warning) == 1 and re.match(
-      rf"amaml: warning: checkpoint {re.escape(str(run))}/checkpoints/20 cannot be read \(.+\); "
-      r"trying the previous one, step 10$", warning[0]), err
+    rf"amaml: warning: checkpoint {re.escape(str(run))}/checkpoints/20 cannot be read \(.+\); "
+    r"trying the previous one, step 10$",
+    warning[0],
+  ), err
   _, state = train.load_run(run)
   assert int(state.step) == 10 and "checkpoints/20 cannot be read" in capsys.readouterr().err
 
@@ -326,8 +368,13 @@ def test_evaluate_and_load_run_fall_back_to_the_newest_intact_checkpoint(tmp_pat
 @pytest.mark.parametrize("how", ["truncated", "missing", "garbage"])
 def test_resume_continues_from_the_newest_intact_checkpoint(tmp_path, two_checkpoints, how, capsys):
   run = _damaged_copy(two_checkpoints[0], tmp_path / "run", how)
-  state, _ = train.train(get_config("sinusoid", iterations=30, **TINY), run, resume=True,
-                         progress=False, evaluate_at_end=False)
+  state, _ = train.train(
+    get_config("sinusoid", iterations=30, **TINY),
+    run,
+    resume=True,
+    progress=False,
+    evaluate_at_end=False,
+  )
   assert "checkpoints/20 cannot be read" in capsys.readouterr().err
   for x, y in zip(jax.tree.leaves(state), two_checkpoints[1], strict=True):
     np.testing.assert_array_equal(np.asarray(x), y)  # from step 10 on, as if never damaged
@@ -339,18 +386,28 @@ def test_resume_continues_from_the_newest_intact_checkpoint(tmp_path, two_checkp
 def test_no_intact_checkpoint_is_one_line_and_exit_2(tmp_path, two_checkpoints, env):
   run = _damaged_copy(two_checkpoints[0], tmp_path / "run", "truncated", steps=(10, 20))
   for args in (["evaluate", "--run", str(run)], _cmd(run, 30, resume=True)[3:]):
-    proc = subprocess.run([sys.executable, "-m", "amaml", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+      [sys.executable, "-m", "amaml", *args],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert len(err) == 3 and all(l.startswith("amaml: warning: checkpoint") for l in err[:2]), err
-    assert re.match(rf"amaml {args[0]}: no intact checkpoint in {re.escape(str(run))}/checkpoints "
-                    r"\(steps 10, 20 cannot be read\): start a new --out directory$", err[2]), err
+    assert re.match(
+      rf"amaml {args[0]}: no intact checkpoint in {re.escape(str(run))}/checkpoints "
+      r"\(steps 10, 20 cannot be read\): start a new --out directory$",
+      err[2],
+    ), err
   with pytest.raises(CorruptCheckpointError, match="no intact checkpoint"):
     train.load_run(run)
 
 
 # --- divergence ---------------------------------------------------------------------------------
+
 
 def _checkpoints_finite(run: Path, cfg: Config) -> list[int]:
   steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
@@ -362,16 +419,22 @@ def _checkpoints_finite(run: Path, cfg: Config) -> list[int]:
   return steps
 
 
-@pytest.mark.parametrize("overrides, outcome", [
+@pytest.mark.parametrize(
+  "overrides, outcome",
+  [
     ({"alpha": 1.0}, "adapts"),  # alpha_0 100x the default: the hypergradient brings it back
     # beta_0 of Adam (adapted by hypergradient; the default's D-Adaptation has no beta_0)
     ({"beta": 0.1, "outer_optimizer": "adam"}, "finite"),  # 100x: training stays finite
-    ({"beta": 1e30, "beta_max": 1e31, "max_nonfinite": 3, "outer_optimizer": "adam"},
-     "stops"),  # hopeless: stops
-])
+    (
+      {"beta": 1e30, "beta_max": 1e31, "max_nonfinite": 3, "outer_optimizer": "adam"},
+      "stops",
+    ),  # hopeless: stops
+  ],
+)
 def test_rates_far_too_large_adapt_back_or_stop_cleanly(tmp_path, overrides, outcome):
-  cfg = get_config("sinusoid", **{**TINY, "meta_batch": 4, "hidden": 16, "iterations": 40,
-                                  **overrides})
+  cfg = get_config(
+    "sinusoid", **{**TINY, "meta_batch": 4, "hidden": 16, "iterations": 40, **overrides}
+  )
   try:
     state, _ = train.train(cfg, tmp_path / "r", progress=False, evaluate_at_end=False)
     stopped = None
@@ -393,28 +456,41 @@ def test_rates_far_too_large_adapt_back_or_stop_cleanly(tmp_path, overrides, out
 
 def test_cli_run_stopped_by_the_non_finite_guard_is_one_line_and_exit_3(tmp_path, capsys):
   args = ["train", "--no_progress", "--out", str(tmp_path / "r"), "--iterations", "40"]
-  for k, v in {**TINY, "meta_batch": 4, "hidden": 16, "beta": 1e30, "beta_max": 1e31,
-               "max_nonfinite": 3, "outer_optimizer": "adam"}.items():
+  for k, v in {
+    **TINY,
+    "meta_batch": 4,
+    "hidden": 16,
+    "beta": 1e30,
+    "beta_max": 1e31,
+    "max_nonfinite": 3,
+    "outer_optimizer": "adam",
+  }.items():
     args += [f"--{k}", str(v)]
   assert cli.main(args) == 3
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "Traceback" not in err, err
-  assert re.match(r"^amaml train: 3 non-finite meta steps in a row by step \d+: the state was kept "
-                  r"finite and the last good checkpoint is in .*/checkpoints\. Lower --alpha or "
-                  r"--beta", err), err
+  assert re.match(
+    r"^amaml train: 3 non-finite meta steps in a row by step \d+: the state was kept "
+    r"finite and the last good checkpoint is in .*/checkpoints\. Lower --alpha or "
+    r"--beta",
+    err,
+  ), err
 
 
 def test_checkpointer_refuses_non_finite_state(tmp_path):
   state = _target()
   ckpt = Checkpointer(tmp_path / "c")
-  bad = state._replace(params=jax.tree.map(lambda x: x.at[0].set(jnp.nan) if x.ndim else x,
-                                           state.params))
+  bad = state._replace(
+    params=jax.tree.map(lambda x: x.at[0].set(jnp.nan) if x.ndim else x, state.params)
+  )
   with pytest.raises(FloatingPointError, match="refusing to checkpoint non-finite state at step 7"):
     ckpt.save(7, bad)
   inf_alpha = state._replace(alpha=jnp.float32(jnp.inf))
   with pytest.raises(FloatingPointError, match="non-finite"):
     ckpt.save(8, inf_alpha)
-  assert ckpt.latest_step() is None and not any(p.name.isdigit() for p in (tmp_path / "c").iterdir())
+  assert ckpt.latest_step() is None and not any(
+    p.name.isdigit() for p in (tmp_path / "c").iterdir()
+  )
   ckpt.save(9, state)
   assert ckpt.latest_step() == 9
   ckpt.close()
@@ -438,6 +514,7 @@ def test_non_finite_inputs_are_flagged_and_skipped_by_the_guard():
 
 # --- bad input -----------------------------------------------------------------------------------
 
+
 def _cli(*args: str) -> None:
   """Runs the CLI; raises ``ValueError`` with its stderr if it refuses the arguments."""
   err = io.StringIO()
@@ -454,8 +531,15 @@ def _images(classes=4, examples=3, dtype=np.uint8):
   return np.zeros((classes, examples, 2, 2, 1), dtype)
 
 
-def _cls_batch(tasks=2, ways=3, shape=(4, 4, 1), x_dtype=np.float32, y_dtype=np.int32,
-               y_shift=0, query_shape=None):
+def _cls_batch(
+  tasks=2,
+  ways=3,
+  shape=(4, 4, 1),
+  x_dtype=np.float32,
+  y_dtype=np.int32,
+  y_shift=0,
+  query_shape=None,
+):
   sx = np.zeros((tasks, ways, *shape), x_dtype)
   qx = np.zeros((tasks, ways, *(query_shape or shape)), x_dtype)
   y = (np.tile(np.arange(ways), (tasks, 1)) + y_shift).astype(y_dtype)
@@ -517,98 +601,205 @@ def _resume_other_hidden(tmp: Path):
 
 
 BAD_INPUT = {
-    # images and episodes (amaml.data)
-    "image rank": (lambda t: ClassImages(np.zeros((2, 3, 4, 4), np.uint8)),
-                   ValueError, r"5-D \[classes, examples, H, W, C\].*add a channel axis"),
-    "image dtype": (lambda t: ClassImages.from_arrays(np.zeros((2, 5, 3, 3), np.float32)),
-                    TypeError, r"must be uint8.*convert floats"),
-    "one example per class": (lambda t: ClassImages(_images(examples=1)),
-                              ValueError, r"at least 2 examples per class.*gather more"),
-    "class names": (lambda t: ClassImages(_images(), class_names=("a",)),
-                    ValueError, r"1 class names for 4 classes.*one name per class"),
-    "ways > classes": (lambda t: sample_episodes(0, _images(), ways=5, shots=1, queries=1,
-                                                 num_tasks=1),
-                       ValueError, r"ways=5 exceeds the 4 classes.*lower ways"),
-    "shots+queries > examples": (lambda t: sample_episodes(0, _images(), ways=2, shots=2,
-                                                           queries=2, num_tasks=1),
-                                 ValueError, r"exceeds the 3 examples per class.*lower them"),
-    "device sampler dtype": (lambda t: sample_tasks(jax.random.key(0),
-                                                    jnp.zeros((4, 3, 2, 2, 1), jnp.float32),
-                                                    2, 1, 1, 2),
-                             TypeError, r"images must be uint8"),
-    # data files
-    "empty data file": (lambda t: read_omniglot_arrays(_omniglot_dir(t, "empty")),
-                        ValueError, r"corrupt or not an \.npz file.*copy it again"),
-    "corrupt data file (checksum)": (lambda t: read_omniglot_arrays(_omniglot_dir(t, "garbage")),
-                                     ValueError, r"is corrupt: its SHA-256.*copy the file again"),
-    "corrupt data file (no checksum)": (
-        lambda t: read_omniglot_arrays(_omniglot_dir(t, "garbage_nosums")),
-        ValueError, r"corrupt or not an \.npz file.*copy it again"),
-    "missing data file": (lambda t: read_omniglot_arrays(_omniglot_dir(t, "missing")),
-                          FileNotFoundError, r"missing Omniglot file.*amaml download omniglot.*--data_dir"),
-    "data file without images": (lambda t: read_omniglot_arrays(_omniglot_dir(t, "no_images")),
-                                 ValueError, r"has no 'images' array.*not an Omniglot"),
-    "data folder missing": (lambda t: load_omniglot("maml", omniglot_dir=t / "nowhere",
-                                                    cache_dir=t / "cache"),
-                            FileNotFoundError, r"does not exist: run `amaml download omniglot`.*--data_dir"),
-    # task batches (amaml.task, amaml.validate)
-    "tasks disagree": (lambda t: check_task_batch(TaskBatch(*[np.zeros((n, 5, 1)) for n in (2, 2, 3, 3)])),
-                       ValueError, r"disagree on the number of tasks"),
-    "unpaired examples": (lambda t: check_task_batch(TaskBatch(np.zeros((2, 5, 1)), np.zeros((2, 4, 1)),
-                                                               np.zeros((2, 5, 1)), np.zeros((2, 5, 1)))),
-                          ValueError, r"support_x has 5 examples per task but support_y has 4.*paired"),
-    "labels out of range": (lambda t: validate.check_classification_batch(_cls_batch(y_shift=1), 3),
-                            ValueError, r"labels from 1 to 3.*needs labels in 0\.\.2; relabel"),
-    "negative labels": (lambda t: validate.check_classification_batch(_cls_batch(y_shift=-1), 3),
-                        ValueError, r"labels from -1 to 1.*relabel"),
-    "float labels": (lambda t: validate.check_classification_batch(_cls_batch(y_dtype=np.float32), 3),
-                     TypeError, r"integer class indices, got float32.*astype\(np\.int32\)"),
-    "one-hot labels": (lambda t: validate.check_classification_batch(
-        _cls_batch()._replace(query_y=np.eye(3, dtype=np.float32)[None].repeat(2, 0)), 3),
-                       ValueError, r"looks one-hot.*argmax"),
-    "uint8 inputs": (lambda t: validate.check_classification_batch(_cls_batch(x_dtype=np.uint8), 3),
-                     TypeError, r"uint8 \(raw pixels\).*/ 255"),
-    "wrong image shape": (lambda t: validate.check_classification_batch(_cls_batch(shape=(4, 4)), 3,
-                                                                        example_shape=(4, 4, 1)),
-                          ValueError, r"shape \(4, 4\) but the model expects \(4, 4, 1\).*channel axis"),
-    "support/query shapes": (lambda t: validate.check_classification_batch(
-        _cls_batch(query_shape=(5, 5, 1)), 3), ValueError, r"differ in shape.*same images"),
-    "non-finite inputs": (lambda t: validate.check_regression_batch(
-        amaml.sinusoid_tasks(jax.random.key(0), 2)._replace(query_y=np.full((2, 10, 1), np.inf, np.float32))),
-                          ValueError, r"query_y has 20 non-finite.*clean the data"),
-    "integer regression targets": (lambda t: validate.check_regression_batch(
-        TaskBatch(*[np.zeros((2, 5, 1), np.int32)] * 4)), TypeError, r"floating point.*astype"),
-    # checkpoints and runs
-    "restore into another config": (_restore_mismatch, ValueError,
-                                    r"does not match this configuration.*configuration that wrote it"),
-    "restore with no checkpoint": (_restore_nothing,
-                                   FileNotFoundError, r"no checkpoint in"),
-    "--resume with other hidden": (_resume_other_hidden, ValueError,
-                                   r"differs from .*'hidden': \(8, 16\).*or a new --out"),
-    "not a run directory": (lambda t: train.load_run(t),
-                            FileNotFoundError, r"no config\.json.*amaml train"),
-    # configuration and command line
-    "CLI field of wrong type": (lambda t: _cli("train", "--hidden", "wide"),
-                                ValueError, r"--hidden.*invalid int value: 'wide'"),
-    "CLI unknown config": (lambda t: _cli("train", "--config", "omniglot-7w"),
-                           ValueError, r"--config.*invalid choice: 'omniglot-7w'"),
-    "CLI unknown flag": (lambda t: _cli("train", "--colour", "red"),
-                         ValueError, r"unrecognized arguments: --colour"),
-    "CLI bad value": (lambda t: _cli("train", "--meta_batch", "0", "--out", str(t / "x")),
-                      ValueError, r"meta_batch=0 must be >= 1"),
-    "CLI bad devices": (lambda t: _cli("train", "--devices", "-1", "--out", str(t / "x")),
-                        ValueError, r"devices=-1 must be >= 0"),
-    "unknown config name": (lambda t: get_config("omniglot-7w"),
-                            ValueError, r"unknown config 'omniglot-7w'; choose one of"),
-    "too many devices": (lambda t: train.train(get_config("sinusoid", devices=len(jax.devices()) + 1),
-                                               t / "r", progress=False),
-                         ValueError, r"device\(s\) are available; use --devices"),
-    # the meta step's own arguments
-    "inner steps": (lambda t: amaml.alpha_maml(amaml.losses.mse(lambda p, x: x), inner_steps=0),
-                    ValueError, r"inner_steps must be >= 1"),
-    "alpha granularity": (lambda t: amaml.alpha_maml(amaml.losses.mse(lambda p, x: x),
-                                                     alpha_granularity="layer"),
-                          ValueError, r"alpha_granularity must be one of"),
+  # images and episodes (amaml.data)
+  "image rank": (
+    lambda t: ClassImages(np.zeros((2, 3, 4, 4), np.uint8)),
+    ValueError,
+    r"5-D \[classes, examples, H, W, C\].*add a channel axis",
+  ),
+  "image dtype": (
+    lambda t: ClassImages.from_arrays(np.zeros((2, 5, 3, 3), np.float32)),
+    TypeError,
+    r"must be uint8.*convert floats",
+  ),
+  "one example per class": (
+    lambda t: ClassImages(_images(examples=1)),
+    ValueError,
+    r"at least 2 examples per class.*gather more",
+  ),
+  "class names": (
+    lambda t: ClassImages(_images(), class_names=("a",)),
+    ValueError,
+    r"1 class names for 4 classes.*one name per class",
+  ),
+  "ways > classes": (
+    lambda t: sample_episodes(0, _images(), ways=5, shots=1, queries=1, num_tasks=1),
+    ValueError,
+    r"ways=5 exceeds the 4 classes.*lower ways",
+  ),
+  "shots+queries > examples": (
+    lambda t: sample_episodes(0, _images(), ways=2, shots=2, queries=2, num_tasks=1),
+    ValueError,
+    r"exceeds the 3 examples per class.*lower them",
+  ),
+  "device sampler dtype": (
+    lambda t: sample_tasks(jax.random.key(0), jnp.zeros((4, 3, 2, 2, 1), jnp.float32), 2, 1, 1, 2),
+    TypeError,
+    r"images must be uint8",
+  ),
+  # data files
+  "empty data file": (
+    lambda t: read_omniglot_arrays(_omniglot_dir(t, "empty")),
+    ValueError,
+    r"corrupt or not an \.npz file.*copy it again",
+  ),
+  "corrupt data file (checksum)": (
+    lambda t: read_omniglot_arrays(_omniglot_dir(t, "garbage")),
+    ValueError,
+    r"is corrupt: its SHA-256.*copy the file again",
+  ),
+  "corrupt data file (no checksum)": (
+    lambda t: read_omniglot_arrays(_omniglot_dir(t, "garbage_nosums")),
+    ValueError,
+    r"corrupt or not an \.npz file.*copy it again",
+  ),
+  "missing data file": (
+    lambda t: read_omniglot_arrays(_omniglot_dir(t, "missing")),
+    FileNotFoundError,
+    r"missing Omniglot file.*amaml download omniglot.*--data_dir",
+  ),
+  "data file without images": (
+    lambda t: read_omniglot_arrays(_omniglot_dir(t, "no_images")),
+    ValueError,
+    r"has no 'images' array.*not an Omniglot",
+  ),
+  "data folder missing": (
+    lambda t: load_omniglot("maml", omniglot_dir=t / "nowhere", cache_dir=t / "cache"),
+    FileNotFoundError,
+    r"does not exist: run `amaml download omniglot`.*--data_dir",
+  ),
+  # task batches (amaml.task, amaml.validate)
+  "tasks disagree": (
+    lambda t: check_task_batch(TaskBatch(*[np.zeros((n, 5, 1)) for n in (2, 2, 3, 3)])),
+    ValueError,
+    r"disagree on the number of tasks",
+  ),
+  "unpaired examples": (
+    lambda t: check_task_batch(
+      TaskBatch(np.zeros((2, 5, 1)), np.zeros((2, 4, 1)), np.zeros((2, 5, 1)), np.zeros((2, 5, 1)))
+    ),
+    ValueError,
+    r"support_x has 5 examples per task but support_y has 4.*paired",
+  ),
+  "labels out of range": (
+    lambda t: validate.check_classification_batch(_cls_batch(y_shift=1), 3),
+    ValueError,
+    r"labels from 1 to 3.*needs labels in 0\.\.2; relabel",
+  ),
+  "negative labels": (
+    lambda t: validate.check_classification_batch(_cls_batch(y_shift=-1), 3),
+    ValueError,
+    r"labels from -1 to 1.*relabel",
+  ),
+  "float labels": (
+    lambda t: validate.check_classification_batch(_cls_batch(y_dtype=np.float32), 3),
+    TypeError,
+    r"integer class indices, got float32.*astype\(np\.int32\)",
+  ),
+  "one-hot labels": (
+    lambda t: validate.check_classification_batch(
+      _cls_batch()._replace(query_y=np.eye(3, dtype=np.float32)[None].repeat(2, 0)), 3
+    ),
+    ValueError,
+    r"looks one-hot.*argmax",
+  ),
+  "uint8 inputs": (
+    lambda t: validate.check_classification_batch(_cls_batch(x_dtype=np.uint8), 3),
+    TypeError,
+    r"uint8 \(raw pixels\).*/ 255",
+  ),
+  "wrong image shape": (
+    lambda t: validate.check_classification_batch(
+      _cls_batch(shape=(4, 4)), 3, example_shape=(4, 4, 1)
+    ),
+    ValueError,
+    r"shape \(4, 4\) but the model expects \(4, 4, 1\).*channel axis",
+  ),
+  "support/query shapes": (
+    lambda t: validate.check_classification_batch(_cls_batch(query_shape=(5, 5, 1)), 3),
+    ValueError,
+    r"differ in shape.*same images",
+  ),
+  "non-finite inputs": (
+    lambda t: validate.check_regression_batch(
+      amaml.sinusoid_tasks(jax.random.key(0), 2)._replace(
+        query_y=np.full((2, 10, 1), np.inf, np.float32)
+      )
+    ),
+    ValueError,
+    r"query_y has 20 non-finite.*clean the data",
+  ),
+  "integer regression targets": (
+    lambda t: validate.check_regression_batch(TaskBatch(*[np.zeros((2, 5, 1), np.int32)] * 4)),
+    TypeError,
+    r"floating point.*astype",
+  ),
+  # checkpoints and runs
+  "restore into another config": (
+    _restore_mismatch,
+    ValueError,
+    r"does not match this configuration.*configuration that wrote it",
+  ),
+  "restore with no checkpoint": (_restore_nothing, FileNotFoundError, r"no checkpoint in"),
+  "--resume with other hidden": (
+    _resume_other_hidden,
+    ValueError,
+    r"differs from .*'hidden': \(8, 16\).*or a new --out",
+  ),
+  "not a run directory": (
+    lambda t: train.load_run(t),
+    FileNotFoundError,
+    r"no config\.json.*amaml train",
+  ),
+  # configuration and command line
+  "CLI field of wrong type": (
+    lambda t: _cli("train", "--hidden", "wide"),
+    ValueError,
+    r"--hidden.*invalid int value: 'wide'",
+  ),
+  "CLI unknown config": (
+    lambda t: _cli("train", "--config", "omniglot-7w"),
+    ValueError,
+    r"--config.*invalid choice: 'omniglot-7w'",
+  ),
+  "CLI unknown flag": (
+    lambda t: _cli("train", "--colour", "red"),
+    ValueError,
+    r"unrecognized arguments: --colour",
+  ),
+  "CLI bad value": (
+    lambda t: _cli("train", "--meta_batch", "0", "--out", str(t / "x")),
+    ValueError,
+    r"meta_batch=0 must be >= 1",
+  ),
+  "CLI bad devices": (
+    lambda t: _cli("train", "--devices", "-1", "--out", str(t / "x")),
+    ValueError,
+    r"devices=-1 must be >= 0",
+  ),
+  "unknown config name": (
+    lambda t: get_config("omniglot-7w"),
+    ValueError,
+    r"unknown config 'omniglot-7w'; choose one of",
+  ),
+  "too many devices": (
+    lambda t: train.train(
+      get_config("sinusoid", devices=len(jax.devices()) + 1), t / "r", progress=False
+    ),
+    ValueError,
+    r"device\(s\) are available; use --devices",
+  ),
+  # the meta step's own arguments
+  "inner steps": (
+    lambda t: amaml.alpha_maml(amaml.losses.mse(lambda p, x: x), inner_steps=0),
+    ValueError,
+    r"inner_steps must be >= 1",
+  ),
+  "alpha granularity": (
+    lambda t: amaml.alpha_maml(amaml.losses.mse(lambda p, x: x), alpha_granularity="layer"),
+    ValueError,
+    r"alpha_granularity must be one of",
+  ),
 }
 
 
@@ -635,9 +826,11 @@ def test_validate_accepts_good_batches_and_refuses_tracers():
 
 # --- determinism and no pickle ------------------------------------------------------------------
 
+
 def test_seed_decides_the_run():
   """Same seed: the same weights and tasks, bitwise; another seed: others. (Same seed, whole
   runs: tests/test_train.py in one process; the fault tests across processes, bitwise.)"""
+
   def first(seed):  # initial weights and the first training batch of a seed
     cfg = get_config("sinusoid", seed=seed, hidden=8, meta_batch=2)
     exp = train.build(cfg)
@@ -665,16 +858,38 @@ def test_checkpoints_are_arrays_and_restore_without_unpickling(tmp_path, monkeyp
   chex.assert_trees_all_equal(state, restored)
 
 
-@pytest.mark.parametrize("args, match", [
-    (["evaluate", "--run", "{t}/missing"], r"^amaml evaluate: .*missing has no config\.json.*amaml train"),
+@pytest.mark.parametrize(
+  "args, match",
+  [
+    (
+      ["evaluate", "--run", "{t}/missing"],
+      r"^amaml evaluate: .*missing has no config\.json.*amaml train",
+    ),
     (["plot", "--run", "{t}/missing"], r"^amaml plot: .*metrics\.jsonl not found.*run directory"),
-    (["train", "--config", "omniglot-5w1s", "--data_dir", "{t}/nowhere", "--out", "{t}/r"],
-     r"^amaml train: .*nowhere does not exist: run `amaml download omniglot`.*point --data_dir"),
-    (["train", "--num_processes", "2", "--out", "{t}/r"],
-     r"^amaml train: --num_processes 2 needs --coordinator_address HOST:PORT"),
-    (["train", "--num_processes", "2", "--process_id", "2", "--coordinator_address", "localhost:1",
-      "--out", "{t}/r"], r"^amaml train: process_id=2 with num_processes=2: the ids are 0 to 1"),
-])
+    (
+      ["train", "--config", "omniglot-5w1s", "--data_dir", "{t}/nowhere", "--out", "{t}/r"],
+      r"^amaml train: .*nowhere does not exist: run `amaml download omniglot`.*point --data_dir",
+    ),
+    (
+      ["train", "--num_processes", "2", "--out", "{t}/r"],
+      r"^amaml train: --num_processes 2 needs --coordinator_address HOST:PORT",
+    ),
+    (
+      [
+        "train",
+        "--num_processes",
+        "2",
+        "--process_id",
+        "2",
+        "--coordinator_address",
+        "localhost:1",
+        "--out",
+        "{t}/r",
+      ],
+      r"^amaml train: process_id=2 with num_processes=2: the ids are 0 to 1",
+    ),
+  ],
+)
 def test_every_subcommand_reports_user_errors_in_one_line(tmp_path, args, match):
   err = io.StringIO()
   with contextlib.redirect_stderr(err):

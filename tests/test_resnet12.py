@@ -7,6 +7,7 @@ traced (``jax.eval_shape``), never run. What costs time here is XLA compiling a
 second-order meta step through 16 convolutions, so the tests of each method's wiring
 (patterns, embedding, remat) use one block of the same kind (``SHALLOW``); the vmap test
 and the slow run of every method use all four."""
+
 import dataclasses
 import functools
 import types
@@ -105,8 +106,9 @@ def test_parameter_count_is_the_published_one():
   assert count == _published_count(3, (64, 160, 320, 640), 5) == 12_427_525
   assert abs(count - 12.4e6) / 12.4e6 < 0.03  # "12.4M" (Lee et al. 2019 and later)
   # at any width and without the head too
-  params = jax.eval_shape(ResNet12(0, channels=TINY).init, jax.random.key(0),
-                          jnp.zeros((1, 16, 16, 1)))["params"]
+  params = jax.eval_shape(
+    ResNet12(0, channels=TINY).init, jax.random.key(0), jnp.zeros((1, 16, 16, 1))
+  )["params"]
   assert _num_params(params) == _published_count(1, TINY, 0)
 
 
@@ -139,20 +141,25 @@ def test_vmap_over_tasks_equals_loop(channels):
   model = ResNet12(WAYS, channels=channels)
   batch = _batch()
   stacked = jax.vmap(lambda k: model.init(k, batch.query_x[0])["params"])(
-      jax.random.split(_key(2), 2))
+    jax.random.split(_key(2), 2)
+  )
   apply = jax.jit(_apply(model))
   out = jax.vmap(apply)(stacked, batch.query_x)
   for t in range(2):
     p_t = jax.tree.map(lambda a: a[t], stacked)
-    np.testing.assert_allclose(np.asarray(out[t]), np.asarray(apply(p_t, batch.query_x[t])),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(out[t]), np.asarray(apply(p_t, batch.query_x[t])), rtol=1e-5, atol=1e-5
+    )
   params = jax.tree.map(lambda a: a[0], stacked)
   task_loss = _maml_task_loss(model)
   meta = lambda p: jnp.mean(jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(p, *batch))
   g_vmap = jax.jit(jax.grad(meta))(params)
   one = jax.jit(jax.grad(task_loss))
-  g_loop = jax.tree.map(lambda a, b: (a + b) / 2, one(params, *(f[0] for f in batch)),
-                        one(params, *(f[1] for f in batch)))
+  g_loop = jax.tree.map(
+    lambda a, b: (a + b) / 2,
+    one(params, *(f[0] for f in batch)),
+    one(params, *(f[1] for f in batch)),
+  )
   scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(g_loop))
   assert scale > 0
   for a, b in zip(jax.tree.leaves(g_vmap), jax.tree.leaves(g_loop)):
@@ -160,8 +167,18 @@ def test_vmap_over_tasks_equals_loop(channels):
 
 
 def _config(**overrides) -> configs.Config:
-  base = dict(task="omniglot", model="resnet12", ways=WAYS, shots=1, queries=2, meta_batch=2,
-              inner_steps=1, alpha=0.01, image_size=16, track_pre_adaptation=False)
+  base = dict(
+    task="omniglot",
+    model="resnet12",
+    ways=WAYS,
+    shots=1,
+    queries=2,
+    meta_batch=2,
+    inner_steps=1,
+    alpha=0.01,
+    image_size=16,
+    track_pre_adaptation=False,
+  )
   return dataclasses.replace(configs.Config(), **{**base, **overrides}).validate()
 
 
@@ -201,8 +218,10 @@ def _steps(method, channels):
     assert changed["block0"]["conv0"]["kernel"]
 
 
-@pytest.mark.parametrize("method", [m if m in FAST_METHODS else pytest.param(
-    m, marks=pytest.mark.slow) for m in configs.METHODS])
+@pytest.mark.parametrize(
+  "method",
+  [m if m in FAST_METHODS else pytest.param(m, marks=pytest.mark.slow) for m in configs.METHODS],
+)
 def test_every_method_takes_steps(method):
   _steps(method, SHALLOW)
 
@@ -220,7 +239,8 @@ def test_remat_gives_the_same_meta_gradient():
     learner, params = _learner(_config(method="maml", inner_steps=2, remat=remat))
     state = learner.init(params)
     grads[remat] = jax.jit(jax.grad(lambda p: learner.meta_loss(p, state.alpha, batch)[0]))(
-        state.params)
+      state.params
+    )
   assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads[False])) > 0
   chex.assert_trees_all_close(grads[True], grads[False], rtol=1e-5, atol=1e-6)
 
@@ -231,10 +251,8 @@ def test_drop_block_is_off_unless_asked():
   ref = plain.apply({"params": params}, x)
   dropping = ResNet12(WAYS, channels=TINY, drop_rate=0.3)
   # deterministic by default: the same pure function as without DropBlock
-  np.testing.assert_array_equal(np.asarray(dropping.apply({"params": params}, x)),
-                                np.asarray(ref))
-  noisy = dropping.apply({"params": params}, x, deterministic=False,
-                         rngs={"dropout": _key(3)})
+  np.testing.assert_array_equal(np.asarray(dropping.apply({"params": params}, x)), np.asarray(ref))
+  noisy = dropping.apply({"params": params}, x, deterministic=False, rngs={"dropout": _key(3)})
   assert not np.allclose(np.asarray(noisy), np.asarray(ref), atol=1e-4)
 
 
@@ -252,7 +270,7 @@ def test_drop_block_drops_square_blocks_and_rescales():
       square = np.ones_like(dropped)
       for a in range(3):
         for b in range(3):
-          square &= d[:, 2 - i + a:14 - i + a, 2 - j + b:14 - j + b]
+          square &= d[:, 2 - i + a : 14 - i + a, 2 - j + b : 14 - j + b]
       in_square |= square
   assert (in_square == dropped).all()
 
@@ -272,23 +290,26 @@ def test_classification_setup_builds_resnet12(monkeypatch):
     state = learner.init(setup.params)
     if method == "maml++":  # per-step copies of the batch norms, and of nothing else
       copied = jax.tree.map(lambda a, b: a.shape != b.shape, state.params, setup.params)
-      paths = {"/".join(str(k.key) for k in kp): v
-               for kp, v in jax.tree_util.tree_flatten_with_path(copied)[0]}
+      paths = {
+        "/".join(str(k.key) for k in kp): v
+        for kp, v in jax.tree_util.tree_flatten_with_path(copied)[0]
+      }
       assert paths == {p: "/norm" in p for p in paths}, paths
       assert state.params["block0"]["norm_shortcut"]["bias"].shape == (1, SHALLOW[0])
       # ANIL's default pattern adapts the head, and nothing else
       head = amaml.inner.param_mask(setup.params, train._HEADS[cfg.task])
-      assert {p for p, v in zip(paths, jax.tree.leaves(head)) if v} == {"head/bias",
-                                                                       "head/kernel"}
+      assert {p for p, v in zip(paths, jax.tree.leaves(head)) if v} == {"head/bias", "head/kernel"}
     batch = setup.sample(jax.random.key(6), setup.data["train"], 2)
     assert setup.embed_fn(setup.params, batch.query_x[0]).shape == (
-        WAYS, SHALLOW[0] if method == "protonet" else WAYS)
+      WAYS,
+      SHALLOW[0] if method == "protonet" else WAYS,
+    )
 
 
 def test_model_flag_and_clear_errors():
   from amaml import cli
-  args = cli._parser().parse_args(["train", "--config", "miniimagenet-5w1s", "--model",
-                                   "resnet12"])
+
+  args = cli._parser().parse_args(["train", "--config", "miniimagenet-5w1s", "--model", "resnet12"])
   assert args.model == "resnet12"
   assert train.image_model(_config(), 5) == ResNet12(5)
   assert isinstance(train.image_model(_config(model="conv4"), 5), amaml.models.Conv4)

@@ -1,4 +1,5 @@
 """benchmarks/robustness.py: the vmapped grid of training runs equals the runs one by one."""
+
 import dataclasses
 import sys
 from pathlib import Path
@@ -14,8 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import robustness  # noqa: E402
 
 
-@pytest.mark.parametrize("method", ["maml", "alpha-maml-paper", "alpha-maml@scalar+adam",
-                                    "alpha-maml@scalar", "alpha-maml"])
+@pytest.mark.parametrize(
+  "method",
+  ["maml", "alpha-maml-paper", "alpha-maml@scalar+adam", "alpha-maml@scalar", "alpha-maml"],
+)
 def test_grid_cells_equal_separate_runs(method):
   budget = dict(steps=6, meta_batch=5, eval_tasks=8, log_every=3)
   cfg = robustness.make_config("sinusoid", method, budget)
@@ -31,14 +34,18 @@ def test_grid_cells_equal_separate_runs(method):
   for j, (a0, b0, seed) in enumerate(cells):
     # the same run written out by hand, from the state of a learner built with these
     # initial rates (the step itself does not depend on them: one compile serves all)
-    single = train.build(dataclasses.replace(cfg, alpha=a0, beta=b0 or cfg.resolved_beta, seed=seed))
+    single = train.build(
+      dataclasses.replace(cfg, alpha=a0, beta=b0 or cfg.resolved_beta, seed=seed)
+    )
     st = single.learner.init(single.params)
     for i in range(budget["steps"]):
       key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), i)
       st, m = exp.learner.step(st, single.sample(key, None, budget["meta_batch"]))
     np.testing.assert_allclose(hist["alpha"][-1, j], m["alpha"], rtol=1e-5)
     np.testing.assert_allclose(hist["beta"][-1, j], m["beta"], rtol=1e-5)
-    chex.assert_trees_all_close(jax.tree.map(lambda x: x[j], state.params), st.params, rtol=2e-4, atol=1e-6)
+    chex.assert_trees_all_close(
+      jax.tree.map(lambda x: x[j], state.params), st.params, rtol=2e-4, atol=1e-6
+    )
     if method == "maml":  # fixed rates stay at the cell's initial values
       assert hist["alpha"][-1, j] == pytest.approx(a0) and hist["beta"][-1, j] == pytest.approx(b0)
     else:
@@ -46,17 +53,25 @@ def test_grid_cells_equal_separate_runs(method):
 
 
 def test_methods_without_beta0_fill_every_column():
-  rows = [dict(method="alpha-maml", alpha0=0.1, beta0=None, seed=0, test_selected=0.2),
-          dict(method="maml", alpha0=0.1, beta0=1e-3, seed=0, test_one_step=0.5),
-          dict(method="maml", alpha0=0.1, beta0=1e-2, seed=0, test_one_step=0.6)]
+  rows = [
+    dict(method="alpha-maml", alpha0=0.1, beta0=None, seed=0, test_selected=0.2),
+    dict(method="maml", alpha0=0.1, beta0=1e-3, seed=0, test_one_step=0.5),
+    dict(method="maml", alpha0=0.1, beta0=1e-2, seed=0, test_one_step=0.6),
+  ]
   text = robustness.table(rows, "sinusoid", [0.1], [1e-3, 1e-2])
   assert "| 0.1 | 0.5 / **0.2** | 0.6 / **0.2** |" in text
 
 
 def test_table_marks_diverged_cells_and_scores_each_method_by_its_protocol():
-  rows = [dict(method=m, alpha0=a, beta0=1e-3, seed=0, test_one_step=v, test_selected=w)
-          for m, a, v, w in [("maml", 0.1, 0.5, 0.3), ("alpha-maml", 0.1, 9.0, 0.4),
-                             ("maml", 4.0, float("nan"), 1.0), ("alpha-maml", 4.0, 9.0, 2.0)]]
+  rows = [
+    dict(method=m, alpha0=a, beta0=1e-3, seed=0, test_one_step=v, test_selected=w)
+    for m, a, v, w in [
+      ("maml", 0.1, 0.5, 0.3),
+      ("alpha-maml", 0.1, 9.0, 0.4),
+      ("maml", 4.0, float("nan"), 1.0),
+      ("alpha-maml", 4.0, 9.0, 2.0),
+    ]
+  ]
   text = robustness.table(rows, "sinusoid", [0.1, 4.0], [1e-3])
   assert "| 4 | diverged (1/1) / **2** |" in text  # MAML: 1 step; amaml: selected
   assert "| 0.1 | 0.5 / **0.4** |" in text
@@ -65,8 +80,10 @@ def test_table_marks_diverged_cells_and_scores_each_method_by_its_protocol():
 
 
 def test_anchor_table_takes_each_methods_best_beta0():
-  rows = [dict(method="alpha-maml@scalar+adam", alpha0=0.1, beta0=b, seed=0, test_selected=v)
-          for b, v in [(1e-4, 0.9), (1e-2, 0.5)]]
+  rows = [
+    dict(method="alpha-maml@scalar+adam", alpha0=0.1, beta0=b, seed=0, test_selected=v)
+    for b, v in [(1e-4, 0.9), (1e-2, 0.5)]
+  ]
   rows += [dict(method="maml+prodigy", alpha0=0.1, beta0=None, seed=0, test_one_step=0.7)]
   text = robustness.anchor_table(rows, "sinusoid", [0.1])
   assert f"| {robustness.LABELS['alpha-maml@scalar+adam']} | 0.5 | 0.5 | 0.5 |" in text

@@ -4,6 +4,7 @@ compiles once, and an uneven split is refused with the fix.
 Several devices need ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` set before
 JAX starts, so those checks run in a subprocess (this process has one CPU device).
 """
+
 import dataclasses
 import json
 import os
@@ -28,10 +29,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_with_devices(code: str, devices: int = 4, timeout: float = 300) -> dict:
   """Runs ``code`` in a fresh Python with ``devices`` forced CPU devices; returns the JSON
   object it prints on its last line."""
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-         "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
-  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  env = {
+    **os.environ,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": REPO,
+  }
+  proc = subprocess.run(
+    [sys.executable, "-c", textwrap.dedent(code)],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -62,7 +73,9 @@ def rel_diff(x, y):  # largest difference of a leaf, relative to the leaf's scal
   return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / (np.max(np.abs(a)) + 1e-12))
              for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
 out["max_state_diff"] = rel_diff(single, sharded)
-out["alpha"] = [[float(a) for a in jax.tree.leaves(st.alpha)] for st in (single, sharded)]  # per tensor
+out["alpha"] = [  # per tensor
+    [float(a) for a in jax.tree.leaves(st.alpha)] for st in (single, sharded)
+]
 out["step_compiles"] = step.jitted._cache_size()
 out["state_spec"] = sorted({str(x.sharding.spec) for x in jax.tree.leaves(sharded)})
 out["state_devices"] = sorted({len(x.sharding.device_set) for x in jax.tree.leaves(sharded)})
@@ -115,7 +128,7 @@ def test_sharded_step_equals_single_device_step(four_devices):
   assert four_devices["max_state_diff"] < 1e-5
   a1, a4 = four_devices["alpha"]
   assert all(a != pytest.approx(0.01, rel=1e-6) for a in a1)  # every alpha moved,
-  assert a4 == pytest.approx(a1, rel=1e-5)                      # identically on 4 devices
+  assert a4 == pytest.approx(a1, rel=1e-5)  # identically on 4 devices
 
 
 def test_layout_is_task_split_batch_and_replicated_state(four_devices):
@@ -145,6 +158,7 @@ def test_uneven_split_and_too_many_devices_are_named(four_devices):
 
 # --- in this process (one device) ------------------------------------------------------------
 
+
 def _learner():
   model = amaml.models.MLP(hidden=(8, 8))
   params = model.init(jax.random.key(0), jnp.zeros((1, 1)))["params"]
@@ -166,10 +180,13 @@ def test_one_device_mesh_matches_plain_step():
   assert step.jitted._cache_size() == 1
 
 
-@pytest.mark.parametrize("devices, match", [
+@pytest.mark.parametrize(
+  "devices, match",
+  [
     (-1, "must be >= 0"),
     (len(jax.devices()) + 1, "are available"),
-])
+  ],
+)
 def test_task_mesh_bad_device_counts(devices, match):
   with pytest.raises(ValueError, match=match):
     sharding.task_mesh(devices)
@@ -178,8 +195,9 @@ def test_task_mesh_bad_device_counts(devices, match):
 def test_task_mesh_explicit_devices_and_ragged_batch():
   mesh = sharding.task_mesh(jax.devices()[:1])
   assert mesh.size == 1
-  ragged = TaskBatch(np.zeros((4, 5, 1)), np.zeros((4, 5, 1)), np.zeros((3, 5, 1)),
-                     np.zeros((3, 5, 1)))
+  ragged = TaskBatch(
+    np.zeros((4, 5, 1)), np.zeros((4, 5, 1)), np.zeros((3, 5, 1)), np.zeros((3, 5, 1))
+  )
   with pytest.raises(ValueError, match="disagree on the number of tasks"):
     sharding.shard_batch(ragged, mesh)
 
@@ -188,13 +206,19 @@ def test_config_devices_field_validated_and_resume_may_change_it(tmp_path):
   assert Config().devices == 1
   with pytest.raises(ValueError, match="devices=-2"):
     get_config("sinusoid", devices=-2)
-  cfg = get_config("sinusoid", hidden=8, meta_batch=2, iterations=10, log_every=5,
-                   checkpoint_every=5, val_every=0)
+  cfg = get_config(
+    "sinusoid", hidden=8, meta_batch=2, iterations=10, log_every=5, checkpoint_every=5, val_every=0
+  )
   (tmp_path / "r").mkdir()
   (tmp_path / "r" / "config.json").write_text(cfg.to_json())  # a run started on one device
   # devices=0 (all, here one) may differ on --resume: only the placement changes
-  state, _ = train.train(dataclasses.replace(cfg, devices=0), tmp_path / "r", resume=True,
-                         progress=False, evaluate_at_end=False)
+  state, _ = train.train(
+    dataclasses.replace(cfg, devices=0),
+    tmp_path / "r",
+    resume=True,
+    progress=False,
+    evaluate_at_end=False,
+  )
   assert int(state.step) == 10 and len(state.params["Dense_0"]["kernel"].sharding.device_set) == 1
   assert Config.from_json((tmp_path / "r" / "config.json").read_text()).devices == 0
 

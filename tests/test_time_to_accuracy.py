@@ -1,5 +1,6 @@
 """benchmarks/time_to_accuracy.py: the crossing times and the table it reports, on records
 written by hand (the benchmark itself needs PyTorch and half an hour per implementation)."""
+
 import sys
 from pathlib import Path
 
@@ -8,9 +9,16 @@ import time_to_accuracy as tta  # noqa: E402
 
 
 def _records(impl, points, minutes_per_round=2.5, steps_per_round=100):
-  return [{"impl": impl, "train_minutes": minutes_per_round * (i + 1),
-           "steps": steps_per_round * (i + 1), "accuracy": acc, "ci95": ci}
-          for i, (acc, ci) in enumerate(points)]
+  return [
+    {
+      "impl": impl,
+      "train_minutes": minutes_per_round * (i + 1),
+      "steps": steps_per_round * (i + 1),
+      "accuracy": acc,
+      "ci95": ci,
+    }
+    for i, (acc, ci) in enumerate(points)
+  ]
 
 
 def test_crossing_is_the_first_evaluation_at_the_target_for_the_mean_and_each_ci_end():
@@ -31,8 +39,9 @@ def test_at_minutes_takes_the_last_evaluation_not_after_the_time():
 
 
 def test_table_reports_each_implementation_and_leaves_unreached_cells_out():
-  recs = (_records("fast", [(0.96, 0.005), (0.975, 0.004), (0.98, 0.004), (0.985, 0.004)])
-          + _records("slow", [(0.80, 0.02), (0.90, 0.01)], steps_per_round=40))
+  recs = _records(
+    "fast", [(0.96, 0.005), (0.975, 0.004), (0.98, 0.004), (0.985, 0.004)]
+  ) + _records("slow", [(0.80, 0.02), (0.90, 0.01)], steps_per_round=40)
   text = tta.table(recs)
   lines = {l.split(" | ")[0].strip("| "): l for l in text.splitlines()[2:]}
   fast, slow = lines["fast"], lines["slow"]

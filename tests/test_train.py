@@ -1,5 +1,6 @@
 """Training runs end to end on sinusoid: resume equals an uninterrupted run, the CLI
 works, bad configurations are named, plots are written."""
+
 import dataclasses
 import json
 
@@ -18,12 +19,15 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_config):
   full, _ = train.train(cfg, tmp_path / "full", progress=False, evaluate_at_end=False)
   half = dataclasses.replace(cfg, iterations=20)
   train.train(half, tmp_path / "split", progress=False, evaluate_at_end=False)
-  resumed, _ = train.train(cfg, tmp_path / "split", resume=True, progress=False,
-                           evaluate_at_end=False)
+  resumed, _ = train.train(
+    cfg, tmp_path / "split", resume=True, progress=False, evaluate_at_end=False
+  )
   chex.assert_trees_all_equal(full, resumed)  # bitwise on CPU
   m_full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
   m_split = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
-  strip = lambda lines: [{k: v for k, v in json.loads(l).items() if k != "steps_per_s"} for l in lines]
+  strip = lambda lines: [
+    {k: v for k, v in json.loads(l).items() if k != "steps_per_s"} for l in lines
+  ]
   assert strip(m_full) == strip(m_split) and len(m_full) == 4
 
 
@@ -54,13 +58,16 @@ def test_divergence_stops_with_a_clear_message(tmp_path, tiny_config):
     train.train(cfg, tmp_path / "d", progress=False)
 
 
-@pytest.mark.parametrize("overrides, match", [
+@pytest.mark.parametrize(
+  "overrides, match",
+  [
     ({"method": "leo"}, "method"),
     ({"meta_batch": 0}, "meta_batch"),
     ({"checkpoint_every": 15}, "multiple of log_every"),
     ({"rate_rule": "cosine"}, "rate_rule"),
     ({"colour": 1}, "unknown config field"),
-])
+  ],
+)
 def test_bad_config_fields_are_named(overrides, match):
   with pytest.raises(ValueError, match=match):
     get_config("sinusoid", **overrides)
@@ -68,9 +75,30 @@ def test_bad_config_fields_are_named(overrides, match):
 
 def test_cli_train_evaluate_plot(tmp_path, capsys):
   run = str(tmp_path / "cli")
-  args = ["train", "--config", "sinusoid", "--out", run, "--hidden", "8", "--meta_batch", "2",
-          "--iterations", "20", "--log_every", "10", "--checkpoint_every", "10", "--val_every", "0",
-          "--eval_tasks", "10", "--eval_batch", "10", "--no_progress"]
+  args = [
+    "train",
+    "--config",
+    "sinusoid",
+    "--out",
+    run,
+    "--hidden",
+    "8",
+    "--meta_batch",
+    "2",
+    "--iterations",
+    "20",
+    "--log_every",
+    "10",
+    "--checkpoint_every",
+    "10",
+    "--val_every",
+    "0",
+    "--eval_tasks",
+    "10",
+    "--eval_batch",
+    "10",
+    "--no_progress",
+  ]
   assert cli.main(args) == 0
   out = capsys.readouterr().out
   assert "query loss before adaptation" in out and "final alpha" in out
@@ -115,6 +143,7 @@ def test_time_budget_stops_after_a_chunk_and_evaluates(tmp_path, tiny_config):
   assert int(state.step) == 1 and results["steps"] == 1
   assert "loss" in results["test"]
   from amaml.checkpoint import Checkpointer
+
   assert Checkpointer(tmp_path / "t" / "checkpoints").latest_step() == 1
   recs = [json.loads(l) for l in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in recs] == [1]
@@ -127,15 +156,19 @@ def test_chunks_grow_to_the_time_target_and_change_no_result(tmp_path, monkeypat
   monkeypatch.setattr(train, "CHUNK_SECONDS", 0.0)
   small, _ = train.train(cfg, tmp_path / "small", progress=False, evaluate_at_end=False)
   chex.assert_trees_all_equal(big, small)
-  strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "steps_per_s"}
-                     for l in (p / "metrics.jsonl").read_text().splitlines()]
+  strip = lambda p: [
+    {k: v for k, v in json.loads(l).items() if k != "steps_per_s"}
+    for l in (p / "metrics.jsonl").read_text().splitlines()
+  ]
   assert strip(tmp_path / "big") == strip(tmp_path / "small")
   assert [r["step"] for r in strip(tmp_path / "big")] == [10, 20, 30]
 
 
 def test_remat_flag_reaches_the_learner_and_changes_nothing_but_memory():
   cfg = get_config("sinusoid", inner_steps=3, meta_batch=4)
-  assert cli._parser().parse_args(["train", "--config", "sinusoid", "--remat", "true"]).remat is True
+  assert (
+    cli._parser().parse_args(["train", "--config", "sinusoid", "--remat", "true"]).remat is True
+  )
   plain, remat = train.build(cfg), train.build(dataclasses.replace(cfg, remat=True))
   batch = plain.sample(jax.random.key(3), None, 4)
   s1, m1 = plain.learner.step(plain.learner.init(plain.params), batch)
@@ -158,8 +191,8 @@ def _read_events(folder):
     data = path.read_bytes()
     pos = 0
     while pos < len(data):
-      (n,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      (n,) = struct.unpack("<Q", data[pos : pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
       pos += 12 + n + 4
       for v in event.summary.value:
         out.setdefault(v.tag, {})[event.step] = v.simple_value

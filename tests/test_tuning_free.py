@@ -44,7 +44,7 @@ def test_default_is_scale_invariant(x64, outer):
   estimate, or the hypergradient-adapted rate) is the same, and so are the weights (float64,
   and the optimizer's epsilon far below every gradient, so that only rounding differs)."""
   params = _params()
-  optimizer = (optax.contrib.dadapt_adamw(eps=1e-30, estim_lr0=1e-6) if outer == "default" else None)
+  optimizer = optax.contrib.dadapt_adamw(eps=1e-30, estim_lr0=1e-6) if outer == "default" else None
   kw = dict(optimizer=optax.adam, eps=1e-30) if outer == "adam" else dict(optimizer=optimizer)
   s1, a1, b1 = _run(amaml.alpha_maml(_mse(), alpha=0.3, **kw), params, 25)
   s2, a2, b2 = _run(amaml.alpha_maml(_mse(1000.0), alpha=0.3e-3, **kw), params, 25)
@@ -160,7 +160,10 @@ def test_guards_hold_under_the_default():
 
 def test_default_rates_resolve_per_rule():
   assert meta._default_hyper_lrs("normalized", None, None) == (rates.DEFAULT_HYPER_LR,) * 2
-  assert meta._default_hyper_lrs("additive", None, None) == (rates.PAPER_ALPHA_LR, rates.PAPER_BETA_LR)
+  assert meta._default_hyper_lrs("additive", None, None) == (
+    rates.PAPER_ALPHA_LR,
+    rates.PAPER_BETA_LR,
+  )
   assert meta._default_hyper_lrs("additive", 5e-3, None) == (5e-3, rates.PAPER_BETA_LR)
   with pytest.raises(ValueError, match="log"):
     meta._default_hyper_lrs("log", None, None)
@@ -179,8 +182,11 @@ def test_configs_carry_no_rate_settings_of_their_own(name):
   assert (cfg.alpha_min, cfg.alpha_max) == (lib["alpha_min"], lib["alpha_max"])
   assert (cfg.beta_min, cfg.beta_max) == (lib["beta_min"], lib["beta_max"])
   assert cfg.beta is None  # the method's own beta0 (Config.resolved_beta)
-  assert (cfg.alpha, cfg.resolved_beta) == (lib["alpha"], lib["beta"]) == (
-      default.alpha, default.resolved_beta)
+  assert (
+    (cfg.alpha, cfg.resolved_beta)
+    == (lib["alpha"], lib["beta"])
+    == (default.alpha, default.resolved_beta)
+  )
   assert cfg.test_adaptation == "select"
   # the outer optimizer is the method's own: for alpha-maml the library's default
   assert cfg.outer_optimizer is None and lib["optimizer"] is None
@@ -188,12 +194,20 @@ def test_configs_carry_no_rate_settings_of_their_own(name):
   built = train.outer_optimizer("dadapt_adamw")
   params = {"w": jnp.ones(3)}
   assert jax.tree.structure(built.init(params)) == jax.tree.structure(
-      meta.default_outer_optimizer().init(params))
+    meta.default_outer_optimizer().init(params)
+  )
 
 
 # over conftest's tiny sinusoid config: the config's own network and meta-batch
-TINY = dict(hidden=40, meta_batch=25, log_every=20, checkpoint_every=0, eval_tasks=50,
-            eval_batch=25, val_tasks=50)
+TINY = dict(
+  hidden=40,
+  meta_batch=25,
+  log_every=20,
+  checkpoint_every=0,
+  eval_tasks=50,
+  eval_batch=25,
+  val_tasks=50,
+)
 
 
 def test_adaptation_curve_equals_evaluate_at_each_step_count(tiny_config):
@@ -217,9 +231,11 @@ def test_selected_test_adaptation_cannot_diverge(tiny_config):
   choice = train.select_adaptation(exp, exp.params, alpha, "val", 50)
   assert (choice["inner_steps"], choice["alpha_scale"]) != (10, 1.0)
   assert choice["scores"][f"{choice['alpha_scale']:g}x{choice['inner_steps']}"] == max(
-      choice["scores"].values())
-  chosen = train.evaluate(exp, exp.params, alpha, "test", 50, choice["inner_steps"],
-                          alpha_scale=choice["alpha_scale"])
+    choice["scores"].values()
+  )
+  chosen = train.evaluate(
+    exp, exp.params, alpha, "test", 50, choice["inner_steps"], alpha_scale=choice["alpha_scale"]
+  )
   assert chosen["loss"] < 0.9 * chosen["pre_loss"]
   # far too large for any candidate rate: the choice is not to adapt at all
   none = train.select_adaptation(exp, exp.params, jnp.float32(40.0), "val", 50)
@@ -234,8 +250,9 @@ def test_train_reports_selected_and_fixed_protocols(tmp_path, tiny_config):
   if (choice["inner_steps"], choice["alpha_scale"]) != (10, 1.0):
     assert results["test_fixed"]["inner_steps"] == 10
   assert "chosen on 50 val tasks" in train.format_results(results)
-  _, fixed = train.train(tiny_config(**TINY, alpha=0.4, test_adaptation="fixed"), tmp_path / "fixed",
-                         progress=False)
+  _, fixed = train.train(
+    tiny_config(**TINY, alpha=0.4, test_adaptation="fixed"), tmp_path / "fixed", progress=False
+  )
   assert "test_adaptation" not in fixed and fixed["test"]["inner_steps"] == 10
 
 
@@ -267,6 +284,9 @@ def test_default_adapts_one_alpha_per_tensor_and_maml_one_alpha():
   assert all(a.shape == () and float(a) == pytest.approx(0.3) for a in jax.tree.leaves(alpha))
   exp = train.build(configs.get_config("sinusoid", alpha=0.3))
   assert jax.tree.structure(exp.learner.init(exp.params).alpha) == jax.tree.structure(exp.params)
-  for learner in (amaml.maml(_mse(), alpha=0.3), amaml.alpha_maml_paper(_mse(), alpha=0.3),
-                  amaml.alpha_maml(_mse(), alpha=0.3, alpha_granularity="scalar")):
+  for learner in (
+    amaml.maml(_mse(), alpha=0.3),
+    amaml.alpha_maml_paper(_mse(), alpha=0.3),
+    amaml.alpha_maml(_mse(), alpha=0.3, alpha_granularity="scalar"),
+  ):
     assert jnp.shape(learner.init(params).alpha) == ()

@@ -1,5 +1,6 @@
 """benchmarks/tuning_free_suite.py: the smallest suite runs, its tables read hand-written
 records correctly, and the linear family's closed-form best alpha is the best."""
+
 import sys
 from pathlib import Path
 
@@ -13,14 +14,25 @@ import tuning_free_suite as suite  # noqa: E402
 
 
 def _rows(family, budget, method, values):
-  return [{"family": family, "budget": budget, "method": method, "alpha0": a, "seed": s,
-           "test": v, "steps": 10} for a, per_seed in values.items() for s, v in enumerate(per_seed)]
+  return [
+    {
+      "family": family,
+      "budget": budget,
+      "method": method,
+      "alpha0": a,
+      "seed": s,
+      "test": v,
+      "steps": 10,
+    }
+    for a, per_seed in values.items()
+    for s, v in enumerate(per_seed)
+  ]
 
 
 def test_tables_on_hand_written_records():
-  rows = (_rows("omniglot-5w1s", "short", "maml", {0.01: [40, 42], 1.0: [80, 90], 4.0: [20, 20]})
-          + _rows("omniglot-5w1s", "short", "default", {0.01: [84, 86], 1.0: [86, 88],
-                                                        4.0: [83, 85]}))
+  rows = _rows(
+    "omniglot-5w1s", "short", "maml", {0.01: [40, 42], 1.0: [80, 90], 4.0: [20, 20]}
+  ) + _rows("omniglot-5w1s", "short", "default", {0.01: [84, 86], 1.0: [86, 88], 4.0: [83, 85]})
   means = suite.cell_means(rows)
   assert means[("omniglot-5w1s", "short", "maml", 1.0)] == 85.0
   # the default's worst start (84) against MAML's best (85): -1 point, just meets the target
@@ -35,8 +47,9 @@ def test_tables_on_hand_written_records():
 
 
 def test_regression_ratio_and_divergence():
-  rows = (_rows("linear", "long", "maml", {0.1: [2.0], 1.0: [float("inf")]})
-          + _rows("linear", "long", "default", {0.1: [2.1], 1.0: [2.4]}))
+  rows = _rows("linear", "long", "maml", {0.1: [2.0], 1.0: [float("inf")]}) + _rows(
+    "linear", "long", "default", {0.1: [2.1], 1.0: [2.4]}
+  )
   # MSE: lower is better, the gap is a ratio, a diverged cell is MAML's worst not its best
   assert suite.worst_best([2.0, float("inf")], higher=False) == (np.inf, 2.0)
   table = suite.family_table(rows, "linear", "long", [0.1, 1.0])
@@ -47,9 +60,11 @@ def test_regression_ratio_and_divergence():
 
 
 def test_render_tabulates_the_chosen_field(tmp_path, capsys):
-  rows = [{**r, "test_coarse": r["test"] - 10.0} for r in
-          _rows("omniglot-5w1s", "short", "maml", {0.01: [40.0], 1.0: [80.0]})
-          + _rows("omniglot-5w1s", "short", "default", {0.01: [84.0], 1.0: [86.0]})]
+  rows = [
+    {**r, "test_coarse": r["test"] - 10.0}
+    for r in _rows("omniglot-5w1s", "short", "maml", {0.01: [40.0], 1.0: [80.0]})
+    + _rows("omniglot-5w1s", "short", "default", {0.01: [84.0], 1.0: [86.0]})
+  ]
   path = tmp_path / "rows.jsonl.gz"
   suite.robustness.write_jsonl(path, rows)
   suite.main(["--render", str(path), "--field", "test_coarse", "--images", str(tmp_path)])
@@ -68,6 +83,7 @@ def test_linear_best_alpha_is_the_closed_form():
     def task(sx, sy, qx, qy):
       g = jax.grad(lambda p: loss_fn(p, sx, sy)[0])(params)
       return loss_fn(jax.tree.map(lambda p, d: p - alpha * d, params, g), qx, qy)[0]
+
     return jnp.mean(jax.vmap(task)(*batch))
 
   a = suite.LINEAR_BEST_ALPHA
@@ -76,16 +92,20 @@ def test_linear_best_alpha_is_the_closed_form():
   assert np.argmin(losses) == 2, losses
   # and the closed-form ratio of losses at a and at 0 (no adaptation)
   k, d = suite.LINEAR_SHOTS, suite.LINEAR_DIM
-  np.testing.assert_allclose(losses[2] / float(after_one_step(0.0)), 1 - k / (k + d + 1),
-                             rtol=0.03)
+  np.testing.assert_allclose(losses[2] / float(after_one_step(0.0)), 1 - k / (k + d + 1), rtol=0.03)
 
 
 @pytest.mark.parametrize("method", ["maml", "default"])
 def test_smallest_suite_runs(method, tmp_path):
-  rows = suite.run_family("linear", method, alphas=(0.01, 1.0), budgets=(2, 4), seeds=1,
-                          log_every=2)
+  rows = suite.run_family(
+    "linear", method, alphas=(0.01, 1.0), budgets=(2, 4), seeds=1, log_every=2
+  )
   assert [(r["budget"], r["steps"], r["alpha0"]) for r in rows] == [
-      ("short", 2, 0.01), ("short", 2, 1.0), ("long", 4, 0.01), ("long", 4, 1.0)]
+    ("short", 2, 0.01),
+    ("short", 2, 1.0),
+    ("long", 4, 0.01),
+    ("long", 4, 1.0),
+  ]
   assert len(rows[-1]["alpha_traj"]) == 2
   if method == "maml":  # alpha is fixed
     assert [r["final_alpha"] for r in rows] == pytest.approx([0.01, 1.0, 0.01, 1.0])

@@ -10,31 +10,54 @@
 The TFDS path (:mod:`amaml.data.tfds_omniglot`) imports ``tensorflow_datasets``,
 so its functions are imported on first use.
 """
+
 from amaml.data.episodes import EpisodeIterator, sample_episodes, sample_tasks
-from amaml.data.omniglot import (OmniglotSplits, default_cache_dir, load_omniglot,
-                                 load_omniglot_characters, omniglot_split_indices, rotate_classes)
-from amaml.data.omniglot_arrays import (find_omniglot_dir, read_omniglot_arrays,
-                                        write_omniglot_arrays)
+from amaml.data.omniglot import (
+  OmniglotSplits,
+  default_cache_dir,
+  load_omniglot,
+  load_omniglot_characters,
+  omniglot_split_indices,
+  rotate_classes,
+)
+from amaml.data.omniglot_arrays import (
+  find_omniglot_dir,
+  read_omniglot_arrays,
+  write_omniglot_arrays,
+)
 from amaml.data.image_folders import load_image_benchmark
 from amaml.data.omniglot_zips import download_omniglot
 from amaml.data.sources import ClassImages
 
 
-def prepare_tfds_omniglot(data_dir=None, *, arrays_dir=None, zips_dir=None, download=False,
-                          verbose=False):
+def prepare_tfds_omniglot(
+  data_dir=None, *, arrays_dir=None, zips_dir=None, download=False, verbose=False
+):
   """Prepares Omniglot for TFDS (``amaml_omniglot``, array_record); see
   :func:`amaml.data.tfds_omniglot.prepare_tfds_omniglot`. Never downloads unless
   ``download=True``."""
   from amaml.data import tfds_omniglot
 
-  return tfds_omniglot.prepare_tfds_omniglot(data_dir, arrays_dir=arrays_dir, zips_dir=zips_dir,
-                                             download=download, verbose=verbose)
+  return tfds_omniglot.prepare_tfds_omniglot(
+    data_dir, arrays_dir=arrays_dir, zips_dir=zips_dir, download=download, verbose=verbose
+  )
 
 
 __all__ = [
-    "ClassImages", "EpisodeIterator", "OmniglotSplits", "default_cache_dir", "download_omniglot",
-    "find_omniglot_dir", "load_image_benchmark",
-    "load_omniglot", "load_omniglot_characters", "omniglot_split_indices",
-    "prepare_tfds_omniglot", "read_omniglot_arrays", "rotate_classes", "sample_episodes",
-    "sample_tasks", "write_omniglot_arrays",
+  "ClassImages",
+  "EpisodeIterator",
+  "OmniglotSplits",
+  "default_cache_dir",
+  "download_omniglot",
+  "find_omniglot_dir",
+  "load_image_benchmark",
+  "load_omniglot",
+  "load_omniglot_characters",
+  "omniglot_split_indices",
+  "prepare_tfds_omniglot",
+  "read_omniglot_arrays",
+  "rotate_classes",
+  "sample_episodes",
+  "sample_tasks",
+  "write_omniglot_arrays",
 ]

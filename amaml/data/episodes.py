@@ -28,6 +28,7 @@ Python/``fori_loop`` loop is Floyd's, over the ``ways`` draws).
 >>> b.support_x.shape, b.support_y[0].tolist(), b.query_y[0].tolist()
 ((8, 3, 4, 4, 1), [0, 1, 2], [0, 0, 1, 1, 2, 2])
 """
+
 from __future__ import annotations
 
 import queue
@@ -46,20 +47,22 @@ def _as_images(images) -> Any:
 
 def check_episode_args(images_shape, ways: int, shots: int, queries: int, num_tasks: int) -> None:
   """Raises ``ValueError`` naming the problem if an episode cannot be drawn."""
-  for name, v in (("ways", ways), ("shots", shots), ("queries", queries),
-                  ("num_tasks", num_tasks)):
+  for name, v in (("ways", ways), ("shots", shots), ("queries", queries), ("num_tasks", num_tasks)):
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
       raise ValueError(f"{name} must be a positive int, got {v!r}")
   if len(images_shape) < 3:
     raise ValueError(f"images must be [classes, examples, ...], got shape {tuple(images_shape)}")
   classes, examples = int(images_shape[0]), int(images_shape[1])
   if ways > classes:
-    raise ValueError(f"ways={ways} exceeds the {classes} classes of the source: lower ways or use "
-                     "a split with more classes")
+    raise ValueError(
+      f"ways={ways} exceeds the {classes} classes of the source: lower ways or use "
+      "a split with more classes"
+    )
   if shots + queries > examples:
     raise ValueError(
-        f"shots + queries = {shots} + {queries} = {shots + queries} exceeds the {examples} "
-        f"examples per class: support and query examples must be distinct, so lower them")
+      f"shots + queries = {shots} + {queries} = {shots + queries} exceeds the {examples} "
+      f"examples per class: support and query examples must be distinct, so lower them"
+    )
 
 
 def _labels(ways: int, per_class: int, num_tasks: int) -> np.ndarray:
@@ -72,7 +75,7 @@ def _floyd(rng: np.random.Generator, n: int, k: int, batch: int) -> np.ndarray:
   t = rng.integers(0, np.arange(n - k + 1, n + 1), size=(batch, k))  # t[:, i] in [0, n-k+i]
   chosen = np.empty((batch, k), np.int64)
   for i in range(k):  # Floyd: draw t in [0, j]; if taken, take j (never taken yet)
-    dup = (chosen[:, :i] == t[:, i:i + 1]).any(axis=1)
+    dup = (chosen[:, :i] == t[:, i : i + 1]).any(axis=1)
     chosen[:, i] = np.where(dup, n - k + i, t[:, i])
   order = np.argsort(rng.random((batch, k)), axis=1)  # Floyd's set, in random order
   return np.take_along_axis(chosen, order, axis=1)
@@ -85,20 +88,21 @@ def _smallest_sorted(keys: np.ndarray, k: int) -> np.ndarray:
   return np.take_along_axis(idx, order, axis=-1)
 
 
-def sample_episode_indices(rng, num_classes: int, num_examples: int, ways: int, shots: int,
-                           queries: int, num_tasks: int) -> tuple[np.ndarray, np.ndarray]:
+def sample_episode_indices(
+  rng, num_classes: int, num_examples: int, ways: int, shots: int, queries: int, num_tasks: int
+) -> tuple[np.ndarray, np.ndarray]:
   """``(classes [tasks, ways], examples [tasks, ways, shots + queries])`` drawn as described
   in the module docstring (``rng``: a seed or a ``numpy.random.Generator``)."""
   rng = np.random.default_rng(rng)
   check_episode_args((num_classes, num_examples, 1), ways, shots, queries, num_tasks)
   classes = _floyd(rng, num_classes, ways, num_tasks)
-  examples = _smallest_sorted(rng.random((num_tasks, ways, num_examples), np.float32),
-                              shots + queries)
+  examples = _smallest_sorted(
+    rng.random((num_tasks, ways, num_examples), np.float32), shots + queries
+  )
   return classes, examples
 
 
-def sample_episodes(rng, images, ways: int, shots: int, queries: int,
-                    num_tasks: int) -> TaskBatch:
+def sample_episodes(rng, images, ways: int, shots: int, queries: int, num_tasks: int) -> TaskBatch:
   """A :class:`TaskBatch` of ``num_tasks`` N-way K-shot tasks, as numpy arrays.
 
   ``rng``: an int seed or a ``numpy.random.Generator`` (advanced in place, so
@@ -116,8 +120,9 @@ def sample_episodes(rng, images, ways: int, shots: int, queries: int,
   if x.dtype != np.uint8:
     raise TypeError(f"images must be uint8 [classes, examples, H, W, C], got {x.dtype}")
   check_episode_args(x.shape, ways, shots, queries, num_tasks)
-  classes, examples = sample_episode_indices(rng, x.shape[0], x.shape[1], ways, shots, queries,
-                                             num_tasks)
+  classes, examples = sample_episode_indices(
+    rng, x.shape[0], x.shape[1], ways, shots, queries, num_tasks
+  )
   cls = classes[:, :, None]
 
   def gather(ex, per_class):  # uint8 gather, then one pass to float32 in [0, 1]
@@ -177,12 +182,24 @@ class EpisodeIterator:
   (5, (3, 2, 2, 2, 1))
   """
 
-  def __init__(self, images, ways: int, shots: int, queries: int, num_tasks: int, *,
-               seed=0, prefetch: int = 2, device_put=False, num_batches: int | None = None):
+  def __init__(
+    self,
+    images,
+    ways: int,
+    shots: int,
+    queries: int,
+    num_tasks: int,
+    *,
+    seed=0,
+    prefetch: int = 2,
+    device_put=False,
+    num_batches: int | None = None,
+  ):
     self._images = np.asarray(_as_images(images))
     if self._images.dtype != np.uint8:
-      raise TypeError(f"images must be uint8 [classes, examples, H, W, C], got "
-                      f"{self._images.dtype}")
+      raise TypeError(
+        f"images must be uint8 [classes, examples, H, W, C], got {self._images.dtype}"
+      )
     check_episode_args(self._images.shape, ways, shots, queries, num_tasks)
     if prefetch < 1:
       raise ValueError(f"prefetch must be >= 1, got {prefetch}")
@@ -192,9 +209,19 @@ class EpisodeIterator:
     # The thread holds no reference to `self`, so an abandoned iterator is collected
     # (and its thread told to stop by __del__).
     self._thread = threading.Thread(
-        target=_produce, name="amaml-episodes", daemon=True,
-        args=(self._queue, self._stop, self._images, (ways, shots, queries, num_tasks),
-              np.random.default_rng(seed), device_put, num_batches))
+      target=_produce,
+      name="amaml-episodes",
+      daemon=True,
+      args=(
+        self._queue,
+        self._stop,
+        self._images,
+        (ways, shots, queries, num_tasks),
+        np.random.default_rng(seed),
+        device_put,
+        num_batches,
+      ),
+    )
     self._thread.start()
 
   def __iter__(self) -> Iterator[TaskBatch]:
@@ -236,8 +263,9 @@ def _floyd_jax(key, n: int, k: int, batch: int):
   import jax.numpy as jnp
 
   k_draw, k_order = jax.random.split(key)
-  t = jax.random.randint(k_draw, (batch, k), 0, jnp.arange(n - k + 1, n + 1, dtype=jnp.int32),
-                         dtype=jnp.int32)
+  t = jax.random.randint(
+    k_draw, (batch, k), 0, jnp.arange(n - k + 1, n + 1, dtype=jnp.int32), dtype=jnp.int32
+  )
 
   def step(i, chosen):
     ti = jax.lax.dynamic_index_in_dim(t, i, axis=1, keepdims=False)
@@ -275,13 +303,15 @@ def sample_tasks(key, images, ways: int, shots: int, queries: int, num_tasks: in
   num_classes, num_examples = images.shape[0], images.shape[1]
   k_cls, k_ex = jax.random.split(key)
   classes = _floyd_jax(k_cls, num_classes, ways, num_tasks)
-  _, examples = jax.lax.top_k(jax.random.uniform(k_ex, (num_tasks, ways, num_examples)),
-                              shots + queries)
+  _, examples = jax.lax.top_k(
+    jax.random.uniform(k_ex, (num_tasks, ways, num_examples)), shots + queries
+  )
   picked = jnp.asarray(images)[classes[:, :, None], examples]  # [tasks, ways, s+q, H, W, C]
   picked = picked.astype(jnp.float32) * jnp.float32(1.0 / 255.0)
   shape = images.shape[2:]
   sx = picked[:, :, :shots].reshape(num_tasks, ways * shots, *shape)
   qx = picked[:, :, shots:].reshape(num_tasks, ways * queries, *shape)
-  lab = lambda n: jnp.broadcast_to(jnp.repeat(jnp.arange(ways, dtype=jnp.int32), n),
-                                   (num_tasks, ways * n))
+  lab = lambda n: jnp.broadcast_to(
+    jnp.repeat(jnp.arange(ways, dtype=jnp.int32), n), (num_tasks, ways * n)
+  )
   return TaskBatch(sx, lab(shots), qx, lab(queries))

@@ -41,6 +41,7 @@ with more images than the split's smallest class keep their first images by file
 >>> splits["train"].images.shape, splits["test"].class_names
 ((2, 3, 8, 8, 3), ('c0', 'c1'))
 """
+
 from __future__ import annotations
 
 import csv
@@ -67,32 +68,45 @@ class ImageBenchmark(NamedTuple):
 
 
 DATASETS: dict[str, ImageBenchmark] = {
-    "miniimagenet": ImageBenchmark(
-        "miniImageNet", 84, (64, 16, 20),
-        "the split files of Ravi & Larochelle (github.com/twitter/meta-learning-lstm, "
-        "train.csv / val.csv / test.csv) with the ImageNet images they name",
-        "AMAML_MINIIMAGENET_DIR"),
-    "tieredimagenet": ImageBenchmark(
-        "tieredImageNet", 84, (351, 97, 160),
-        "Ren et al. 2018 (github.com/renmengye/few-shot-ssl-public), unpacked as images",
-        "AMAML_TIEREDIMAGENET_DIR"),
-    "cifar-fs": ImageBenchmark(
-        "CIFAR-FS", 32, (64, 16, 20),
-        "Bertinetto et al. 2019 (github.com/bertinetto/r2d2), unpacked as images",
-        "AMAML_CIFAR_FS_DIR"),
-    "fc100": ImageBenchmark(
-        "FC100", 32, (60, 20, 20),
-        "Oreshkin et al. 2018 (github.com/ElementAI/TADAM), unpacked as images",
-        "AMAML_FC100_DIR"),
+  "miniimagenet": ImageBenchmark(
+    "miniImageNet",
+    84,
+    (64, 16, 20),
+    "the split files of Ravi & Larochelle (github.com/twitter/meta-learning-lstm, "
+    "train.csv / val.csv / test.csv) with the ImageNet images they name",
+    "AMAML_MINIIMAGENET_DIR",
+  ),
+  "tieredimagenet": ImageBenchmark(
+    "tieredImageNet",
+    84,
+    (351, 97, 160),
+    "Ren et al. 2018 (github.com/renmengye/few-shot-ssl-public), unpacked as images",
+    "AMAML_TIEREDIMAGENET_DIR",
+  ),
+  "cifar-fs": ImageBenchmark(
+    "CIFAR-FS",
+    32,
+    (64, 16, 20),
+    "Bertinetto et al. 2019 (github.com/bertinetto/r2d2), unpacked as images",
+    "AMAML_CIFAR_FS_DIR",
+  ),
+  "fc100": ImageBenchmark(
+    "FC100",
+    32,
+    (60, 20, 20),
+    "Oreshkin et al. 2018 (github.com/ElementAI/TADAM), unpacked as images",
+    "AMAML_FC100_DIR",
+  ),
 }
 
 
 def _missing(dataset: str, where: str) -> FileNotFoundError:
   d = DATASETS[dataset]
   return FileNotFoundError(
-      f"{d.title} not found {where}: get it from {d.source}; put it in a folder holding "
-      f"train/ val/ test/ (one sub-folder of images per class), or train.csv val.csv test.csv "
-      f"and images/; then pass --data_dir DIR or set ${d.env_var}")
+    f"{d.title} not found {where}: get it from {d.source}; put it in a folder holding "
+    f"train/ val/ test/ (one sub-folder of images per class), or train.csv val.csv test.csv "
+    f"and images/; then pass --data_dir DIR or set ${d.env_var}"
+  )
 
 
 def find_benchmark_dir(dataset: str, data_dir: str | os.PathLike | None = None) -> Path:
@@ -106,10 +120,12 @@ def find_benchmark_dir(dataset: str, data_dir: str | os.PathLike | None = None) 
   root = Path(data_dir if data_dir is not None else os.environ[env]).expanduser()
   if not root.is_dir():
     raise _missing(dataset, f"at {root} (no such folder)")
-  if not (all((root / s).is_dir() for s in SPLITS)
-          or all((root / f"{s}.csv").is_file() for s in SPLITS)):
-    raise _missing(dataset, f"in {root} (it holds neither train/ val/ test/ nor train.csv "
-                            "val.csv test.csv)")
+  if not (
+    all((root / s).is_dir() for s in SPLITS) or all((root / f"{s}.csv").is_file() for s in SPLITS)
+  ):
+    raise _missing(
+      dataset, f"in {root} (it holds neither train/ val/ test/ nor train.csv val.csv test.csv)"
+    )
   return root
 
 
@@ -122,21 +138,27 @@ def split_files(root: Path, split: str) -> dict[str, list[Path]]:
       rows = csv.reader(f)
       header = next(rows, None)
       if header is None or [h.strip() for h in header[:2]] != ["filename", "label"]:
-        raise ValueError(f"{csv_path} must start with the header filename,label "
-                         f"(Ravi & Larochelle's split files), got {header}")
+        raise ValueError(
+          f"{csv_path} must start with the header filename,label "
+          f"(Ravi & Larochelle's split files), got {header}"
+        )
       for i, row in enumerate(rows, start=2):
         if len(row) < 2:
           raise ValueError(f"{csv_path}, line {i}: expected filename,label, got {row}")
         files.setdefault(row[1], []).append(root / "images" / row[0])
     missing = [p for ps in files.values() for p in ps if not p.is_file()]
     if missing:
-      raise FileNotFoundError(f"{len(missing)} image(s) named in {csv_path} are missing, e.g. "
-                              f"{missing[0]}: put every image in {root / 'images'}")
+      raise FileNotFoundError(
+        f"{len(missing)} image(s) named in {csv_path} are missing, e.g. "
+        f"{missing[0]}: put every image in {root / 'images'}"
+      )
     return {c: sorted(files[c]) for c in sorted(files)}
   split_dir = root / split
-  return {d.name: sorted(f for f in d.iterdir() if f.is_file()
-                         and f.suffix.lower() in IMAGE_EXTENSIONS)
-          for d in sorted(split_dir.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+  return {
+    d.name: sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+    for d in sorted(split_dir.iterdir())
+    if d.is_dir() and not d.name.startswith(".")
+  }
 
 
 def _listing_hash(files: dict[str, list[Path]]) -> str:
@@ -147,9 +169,13 @@ def _listing_hash(files: dict[str, list[Path]]) -> str:
   return h.hexdigest()[:16]
 
 
-def load_image_benchmark(dataset: str, data_dir: str | os.PathLike | None = None, *,
-                         image_size: int | None = None,
-                         cache_dir: str | os.PathLike | bool | None = None) -> dict[str, ClassImages]:
+def load_image_benchmark(
+  dataset: str,
+  data_dir: str | os.PathLike | None = None,
+  *,
+  image_size: int | None = None,
+  cache_dir: str | os.PathLike | bool | None = None,
+) -> dict[str, ClassImages]:
   """The ``train``/``val``/``test`` splits of ``dataset`` (a key of :data:`DATASETS`) read
   from ``data_dir`` (see :func:`find_benchmark_dir`), RGB, resized to ``image_size``
   (default: the benchmark's). ``cache_dir=False`` disables the cache."""

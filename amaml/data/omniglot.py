@@ -44,6 +44,7 @@ file + ``os.replace``), so concurrent runs are safe.
 >>> load_omniglot("lake", omniglot_dir=d, cache_dir=tempfile.mkdtemp()).val is None
 True
 """
+
 from __future__ import annotations
 
 import functools
@@ -124,12 +125,12 @@ def ink_to_uint8(paper: np.ndarray, size: int, chunk: int = 2048) -> np.ndarray:
   out = np.empty((flat.shape[0], size, size), np.uint8)
   ah, aw = _box_matrix(h, size), _box_matrix(w, size)
   for s in range(0, flat.shape[0], chunk):
-    ink = 1.0 - flat[s:s + chunk].astype(np.float32)
+    ink = 1.0 - flat[s : s + chunk].astype(np.float32)
     n = ink.shape[0]
-    y = (ink.reshape(n * h, w) @ aw.T).reshape(n, h, size)           # resize rows
+    y = (ink.reshape(n * h, w) @ aw.T).reshape(n, h, size)  # resize rows
     y = (y.transpose(0, 2, 1).reshape(n * size, h) @ ah.T).reshape(n, size, size)
-    y = y.transpose(0, 2, 1)                                            # resize columns
-    out[s:s + chunk] = np.clip(np.rint(y * 255.0), 0, 255).astype(np.uint8)
+    y = y.transpose(0, 2, 1)  # resize columns
+    out[s : s + chunk] = np.clip(np.rint(y * 255.0), 0, 255).astype(np.uint8)
   return out.reshape(*lead, size, size)
 
 
@@ -154,12 +155,19 @@ def _from_full_size(arr: OmniglotArrays, size: int) -> OmniglotCharacters:
     images = np.where(paper, np.uint8(0), np.uint8(255))
   else:
     images = ink_to_uint8(paper, size)
-  return OmniglotCharacters(ClassImages(images[..., None], tuple(arr.character_names())),
-                            arr.num_background)
+  return OmniglotCharacters(
+    ClassImages(images[..., None], tuple(arr.character_names())), arr.num_background
+  )
 
 
-def load_omniglot_characters(image_size: int = 28, *, omniglot_dir=None, cache_dir=None,
-                             source: str = "auto", tfds_data_dir=None) -> OmniglotCharacters:
+def load_omniglot_characters(
+  image_size: int = 28,
+  *,
+  omniglot_dir=None,
+  cache_dir=None,
+  source: str = "auto",
+  tfds_data_dir=None,
+) -> OmniglotCharacters:
   """All Omniglot characters, pre-processed and cached (see the module docstring).
 
   ``source``: ``'auto'`` (arrays folder if one is found, else TFDS), ``'arrays'``
@@ -170,18 +178,23 @@ def load_omniglot_characters(image_size: int = 28, *, omniglot_dir=None, cache_d
   if source not in ("auto", "arrays", "tfds"):
     raise ValueError(f"source must be 'auto', 'arrays' or 'tfds', got {source!r}")
   arrays_dir = find_omniglot_dir(omniglot_dir) if source != "tfds" else None
-  if arrays_dir is None and (source == "arrays" or importlib.util.find_spec(
-      "tensorflow_datasets") is None and source == "auto"):
+  if arrays_dir is None and (
+    source == "arrays"
+    or importlib.util.find_spec("tensorflow_datasets") is None
+    and source == "auto"
+  ):
     raise FileNotFoundError(
-        "no Omniglot arrays folder found: run `amaml download omniglot` once (it needs the "
-        "internet), or pass --data_dir (omniglot_dir= in Python) or set $AMAML_OMNIGLOT_DIR "
-        "to a folder holding "
-        "images_background.npz and images_evaluation.npz")
+      "no Omniglot arrays folder found: run `amaml download omniglot` once (it needs the "
+      "internet), or pass --data_dir (omniglot_dir= in Python) or set $AMAML_OMNIGLOT_DIR "
+      "to a folder holding "
+      "images_background.npz and images_evaluation.npz"
+    )
   if arrays_dir is not None:
     checksum, tag = arrays_checksum(arrays_dir), "arrays"
     read = lambda: read_omniglot_arrays(arrays_dir)
   else:
     from amaml.data import tfds_omniglot  # imports tensorflow_datasets: only when needed
+
     checksum, tag = tfds_omniglot.prepared_checksum(tfds_data_dir), "tfds"
     read = lambda: tfds_omniglot.read_tfds_omniglot(tfds_data_dir)
 
@@ -194,23 +207,37 @@ def load_omniglot_characters(image_size: int = 28, *, omniglot_dir=None, cache_d
       with np.load(path) as z:
         if int(z["format"]) == _CACHE_FORMAT:
           return OmniglotCharacters(
-              ClassImages(z["images"], tuple(str(n) for n in z["class_names"])),
-              int(z["num_background"]))
+            ClassImages(z["images"], tuple(str(n) for n in z["class_names"])),
+            int(z["num_background"]),
+          )
     except Exception as e:  # a damaged cache is rebuilt, never trusted
       warnings.warn(f"ignoring unreadable Omniglot cache {path} ({e}); rebuilding it")
   out = _from_full_size(read(), image_size)
   try:
-    _atomic_savez(path, images=out.characters.images, num_background=out.num_background,
-                  class_names=np.asarray(out.characters.class_names), format=_CACHE_FORMAT)
+    _atomic_savez(
+      path,
+      images=out.characters.images,
+      num_background=out.num_background,
+      class_names=np.asarray(out.characters.class_names),
+      format=_CACHE_FORMAT,
+    )
   except OSError as e:
-    warnings.warn(f"could not write the Omniglot cache {path} ({e}); set ${CACHE_ENV_VAR} to a "
-                  "writable folder to skip pre-processing next time")
+    warnings.warn(
+      f"could not write the Omniglot cache {path} ({e}); set ${CACHE_ENV_VAR} to a "
+      "writable folder to skip pre-processing next time"
+    )
   return out
 
 
-def omniglot_split_indices(num_characters: int, num_background: int, protocol: str = "maml", *,
-                           split_seed: int = MAML_SPLIT_SEED, num_train: int | None = None,
-                           num_val: int | None = None) -> dict[str, np.ndarray | None]:
+def omniglot_split_indices(
+  num_characters: int,
+  num_background: int,
+  protocol: str = "maml",
+  *,
+  split_seed: int = MAML_SPLIT_SEED,
+  num_train: int | None = None,
+  num_val: int | None = None,
+) -> dict[str, np.ndarray | None]:
   """Character rows (background first) of each split: ``{'train', 'val', 'test'}``.
 
   See the module docstring for the protocols. ``'maml'``: ``num_train`` (1,100)
@@ -228,23 +255,30 @@ def omniglot_split_indices(num_characters: int, num_background: int, protocol: s
   if protocol not in PROTOCOLS:
     raise ValueError(f"unknown Omniglot protocol {protocol!r}; use one of {PROTOCOLS}")
   if not 0 < num_background < num_characters:
-    raise ValueError(f"need 0 < num_background < num_characters, got {num_background}, "
-                     f"{num_characters}")
+    raise ValueError(
+      f"need 0 < num_background < num_characters, got {num_background}, {num_characters}"
+    )
   rng = np.random.default_rng(split_seed)
   if protocol == "maml":
     num_train = MAML_NUM_TRAIN if num_train is None else num_train
     num_val = MAML_NUM_VAL if num_val is None else num_val
     if num_train < 1 or num_val < 0 or num_train + num_val >= num_characters:
       raise ValueError(
-          f"'maml' split needs num_train >= 1, num_val >= 0 and num_train + num_val < "
-          f"{num_characters} characters (to leave a test split), got {num_train} + {num_val}")
+        f"'maml' split needs num_train >= 1, num_val >= 0 and num_train + num_val < "
+        f"{num_characters} characters (to leave a test split), got {num_train} + {num_val}"
+      )
     perm = rng.permutation(num_characters)
-    train, val, test = (perm[:num_train], perm[num_train:num_train + num_val],
-                        perm[num_train + num_val:])
+    train, val, test = (
+      perm[:num_train],
+      perm[num_train : num_train + num_val],
+      perm[num_train + num_val :],
+    )
   else:
     if num_train is not None:
-      raise ValueError("'lake' meta-trains on all background characters: num_train is not "
-                       "used; pass num_val to hold some out for validation")
+      raise ValueError(
+        "'lake' meta-trains on all background characters: num_train is not "
+        "used; pass num_val to hold some out for validation"
+      )
     num_val = 0 if num_val is None else num_val
     if not 0 <= num_val < num_background:
       raise ValueError(f"num_val must be in [0, {num_background}) for 'lake', got {num_val}")
@@ -254,21 +288,25 @@ def omniglot_split_indices(num_characters: int, num_background: int, protocol: s
   return {"train": train, "val": val if len(val) else None, "test": test}
 
 
-def rotate_classes(source: ClassImages, rotations: Sequence[int] = (0, 90, 180, 270)) -> ClassImages:
+def rotate_classes(
+  source: ClassImages, rotations: Sequence[int] = (0, 90, 180, 270)
+) -> ClassImages:
   """Each class once per rotation (degrees, multiples of 90, counter-clockwise), as
   distinct classes: class ``c * len(rotations) + r`` is class ``c`` rotated by
   ``rotations[r]``; names get a ``/rot<deg>`` suffix.
 
   >>> import numpy as np
-  >>> src = ClassImages.from_arrays(np.arange(2 * 2 * 4, dtype=np.uint8).reshape(1, 2, 2, 2, 2)[..., :1])
+  >>> images = np.arange(2 * 2 * 4, dtype=np.uint8).reshape(1, 2, 2, 2, 2)[..., :1]
+  >>> src = ClassImages.from_arrays(images)
   >>> r = rotate_classes(src)
   >>> r.num_classes, bool((r.images[1] == np.rot90(src.images[0], 1, axes=(1, 2))).all())
   (4, True)
   """
   degrees = [int(d) for d in rotations]
   if not degrees or any(d % 90 for d in degrees):
-    raise ValueError(f"rotations must be a non-empty list of multiples of 90 degrees, got "
-                     f"{rotations}")
+    raise ValueError(
+      f"rotations must be a non-empty list of multiples of 90 degrees, got {rotations}"
+    )
   x = source.images
   if len({d % 360 for d in degrees}) > 1 and x.shape[2] != x.shape[3]:
     raise ValueError(f"rotating by 90 degrees needs square images, got {x.shape[2:4]}")
@@ -280,10 +318,19 @@ def rotate_classes(source: ClassImages, rotations: Sequence[int] = (0, 90, 180, 
   return ClassImages(np.ascontiguousarray(out), names)
 
 
-def load_omniglot(protocol: str = "maml", *, image_size: int = 28, omniglot_dir=None,
-                  cache_dir=None, split_seed: int = MAML_SPLIT_SEED, num_train: int | None = None,
-                  num_val: int | None = None, rotations: Sequence[int] | None = None,
-                  source: str = "auto", tfds_data_dir=None) -> OmniglotSplits:
+def load_omniglot(
+  protocol: str = "maml",
+  *,
+  image_size: int = 28,
+  omniglot_dir=None,
+  cache_dir=None,
+  split_seed: int = MAML_SPLIT_SEED,
+  num_train: int | None = None,
+  num_val: int | None = None,
+  rotations: Sequence[int] | None = None,
+  source: str = "auto",
+  tfds_data_dir=None,
+) -> OmniglotSplits:
   """Omniglot split by ``protocol`` (``'maml'`` or ``'lake'``) into :class:`ClassImages`.
 
   ``rotations`` defaults to ``(0, 90, 180, 270)`` for ``'maml'`` and ``(0,)`` for
@@ -292,10 +339,21 @@ def load_omniglot(protocol: str = "maml", *, image_size: int = 28, omniglot_dir=
   """
   if protocol not in PROTOCOLS:
     raise ValueError(f"unknown Omniglot protocol {protocol!r}; use one of {PROTOCOLS}")
-  chars = load_omniglot_characters(image_size, omniglot_dir=omniglot_dir, cache_dir=cache_dir,
-                                   source=source, tfds_data_dir=tfds_data_dir)
-  idx = omniglot_split_indices(chars.characters.num_classes, chars.num_background, protocol,
-                               split_seed=split_seed, num_train=num_train, num_val=num_val)
+  chars = load_omniglot_characters(
+    image_size,
+    omniglot_dir=omniglot_dir,
+    cache_dir=cache_dir,
+    source=source,
+    tfds_data_dir=tfds_data_dir,
+  )
+  idx = omniglot_split_indices(
+    chars.characters.num_classes,
+    chars.num_background,
+    protocol,
+    split_seed=split_seed,
+    num_train=num_train,
+    num_val=num_val,
+  )
   if rotations is None:
     rotations = (0, 90, 180, 270) if protocol == "maml" else (0,)
   split = lambda i: None if i is None else rotate_classes(chars.characters.subset(i), rotations)

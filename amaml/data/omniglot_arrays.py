@@ -25,6 +25,7 @@ where ``amaml download omniglot`` writes it (:func:`default_download_dir`).
 >>> arr.background.shape, arr.evaluation.shape, arr.character_names()[3]
 ((3, 4, 105, 105), (2, 4, 105, 105), 'evaluation/character0004')
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -105,9 +106,11 @@ def arrays_checksum(omniglot_dir: str | os.PathLike) -> str:
   ``FileNotFoundError`` for a missing file and ``ValueError`` for a mismatch.
   """
   d = Path(omniglot_dir)
-  fix = (f"run `amaml download omniglot` once, or point --data_dir (omniglot_dir= in Python, "
-         f"or ${ENV_VAR}) at a folder holding {FILES['background']} and {FILES['evaluation']}, "
-         "e.g. a copy of shared/data/omniglot")
+  fix = (
+    f"run `amaml download omniglot` once, or point --data_dir (omniglot_dir= in Python, "
+    f"or ${ENV_VAR}) at a folder holding {FILES['background']} and {FILES['evaluation']}, "
+    "e.g. a copy of shared/data/omniglot"
+  )
   if not d.is_dir():
     raise FileNotFoundError(f"Omniglot arrays folder {d} does not exist: {fix}")
   sums = _read_sums(d / "SHA256SUMS") if (d / "SHA256SUMS").is_file() else {}
@@ -119,8 +122,9 @@ def arrays_checksum(omniglot_dir: str | os.PathLike) -> str:
     digest = sha256(p)
     if fname in sums and sums[fname] != digest:
       raise ValueError(
-          f"{p} is corrupt: its SHA-256 is {digest} but {d / 'SHA256SUMS'} says {sums[fname]}; "
-          "copy the file again from the original data folder")
+        f"{p} is corrupt: its SHA-256 is {digest} but {d / 'SHA256SUMS'} says {sums[fname]}; "
+        "copy the file again from the original data folder"
+      )
     digests.append(digest)
   return hashlib.sha256("".join(digests).encode()).hexdigest()
 
@@ -134,8 +138,10 @@ def _read_alphabets(path: Path) -> tuple[Alphabet, ...]:
     if not line.strip():
       continue
     if len(parts) != 4:
-      raise ValueError(f"{path}, line {i + 1}: expected 4 tab-separated fields "
-                       "(split, alphabet, first_character_id, last_character_id)")
+      raise ValueError(
+        f"{path}, line {i + 1}: expected 4 tab-separated fields "
+        "(split, alphabet, first_character_id, last_character_id)"
+      )
     rows.append(Alphabet(parts[0], parts[1], int(parts[2]), int(parts[3])))
   return tuple(rows)
 
@@ -182,8 +188,9 @@ class OmniglotArrays:
     for split in SPLITS:
       for row in range(getattr(self, split).shape[0]):
         alphabet, k, gid = self.character_info(split, row)
-        names.append(f"{split}/character{gid:04d}" if alphabet is None
-                     else f"{alphabet}/character{k + 1:02d}")
+        names.append(
+          f"{split}/character{gid:04d}" if alphabet is None else f"{alphabet}/character{k + 1:02d}"
+        )
     return names
 
 
@@ -193,14 +200,17 @@ def _load_npz_images(path: Path) -> np.ndarray:
       files = z.files
       x = z["images"] if "images" in files else None
   except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-    raise ValueError(f"{path} is corrupt or not an .npz file ({e}); copy it again from the "
-                     "original data folder") from e
+    raise ValueError(
+      f"{path} is corrupt or not an .npz file ({e}); copy it again from the original data folder"
+    ) from e
   if x is None:
-    raise ValueError(f"{path} has no 'images' array (it has {files}); it is not an Omniglot "
-                     "arrays file")
+    raise ValueError(
+      f"{path} has no 'images' array (it has {files}); it is not an Omniglot arrays file"
+    )
   if x.ndim != 4 or x.dtype != np.bool_:
-    raise ValueError(f"{path}: 'images' must be bool [characters, drawers, H, W], got "
-                     f"{x.dtype}{list(x.shape)}")
+    raise ValueError(
+      f"{path}: 'images' must be bool [characters, drawers, H, W], got {x.dtype}{list(x.shape)}"
+    )
   return x
 
 
@@ -211,15 +221,19 @@ def read_omniglot_arrays(omniglot_dir: str | os.PathLike) -> OmniglotArrays:
   bg = _load_npz_images(d / FILES["background"])
   ev = _load_npz_images(d / FILES["evaluation"])
   if bg.shape[1:] != ev.shape[1:]:
-    raise ValueError(f"background {bg.shape} and evaluation {ev.shape} arrays disagree on "
-                     "drawers or image size")
+    raise ValueError(
+      f"background {bg.shape} and evaluation {ev.shape} arrays disagree on drawers or image size"
+    )
   alphabets = _read_alphabets(d / "alphabets.tsv") if (d / "alphabets.tsv").is_file() else None
   return OmniglotArrays(bg, ev, alphabets, checksum)
 
 
-def write_omniglot_arrays(omniglot_dir: str | os.PathLike, background: np.ndarray,
-                          evaluation: np.ndarray,
-                          alphabets: Sequence[Alphabet] | None = None) -> Path:
+def write_omniglot_arrays(
+  omniglot_dir: str | os.PathLike,
+  background: np.ndarray,
+  evaluation: np.ndarray,
+  alphabets: Sequence[Alphabet] | None = None,
+) -> Path:
   """Writes an arrays folder (``.npz`` files, ``SHA256SUMS``, ``alphabets.tsv`` if given).
 
   Handy for small fixtures and for exporting Omniglot read from another source.

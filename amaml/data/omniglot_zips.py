@@ -26,6 +26,7 @@ global id (1-964 background, 965-1623 evaluation) and ``YY`` its drawer (1-20). 
 >>> images.shape, bool(images[0].all()), bool(images[1].any()), alphabets
 ((2, 2, 105, 105), True, False, [Alphabet(split='background', name='Latin', first_id=1, last_id=2)])
 """
+
 from __future__ import annotations
 
 import io
@@ -40,22 +41,39 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from amaml.data.omniglot_arrays import (FILES, Alphabet, default_download_dir, sha256,
-                                        write_omniglot_arrays)
+from amaml.data.omniglot_arrays import (
+  FILES,
+  Alphabet,
+  default_download_dir,
+  sha256,
+  write_omniglot_arrays,
+)
 
 DOWNLOAD_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
-ZIPS = {"train": "images_background.zip", "test": "images_evaluation.zip",
-        "small1": "images_background_small1.zip", "small2": "images_background_small2.zip"}
+ZIPS = {
+  "train": "images_background.zip",
+  "test": "images_evaluation.zip",
+  "small1": "images_background_small1.zip",
+  "small2": "images_background_small2.zip",
+}
 # Size and SHA-256 of the official zips, as registered in tensorflow_datasets for `omniglot`.
 ZIP_SUMS = {
-    "images_background.zip":
-        (9464212, "ad41ab679c8b5d90b271ef46be6987cc81211774a695c29dcc5367b2b26ee640"),
-    "images_evaluation.zip":
-        (6462886, "1f61a8f3366785b057fc117d9228e78a16e3d976c8953b2a10fcc74cf0609cee"),
-    "images_background_small1.zip":
-        (1319022, "f38eb80f801274ac2b4dff5b24289016bfaba4a7d5bb50deebf27104ad6cb8a4"),
-    "images_background_small2.zip":
-        (1580917, "3ccaa407515a8778e5d0861875af38b17e418f301ad5bb3b5a6b65d901a41c7f"),
+  "images_background.zip": (
+    9464212,
+    "ad41ab679c8b5d90b271ef46be6987cc81211774a695c29dcc5367b2b26ee640",
+  ),
+  "images_evaluation.zip": (
+    6462886,
+    "1f61a8f3366785b057fc117d9228e78a16e3d976c8953b2a10fcc74cf0609cee",
+  ),
+  "images_background_small1.zip": (
+    1319022,
+    "f38eb80f801274ac2b4dff5b24289016bfaba4a7d5bb50deebf27104ad6cb8a4",
+  ),
+  "images_background_small2.zip": (
+    1580917,
+    "3ccaa407515a8778e5d0861875af38b17e418f301ad5bb3b5a6b65d901a41c7f",
+  ),
 }
 _SPLIT_ZIPS = {"background": "images_background.zip", "evaluation": "images_evaluation.zip"}
 _PNG_RE = re.compile(r"^[^/]+/([^/]+)/character(\d+)/((\d+)_(\d+)\.png)$")
@@ -75,8 +93,10 @@ def check_zip(path: Path, sums: Mapping[str, tuple[int, str]] | None = None) -> 
   size, expected = (ZIP_SUMS if sums is None else sums)[path.name]
   digest = sha256(path)
   if path.stat().st_size != size or digest != expected:
-    raise ValueError(f"{path} is not the official Omniglot zip (SHA-256 {digest}, expected "
-                     f"{expected}): download it again from {DOWNLOAD_URL}{path.name}")
+    raise ValueError(
+      f"{path} is not the official Omniglot zip (SHA-256 {digest}, expected "
+      f"{expected}): download it again from {DOWNLOAD_URL}{path.name}"
+    )
 
 
 def arrays_from_zip(path: str | os.PathLike, split: str) -> tuple[np.ndarray, list[Alphabet]]:
@@ -102,8 +122,9 @@ def arrays_from_zip(path: str | os.PathLike, split: str) -> tuple[np.ndarray, li
       if d not in pngs[gid]:
         raise ValueError(f"{path}: character {gid} has no drawing {d:02d}: download it again")
       images[row, col] = np.asarray(Image.open(io.BytesIO(pngs[gid][d])).convert("1"), bool)
-  alphabets = sorted((Alphabet(split, name, min(g), max(g)) for name, g in ids.items()),
-                     key=lambda a: a.first_id)
+  alphabets = sorted(
+    (Alphabet(split, name, min(g), max(g)) for name, g in ids.items()), key=lambda a: a.first_id
+  )
   return images, alphabets
 
 
@@ -115,22 +136,29 @@ def _fetch(url: str, dest: Path, progress: bool) -> None:
   try:
     with urllib.request.urlopen(url) as r, open(part, "wb") as f:
       total = int(r.headers.get("Content-Length") or 0) or None
-      with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
-                disable=not progress) as bar:
+      with tqdm(
+        total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress
+      ) as bar:
         for block in iter(lambda: r.read(1 << 20), b""):
           f.write(block)
           bar.update(len(block))
   except OSError as e:  # URLError is an OSError
     part.unlink(missing_ok=True)
-    raise ConnectionError(f"could not download {url} ({e}): check the connection, or copy "
-                          f"the zip into {dest.parent} and run again") from None
+    raise ConnectionError(
+      f"could not download {url} ({e}): check the connection, or copy "
+      f"the zip into {dest.parent} and run again"
+    ) from None
   part.replace(dest)
 
 
-def download_omniglot(dest: str | os.PathLike | None = None, *, url: str = DOWNLOAD_URL,
-                      zips_dir: str | os.PathLike | None = None,
-                      sums: Mapping[str, tuple[int, str]] | None = None,
-                      progress: bool = True) -> Path:
+def download_omniglot(
+  dest: str | os.PathLike | None = None,
+  *,
+  url: str = DOWNLOAD_URL,
+  zips_dir: str | os.PathLike | None = None,
+  sums: Mapping[str, tuple[int, str]] | None = None,
+  progress: bool = True,
+) -> Path:
   """Fetches the two official zips, checks them and writes the arrays folder ``dest``.
 
   Args:
@@ -152,8 +180,10 @@ def download_omniglot(dest: str | os.PathLike | None = None, *, url: str = DOWNL
   if all((dest / f).is_file() for f in FILES.values()):
     return dest
   if dest.exists() and any(dest.iterdir()):
-    raise FileExistsError(f"{dest} exists but holds no complete Omniglot arrays: remove it, "
-                          "or download into another folder")
+    raise FileExistsError(
+      f"{dest} exists but holds no complete Omniglot arrays: remove it, "
+      "or download into another folder"
+    )
   zips = Path(zips_dir) if zips_dir is not None else dest.with_name(dest.name + ".zips")
   zips.mkdir(parents=True, exist_ok=True)
   arrays, alphabets = {}, []

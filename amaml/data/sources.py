@@ -11,6 +11,7 @@ array, on the host or on a device) plus optional class names.
 >>> src.subset([2, 0]).num_classes
 2
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,30 +49,41 @@ class ClassImages:
   def __post_init__(self):
     x = self.images
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-      raise TypeError(f"ClassImages.images must be an array, got {type(x).__name__}; "
-                      "pass np.asarray(images, np.uint8)")
+      raise TypeError(
+        f"ClassImages.images must be an array, got {type(x).__name__}; "
+        "pass np.asarray(images, np.uint8)"
+      )
     if x.ndim != 5:
-      hint = (" (add a channel axis: images[..., None], or use ClassImages.from_arrays)"
-              if x.ndim == 4 else "")
-      raise ValueError(f"ClassImages.images must be 5-D [classes, examples, H, W, C], got shape "
-                       f"{tuple(x.shape)}{hint}")
+      hint = (
+        " (add a channel axis: images[..., None], or use ClassImages.from_arrays)"
+        if x.ndim == 4
+        else ""
+      )
+      raise ValueError(
+        f"ClassImages.images must be 5-D [classes, examples, H, W, C], got shape "
+        f"{tuple(x.shape)}{hint}"
+      )
     if x.dtype != np.uint8:
       raise TypeError(
-          f"ClassImages.images must be uint8 (0..255), got {x.dtype}; convert floats in [0, 1] "
-          "with (x * 255).round().astype(np.uint8) and bools with x.astype(np.uint8) * 255")
+        f"ClassImages.images must be uint8 (0..255), got {x.dtype}; convert floats in [0, 1] "
+        "with (x * 255).round().astype(np.uint8) and bools with x.astype(np.uint8) * 255"
+      )
     if x.shape[0] < 1:
       raise ValueError("ClassImages is empty (0 classes); check the source path or the split")
     if x.shape[1] < 2:
       raise ValueError(
-          f"ClassImages needs at least 2 examples per class (one for the support set, one for "
-          f"the query set), got {x.shape[1]}; drop such classes or gather more images")
+        f"ClassImages needs at least 2 examples per class (one for the support set, one for "
+        f"the query set), got {x.shape[1]}; drop such classes or gather more images"
+      )
     if min(x.shape[2:]) < 1:
       raise ValueError(f"ClassImages.images has an empty image axis: shape {tuple(x.shape)}")
     if self.class_names is not None:
       names = tuple(str(n) for n in self.class_names)
       if len(names) != x.shape[0]:
-        raise ValueError(f"got {len(names)} class names for {x.shape[0]} classes; pass one name "
-                         "per class or class_names=None")
+        raise ValueError(
+          f"got {len(names)} class names for {x.shape[0]} classes; pass one name "
+          "per class or class_names=None"
+        )
       object.__setattr__(self, "class_names", names)
 
   @property
@@ -92,8 +104,10 @@ class ClassImages:
 
   def __repr__(self) -> str:
     names = "" if self.class_names is None else f", e.g. {self.class_names[0]!r}"
-    return (f"ClassImages({self.num_classes} classes x {self.examples_per_class} examples of "
-            f"{self.image_shape}{names})")
+    return (
+      f"ClassImages({self.num_classes} classes x {self.examples_per_class} examples of "
+      f"{self.image_shape}{names})"
+    )
 
   def subset(self, class_indices: Sequence[int]) -> ClassImages:
     """The classes ``class_indices`` (in that order), as a new :class:`ClassImages`."""
@@ -121,9 +135,15 @@ class ClassImages:
     return cls(x, None if class_names is None else tuple(class_names))
 
   @classmethod
-  def from_directory(cls, root: str | os.PathLike, image_size: int | tuple[int, int], *,
-                     channels: int = 3, examples_per_class: int | None = None,
-                     resample: str = "bilinear") -> ClassImages:
+  def from_directory(
+    cls,
+    root: str | os.PathLike,
+    image_size: int | tuple[int, int],
+    *,
+    channels: int = 3,
+    examples_per_class: int | None = None,
+    resample: str = "bilinear",
+  ) -> ClassImages:
     """From a folder with one sub-folder of image files per class (e.g. miniImageNet).
 
     Class names are the sub-folder names, sorted; examples are a class's image files
@@ -147,22 +167,33 @@ class ClassImages:
     """
     root = Path(root)
     if not root.is_dir():
-      raise FileNotFoundError(f"no directory {root}: pass a folder holding one sub-folder of "
-                              "images per class")
+      raise FileNotFoundError(
+        f"no directory {root}: pass a folder holding one sub-folder of images per class"
+      )
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
-      raise ValueError(f"{root} has no class sub-folders: put each class's images in its own "
-                       "sub-folder, e.g. root/n01532829/*.jpg")
-    files = {d.name: sorted(f for f in d.iterdir()
-                            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-             for d in class_dirs}
-    return cls.from_files(files, image_size, channels=channels,
-                          examples_per_class=examples_per_class, resample=resample)
+      raise ValueError(
+        f"{root} has no class sub-folders: put each class's images in its own "
+        "sub-folder, e.g. root/n01532829/*.jpg"
+      )
+    files = {
+      d.name: sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+      for d in class_dirs
+    }
+    return cls.from_files(
+      files, image_size, channels=channels, examples_per_class=examples_per_class, resample=resample
+    )
 
   @classmethod
-  def from_files(cls, files: Mapping[str, Sequence[str | os.PathLike]],
-                 image_size: int | tuple[int, int], *, channels: int = 3,
-                 examples_per_class: int | None = None, resample: str = "bilinear") -> ClassImages:
+  def from_files(
+    cls,
+    files: Mapping[str, Sequence[str | os.PathLike]],
+    image_size: int | tuple[int, int],
+    *,
+    channels: int = 3,
+    examples_per_class: int | None = None,
+    resample: str = "bilinear",
+  ) -> ClassImages:
     """From image files listed per class, ``{class name: [file, ...]}`` (classes in the
     mapping's order, examples in the list's order); read and resized as in
     :meth:`from_directory`. For layouts other than a folder per class, such as split
@@ -174,8 +205,14 @@ class ClassImages:
     h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if h < 1 or w < 1:
       raise ValueError(f"image_size must be positive, got {image_size}")
-    filters = {"nearest": Image.NEAREST, "box": Image.BOX, "bilinear": Image.BILINEAR,
-               "hamming": Image.HAMMING, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
+    filters = {
+      "nearest": Image.NEAREST,
+      "box": Image.BOX,
+      "bilinear": Image.BILINEAR,
+      "hamming": Image.HAMMING,
+      "bicubic": Image.BICUBIC,
+      "lanczos": Image.LANCZOS,
+    }
     if resample not in filters:
       raise ValueError(f"unknown resample filter {resample!r}; use one of {sorted(filters)}")
     if not files:
@@ -185,13 +222,16 @@ class ClassImages:
       if len(set(counts.values())) > 1:
         lo = min(counts, key=counts.get)
         raise ValueError(
-            f"classes have different numbers of images ({min(counts.values())} in {lo!r} up to "
-            f"{max(counts.values())}); pass examples_per_class=N to keep the first N of each")
+          f"classes have different numbers of images ({min(counts.values())} in {lo!r} up to "
+          f"{max(counts.values())}); pass examples_per_class=N to keep the first N of each"
+        )
       examples_per_class = next(iter(counts.values()))
     short = {n: c for n, c in counts.items() if c < examples_per_class}
     if short:
-      raise ValueError(f"{len(short)} class folder(s) have fewer than {examples_per_class} images, "
-                       f"e.g. {next(iter(short.items()))}; lower examples_per_class or remove them")
+      raise ValueError(
+        f"{len(short)} class folder(s) have fewer than {examples_per_class} images, "
+        f"e.g. {next(iter(short.items()))}; lower examples_per_class or remove them"
+      )
     mode = "L" if channels == 1 else "RGB"
     out = np.empty((len(files), examples_per_class, h, w, channels), np.uint8)
     for c, name in enumerate(files):

@@ -34,6 +34,7 @@ back come in the stored (key-hash) order, not in drawer order.
 >>> back.background.shape, bool(back.background.all()), bool(back.evaluation.any())
 ((2, 3, 105, 105), True, False)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,6 +54,7 @@ NAME = "amaml_omniglot"
 VERSION = "3.0.0"
 NUM_ALPHABETS = 50
 NUM_CHARACTERS = 1623
+
 
 def _png_1bit(paper: np.ndarray) -> bytes:
   """A bool image (True = paper) as a 1-bit PNG, like the original Omniglot files."""
@@ -74,17 +76,29 @@ def examples_from_arrays(arrays: OmniglotArrays, split: str) -> Iterator[tuple[s
       raise ValueError(f"character {gid} is in no alphabet of alphabets.tsv")
     for d in range(images.shape[1]):
       fname = f"{gid:04d}_{d + 1:02d}.png"
-      yield f"{alphabet}_{k}_{fname}", {
-          "image": _png_1bit(images[row, d]), "alphabet": names.index(alphabet),
-          "alphabet_char_id": k, "label": gid - 1}
+      yield (
+        f"{alphabet}_{k}_{fname}",
+        {
+          "image": _png_1bit(images[row, d]),
+          "alphabet": names.index(alphabet),
+          "alphabet_char_id": k,
+          "label": gid - 1,
+        },
+      )
 
 
 def examples_from_zip(path, alphabet_names: list[str]) -> Iterator[tuple[str, dict]]:
   """``(key, example)`` pairs of one official zip (``<top>/<alphabet>/characterNN/XXXX_YY.png``)."""
   for alphabet, k, fname, png in walk_zip(path):
-    yield f"{alphabet}_{k}_{fname}", {
-        "image": png, "alphabet": alphabet_names.index(alphabet), "alphabet_char_id": k,
-        "label": int(fname.split("_")[0]) - 1}
+    yield (
+      f"{alphabet}_{k}_{fname}",
+      {
+        "image": png,
+        "alphabet": alphabet_names.index(alphabet),
+        "alphabet_char_id": k,
+        "label": int(fname.split("_")[0]) - 1,
+      },
+    )
 
 
 def _zip_names(paths) -> tuple[list[str], list[str]]:
@@ -112,22 +126,26 @@ class AmamlOmniglot(tfds.core.GeneratorBasedBuilder):
   @tfds.core.utils.classproperty
   @classmethod
   def url_infos(cls):
-    return {DOWNLOAD_URL + f: tfds.download.checksums.UrlInfo(size=s, checksum=c, filename=f)
-            for f, (s, c) in ZIP_SUMS.items()}
+    return {
+      DOWNLOAD_URL + f: tfds.download.checksums.UrlInfo(size=s, checksum=c, filename=f)
+      for f, (s, c) in ZIP_SUMS.items()
+    }
 
   def _info(self):
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="Omniglot (Lake et al. 2015): 1,623 handwritten characters of 50 "
-                    "alphabets, 20 drawers each, 105x105. Same features as TFDS `omniglot`.",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(105, 105, 3), encoding_format="png"),
-            "alphabet": tfds.features.ClassLabel(num_classes=NUM_ALPHABETS),
-            "alphabet_char_id": np.int64,
-            "label": tfds.features.ClassLabel(num_classes=NUM_CHARACTERS),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://github.com/brendenlake/omniglot/",
+      builder=self,
+      description="Omniglot (Lake et al. 2015): 1,623 handwritten characters of 50 "
+      "alphabets, 20 drawers each, 105x105. Same features as TFDS `omniglot`.",
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(105, 105, 3), encoding_format="png"),
+          "alphabet": tfds.features.ClassLabel(num_classes=NUM_ALPHABETS),
+          "alphabet_char_id": np.int64,
+          "label": tfds.features.ClassLabel(num_classes=NUM_CHARACTERS),
+        }
+      ),
+      supervised_keys=("image", "label"),
+      homepage="https://github.com/brendenlake/omniglot/",
     )
 
   def _set_names(self, alphabets: list[str], labels: list[str]) -> None:
@@ -142,8 +160,9 @@ class AmamlOmniglot(tfds.core.GeneratorBasedBuilder):
       arrays = read_omniglot_arrays(self._arrays_dir)
       if not arrays.alphabets:
         raise FileNotFoundError(
-            f"preparing Omniglot for TFDS needs {self._arrays_dir / 'alphabets.tsv'} (which "
-            "alphabet each character belongs to); copy it along with the .npz files")
+          f"preparing Omniglot for TFDS needs {self._arrays_dir / 'alphabets.tsv'} (which "
+          "alphabet each character belongs to); copy it along with the .npz files"
+        )
       names = sorted({a.name for a in arrays.alphabets or ()})
       by_id = {}
       for part in ("background", "evaluation"):
@@ -154,8 +173,10 @@ class AmamlOmniglot(tfds.core.GeneratorBasedBuilder):
       return {s: examples_from_arrays(arrays, s) for s in ("train", "test")}
     paths = self._local_zips(dl_manager)
     if paths is None:
-      paths = {s: Path(p) for s, p in dl_manager.download(
-          {s: DOWNLOAD_URL + f for s, f in ZIPS.items()}).items()}
+      paths = {
+        s: Path(p)
+        for s, p in dl_manager.download({s: DOWNLOAD_URL + f for s, f in ZIPS.items()}).items()
+      }
     alphabets, labels = _zip_names([paths["train"], paths["test"]])
     self._set_names(alphabets, labels)
     return {s: examples_from_zip(paths[s], alphabets) for s in ZIPS}
@@ -189,8 +210,9 @@ def is_prepared(data_dir=None, name: str = NAME) -> bool:
   return (d / "dataset_info.json").is_file() and any(d.glob("*.array_record*"))
 
 
-def prepare_tfds_omniglot(data_dir=None, *, arrays_dir=None, zips_dir=None,
-                          download: bool = False, verbose: bool = False) -> Path:
+def prepare_tfds_omniglot(
+  data_dir=None, *, arrays_dir=None, zips_dir=None, download: bool = False, verbose: bool = False
+) -> Path:
   """Prepares ``amaml_omniglot`` as ``array_record`` in ``data_dir``; returns ``data_dir``.
 
   From ``arrays_dir`` if given (offline), else from the official zips in
@@ -203,15 +225,17 @@ def prepare_tfds_omniglot(data_dir=None, *, arrays_dir=None, zips_dir=None,
     return data_dir
   if arrays_dir is None and zips_dir is None and not download:
     raise FileNotFoundError(
-        f"{NAME} is not prepared in {data_dir}: pass arrays_dir= (an Omniglot arrays folder, "
-        "offline), zips_dir= (a folder holding the four official Omniglot zips), or "
-        "download=True (needs internet)")
+      f"{NAME} is not prepared in {data_dir}: pass arrays_dir= (an Omniglot arrays folder, "
+      "offline), zips_dir= (a folder holding the four official Omniglot zips), or "
+      "download=True (needs internet)"
+    )
   builder = AmamlOmniglot(data_dir=os.fspath(data_dir), arrays_dir=arrays_dir, zips_dir=zips_dir)
   with contextlib.ExitStack() as stack:
     if not verbose:
       stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
   return data_dir
 
 
@@ -223,10 +247,12 @@ def prepared_checksum(data_dir=None, name: str = NAME) -> str:
   d = _dataset_dir(data_dir, name)
   if not is_prepared(data_dir, name):
     raise FileNotFoundError(
-        f"Omniglot not found: no arrays folder (run `amaml download omniglot` once, or pass "
-        f"--data_dir (omniglot_dir= in Python) or set $AMAML_OMNIGLOT_DIR to a folder holding images_background.npz "
-        f"and images_evaluation.npz) and no prepared TFDS dataset in {d} (prepare it once with "
-        "amaml.data.prepare_tfds_omniglot(download=True), or arrays_dir=... offline)")
+      f"Omniglot not found: no arrays folder (run `amaml download omniglot` once, or pass "
+      f"--data_dir (omniglot_dir= in Python) or set $AMAML_OMNIGLOT_DIR to a folder holding "
+      f"images_background.npz and images_evaluation.npz) and no prepared TFDS dataset in {d} "
+      "(prepare it once with "
+      "amaml.data.prepare_tfds_omniglot(download=True), or arrays_dir=... offline)"
+    )
   h = hashlib.sha256((d / "dataset_info.json").read_bytes())
   for f in sorted(d.iterdir()):
     h.update(f"{f.name}:{f.stat().st_size};".encode())
@@ -246,8 +272,13 @@ def read_tfds_omniglot(data_dir=None, name: str = NAME) -> OmniglotArrays:
   parts, alphabet_rows = {}, []
   alphabet_names = builder.info.features["alphabet"].names
   for split, part in (("train", "background"), ("test", "evaluation")):
-    source = tfds.data_source(name, split=split, data_dir=os.fspath(data_dir), download=False,
-                              builder_kwargs={"file_format": "array_record"})
+    source = tfds.data_source(
+      name,
+      split=split,
+      data_dir=os.fspath(data_dir),
+      download=False,
+      builder_kwargs={"file_format": "array_record"},
+    )
     records = source.__getitems__(range(len(source)))
     by_label: dict[int, list[np.ndarray]] = {}
     meta = {}

@@ -25,6 +25,7 @@ Equinox ``eqx.nn.State``) are dropped, not carried from step to step. Build NNX'
 with ``mode="batch"`` in training mode; a module in eval / inference mode would normalise
 with the never-updated initial statistics instead.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable

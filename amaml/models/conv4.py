@@ -39,6 +39,7 @@ under ``vmap`` with per-task weights and second-order gradients), ``"xla"``
 when the default JAX backend is the CPU, else ``"xla"``). See
 :mod:`amaml.models.layers` and ``benchmarks/throughput.py``.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,8 +68,10 @@ def check_channels(module: nn.Module, x, model: str) -> None:
   if module.has_variable("params", "kernel"):
     expected = module.get_variable("params", "kernel").shape[2]
     if x.shape[-1] != expected:
-      raise ValueError(f"{module.name} was built for {expected} input channel(s), got an input "
-                       f"with {x.shape[-1]} (shape {tuple(x.shape)}); {model} expects NHWC input")
+      raise ValueError(
+        f"{module.name} was built for {expected} input channel(s), got an input "
+        f"with {x.shape[-1]} (shape {tuple(x.shape)}); {model} expects NHWC input"
+      )
 
 
 class _Conv3x3(nn.Module):
@@ -130,14 +133,17 @@ class Conv4(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.ndim != 4:
       raise ValueError(
-          f"Conv4 expects NHWC input [n, H, W, C], got shape {tuple(x.shape)} ({x.ndim} dims); "
-          "for one image add a batch axis (x[None]), for a grey image a channel axis (x[..., None])")
+        f"Conv4 expects NHWC input [n, H, W, C], got shape {tuple(x.shape)} ({x.ndim} dims); "
+        "for one image add a batch axis (x[None]), for a grey image a channel axis (x[..., None])"
+      )
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise TypeError(f"Conv4 expects a floating-point input, got {x.dtype}")
-    side = 2 ** self.num_blocks
+    side = 2**self.num_blocks
     if x.shape[1] < side or x.shape[2] < side:
-      raise ValueError(f"Conv4 with {self.num_blocks} blocks needs at least {side}x{side} pixels, "
-                       f"got {x.shape[1]}x{x.shape[2]} (input shape {tuple(x.shape)})")
+      raise ValueError(
+        f"Conv4 with {self.num_blocks} blocks needs at least {side}x{side} pixels, "
+        f"got {x.shape[1]}x{x.shape[2]} (input shape {tuple(x.shape)})"
+      )
     impl = layers.resolve_conv_impl(self.conv_impl)
     for b in range(self.num_blocks):
       x = _Conv3x3(self.hidden, impl, name=f"conv{b}")(x)
@@ -147,4 +153,3 @@ class Conv4(nn.Module):
     if self.num_classes == 0:
       return x
     return _Dense(self.num_classes, name="head")(x)
-

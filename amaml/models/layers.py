@@ -19,6 +19,7 @@ the same arithmetic as a matrix product. :func:`conv3x3` therefore has two forms
 All functions take NHWC activations and HWIO kernels and are pure: use them under
 ``jit``, ``vmap`` and any order of ``grad``.
 """
+
 from __future__ import annotations
 
 import jax
@@ -36,8 +37,9 @@ def resolve_conv_impl(impl: str) -> str:
   return impl
 
 
-def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
-            impl: str = "auto") -> jax.Array:
+def conv3x3(
+  x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, impl: str = "auto"
+) -> jax.Array:
   """3x3 convolution, stride 1, zero padding 1 ("same"), optional bias.
 
   Args:
@@ -53,11 +55,13 @@ def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
   impl = resolve_conv_impl(impl)
   n, h, w, c = x.shape
   if kernel.shape[:3] != (3, 3, c):
-    raise ValueError(f"kernel must be [3, 3, {c}, O] for an input with {c} channels, "
-                     f"got {kernel.shape}")
+    raise ValueError(
+      f"kernel must be [3, 3, {c}, O] for an input with {c} channels, got {kernel.shape}"
+    )
   if impl == "xla":
-    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
   else:
     y = _conv3x3_matmul(x, kernel)
   if bias is not None:
@@ -71,8 +75,9 @@ def _patches(x: jax.Array) -> jax.Array:
   n, h, w, c = x.shape
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   # tap (i, j) meets input pixel (r + i - 1, s + j - 1) = xp[r + i, s + j]
-  return jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)],
-                         axis=-1).reshape(n * h * w, 9 * c)
+  return jnp.concatenate(
+    [xp[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)], axis=-1
+  ).reshape(n * h * w, 9 * c)
 
 
 def _matmul(a, b, contract):
@@ -109,8 +114,7 @@ def _conv3x3_matmul_bwd(res, dy):
 _conv3x3_matmul.defvjp(_conv3x3_matmul_fwd, _conv3x3_matmul_bwd)
 
 
-def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, *,
-               eps: float = 1e-5) -> jax.Array:
+def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, *, eps: float = 1e-5) -> jax.Array:
   """Batch norm with the statistics of ``x`` itself (no running averages).
 
   Normalises every channel of ``x`` (``[n, H, W, C]``) with its mean and biased
@@ -137,6 +141,6 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   h2, w2 = h // 2, w // 2
   if h2 == 0 or w2 == 0:
     raise ValueError(f"max_pool_2x2 needs at least 2x2 pixels, got {h}x{w}")
-  x = x[:, :2 * h2, :2 * w2, :].reshape(n, h2, 2, w2, 2 * c)
+  x = x[:, : 2 * h2, : 2 * w2, :].reshape(n, h2, 2, w2, 2 * c)
   x = jnp.maximum(x[:, :, 0], x[:, :, 1]).reshape(n, h2, w2, 2, c)
   return jnp.maximum(x[:, :, :, 0], x[:, :, :, 1])

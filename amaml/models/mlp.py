@@ -1,4 +1,5 @@
 """A multi-layer perceptron (MAML's sinusoid regressor: 1-40-40-1 with ReLU)."""
+
 from __future__ import annotations
 
 from typing import Sequence

@@ -45,6 +45,7 @@ pure, deterministic function of parameters and input, as MAML's inner loop needs
 fast on CPU under ``vmap`` with per-task weights; ``"xla"``: for GPU; ``"auto"``: by
 backend); see :mod:`amaml.models.layers`.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -68,13 +69,14 @@ def drop_block(key: jax.Array, x: jax.Array, rate: float, block_size: int) -> ja
   n, h, w, c = x.shape
   size = min(block_size, h, w)
   # the seed rate that drops about `rate` of the map once seeds grow into blocks
-  gamma = rate / size ** 2 * (h * w) / ((h - size + 1) * (w - size + 1))
+  gamma = rate / size**2 * (h * w) / ((h - size + 1) * (w - size + 1))
   seeds = jax.random.bernoulli(key, gamma, (n, h - size + 1, w - size + 1, c)).astype(x.dtype)
   pad = size - 1
   seeds = jnp.pad(seeds, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   # a seed at (i, j) covers rows i..i+size-1 and columns j..j+size-1
-  dropped = jax.lax.reduce_window(seeds, 0.0, jax.lax.max, (1, size, size, 1), (1, 1, 1, 1),
-                                  "VALID")
+  dropped = jax.lax.reduce_window(
+    seeds, 0.0, jax.lax.max, (1, size, size, 1), (1, 1, 1, 1), "VALID"
+  )
   keep = 1.0 - dropped
   return x * keep * (keep.size / jnp.maximum(jnp.sum(keep), 1.0))
 
@@ -114,7 +116,8 @@ class _Block(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool):
     shortcut = _BatchNorm(self.bn_eps, name="norm_shortcut")(
-        _Conv(self.features, 1, self.impl, name="conv_shortcut")(x))
+      _Conv(self.features, 1, self.impl, name="conv_shortcut")(x)
+    )
     for i in range(3):
       x = _Conv(self.features, 3, self.impl, name=f"conv{i}")(x)
       x = _BatchNorm(self.bn_eps, name=f"norm{i}")(x)
@@ -160,9 +163,10 @@ class ResNet12(nn.Module):
     turns dropout and DropBlock on when ``drop_rate > 0``."""
     if x.ndim != 4:
       raise ValueError(
-          f"ResNet12 expects NHWC input [n, H, W, C], got shape {tuple(x.shape)} ({x.ndim} "
-          "dims); for one image add a batch axis (x[None]), for a grey image a channel axis "
-          "(x[..., None])")
+        f"ResNet12 expects NHWC input [n, H, W, C], got shape {tuple(x.shape)} ({x.ndim} "
+        "dims); for one image add a batch axis (x[None]), for a grey image a channel axis "
+        "(x[..., None])"
+      )
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise TypeError(f"ResNet12 expects a floating-point input, got {x.dtype}")
     if not self.channels or min(self.channels) < 1:
@@ -171,12 +175,20 @@ class ResNet12(nn.Module):
       raise ValueError(f"ResNet12's drop_rate must be in [0, 1), got {self.drop_rate}")
     side = 2 ** len(self.channels)
     if x.shape[1] < side or x.shape[2] < side:
-      raise ValueError(f"ResNet12 needs at least {side}x{side} pixels, got "
-                       f"{x.shape[1]}x{x.shape[2]} (input shape {tuple(x.shape)})")
+      raise ValueError(
+        f"ResNet12 needs at least {side}x{side} pixels, got "
+        f"{x.shape[1]}x{x.shape[2]} (input shape {tuple(x.shape)})"
+      )
     impl = layers.resolve_conv_impl(self.conv_impl)
     for b, features in enumerate(self.channels):
-      x = _Block(features, impl, self.bn_eps, self.drop_rate,
-                 self.drop_block_size if b >= 2 else 0, name=f"block{b}")(x, deterministic)
+      x = _Block(
+        features,
+        impl,
+        self.bn_eps,
+        self.drop_rate,
+        self.drop_block_size if b >= 2 else 0,
+        name=f"block{b}",
+      )(x, deterministic)
     x = jnp.mean(x, axis=(1, 2))
     if self.num_classes == 0:
       return x
