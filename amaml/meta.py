@@ -291,6 +291,7 @@ def alpha_maml(
     )
   if inner_steps < 1:
     raise ValueError(f"inner_steps must be >= 1 for meta-learning, got {inner_steps}")
+  train_steps = inner_steps  # evaluate's default (its own inner_steps argument shadows this)
   if alpha_update not in ("hypergradient", "outer"):
     raise ValueError(f"alpha_update must be 'hypergradient' or 'outer', got {alpha_update!r}")
   alpha_rule = rates.rate_rule(alpha_lr, rate_rule, min_rate=alpha_min, max_rate=alpha_max)
@@ -407,7 +408,7 @@ def alpha_maml(
       "grad_norm": optax.tree.norm(grads),
       "alpha_hypergradient": tree_mean(alpha_grad),
     }
-    metrics.update({k: v for k, v in aux.items()})
+    metrics.update(aux)
     if track_pre_adaptation or backtrack:
       metrics.update(
         pre_adaptation_metrics(loss_fn, jax.lax.stop_gradient(after(state.params, 0)), batch)
@@ -476,7 +477,7 @@ def alpha_maml(
     return curve, jnp.concatenate([support, final_support[None]])
 
   def evaluate(params, alpha_, batch: TaskBatch, inner_steps: int | None = None):
-    steps = default_inner_steps if inner_steps is None else inner_steps
+    steps = train_steps if inner_steps is None else inner_steps
 
     def one(sx, sy, qx, qy):
       pre_loss, pre_aux = loss_fn(after(params, 0), qx, qy)
@@ -505,7 +506,6 @@ def alpha_maml(
     )
     return {"loss": loss, **aux, "support_loss": support}
 
-  default_inner_steps = inner_steps
   step = jax.jit(update, donate_argnums=(0,) if donate else ())
   return MetaLearner(
     init=init,

@@ -338,7 +338,7 @@ def make_train_chunk(exp: Experiment, length: int, mesh=None):
   return jax.jit(chunk, donate_argnums=(0,), out_shardings=sharding.replicated(mesh))
 
 
-def _eval_batches(exp: Experiment, split: str, num_tasks: int):
+def eval_batches(exp: Experiment, split: str, num_tasks: int):
   """The fixed evaluation batches of ``split`` (they depend only on the seed and the split)."""
   cfg = exp.config
   if split not in exp.data:
@@ -383,7 +383,7 @@ def select_adaptation(
   cfg = exp.config
   num_tasks = num_tasks or cfg.val_tasks
   max_steps = max_steps or cfg.eval_inner_steps
-  batches = list(_eval_batches(exp, split, num_tasks))
+  batches = list(eval_batches(exp, split, num_tasks))
   curves = {}
   for scale in scales:
     out = _curves(exp, params, jax.tree.map(lambda x: x * scale, alpha), batches, max_steps, guard)
@@ -425,7 +425,7 @@ def evaluate(
   inner_steps = cfg.eval_inner_steps if inner_steps is None else inner_steps
   a = jax.tree.map(lambda x: x * alpha_scale, alpha)
   per_task: dict[str, list] = {}
-  it = _eval_batches(exp, split, num_tasks)
+  it = eval_batches(exp, split, num_tasks)
   if progress:
     from tqdm.auto import tqdm
 
@@ -498,10 +498,6 @@ def meta_test(
   if (choice["inner_steps"], choice["alpha_scale"]) != (cfg.eval_inner_steps, 1.0):
     out["test_fixed"] = evaluate(exp, params, alpha, "test", num_tasks, progress=progress)
   return out
-
-
-def _jsonable(tree) -> dict:
-  return {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in tree.items()}
 
 
 def _summarise(ms: dict) -> dict:

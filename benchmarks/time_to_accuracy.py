@@ -209,7 +209,7 @@ def build(args):
       exp = train.build(cfg)
       impls[name] = AmamlImpl(exp, params)
   ref = next(iter(impls.values())).exp
-  batches = list(train._eval_batches(ref, "test", args.eval_tasks))
+  batches = list(train.eval_batches(ref, "test", args.eval_tasks))
   return impls, batches
 
 

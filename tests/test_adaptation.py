@@ -114,7 +114,7 @@ def test_guarded_evaluation_never_ends_above_not_adapting(tiny_config):
   np.testing.assert_allclose(guarded["pre_loss"], blown["pre_loss"], rtol=1e-6)
   safe = train.evaluate(exp, exp.params, jnp.float32(0.01), "test", 50, inner_steps=3, guard=True)
   assert safe["loss"] < safe["pre_loss"]
-  batches = list(train._eval_batches(exp, "test", 50))
+  batches = list(train.eval_batches(exp, "test", 50))
   want = []
   for b in batches:
     c = exp.learner.adaptation_curve(exp.params, jnp.float32(0.01), b, inner_steps=3)

@@ -179,7 +179,7 @@ def load_image_benchmark(
   """The ``train``/``val``/``test`` splits of ``dataset`` (a key of :data:`DATASETS`) read
   from ``data_dir`` (see :func:`find_benchmark_dir`), RGB, resized to ``image_size``
   (default: the benchmark's). ``cache_dir=False`` disables the cache."""
-  from amaml.data.omniglot import _atomic_savez, default_cache_dir
+  from amaml.data.omniglot import atomic_savez, default_cache_dir
 
   root = find_benchmark_dir(dataset, data_dir)
   size = image_size or DATASETS[dataset].image_size
@@ -199,5 +199,5 @@ def load_image_benchmark(
         continue
     out[split] = ClassImages.from_files(files, size, channels=3, examples_per_class=per_class)
     if path is not None:
-      _atomic_savez(path, images=out[split].images, class_names=np.array(out[split].class_names))
+      atomic_savez(path, images=out[split].images, class_names=np.array(out[split].class_names))
   return out

@@ -134,7 +134,7 @@ def ink_to_uint8(paper: np.ndarray, size: int, chunk: int = 2048) -> np.ndarray:
   return out.reshape(*lead, size, size)
 
 
-def _atomic_savez(path: Path, **arrays) -> None:
+def atomic_savez(path: Path, **arrays) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
   try:
@@ -214,7 +214,7 @@ def load_omniglot_characters(
       warnings.warn(f"ignoring unreadable Omniglot cache {path} ({e}); rebuilding it")
   out = _from_full_size(read(), image_size)
   try:
-    _atomic_savez(
+    atomic_savez(
       path,
       images=out.characters.images,
       num_background=out.num_background,
