@@ -609,6 +609,19 @@ def meta_sgd(
   from U[0.005, 0.1]; a constant start keeps every method's ``alpha`` comparable).
   amaml's counterpart adapts the same per-parameter rates by hypergradient instead:
   ``alpha_maml(loss_fn, alpha_granularity="parameter")``."""
+  return _outer_alpha(
+    loss_fn,
+    alpha=alpha,
+    beta=beta,
+    inner_steps=inner_steps,
+    alpha_granularity="parameter",
+    **kwargs,
+  )
+
+
+def _outer_alpha(loss_fn: Callable, **kwargs: Any) -> MetaLearner:
+  """:func:`alpha_maml` whose ``alpha`` the outer optimizer learns with the weights (Meta-SGD,
+  MAML++): Adam at a fixed ``beta``, unbounded rates, no backtracking (each overridable)."""
   kwargs = {
     "backtrack": False,
     "optimizer": optax.adam,
@@ -616,17 +629,7 @@ def meta_sgd(
     "alpha_max": None,
     **kwargs,
   }
-  return alpha_maml(
-    loss_fn,
-    alpha=alpha,
-    beta=beta,
-    alpha_lr=0.0,
-    beta_lr=0.0,
-    inner_steps=inner_steps,
-    alpha_granularity="parameter",
-    alpha_update="outer",
-    **kwargs,
-  )
+  return alpha_maml(loss_fn, alpha_lr=0.0, beta_lr=0.0, alpha_update="outer", **kwargs)
 
 
 def anil(loss_fn: Callable, *, inner_params: Any = "^head/", **kwargs: Any) -> MetaLearner:
@@ -757,13 +760,7 @@ def reptile(
     params = optax.apply_updates(state.params, updates)
     loss = jnp.mean(losses)
     ok = _all_finite((loss, params, opt_state))
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    new_state = state._replace(
-      params=keep(params, state.params),
-      opt_state=keep(opt_state, state.opt_state),
-      step=state.step + 1,
-      nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32),
-    )
+    new_state = guard(state, ok, params=params, opt_state=opt_state)
     metrics = {
       "loss": loss,
       "grad_norm": optax.tree.norm(direction),
@@ -829,22 +826,12 @@ def maml_plus_plus(
 
   Not offered: the cosine annealing of the outer rate (pass ``optimizer=`` a scheduled
   Optax optimizer). Outer step: Adam at ``beta``."""
-  kwargs = {
-    "backtrack": False,
-    "optimizer": optax.adam,
-    "alpha_min": None,
-    "alpha_max": None,
-    **kwargs,
-  }
-  return alpha_maml(
+  return _outer_alpha(
     loss_fn,
     alpha=alpha,
     beta=beta,
-    alpha_lr=0.0,
-    beta_lr=0.0,
     inner_steps=inner_steps,
     alpha_granularity="tensor",
-    alpha_update="outer",
     multi_step_loss=multi_step_loss,
     first_order_steps=first_order_steps,
     alpha_per_step=alpha_per_step,
