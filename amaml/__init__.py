@@ -29,7 +29,7 @@ from amaml.meta import (
   protonet,
   reptile,
 )
-from amaml.rates import hd_step
+from amaml.rates import hd_step, search_alpha
 from amaml.sinusoid import sinusoid_tasks
 from amaml.stats import mean_confidence_interval
 from amaml.task import TaskBatch
@@ -59,6 +59,7 @@ __all__ = [
   "models",
   "protonet",
   "reptile",
+  "search_alpha",
   "sinusoid_tasks",
 ]
 __version__ = "0.2.0"

@@ -203,6 +203,11 @@ class Config:
     True,
     "alpha-maml: halve alpha and hold the rest when adaptation more than doubles the query loss",
   )
+  alpha_search: bool = _field(
+    False,
+    "before the first meta step, scale alpha0 by the power of 4 (1/4096 to 4096) that gets "
+    "most of the query-loss decrease on the first meta-batch (amaml.rates.search_alpha)",
+  )
   alpha_min: float = _field(0.0, "lower bound on alpha")
   alpha_max: float | None = _field(None, "upper bound on alpha (none: unbounded)")
   beta_min: float = _field(0.0, "lower bound on beta")
@@ -211,8 +216,8 @@ class Config:
   test_adaptation: str = _field(
     "select",
     "select: inner steps (0..eval_inner_steps) and a "
-    "multiple of alpha chosen on val_tasks validation tasks, each task stopping "
-    "before a step that raises its support loss; fixed: "
+    "multiple of alpha chosen on val_tasks validation tasks, each task keeping "
+    "the inner iterate with the lowest support loss; fixed: "
     "eval_inner_steps steps at the trained alpha (MAML's protocol)",
     TEST_ADAPTATIONS,
   )
@@ -315,6 +320,11 @@ class Config:
       raise ValueError(
         f"method={self.method!r} has no per-step rates or parameters: drop "
         "--alpha_per_step and --per_step_params"
+      )
+    if self.alpha_search and self.method in ("reptile", "protonet"):
+      raise ValueError(
+        f"method={self.method!r} has no meta-loss through an inner rate to search: "
+        "drop --alpha_search"
       )
     if self.alpha_granularity is not None and self.method not in ("alpha-maml", "alpha-maml-paper"):
       raise ValueError(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amaml import losses, meta, sharding, signals, validate
+from amaml import losses, meta, rates, sharding, signals, validate
 from amaml.adaptation import ALPHA_SCALES, best_adaptation, guarded_curves
 from amaml.configs import Config
 from amaml.env import versions
@@ -622,9 +623,19 @@ def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
       ckpt.close()
       raise
     start = int(sharding.host_local(state.step))
+  elif cfg.alpha_search:
+    state = _search_alpha(exp, state, images)
   if _primary():
     _truncate_metrics(out / "metrics.jsonl", start)
   return _Run(cfg, out, exp, state, start, images, mesh, ckpt)
+
+
+def _search_alpha(exp: Experiment, state: meta.MetaState, images) -> meta.MetaState:
+  """``--alpha_search``: alpha0 scaled by :func:`amaml.rates.search_alpha` on the tasks of
+  meta step 0 (the same tasks the first step then trains on)."""
+  cfg = exp.config
+  batch = exp.sample(jax.random.fold_in(run_keys(cfg).train, 0), images, cfg.meta_batch)
+  return jax.jit(functools.partial(rates.search_alpha, exp.learner.meta_loss))(state, batch)
 
 
 def _primary() -> bool:

@@ -38,7 +38,7 @@ cat "$OUT/machine.txt"
 echo "== 1. 20w1s grid"
 $PY benchmarks/robustness.py --task omniglot-20w1s --betas 1e-3 --seeds 1 \
   --methods alpha-maml maml alpha-maml-paper $RB \
-  --out "$OUT/robustness-omniglot-20w1s.jsonl" --images /tmp/amaml-gpu-images 2>&1 | tail -40
+  --out "$OUT/robustness-omniglot-20w1s.jsonl.gz" --images /tmp/amaml-gpu-images 2>&1 | tail -40
 
 echo "== 2. throughput"
 $PY benchmarks/throughput.py --config omniglot-5w1s omniglot-20w1s \

@@ -270,6 +270,9 @@ def _outer(make_opt):
   return lambda loss_fn, k: amaml.alpha_maml(loss_fn, inner_steps=k, optimizer=make_opt())
 
 
+#: A method name with this suffix starts from :func:`amaml.rates.search_alpha` on its
+#: first meta-batch (e.g. ``adam+search``).
+SEARCH = "+search"
 METHODS: dict[str, Callable] = {
   "maml": lambda loss_fn, k: amaml.maml(loss_fn, inner_steps=k),
   "default": _default,
@@ -298,6 +301,9 @@ LABELS = {
   "prodigy-d0=1e-3": "Alpha MAML + Prodigy, d0 = 1e-3",
   "adam-hd-discount": "Alpha MAML + Adam-HD, discount 0.9",
 }
+for _m in ("default", "adam"):
+  METHODS[_m + SEARCH] = METHODS[_m]
+  LABELS[_m + SEARCH] = LABELS[_m] + ", alpha0 searched on the first batch"
 
 
 # ----------------------------------------------------------------------------- running
@@ -323,6 +329,17 @@ def init_cells(family: Family, exp, cells):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
+def search_cells(family: Family, exp, state, images, ids):
+  """Every cell's alpha after :func:`amaml.rates.search_alpha` on its first meta-batch."""
+
+  def one(st, seed):
+    key = jax.random.fold_in(amaml.train.run_keys(seed).train, 0)
+    batch = family.sample(key, images, family.meta_batch)
+    return amaml.rates.search_alpha(exp.learner.meta_loss, st, batch)
+
+  return jax.jit(jax.vmap(one))(state, ids)
+
+
 def eval_params(state):
   """The parameters to evaluate: schedule-free's averaged sequence, else ``state.params``."""
   if isinstance(state.opt_state, optax.contrib.ScheduleFreeState):
@@ -346,6 +363,8 @@ def run_family(name: str, method: str, alphas=ALPHAS, budgets=None, seeds=None, 
   val = fam.sample(jax.random.fold_in(key, 1), data["val"], fam.val_tasks)
   state = init_cells(fam, exp, cells)
   ids = jnp.asarray([s for _, s in cells], jnp.int32)
+  if method.endswith(SEARCH):
+    state = search_cells(fam, exp, state, data["train"], ids)
   chunk = robustness.make_chunk(exp, log_every)
   rows, step, t0, alpha_traj = [], 0, time.perf_counter(), []
   for budget_name, until in (("short", short), ("long", long_)):

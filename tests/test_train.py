@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amaml import cli, train
+from amaml import cli, rates, train
 from amaml.configs import get_config
 
 
@@ -29,6 +29,25 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_config):
     {k: v for k, v in json.loads(l).items() if k != "steps_per_s"} for l in lines
   ]
   assert strip(m_full) == strip(m_split) and len(m_full) == 4
+
+
+def test_alpha_search_trains_as_a_run_started_at_the_searched_alpha(tmp_path, tiny_config):
+  cfg = tiny_config(alpha=1.0, alpha_search=True)
+  exp = train.build(cfg)
+  key = jax.random.fold_in(train.run_keys(cfg).train, 0)
+  state = rates.search_alpha(
+    exp.learner.meta_loss,
+    exp.learner.init(exp.params),
+    exp.sample(key, exp.data["train"], cfg.meta_batch),
+  )
+  alpha0 = float(jax.tree.leaves(state.alpha)[0])
+  assert alpha0 < 1.0  # a sinusoid MLP at initialisation: alpha = 1 overshoots
+  run = lambda c, d, **kw: train.train(c, tmp_path / d, progress=False, evaluate_at_end=False, **kw)
+  searched, _ = run(cfg, "searched")
+  by_hand, _ = run(dataclasses.replace(cfg, alpha=alpha0, alpha_search=False), "by_hand")
+  chex.assert_trees_all_equal(searched, by_hand)
+  run(dataclasses.replace(cfg, iterations=20), "split")  # a resumed run does not search again
+  chex.assert_trees_all_equal(searched, run(cfg, "split", resume=True)[0])
 
 
 def test_same_seed_same_metrics_and_loss_falls(tmp_path, tiny_config):
@@ -66,6 +85,7 @@ def test_divergence_stops_with_a_clear_message(tmp_path, tiny_config):
     ({"checkpoint_every": 15}, "multiple of log_every"),
     ({"rate_rule": "cosine"}, "rate_rule"),
     ({"colour": 1}, "unknown config field"),
+    ({"method": "protonet", "alpha_search": True}, "alpha_search"),
   ],
 )
 def test_bad_config_fields_are_named(overrides, match):

@@ -1,0 +1,85 @@
+"""The initial-rate search (``amaml.rates.search_alpha``): its choice on linear regression
+against the closed-form query loss after one step, its edge cases, and vmap against a loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import amaml
+from amaml import rates
+
+LOSS = amaml.losses.mse(lambda w, x: x @ w)
+
+
+def _tasks(seed, tasks=6, shots=10, dim=4):
+  rng = np.random.default_rng(seed)
+  w = rng.normal(1.0, 1.0, (tasks, dim))
+  xs, xq = rng.normal(size=(2, tasks, shots, dim))
+  ys, yq = np.einsum("tsd,td->ts", xs, w), np.einsum("tsd,td->ts", xq, w)
+  return amaml.TaskBatch(xs, ys, xq, yq), dim
+
+
+def _query_loss_after_one_step(batch, w, alpha):
+  """By hand: w' = w - alpha * (2/n) Xs^T (Xs w - ys), then the mean query MSE over tasks."""
+  out = []
+  for xs, ys, xq, yq in zip(*batch):
+    w1 = w - alpha * 2.0 / len(ys) * xs.T @ (xs @ w - ys)
+    out.append(np.mean((xq @ w1 - yq) ** 2))
+  return float(np.mean(out))
+
+
+def test_search_picks_the_smallest_scale_with_most_of_the_decrease(x64):
+  batch, dim = _tasks(0)
+  w0 = np.zeros(dim)
+  for alpha0 in (1e-3, 0.01, 4.0):
+    learner = amaml.maml(LOSS, alpha=alpha0, inner_steps=1)
+    state = rates.search_alpha(learner.meta_loss, learner.init(jnp.asarray(w0)), batch)
+    losses = [_query_loss_after_one_step(batch, w0, alpha0 * s) for s in rates.SEARCH_SCALES]
+    before = _query_loss_after_one_step(batch, w0, 0.0)
+    target = before - 0.9 * (before - min(losses))
+    expected = alpha0 * rates.SEARCH_SCALES[next(i for i, v in enumerate(losses) if v <= target)]
+    np.testing.assert_allclose(float(state.alpha), expected, rtol=1e-12)
+    assert expected != alpha0  # the search moved every one of these starts
+
+
+def test_nonfinite_losses_lose_and_no_decrease_keeps_alpha():
+  state = amaml.MetaState(None, jnp.float32(1.0), (), (), jnp.int32(0), jnp.int32(0))
+
+  def piecewise(values, other):  # loss by exact alpha (scales are powers of 4: exact)
+    def loss(params, alpha, batch):
+      out = jnp.float32(other)
+      for a, v in values.items():
+        out = jnp.where(alpha == a, v, out)
+      return out, {}
+
+    return loss
+
+  # lowest at scale 4, but NaN there: the lowest finite one, scale 1/4, wins
+  nan_best = piecewise({0.0: 10.0, 0.25: 2.0, 1.0: 5.0, 4.0: np.nan}, 9.0)
+  assert float(rates.search_alpha(nan_best, state, None).alpha) == 0.25
+  # every scale raises the loss or overflows: alpha is kept
+  worse = piecewise({0.0: 1.0, 16.0: np.inf}, 2.0)
+  assert float(rates.search_alpha(worse, state, None).alpha) == 1.0
+  # no loss without adaptation to compare with: alpha is kept
+  no_base = piecewise({0.0: np.nan, 0.25: 2.0}, 9.0)
+  assert float(rates.search_alpha(no_base, state, None).alpha) == 1.0
+
+
+def test_search_scales_every_rate_by_one_factor_and_vmaps_like_a_loop():
+  batch, dim = _tasks(1, tasks=4, dim=3)
+  params = {"a": jnp.zeros(2), "b": jnp.zeros(dim - 2)}
+  loss = amaml.losses.mse(lambda p, x: x @ jnp.concatenate([p["a"], p["b"]]))
+  learner = amaml.alpha_maml(loss, alpha=0.01)
+  state = learner.init(params)
+  state = state._replace(alpha={"a": jnp.float32(0.01), "b": jnp.float32(0.03)})
+  got = rates.search_alpha(learner.meta_loss, state, batch)
+  ratio = float(got.alpha["b"] / got.alpha["a"])
+  np.testing.assert_allclose(ratio, 3.0, rtol=1e-6)
+  assert float(got.alpha["a"]) != 0.01
+  starts = [state._replace(alpha=jax.tree.map(lambda a: a * f, state.alpha)) for f in (1, 50)]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *starts)
+  vmapped = jax.vmap(lambda s: rates.search_alpha(learner.meta_loss, s, batch))(stacked)
+  for i, s in enumerate(starts):
+    one = rates.search_alpha(learner.meta_loss, s, batch)
+    for k in ("a", "b"):
+      np.testing.assert_allclose(vmapped.alpha[k][i], one.alpha[k], rtol=1e-6)
