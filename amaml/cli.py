@@ -1,5 +1,5 @@
-"""Command line: ``amaml train``, ``amaml evaluate``, ``amaml plot``, ``amaml download``
-(or ``python -m amaml``).
+"""Command line: ``amaml train``, ``amaml evaluate``, ``amaml plot``, ``amaml download``,
+``amaml reproduce`` (or ``python -m amaml``).
 
     amaml train --config sinusoid --out runs/sinusoid
     amaml train --config omniglot-5w1s --method maml --iterations 2000 --out runs/o5
@@ -8,6 +8,7 @@
     amaml evaluate --run runs/o5 runs/o5-maml        # several runs: a comparison table
     amaml plot --run runs/o5
     amaml download omniglot                          # the official zips -> arrays folder
+    amaml reproduce omniglot --budget 0.001 --settings 5w1s   # the published table, scaled
 
 Every field of :class:`amaml.configs.Config` is a flag (``--alpha 0.1``,
 ``--rate_rule normalized``, ...); ``amaml train --help`` lists them.
@@ -137,7 +138,67 @@ def _parser() -> argparse.ArgumentParser:
     help="where the zips are (default: the data set's GitHub repository; file:// URLs work too)",
   )
   dl.add_argument("--no_progress", action="store_true", help="no progress bar")
+  _reproduce_parser(sub)
   return ap
+
+
+def _reproduce_parser(sub) -> None:
+  """``amaml reproduce``'s flags (:mod:`amaml.reproduce`)."""
+  from amaml import reproduce
+
+  rp = sub.add_parser(
+    "reproduce",
+    help="reproduce a published table: amaml's default, MAML and MAML++ at the papers' "
+    "schedules against the published accuracies",
+    description="Trains and evaluates amaml's default (alpha-maml), MAML and MAML++ on "
+    "every setting at its paper's schedule, one run after another (seeds too: no vmapped "
+    "multi-seed run yet), and writes the table against the published numbers to stdout, "
+    "OUT/reproduce.md and OUT/reproduce.jsonl. Running it again skips finished runs and "
+    "resumes the others. The full schedules take days on a CPU: they are meant for a GPU.",
+  )
+  rp.add_argument("benchmark", choices=["omniglot"], help="the published table")
+  rp.add_argument(
+    "--settings",
+    nargs="+",
+    default=list(reproduce.SETTINGS),
+    metavar="SETTING",
+    help=f"a subset of {' '.join(reproduce.SETTINGS)} [default: all]",
+  )
+  rp.add_argument(
+    "--methods",
+    nargs="+",
+    default=list(reproduce.METHODS),
+    metavar="METHOD",
+    help=f"a subset of {' '.join(reproduce.METHODS)} [default: all]",
+  )
+  rp.add_argument(
+    "--seeds",
+    type=int,
+    default=1,
+    metavar="N",
+    help="seeds 0..N-1 per setting and method, run one after another (no vmapped "
+    "multi-seed run yet) [default: 1]",
+  )
+  rp.add_argument(
+    "--budget",
+    type=float,
+    default=1.0,
+    metavar="F",
+    help="scale every schedule (meta steps, MAML++'s annealing) by F in (0, 1], e.g. 0.001 "
+    "for a CPU smoke run [default: 1, the papers' schedules: days on a CPU, meant for a GPU]",
+  )
+  rp.add_argument(
+    "--out",
+    default="runs/reproduce-omniglot",
+    help="run directory, one subdirectory per run (<setting>/<method>/seed<k>); a re-run "
+    "skips finished runs and resumes the others [default: runs/reproduce-omniglot]",
+  )
+  rp.add_argument(
+    "--data_dir",
+    default=None,
+    help=next(f for f in dataclasses.fields(Config) if f.name == "data_dir").metadata["help"],
+  )
+  rp.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
 # Errors a user can cause (a missing run, a wrong data folder, an optional package not
@@ -325,7 +386,39 @@ def _plot(args) -> int:
   return 0
 
 
-_COMMANDS = {"train": _train, "evaluate": _evaluate, "plot": _plot, "download": _download}
+def _reproduce(args) -> int:
+  from amaml import reproduce, signals
+
+  overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+  try:
+    _, text = reproduce.reproduce_omniglot(
+      args.out,
+      args.settings,
+      args.methods,
+      args.seeds,
+      args.budget,
+      progress=not args.no_progress,
+      **overrides,
+    )
+  except signals.Interrupted as e:
+    print(
+      f"amaml reproduce: {e}; resume with the same command: amaml {shlex.join(args.argv)}",
+      file=sys.stderr,
+      flush=True,
+    )
+    return e.exit_code
+  print(text)
+  print(f"  in {args.out}: reproduce.md, reproduce.jsonl, one directory per run")
+  return 0
+
+
+_COMMANDS = {
+  "train": _train,
+  "evaluate": _evaluate,
+  "plot": _plot,
+  "download": _download,
+  "reproduce": _reproduce,
+}
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def test_readme_commands_parse():
   assert len(commands) >= 5
   for c in commands:
     args = cli._parser().parse_args(shlex.split(c))
-    assert args.command in ("train", "evaluate", "plot")
+    assert args.command in ("train", "evaluate", "plot", "reproduce")
 
 
 def test_readme_methods_snippet_runs(capsys):
