@@ -198,6 +198,14 @@ def _reproduce_parser(sub) -> None:
     default=None,
     help=next(f for f in dataclasses.fields(Config) if f.name == "data_dir").metadata["help"],
   )
+  rp.add_argument(
+    "--eval_tasks",
+    type=int,
+    default=None,
+    metavar="N",
+    help="meta-test tasks per run, and at most N validation tasks for the test-time choice "
+    "(evaluation is not scaled by --budget) [default: each config's, 600 and 100]",
+  )
   rp.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
@@ -390,6 +398,11 @@ def _reproduce(args) -> int:
   from amaml import reproduce, signals
 
   overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+  if args.eval_tasks is not None:
+    if args.eval_tasks < 1:
+      raise ValueError(f"--eval_tasks {args.eval_tasks}: use 1 or more")
+    n = args.eval_tasks
+    overrides.update(eval_tasks=n, val_tasks=min(n, 100), eval_batch=min(n, 50))
   try:
     _, text = reproduce.reproduce_omniglot(
       args.out,

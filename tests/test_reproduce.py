@@ -175,6 +175,7 @@ def test_reproduce_runs_every_method(small_omniglot, tmp_path):
     (["--settings", "5w1s", "10w1s"], "--settings 10w1s: use some of 5w1s 5w5s 20w1s 20w5s"),
     (["--methods", "reptile"], "--methods reptile: use some of alpha-maml maml maml++"),
     (["--seeds", "0"], "--seeds 0: use 1 or more"),
+    (["--eval_tasks", "0"], "--eval_tasks 0: use 1 or more"),
   ],
 )
 def test_a_bad_flag_is_one_line(capsys, tmp_path, flags, named):
