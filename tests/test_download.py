@@ -91,6 +91,7 @@ def test_cli_downloads_and_train_finds_the_default_folder(served, tmp_path, monk
   server, images, sums = served
   monkeypatch.setattr("amaml.data.omniglot_zips.ZIP_SUMS", sums)
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  monkeypatch.delenv("AMAML_CACHE_DIR", raising=False)  # the cache root: $XDG_CACHE_HOME/amaml
   monkeypatch.delenv("AMAML_OMNIGLOT_DIR", raising=False)
   monkeypatch.chdir(tmp_path)  # no shared/data/omniglot above the working directory
   monkeypatch.setattr("amaml.data.omniglot_arrays._REPO_ROOT", tmp_path / "nowhere" / "repo")

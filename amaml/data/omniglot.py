@@ -14,7 +14,7 @@ with Pillow's BOX filter (area average, the filter the peer baselines use),
 stored as ``round(255 * ink)``. The result, all 1,623 characters background
 first, is cached as ``omniglot_<size>px_<arrays|tfds>_<source checksum>.npz`` (the
 checksum: SHA-256 of the two ``.npz`` files, or of the prepared TFDS files) in ``cache_dir``,
-else ``$AMAML_CACHE_DIR``, else ``~/.cache/amaml``, written atomically (temporary
+else in amaml's cache root (:func:`default_cache_dir`), written atomically (temporary
 file + ``os.replace``), so concurrent runs are safe.
 
 **Protocols** (:func:`omniglot_split_indices`):
@@ -58,10 +58,9 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from amaml.data.omniglot_arrays import OmniglotArrays, find_omniglot_dir, read_omniglot_arrays
-from amaml.data.omniglot_arrays import arrays_checksum
+from amaml.data.omniglot_arrays import CACHE_ENV_VAR, arrays_checksum, default_cache_dir
 from amaml.data.sources import ClassImages
 
-CACHE_ENV_VAR = "AMAML_CACHE_DIR"
 MAML_SPLIT_SEED = 1
 MAML_NUM_TRAIN = 1100
 MAML_NUM_VAL = 100
@@ -82,11 +81,6 @@ class OmniglotCharacters(NamedTuple):
 
   characters: ClassImages
   num_background: int
-
-
-def default_cache_dir() -> Path:
-  """``$AMAML_CACHE_DIR`` if set, else ``~/.cache/amaml``."""
-  return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "amaml").expanduser()
 
 
 @functools.lru_cache(maxsize=8)

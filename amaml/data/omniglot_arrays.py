@@ -74,11 +74,22 @@ def find_omniglot_dir(omniglot_dir: str | os.PathLike | None = None) -> Path | N
   return None
 
 
+#: The environment variable of amaml's cache root (:func:`default_cache_dir`).
+CACHE_ENV_VAR = "AMAML_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+  """amaml's one cache root: ``$AMAML_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/amaml``,
+  else ``~/.cache/amaml``. Resized images and downloaded Omniglot arrays live under it."""
+  if os.environ.get(CACHE_ENV_VAR):
+    return Path(os.environ[CACHE_ENV_VAR]).expanduser()
+  return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "amaml"
+
+
 def default_download_dir() -> Path:
-  """Where ``amaml download omniglot`` writes the arrays:
-  ``$XDG_CACHE_HOME/amaml/omniglot`` (``~/.cache/amaml/omniglot``)."""
-  cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-  return Path(cache) / "amaml" / "omniglot"
+  """Where ``amaml download omniglot`` writes the arrays: ``omniglot`` under
+  :func:`default_cache_dir`."""
+  return default_cache_dir() / "omniglot"
 
 
 def sha256(path: str | os.PathLike) -> str:
