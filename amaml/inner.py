@@ -344,13 +344,22 @@ def adapt(
       per_step=per_step,
     )
 
+  if inner_steps == 0:
+    return params, jnp.zeros((0,))
+  (out, _), losses = scan_steps(
+    body, init_carry(params, optimizer), inner_steps, unroll=unroll, remat=remat
+  )
+  return out, losses
+
+
+def scan_steps(
+  body: Callable, carry: Any, inner_steps: int, *, unroll: bool | int = True, remat: bool = False
+) -> tuple[Any, Any]:
+  """``lax.scan`` of ``body(carry, k) -> (carry, out)`` over the inner steps ``k = 0, ...,
+  inner_steps - 1``, as :func:`adapt` runs them (``unroll``, ``remat``: see there; ``remat``
+  implies a rolled loop). Returns the last carry and the outputs stacked over steps."""
   if remat:
     body = jax.checkpoint(body)
     if unroll is True:
       unroll = 1
-  if inner_steps == 0:
-    return params, jnp.zeros((0,))
-  (out, _), losses = jax.lax.scan(
-    body, init_carry(params, optimizer), jnp.arange(inner_steps), unroll=unroll
-  )
-  return out, losses
+  return jax.lax.scan(body, carry, jnp.arange(inner_steps), unroll=unroll)

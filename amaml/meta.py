@@ -83,6 +83,12 @@ class MetaLearner(NamedTuple):
       metrics`` of shape ``[tasks, inner_steps + 1]``: the query loss (and aux) and the
       support loss (``"support_loss"``) after 0, 1, ..., ``inner_steps`` inner steps, one
       pass for every test-time step count (see :mod:`amaml.adaptation`).
+    phases: ``()``, or ``((start, update), ...)`` with the first ``start`` 0, in order:
+      ``update`` specialised to the meta steps from each ``start`` to the next. Each equals
+      :attr:`update` on its steps (up to float rounding) as a smaller program: MAML++'s
+      derivative-order annealing compiles its first-order and its second-order steps apart,
+      where :attr:`update` holds both under ``lax.cond``, and both are compiled. A loop that
+      knows its step on the host (:func:`amaml.train.train`) runs the phase's (:func:`phase_at`).
   """
 
   init: Callable[[Any], MetaState]
@@ -91,6 +97,34 @@ class MetaLearner(NamedTuple):
   meta_loss: Callable[[Any, Any, TaskBatch], tuple[jax.Array, dict]]
   update: Callable[[MetaState, TaskBatch], tuple[MetaState, dict]]
   adaptation_curve: Callable[..., dict]
+  phases: tuple = ()
+
+
+class Phase(NamedTuple):
+  """The meta steps ``start`` to ``end`` (exclusive; ``None``: every later step) of a
+  learner, and the update that runs them (:func:`phase_at`)."""
+
+  start: int
+  end: int | None
+  update: Callable[[MetaState, TaskBatch], tuple[MetaState, dict]]
+
+
+def phase_at(learner: MetaLearner, step: int) -> Phase:
+  """The phase of ``learner`` (:attr:`MetaLearner.phases`) that holds meta ``step`` (a host
+  integer); a learner without phases has one, ``update`` from step 0 on.
+
+  >>> import amaml, jax.numpy as jnp
+  >>> loss_fn = lambda p, x, y: (jnp.mean((x * p - y) ** 2), {})
+  >>> learner = amaml.maml_plus_plus(loss_fn, first_order_steps=100)
+  >>> [(p.start, p.end) for p in (phase_at(learner, 0), phase_at(learner, 100))]
+  [(0, 100), (100, None)]
+  >>> phase_at(amaml.maml(loss_fn), 100)[:2]
+  (0, None)
+  """
+  phases = learner.phases or ((0, learner.update),)
+  i = max(i for i, (start, _) in enumerate(phases) if start <= step)
+  end = phases[i + 1][0] if i + 1 < len(phases) else None
+  return Phase(phases[i][0], end, phases[i][1])
 
 
 #: How a training log reduces each metric of :attr:`MetaLearner.step` over the steps of one
@@ -251,10 +285,13 @@ def alpha_maml(
     multi_step_loss: MAML++'s multi-step loss: ``N > 0`` trains on the weighted sum of
       the query losses after every inner step, the weights annealed over the first ``N``
       meta steps from uniform to (almost) the last step alone (:func:`msl_weights`);
-      ``metrics["loss"]`` stays the query loss after the last step. The inner loop is
-      then unrolled (``unroll`` and ``remat`` do not apply).
+      ``metrics["loss"]`` stays the query loss after the last step. The query losses are
+      outputs of the inner loop's ``lax.scan`` (``unroll`` and ``remat`` apply).
     first_order_steps: MAML++'s derivative-order annealing: the first ``N`` meta steps
-      are first order, the rest second order (one compiled step: ``lax.cond``).
+      are first order, the rest second order. ``step`` and ``update`` hold both orders under
+      ``lax.cond`` (one program for every step, compiled with both); ``phases`` has one
+      program per order, each about half the size, and :func:`amaml.train.train` compiles
+      only the one it runs (BENCHMARKS.md, "MAML++ compile time").
     alpha_per_step: MAML++'s per-step rates: one set of rates (of ``alpha_granularity``)
       for every inner step, ``alpha`` then has a leading axis of length ``inner_steps``
       (:func:`amaml.init_alpha` with ``steps``); a longer test-time adaptation reuses the
@@ -334,17 +371,17 @@ def alpha_maml(
       loss, aux = loss_fn(after(adapted, inner_steps), qx, qy)
       return loss, {**aux, "support_loss": support_losses[0]}
     # the multi-step loss: the query loss after every inner step, weighted
-    carry, query_losses = inner.init_carry(params, inner_optimizer), []
-    for k in range(inner_steps):
-      carry, sl = inner.inner_step(
-        loss_fn, carry, k, alpha_, sx, sy, first_order=fo, **step_kwargs(params)
-      )
-      if k == 0:
-        support0 = sl
-      loss, aux = loss_fn(after(carry[0], k + 1), qx, qy)
-      query_losses.append(loss)
-    weighted = jnp.sum(weights * jnp.stack(query_losses))
-    return weighted, {**aux, "support_loss": support0, "final_loss": loss}
+    kwargs = step_kwargs(params)
+
+    def body(carry, k):
+      carry, support = inner.inner_step(loss_fn, carry, k, alpha_, sx, sy, first_order=fo, **kwargs)
+      return carry, (support, loss_fn(after(carry[0], k + 1), qx, qy))
+
+    _, (support, (query, aux)) = inner.scan_steps(
+      body, inner.init_carry(params, inner_optimizer), inner_steps, unroll=unroll, remat=remat
+    )
+    last = jax.tree.map(lambda v: v[-1], aux)
+    return jnp.sum(weights * query), {**last, "support_loss": support[0], "final_loss": query[-1]}
 
   def meta_loss(params, alpha_, batch: TaskBatch, *, step=None, first_order_=None):
     """The mean over tasks of the query loss after adaptation (with ``multi_step_loss``
@@ -360,11 +397,17 @@ def alpha_maml(
     )(params, alpha_, *batch)
     return jnp.mean(losses), jax.tree.map(jnp.mean, aux)
 
-  def meta_grads(state: MetaState, batch: TaskBatch):
+  annealed = first_order_steps > 0 and not first_order  # derivative-order annealing
+
+  def meta_grads(state: MetaState, batch: TaskBatch, fo: bool | None = None):
+    """The meta-loss and its gradients, first order if ``fo``; ``fo=None``: as
+    ``first_order``, or with annealing by ``state.step`` (both orders under ``lax.cond``)."""
     grad = lambda fo: jax.value_and_grad(
       functools.partial(meta_loss, step=state.step, first_order_=fo), argnums=(0, 1), has_aux=True
     )(state.params, state.alpha, batch)
-    if first_order_steps and not first_order:  # derivative-order annealing
+    if fo is not None:
+      return grad(fo)
+    if annealed:
       return jax.lax.cond(state.step < first_order_steps, lambda: grad(True), lambda: grad(False))
     return grad(first_order)
 
@@ -386,7 +429,11 @@ def alpha_maml(
     )
 
   def update(state: MetaState, batch: TaskBatch):
-    (loss, aux), (grads, alpha_grad) = meta_grads(state, batch)
+    return update_with(state, batch)
+
+  def update_with(state: MetaState, batch: TaskBatch, fo: bool | None = None):
+    """``update``, first order if ``fo`` (``None``: as :func:`meta_grads` says)."""
+    (loss, aux), (grads, alpha_grad) = meta_grads(state, batch, fo)
     if "final_loss" in aux:  # multi-step loss: report (and backtrack on) the last step's
       aux = dict(aux)
       loss = aux.pop("final_loss")
@@ -514,6 +561,12 @@ def alpha_maml(
     meta_loss=meta_loss,
     update=update,
     adaptation_curve=jax.jit(adaptation_curve, static_argnames=("inner_steps",)),
+    phases=(
+      (0, functools.partial(update_with, fo=True)),
+      (first_order_steps, functools.partial(update_with, fo=False)),
+    )
+    if annealed
+    else (),
   )
 
 

@@ -306,7 +306,7 @@ def run_keys(cfg: Config | int | jax.Array) -> RunKeys:
   return RunKeys(*(jax.random.fold_in(root, i) for i in range(3)))
 
 
-def make_train_chunk(exp: Experiment, length: int, mesh=None):
+def make_train_chunk(exp: Experiment, length: int, mesh=None, update=None):
   """Up to ``length`` meta steps as one jitted loop: ``(state, images, start, steps) ->
   (state, metrics)`` runs ``min(steps, length)`` steps from step ``start`` and returns the
   metrics stacked over ``length`` rows (the first ``steps`` are the steps taken). Step ``i``
@@ -314,14 +314,16 @@ def make_train_chunk(exp: Experiment, length: int, mesh=None):
   argument: one compiled loop serves every chunk size, so how a run is cut into chunks
   never changes its numbers (a resumed run equals an uninterrupted one bitwise). With a
   ``mesh`` (:mod:`amaml.sharding`) each batch is split over its devices by task and the
-  state stays replicated. The input state is donated."""
+  state stays replicated. The input state is donated. ``update``: the meta step (default
+  ``exp.learner.update``; a phase's, :func:`amaml.meta.phase_at`, for the steps it holds)."""
   train_key = run_keys(exp.config).train
+  update = exp.learner.update if update is None else update
 
   def one(st, images, i):
     batch = exp.sample(jax.random.fold_in(train_key, i), images, exp.config.meta_batch)
     if mesh is not None:
       batch = sharding.constrain_batch(batch, mesh)
-    return exp.learner.update(st, batch)
+    return update(st, batch)
 
   def chunk(state, images, start, steps):
     shapes = jax.eval_shape(one, state, images, start)[1]
@@ -661,13 +663,16 @@ def _loop(run: _Run, progress: bool):
   The first two calls take single steps; once a step's time is known, each call takes
   as many steps as fit in :data:`CHUNK_SECONDS` (at least one, at most to the next log
   line). One compiled loop serves every call size (:func:`make_train_chunk`), so chunking
-  changes no result. The progress bar is refreshed every second by a thread, so it
-  moves (elapsed time, and time against the budget) while a call runs. SIGINT or SIGTERM
-  stops it after the current call: a log line, a checkpoint, then
-  :class:`amaml.signals.Interrupted` (:mod:`amaml.signals`)."""
+  changes no result. A learner with phases (:func:`amaml.meta.phase_at`: MAML++'s first-
+  and second-order steps) gets one loop per phase, compiled when the run reaches it; no
+  call crosses into the next phase, and a phase's first two calls take single steps again.
+  The progress bar is refreshed every second by a thread, so it moves (elapsed time, and
+  time against the budget) while a call runs. SIGINT or SIGTERM stops it after the current
+  call: a log line, a checkpoint, then :class:`amaml.signals.Interrupted`
+  (:mod:`amaml.signals`)."""
   cfg, exp, state, step = run.cfg, run.exp, run.state, run.start
-  chunk = make_train_chunk(exp, cfg.log_every, run.mesh)
-  per_call, pending, step_s = 1, [], None
+  chunk, chunk_phase = None, None  # the loop of the phase being run, and its first step
+  per_call, pending, step_s, fresh = 1, [], None, True
   budget_s = 60 * cfg.max_minutes
   primary = _primary()  # with several processes, process 0 alone draws and writes
   bar = _progress_bar(cfg, step) if progress and primary else None
@@ -682,7 +687,12 @@ def _loop(run: _Run, progress: bool):
       open(run.out / "metrics.jsonl", "a") if primary else contextlib.nullcontext() as log,
     ):
       while step < cfg.iterations:
+        phase = meta.phase_at(exp.learner, step)
+        if phase.start != chunk_phase:  # a new phase: its own loop, its step time measured anew
+          chunk = make_train_chunk(exp, cfg.log_every, run.mesh, phase.update)
+          chunk_phase, per_call, step_s, fresh = phase.start, 1, None, True
         n = min(per_call, cfg.log_every - step % cfg.log_every, cfg.iterations - step)
+        n = n if phase.end is None else min(n, phase.end - step)
         t0 = time.perf_counter()
         state, ms = chunk(state, run.images, np.int32(step), np.int32(n))  # host values: the
         # same in every process
@@ -690,8 +700,9 @@ def _loop(run: _Run, progress: bool):
         signals.wait_ready(ms["nonfinite_streak"])  # signal handlers run meanwhile
         streak = int(np.asarray(ms["nonfinite_streak"]).max())  # waits for the chunk
         dt = time.perf_counter() - t0
-        if compile_s is None:
-          compile_s = dt
+        if fresh:  # the phase's first call: its loop compiled in it
+          compile_s = dt if compile_s is None else compile_s
+          fresh = False
         elif step_s is None:  # the second single step: no compilation in it
           step_s = dt
           per_call = max(1, min(cfg.log_every, int(CHUNK_SECONDS // max(step_s, 1e-9))))

@@ -365,6 +365,37 @@ def test_derivative_order_annealing_switches_from_first_to_second_order():
   assert float(optax.tree.norm(jax.tree.map(lambda a, b: a - b, g(fo), g(so)))) > 1e-4
 
 
+def test_derivative_order_phases_equal_the_annealed_update(x64):
+  """MAML++'s first- and second-order phases, each its own program, give what the one update
+  holding both under lax.cond gives on their steps (multi-step loss and per-step rates on)."""
+  params, batch = _params(dtype=jnp.float64), _batch(dtype=jnp.float64)
+  learner = amaml.maml_plus_plus(
+    LOSS, alpha=0.05, inner_steps=3, first_order_steps=3, multi_step_loss=5
+  )
+  assert [(p.start, p.end) for p in map(lambda s: meta.phase_at(learner, s), (0, 2, 3, 9))] == [
+    (0, 3),
+    (0, 3),
+    (3, None),
+    (3, None),
+  ]
+  state = learner.init(params)
+  update = jax.jit(learner.update)
+  phases = {start: jax.jit(fn) for start, fn in learner.phases}
+  for step in (0, 2, 3, 7):
+    st = state._replace(step=jnp.int32(step))
+    want = update(st, batch)
+    got = phases[meta.phase_at(learner, step).start](st, batch)
+    chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-14)
+  first, second = (phases[s](state._replace(step=jnp.int32(5)), batch)[0] for s in (0, 3))
+  assert (
+    float(optax.tree.norm(jax.tree.map(lambda a, b: a - b, first.params, second.params))) > 1e-6
+  )
+  # one phase where there is one order
+  for one in (amaml.maml(LOSS), amaml.maml_plus_plus(LOSS, first_order_steps=0)):
+    assert one.phases == () and meta.phase_at(one, 10) == (0, None, one.update)
+  assert amaml.maml_plus_plus(LOSS, first_order=True).phases == ()
+
+
 def test_protonet_logits_are_minus_squared_distances_to_the_prototypes():
   embed = lambda p, x: x.reshape(x.shape[0], -1) @ p["w"]
   params = {"w": jax.random.normal(jax.random.key(0), (4, 3))}
@@ -451,6 +482,48 @@ def test_per_step_rates_and_parameters_follow_a_hand_written_inner_loop(x64):
       optax.tree_utils.tree_vdot(g, v), _central_fd(f, (p, a), v, 1e-6), rtol=1e-6
     )
   assert np.all(np.abs(g[0]["norm"]["scale"]) > 0) and np.all(np.abs(g[1]["lin"]["w"]) > 0)
+
+
+@pytest.mark.parametrize("unroll,remat", [(True, False), (1, False), (1, True)])
+def test_multi_step_loss_scan_equals_a_hand_unrolled_loop(x64, unroll, remat):
+  """MAML++'s loss (per-step rates and scale, the query loss after every step, weighted) and
+  its gradients, first and second order, against the Python loop it was once written as."""
+  params = {"lin": {"w": jnp.array([[0.3]]), "b": jnp.array([0.1])}, "norm": {"scale": 1.0}}
+  batch, k, anneal = _batch(dtype=jnp.float64), 3, 10
+  p = {"lin": params["lin"], "norm": {"scale": jnp.array([1.5, 0.5, 2.0])}}
+  a = {
+    "lin": {"w": jnp.array([0.1, 0.05, 0.2]), "b": jnp.array([0.02, 0.3, 0.1])},
+    "norm": {"scale": jnp.zeros(k)},
+  }
+
+  def by_hand(p, a, step, fo):
+    w, total = meta.msl_weights(step, k, anneal), 0.0
+    for t in range(batch.num_tasks):
+      lin, sx, sy = p["lin"], batch.support_x[t], batch.support_y[t]
+      for j in range(k):
+        norm = {"scale": p["norm"]["scale"][j]}
+        g = jax.grad(lambda q: _scaled_loss({"lin": q, "norm": norm}, sx, sy)[0])(lin)
+        g = jax.lax.stop_gradient(g) if fo else g
+        lin = {n: lin[n] - a["lin"][n][j] * g[n] for n in lin}
+        query = _scaled_loss({"lin": lin, "norm": norm}, batch.query_x[t], batch.query_y[t])
+        total = total + w[j] * query[0]
+    return total / batch.num_tasks
+
+  for step, fo in ((0, False), (4, True), (50, False)):
+    learner = amaml.maml_plus_plus(
+      _scaled_loss,
+      inner_steps=k,
+      multi_step_loss=anneal,
+      first_order=fo,
+      first_order_steps=0,
+      per_step_params="^norm/",
+      unroll=unroll,
+      remat=remat,
+    )
+    assert learner.init(params).alpha["lin"]["w"].shape == (k,)
+    got = jax.value_and_grad(lambda pa: learner.meta_loss(*pa, batch, step=step)[0])((p, a))
+    want = jax.value_and_grad(lambda pa: by_hand(*pa, step, fo))((p, a))
+    chex.assert_trees_all_close(got, want, rtol=1e-10, atol=1e-13)
 
 
 def test_maml_plus_plus_on_conv4_keeps_batch_norm_and_rates_per_step():
