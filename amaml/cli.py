@@ -157,20 +157,14 @@ def _reproduce_parser(sub) -> None:
     "resumes the others. The full schedules take days on a CPU: they are meant for a GPU.",
   )
   rp.add_argument("benchmark", choices=["omniglot"], help="the published table")
-  rp.add_argument(
-    "--settings",
-    nargs="+",
-    default=list(reproduce.SETTINGS),
-    metavar="SETTING",
-    help=f"a subset of {' '.join(reproduce.SETTINGS)} [default: all]",
-  )
-  rp.add_argument(
-    "--methods",
-    nargs="+",
-    default=list(reproduce.METHODS),
-    metavar="METHOD",
-    help=f"a subset of {' '.join(reproduce.METHODS)} [default: all]",
-  )
+  for flag, choices in (("settings", reproduce.SETTINGS), ("methods", reproduce.METHODS)):
+    rp.add_argument(
+      f"--{flag}",
+      nargs="+",
+      default=list(choices),
+      metavar=flag[:-1].upper(),
+      help=f"a subset of {' '.join(choices)} [default: all]",
+    )
   rp.add_argument(
     "--seeds",
     type=int,

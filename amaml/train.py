@@ -306,6 +306,12 @@ def run_keys(cfg: Config | int | jax.Array) -> RunKeys:
   return RunKeys(*(jax.random.fold_in(root, i) for i in range(3)))
 
 
+def step_batch(exp: Experiment, images, step) -> TaskBatch:
+  """The tasks that meta step ``step`` trains on: sampled from ``fold_in(train key, step)``."""
+  key = jax.random.fold_in(run_keys(exp.config).train, step)
+  return exp.sample(key, images, exp.config.meta_batch)
+
+
 def make_train_chunk(exp: Experiment, length: int, mesh=None, update=None):
   """Up to ``length`` meta steps as one jitted loop: ``(state, images, start, steps) ->
   (state, metrics)`` runs ``min(steps, length)`` steps from step ``start`` and returns the
@@ -316,11 +322,10 @@ def make_train_chunk(exp: Experiment, length: int, mesh=None, update=None):
   ``mesh`` (:mod:`amaml.sharding`) each batch is split over its devices by task and the
   state stays replicated. The input state is donated. ``update``: the meta step (default
   ``exp.learner.update``; a phase's, :func:`amaml.meta.phase_at`, for the steps it holds)."""
-  train_key = run_keys(exp.config).train
   update = exp.learner.update if update is None else update
 
   def one(st, images, i):
-    batch = exp.sample(jax.random.fold_in(train_key, i), images, exp.config.meta_batch)
+    batch = step_batch(exp, images, i)
     if mesh is not None:
       batch = sharding.constrain_batch(batch, mesh)
     return update(st, batch)
@@ -635,9 +640,8 @@ def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
 def _search_alpha(exp: Experiment, state: meta.MetaState, images) -> meta.MetaState:
   """``--alpha_search``: alpha0 scaled by :func:`amaml.rates.search_alpha` on the tasks of
   meta step 0 (the same tasks the first step then trains on)."""
-  cfg = exp.config
-  batch = exp.sample(jax.random.fold_in(run_keys(cfg).train, 0), images, cfg.meta_batch)
-  return jax.jit(functools.partial(rates.search_alpha, exp.learner.meta_loss))(state, batch)
+  search = jax.jit(functools.partial(rates.search_alpha, exp.learner.meta_loss))
+  return search(state, step_batch(exp, images, 0))
 
 
 def _primary() -> bool:
