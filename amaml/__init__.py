@@ -15,9 +15,8 @@ from amaml import models
 from amaml.hd import HypergradientState, current_hypergradient, current_learning_rate, hypergradient
 from amaml.imaml import imaml
 from amaml.inner import adapt, init_alpha
-from amaml.meta import (
-  MetaLearner,
-  MetaState,
+from amaml.meta import MetaLearner, MetaState
+from amaml.methods import (
   alpha_maml,
   alpha_maml_paper,
   anil,

@@ -11,6 +11,8 @@ import dataclasses
 import json
 from typing import Any
 
+from amaml import defaults
+
 TASKS = ("sinusoid", "omniglot", "image_folder")
 # the image benchmarks of task image_folder (amaml.data.image_folders.DATASETS)
 DATASETS = ("", "miniimagenet", "tieredimagenet", "cifar-fs", "fc100")
@@ -46,8 +48,8 @@ METHOD_OUTER_OPTIMIZER = {
 # the outer rate beta0 when Config.beta is None (Adam's, or SGD's for protonet --outer_optimizer
 # sgd). Reptile's outer step is epsilon instead: epsilon0 = 1, annealed linearly to 0 over the
 # run (Nichol et al. 2018), the rate of its outer optimizer (SGD).
-DEFAULT_BETA = 1e-3
-DEFAULT_EPSILON = 1.0
+DEFAULT_BETA = defaults.BETA
+DEFAULT_EPSILON = defaults.BY_METHOD["reptile"]["epsilon"]
 EPSILON_SCHEDULES = ("constant", "linear")
 # Reptile's own inner loop, which get_config applies to the fields its caller does not set
 # (a Config built directly keeps the plain defaults). Reptile's outer step has no Adam to
@@ -117,12 +119,13 @@ class Config:
   multi_step_loss: int = _field(
     0,
     "MAML++'s multi-step loss, its weights annealed over "
-    "this many meta steps; 0: off (maml++: 5000)",
+    f"this many meta steps; 0: off (maml++: {defaults.BY_METHOD['maml++']['multi_step_loss']})",
   )
   first_order_steps: int = _field(
     0,
     "MAML++'s derivative-order annealing: first order for "
-    "this many meta steps, then second; 0: off (maml++: 25000)",
+    "this many meta steps, then second; 0: off "
+    f"(maml++: {defaults.BY_METHOD['maml++']['first_order_steps']})",
   )
   alpha_per_step: bool | None = _field(
     None,

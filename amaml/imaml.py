@@ -20,7 +20,7 @@ and, ``H`` being symmetric, the meta-gradient of the query loss ``L_q(phi*)`` is
     dL_q/dtheta = (I + H / lam)^-1 g = v,   g = grad L_q(phi*)
 
 found by ``cg_steps`` steps of conjugate gradient on ``(I + H / lam) v = g`` with
-Hessian-vector products (forward over reverse, :func:`implicit_gradient`).
+Hessian-vector products (reverse over reverse, :func:`implicit_gradient`).
 
 **lam by its own hypergradient: exact, for one inner product.** Differentiating the same
 identity in ``lam``::
@@ -70,8 +70,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from amaml import inner, rates
-from amaml.meta import MetaLearner, MetaState, _all_finite, guard, pre_adaptation_metrics
+from amaml import inner, inner_loop, meta, rates, safeguards
+from amaml.defaults import BY_METHOD
+from amaml.meta import MetaLearner, MetaState, MetaStep, meta_learner, meta_state
 from amaml.rates import DEFAULT_RULE
 from amaml.task import TaskBatch
 
@@ -191,11 +192,14 @@ def implicit_gradient(
 ) -> Any:
   """``v = (I + H / lam)^-1 g`` by at most ``cg_steps`` steps of conjugate gradient
   (``jax.scipy.sparse.linalg.cg``, relative tolerance ``cg_tol``), ``H`` the Hessian of the
-  support loss at ``phi`` applied by Hessian-vector products (``jax.linearize`` of the
-  gradient: one linearisation, then a forward-mode pass per product). CG assumes ``I + H /
-  lam`` positive definite: true for a convex support loss, and near a minimum of a
-  non-convex one once ``lam`` exceeds the most negative eigenvalue of ``H``."""
-  _, hvp = jax.linearize(_support_grad(loss_fn, x, y), phi)
+  support loss at ``phi`` applied by Hessian-vector products: ``jax.vjp`` of the gradient
+  (``H`` is symmetric, so its VJP is ``H v``), one linearisation, then a reverse pass per
+  product. Reverse over reverse, not forward mode: a layer with its own VJP and no forward
+  mode, such as Conv4's CPU convolution (:func:`amaml.models.layers.conv3x3`), works too.
+  CG assumes ``I + H / lam`` positive definite: true for a convex support loss, and near a
+  minimum of a non-convex one once ``lam`` exceeds the most negative eigenvalue of ``H``."""
+  _, vjp = jax.vjp(_support_grad(loss_fn, x, y), phi)
+  hvp = lambda v: vjp(v)[0]
 
   def matvec(v):
     return jax.tree.map(lambda a, b: a + b / lam, v, hvp(v))
@@ -270,15 +274,15 @@ def _check(lam, alpha, inner_steps, cg_steps, cg_tol, inner_tol, lam_lr, lam_min
 def imaml(
   loss_fn: Callable[..., tuple[jax.Array, dict]],
   *,
-  lam: float = 1.0,
-  alpha: float = 0.01,
-  inner_steps: int = 10,
-  cg_steps: int = 5,
+  lam: float = BY_METHOD["imaml"]["lam"],
+  alpha: float = BY_METHOD["imaml"]["alpha"],
+  inner_steps: int = BY_METHOD["imaml"]["inner_steps"],
+  cg_steps: int = BY_METHOD["imaml"]["cg_steps"],
   cg_tol: float = 1e-10,
   inner_tol: float = 0.0,
   inner_optimizer: Any = None,
   optimizer: Any = None,
-  beta: float = 1e-3,
+  beta: float = BY_METHOD["imaml"]["beta"],
   lam_lr: float = 0.0,
   rate_rule: str = DEFAULT_RULE,
   lam_min: float | None = 1e-4,
@@ -332,15 +336,9 @@ def imaml(
   if isinstance(inner_optimizer, str):
     inner_optimizer = inner.inner_optimizer(inner_optimizer)
   lam_rule = rates.rate_rule(lam_lr, rate_rule, min_rate=lam_min, max_rate=lam_max)
-  adapt = implicit_adapt(
-    loss_fn,
-    inner_steps=inner_steps,
-    tol=inner_tol,
-    optimizer=inner_optimizer,
-    cg_steps=cg_steps,
-    cg_tol=cg_tol,
-  )
   solver = dict(tol=inner_tol, optimizer=inner_optimizer)
+  cg = dict(cg_steps=cg_steps, cg_tol=cg_tol)
+  adapt = implicit_adapt(loss_fn, inner_steps=inner_steps, **solver, **cg)
 
   def lam_or_default(lam_):
     if lam_ is not None:
@@ -348,6 +346,28 @@ def imaml(
     if lam_lr:
       raise ValueError("this imaml learns lam (lam_lr > 0): pass lam=state.alpha_state.lam")
     return jnp.asarray(lam, jnp.result_type(float))
+
+  mean_loss = _mean_loss(loss_fn, adapt)
+
+  def meta_loss(params, alpha_, batch: TaskBatch, lam=None):
+    return mean_loss(params, lam_or_default(lam), alpha_, batch)
+
+  step = _step(mean_loss, opt, lam_rule, lam, alpha)
+  if track_pre_adaptation:
+    step = meta.track_pre_adaptation(step, inner_loop.inner_loop(loss_fn, steps=inner_steps))
+  step = safeguards.skip_nonfinite(step, checked=("loss", "grad_norm", "lam_hypergradient"))
+  step = meta.report(
+    step, lambda state: {"lam": state.alpha_state.lam, "nonfinite_streak": state.nonfinite_streak}
+  )
+  evaluate, adaptation_curve = _test_time(loss_fn, lam_or_default, inner_steps, **solver)
+  return meta_learner(
+    step, meta_loss=meta_loss, evaluate=evaluate, adaptation_curve=adaptation_curve, donate=donate
+  )
+
+
+def _mean_loss(loss_fn: Callable, adapt: Callable) -> Callable:
+  """``(params, lam, alpha, batch) -> (loss, aux)``: the mean over tasks of the query loss
+  after ``adapt`` (:func:`implicit_adapt`), and of its aux and solver information."""
 
   def task_loss(params, lam_, alpha_, sx, sy, qx, qy):
     phi, info = adapt(params, lam_, alpha_, sx, sy)
@@ -360,20 +380,16 @@ def imaml(
     )
     return jnp.mean(losses), jax.tree.map(lambda a: jnp.mean(a.astype(losses.dtype)), aux)
 
-  def meta_loss(params, alpha_, batch: TaskBatch, lam=None):
-    return mean_loss(params, lam_or_default(lam), alpha_, batch)
+  return mean_loss
+
+
+def _step(mean_loss: Callable, opt, lam_rule: rates.RateRule, lam: float, alpha) -> MetaStep:
+  """iMAML's unguarded meta step: ``opt`` steps ``params`` on the implicit meta-gradient,
+  ``lam_rule`` steps ``lam`` (held in ``state.alpha_state``) on its hypergradient."""
 
   def init(params) -> MetaState:
-    dtype = jnp.result_type(float)
-    lam0 = jnp.asarray(lam, dtype)
-    return MetaState(
-      params=params,
-      alpha=jnp.asarray(alpha, dtype),
-      alpha_state=LamState(lam0, lam_rule.init(lam0)),
-      opt_state=opt.init(params),
-      step=jnp.zeros((), jnp.int32),
-      nonfinite_streak=jnp.zeros((), jnp.int32),
-    )
+    lam0 = jnp.asarray(lam, jnp.result_type(float))
+    return meta_state(params, alpha, LamState(lam0, lam_rule.init(lam0)), opt.init(params))
 
   def update(state: MetaState, batch: TaskBatch):
     lam_ = state.alpha_state.lam
@@ -383,33 +399,12 @@ def imaml(
     updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_lam, rule_state = lam_rule.update(lam_, lam_grad, state.alpha_state.rule_state)
-    ok = _all_finite((loss, grads, lam_grad, params, new_lam, opt_state))
-    new_state = guard(
-      state, ok, params=params, opt_state=opt_state, alpha_state=LamState(new_lam, rule_state)
-    )
-    metrics = {
-      "loss": loss,
-      **aux,
-      "grad_norm": optax.tree.norm(grads),
-      "alpha": state.alpha,
-      "lam": new_state.alpha_state.lam,
-      "lam_hypergradient": lam_grad,
-      "nonfinite": jnp.logical_not(ok),
-      "nonfinite_streak": new_state.nonfinite_streak,
-    }
-    if track_pre_adaptation:
-      metrics.update(pre_adaptation_metrics(loss_fn, state.params, batch))
-    return new_state, metrics
+    lam_state = LamState(new_lam, rule_state)
+    new = state._replace(params=params, opt_state=opt_state, alpha_state=lam_state)
+    metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads), "alpha": state.alpha}
+    return new._replace(step=state.step + 1), {**metrics, "lam_hypergradient": lam_grad}
 
-  evaluate, adaptation_curve = _test_time(loss_fn, lam_or_default, inner_steps, **solver)
-  return MetaLearner(
-    init=init,
-    step=jax.jit(update, donate_argnums=(0,) if donate else ()),
-    evaluate=jax.jit(evaluate, static_argnames=("inner_steps",)),
-    meta_loss=meta_loss,
-    update=update,
-    adaptation_curve=jax.jit(adaptation_curve, static_argnames=("inner_steps",)),
-  )
+  return MetaStep(init, update)
 
 
 def _test_time(

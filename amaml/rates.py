@@ -122,10 +122,37 @@ def _check_arguments(hyper_lr, min_rate, max_rate):
 
 class RateRule(NamedTuple):
   """A learning-rate update rule: ``init(rate) -> state`` and
-  ``update(rate, hypergradient, state) -> (rate, state)``, pure functions."""
+  ``update(rate, hypergradient, state) -> (rate, state)``, pure functions. ``by_outer``:
+  the rate is a meta-parameter that the outer optimizer steps with the weights
+  (:func:`learned_by_outer`); ``update`` then only bounds it."""
 
   init: Callable[[Any], Any]
   update: Callable[[Any, Any, Any], tuple[Any, Any]]
+  by_outer: bool = False
+
+
+def fixed() -> RateRule:
+  """The rule of a rate that does not change (MAML's ``alpha``).
+
+  >>> rule = fixed()
+  >>> rule.update(0.1, 5.0, rule.init(0.1))[0]
+  0.1
+  """
+  return RateRule(lambda rate: optax.EmptyState(), lambda rate, h, state: (rate, state))
+
+
+def learned_by_outer(min_rate: float | None = None, max_rate: float | None = None) -> RateRule:
+  """Meta-SGD's rule: the outer optimizer steps the rates with the weights, from the same
+  meta-gradient (:func:`amaml.meta.gradient_step`); the rule clips them to ``[min_rate,
+  max_rate]`` (``None``: unbounded, free to change sign, as in Meta-SGD)."""
+  _check_arguments(0.0, min_rate, max_rate)
+
+  def update(rate, h, state):
+    if min_rate is None and max_rate is None:
+      return rate, state
+    return jax.tree.map(lambda r: jnp.clip(r, min_rate, max_rate), rate), state
+
+  return RateRule(lambda rate: optax.EmptyState(), update, by_outer=True)
 
 
 def rate_rule(

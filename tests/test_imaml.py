@@ -153,6 +153,24 @@ def test_cg_solution_equals_a_direct_solve(x64):
   assert not np.allclose(ravel_pytree(short)[0], want, rtol=1e-3)  # the steps matter
 
 
+def test_implicit_gradient_through_the_cpu_convolution_equals_the_xla_one():
+  """Conv4's CPU convolution has its own VJP and no forward mode: the Hessian-vector products
+  go reverse over reverse, and give what lax.conv (which has both) gives."""
+  from amaml.models.layers import conv3x3
+
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(3, 5, 5, 2)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(3, 5, 5, 3)), jnp.float32)
+  phi = {"k": jnp.asarray(0.3 * rng.normal(size=(3, 3, 2, 3)), jnp.float32)}
+  g = {"k": jnp.asarray(rng.normal(size=(3, 3, 2, 3)), jnp.float32)}
+
+  def solve(impl):
+    loss_fn = lambda p, x_, y_: (jnp.mean(jnp.tanh(conv3x3(x_, p["k"], impl=impl)) - y_) ** 2, {})
+    return implicit_gradient(loss_fn, phi, 0.1, x, y, g, cg_steps=4)
+
+  chex.assert_trees_all_close(solve("matmul"), solve("xla"), rtol=2e-4, atol=1e-5)
+
+
 def test_meta_gradient_under_vmap_equals_a_loop():
   params = MODEL.init(jax.random.key(0), jnp.zeros((1, 1)))["params"]
   batch = amaml.sinusoid_tasks(jax.random.key(3), num_tasks=4)

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import amaml
-from amaml import configs, meta, rates, train
+from amaml import configs, meta, methods, rates, train
 
 MODEL = amaml.models.MLP(hidden=(16, 16))
 
@@ -159,14 +159,14 @@ def test_guards_hold_under_the_default():
 
 
 def test_default_rates_resolve_per_rule():
-  assert meta._default_hyper_lrs("normalized", None, None) == (rates.DEFAULT_HYPER_LR,) * 2
-  assert meta._default_hyper_lrs("additive", None, None) == (
+  assert methods._default_hyper_lrs("normalized", None, None) == (rates.DEFAULT_HYPER_LR,) * 2
+  assert methods._default_hyper_lrs("additive", None, None) == (
     rates.PAPER_ALPHA_LR,
     rates.PAPER_BETA_LR,
   )
-  assert meta._default_hyper_lrs("additive", 5e-3, None) == (5e-3, rates.PAPER_BETA_LR)
+  assert methods._default_hyper_lrs("additive", 5e-3, None) == (5e-3, rates.PAPER_BETA_LR)
   with pytest.raises(ValueError, match="log"):
-    meta._default_hyper_lrs("log", None, None)
+    methods._default_hyper_lrs("log", None, None)
 
 
 @pytest.mark.parametrize("name", sorted(configs.CONFIGS))
