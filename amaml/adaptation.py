@@ -1,7 +1,7 @@
 """Test-time adaptation: which inner rate and how many steps, and the support-loss guard.
 
 At meta-test time a trained model adapts to each new task on its support set. How far to
-adapt is chosen on meta-validation tasks (:func:`amaml.train.select_adaptation`): every
+adapt is chosen on meta-validation tasks (:func:`amaml.evaluation.select_adaptation`): every
 rate ``scale * alpha`` with ``scale`` in :data:`ALPHA_SCALES` and every step count up to
 ``eval_inner_steps`` is scored from one :attr:`amaml.MetaLearner.adaptation_curve` pass per
 scale, and :func:`best_adaptation` takes the best.

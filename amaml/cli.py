@@ -322,21 +322,22 @@ def _join_processes(args) -> None:
 
 
 def _evaluate(args) -> int:
-  from amaml import train
+  from amaml.evaluation import evaluate, meta_test
+  from amaml.results import format_results, load_run
 
   rows = []
   for run in args.run:
-    exp, state = train.load_run(run, args.step)
+    exp, state = load_run(run, args.step)
     if args.inner_steps is None and args.split == "test":  # the run's own test protocol
-      results = train.meta_test(exp, state.params, state.alpha, args.tasks, progress=True)
+      results = meta_test(exp, state.params, state.alpha, args.tasks, progress=True)
     else:
       results = {
-        "test": train.evaluate(
+        "test": evaluate(
           exp, state.params, state.alpha, args.split, args.tasks, args.inner_steps, progress=True
         )
       }
     results = {"config": dataclasses.asdict(exp.config), "steps": int(state.step), **results}
-    print(f"{run}: " + train.format_results(results))
+    print(f"{run}: " + format_results(results))
     print(json.dumps(results["test"]))
     rows.append((run, results))
   if len(rows) > 1:

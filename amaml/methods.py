@@ -112,7 +112,7 @@ def default_outer_optimizer() -> optax.GradientTransformation:
   return optax.contrib.dadapt_adamw()
 
 
-def outer_optimizer(
+def as_outer_optimizer(
   optimizer: Any = None,
   *,
   beta: float = 1e-3,
@@ -191,7 +191,7 @@ def alpha_maml(
     alpha_lr, beta_lr: the hypergradient rates of ``alpha`` and of an optimizer factory's
       ``beta`` (``0`` freezes it; ``None``: the rule's default, ``DEFAULT_HYPER_LR`` for
       ``"normalized"``, the HD paper's ``1e-3`` and ``1e-7`` for ``"additive"``).
-    optimizer, beta, beta_min, beta_max: the outer optimizer (:func:`outer_optimizer`:
+    optimizer, beta, beta_min, beta_max: the outer optimizer (:func:`as_outer_optimizer`:
       ``None`` for D-Adaptation, an Optax factory whose rate starts at ``beta`` and follows
       its hypergradient, or a built one).
     rate_rule: ``"normalized"``, ``"additive"`` or ``"log"`` (:func:`amaml.rates.rate_rule`),
@@ -212,7 +212,7 @@ def alpha_maml(
   alpha_rule = _alpha_rule(alpha_update, alpha_lr, rate_rule, alpha_min, alpha_max)
   learner_options = {k: options.pop(k) for k in _LEARNER_OPTIONS if k in options}
   beta_options = dict(beta=beta, beta_lr=beta_lr, beta_min=beta_min, beta_max=beta_max)
-  outer = outer_optimizer(optimizer, rate_rule=rate_rule, **beta_options, **options)
+  outer = as_outer_optimizer(optimizer, rate_rule=rate_rule, **beta_options, **options)
   return gradient_learner(
     loss_fn, alpha=alpha, alpha_rule=alpha_rule, outer=outer, **bounds,
     alpha_granularity=alpha_granularity, backtrack=backtrack, **learner_options,
@@ -360,7 +360,7 @@ __all__ = [
   "maml",
   "maml_plus_plus",
   "meta_sgd",
-  "outer_optimizer",
+  "as_outer_optimizer",
   "protonet",
   "reptile",
 ]

@@ -83,7 +83,7 @@ class Run(NamedTuple):
 def maml_plus_plus_schedule() -> dict:
   """MAML++'s inner steps and annealing lengths: the defaults of
   :func:`amaml.meta.maml_plus_plus` (what ``--method maml++`` uses where a field says 0)."""
-  from amaml.meta import maml_plus_plus
+  from amaml.methods import maml_plus_plus
 
   params = inspect.signature(maml_plus_plus).parameters
   return {k: params[k].default for k in ("inner_steps", "multi_step_loss", "first_order_steps")}

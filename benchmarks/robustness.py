@@ -239,7 +239,7 @@ def _choose(val: dict, key: str, scales) -> list:
   """Per cell, the best ``(scale, steps)`` of the mean validation curves ``val``."""
   cells = val[1.0][key].shape[0]
   return [
-    train.best_adaptation(
+    adaptation.best_adaptation(
       {s: val[s][key][j].mean(axis=0) for s in scales}, higher_is_better=key == "accuracy"
     )[:2]
     for j in range(cells)
@@ -249,15 +249,15 @@ def _choose(val: dict, key: str, scales) -> list:
 def evaluate_cells(exp, state, val_batch, test_batch, max_tasks: int):
   """Per cell: MAML's fixed protocol, the selected test-time adaptation of amaml's
   evaluation (the rate and steps chosen on ``val_batch`` over
-  :data:`amaml.adaptation.ALPHA_SCALES` by :func:`amaml.train.best_adaptation`, every task
+  :data:`amaml.adaptation.ALPHA_SCALES` by :func:`amaml.adaptation.best_adaptation`, every task
   under the support-loss guard) and the same without the guard over :data:`COARSE_SCALES`
   (``selected_coarse``), all scored on ``test_batch``."""
   raw = {
     scale: curves_cells(exp, state, val_batch, scale, EVAL_STEPS, max_tasks)
-    for scale in train.ALPHA_SCALES
+    for scale in adaptation.ALPHA_SCALES
   }
   key = "accuracy" if "accuracy" in raw[1.0] else "loss"
-  chosen = _choose({s: _guard(v) for s, v in raw.items()}, key, train.ALPHA_SCALES)
+  chosen = _choose({s: _guard(v) for s, v in raw.items()}, key, adaptation.ALPHA_SCALES)
   coarse = _choose(raw, key, COARSE_SCALES)
   at_alpha = curves_cells(exp, state, test_batch, 1.0, EVAL_STEPS, max_tasks)[key]
   at_chosen = _guard(

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import amaml
-from amaml import configs, train
+from amaml import configs, experiment
 from amaml.models import ResNet12
 from amaml.models.resnet12 import drop_block
 from amaml.task import TaskBatch
@@ -188,7 +188,7 @@ def _learner(cfg, channels=SHALLOW):
   model = ResNet12(0 if cfg.method == "protonet" else cfg.ways, channels=channels)
   apply = _apply(model)
   params = _init(model, jnp.zeros((1, 16, 16, 3)))
-  return train.make_learner(cfg, amaml.losses.cross_entropy(apply), apply), params
+  return experiment.make_learner(cfg, amaml.losses.cross_entropy(apply), apply), params
 
 
 # the fast run steps second order through a block (maml) and the embedding (protonet); the
@@ -283,10 +283,10 @@ def test_classification_setup_builds_resnet12(monkeypatch):
   splits = {s: types.SimpleNamespace(images=images) for s in ("train", "val", "test")}
   for method in ("maml++", "protonet"):
     cfg = _config(method=method, queries=1)
-    setup = train.classification_setup(cfg, _key(5), splits)
+    setup = experiment.classification_setup(cfg, _key(5), splits)
     assert setup.params["block0"]["norm0"]["scale"].shape == (SHALLOW[0],)
     assert ("head" in setup.params) == (method != "protonet")
-    learner = train.make_learner(cfg, setup.loss_fn, setup.embed_fn)
+    learner = experiment.make_learner(cfg, setup.loss_fn, setup.embed_fn)
     state = learner.init(setup.params)
     if method == "maml++":  # per-step copies of the batch norms, and of nothing else
       copied = jax.tree.map(lambda a, b: a.shape != b.shape, state.params, setup.params)
@@ -297,7 +297,7 @@ def test_classification_setup_builds_resnet12(monkeypatch):
       assert paths == {p: "/norm" in p for p in paths}, paths
       assert state.params["block0"]["norm_shortcut"]["bias"].shape == (1, SHALLOW[0])
       # ANIL's default pattern adapts the head, and nothing else
-      head = amaml.inner.param_mask(setup.params, train._HEADS[cfg.task])
+      head = amaml.inner.param_mask(setup.params, experiment.HEADS[cfg.task])
       assert {p for p, v in zip(paths, jax.tree.leaves(head)) if v} == {"head/bias", "head/kernel"}
     batch = setup.sample(jax.random.key(6), setup.data["train"], 2)
     assert setup.embed_fn(setup.params, batch.query_x[0]).shape == (
@@ -311,8 +311,8 @@ def test_model_flag_and_clear_errors():
 
   args = cli._parser().parse_args(["train", "--config", "miniimagenet-5w1s", "--model", "resnet12"])
   assert args.model == "resnet12"
-  assert train.image_model(_config(), 5) == ResNet12(5)
-  assert isinstance(train.image_model(_config(model="conv4"), 5), amaml.models.Conv4)
+  assert experiment.image_model(_config(), 5) == ResNet12(5)
+  assert isinstance(experiment.image_model(_config(model="conv4"), 5), amaml.models.Conv4)
   with pytest.raises(ValueError, match="--model resnet12 is for the image tasks"):
     configs.get_config("sinusoid", model="resnet12")
   with pytest.raises(ValueError, match="model='resnet50'"):
