@@ -4,15 +4,13 @@ Every gradient method is an inner loop (:func:`amaml.inner_loop.inner_loop`), a 
 ``alpha`` (:mod:`amaml.rates`), an outer Optax optimizer and safeguards
 (:mod:`amaml.safeguards`), joined by :func:`gradient_learner`; the presets choose them:
 
-=====================  =============================  ===========================  ============
-method                 alpha                          outer optimizer              safeguards
-=====================  =============================  ===========================  ============
-:func:`alpha_maml`     per tensor, hypergradient      D-Adaptation (sets beta)     guard, backtrack
-:func:`alpha_maml_paper` scalar, additive hypergradient Adam, beta by hypergradient guard
-:func:`maml`           scalar, fixed                  Adam at beta                 guard
-:func:`meta_sgd`       per parameter, by the outer    Adam at beta                 guard
-:func:`maml_plus_plus` per tensor and step, by outer  Adam at beta                 guard
-=====================  =============================  ===========================  ============
+* :func:`alpha_maml` (amaml's default): one ``alpha`` per tensor by hypergradient,
+  D-Adaptation outside (it sets ``beta``), the non-finite guard and backtracking;
+* :func:`alpha_maml_paper`: one ``alpha`` and Adam's ``beta``, both by the additive
+  hypergradient rule, the guard;
+* :func:`maml`: one fixed ``alpha``, Adam at a fixed ``beta``, the guard;
+* :func:`meta_sgd` and :func:`maml_plus_plus`: ``alpha`` per parameter (Meta-SGD) or per
+  tensor and inner step (MAML++) learned by the outer optimizer, Adam at ``beta``, the guard.
 
 ``fomaml`` and ``anil`` are :func:`maml` with first-order gradients or a head-only inner loop.
 Reptile and ProtoNets have their own updates over the same inner loop and guard.
@@ -70,9 +68,9 @@ def gradient_learner(
   ``alpha`` from ``alpha`` at ``alpha_granularity`` (:func:`amaml.init_alpha`) following
   ``alpha_rule``, the ``outer`` optimizer, the non-finite guard and, with ``backtrack``,
   backtracking (:mod:`amaml.safeguards`, bounded by ``alpha_min``/``alpha_max``).
-  ``first_order``: FOMAML. MAML++'s options: ``multi_step_loss`` (:func:`amaml.inner_loop.
-  meta_loss`) and ``first_order_steps`` (first order before that meta step, then second order,
-  one :func:`amaml.meta.phased` program per order)."""
+  ``first_order``: FOMAML. MAML++'s options: ``multi_step_loss``
+  (:func:`amaml.inner_loop.meta_loss`) and ``first_order_steps`` (first order before that
+  meta step, then second order, one :func:`amaml.meta.phased` program per order)."""
   if alpha_granularity not in inner.GRANULARITIES:
     raise ValueError(
       f"alpha_granularity must be one of {inner.GRANULARITIES}, got {alpha_granularity!r}"
