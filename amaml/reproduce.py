@@ -18,7 +18,7 @@ What each run is (:func:`run_config`):
   fixed, Adam at beta = 1e-3, and MAML's test protocol (``test_adaptation="fixed"``: 10
   steps at alpha);
 - ``maml++``: amaml's ``maml++`` method (per-layer, per-step rates learned by the outer
-  loop, per-step batch norm) with the schedule of :func:`amaml.meta.maml_plus_plus`'s
+  loop, per-step batch norm) with the schedule of :func:`amaml.maml_plus_plus`'s
   defaults (Antoniou et al. 2019): 5 inner steps in training and at test, the multi-step
   loss annealed over 5,000 meta steps, first order for 25,000.
 
@@ -34,7 +34,6 @@ runs take days on a CPU; they are meant for a GPU.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from amaml.configs import CONFIGS, Config, get_config
+from amaml.defaults import BY_METHOD
 
 #: The settings of the table and their named configs.
 SETTINGS = {
@@ -81,12 +81,10 @@ class Run(NamedTuple):
 
 
 def maml_plus_plus_schedule() -> dict:
-  """MAML++'s inner steps and annealing lengths: the defaults of
-  :func:`amaml.meta.maml_plus_plus` (what ``--method maml++`` uses where a field says 0)."""
-  from amaml.methods import maml_plus_plus
-
-  params = inspect.signature(maml_plus_plus).parameters
-  return {k: params[k].default for k in ("inner_steps", "multi_step_loss", "first_order_steps")}
+  """MAML++'s inner steps and annealing lengths: its defaults in :data:`amaml.defaults.BY_METHOD`
+  (what :func:`amaml.maml_plus_plus` and ``--method maml++`` use where a field says 0)."""
+  plus = BY_METHOD["maml++"]
+  return {k: plus[k] for k in ("inner_steps", "multi_step_loss", "first_order_steps")}
 
 
 def scaled(steps: int, budget: float) -> int:
