@@ -39,6 +39,7 @@ import jax
 import optax
 
 from amaml import inner, inner_loop, meta, rates, safeguards
+from amaml.baselines import epsilon_schedule, protonet, reptile  # offered here too
 from amaml.defaults import BETA, BY_METHOD
 from amaml.hd import hypergradient
 from amaml.meta import MetaLearner, MetaStep, meta_learner
@@ -93,12 +94,12 @@ def gradient_learner(
       step = safeguards.backtrack(step, alpha_min=alpha_min, alpha_max=alpha_max)
     return meta.report_rates(step)
 
-  annealed = first_order_steps > 0 and not first_order
-  step = meta.phased(((0, step_of(True)), (first_order_steps, step_of(False))))
+  if first_order_steps > 0 and not first_order:  # derivative-order annealing: two programs
+    step = meta.phased(((0, step_of(True)), (first_order_steps, step_of(False))))
+  else:
+    step = step_of(first_order)
   meta_loss = inner_loop.meta_loss(loop, first_order=first_order, multi_step_loss=multi_step_loss)
-  return meta_learner(
-    step if annealed else step_of(first_order), loop, meta_loss=meta_loss, donate=donate
-  )
+  return meta_learner(step, loop, meta_loss=meta_loss, donate=donate)
 
 
 def default_outer_optimizer() -> optax.GradientTransformation:
@@ -343,9 +344,6 @@ def maml_plus_plus(loss_fn: Callable, **kwargs: Any) -> MetaLearner:
   }
   return _outer_alpha(loss_fn, **kwargs)
 
-
-# Reptile and ProtoNets have their own updates (amaml.baselines); amaml.methods offers them too
-from amaml.baselines import epsilon_schedule, protonet, reptile  # noqa: E402
 
 __all__ = [
   "alpha_maml",
