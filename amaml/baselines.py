@@ -80,14 +80,29 @@ def reptile(
   """
   own_optimizer = optimizer is None
   opt = optax.sgd(epsilon) if own_optimizer else optimizer
-  epsilon_at = epsilon if callable(epsilon) else (lambda count: jnp.asarray(epsilon))
   loop = inner_loop.inner_loop(
     loss_fn, steps=inner_steps, optimizer=inner_optimizer, inner_params=inner_params
   )
+  update = _reptile_update(loop, opt, alpha, epsilon, report_epsilon=own_optimizer)
+  step = MetaStep(lambda params: meta_state(params, alpha, (), opt.init(params)), update)
+  if track_pre_adaptation:
+    step = meta.track_pre_adaptation(step, loop)
+  step = safeguards.skip_nonfinite(step, checked=("loss",))
+  step = meta.report(step, lambda state: {"nonfinite_streak": state.nonfinite_streak})
+  return meta_learner(step, loop, donate=donate)
+
+
+def _reptile_update(
+  loop: inner_loop.InnerLoop, opt: optax.GradientTransformation, alpha, epsilon, *, report_epsilon
+) -> Callable:
+  """Reptile's unguarded update: each task adapts first order by ``loop`` at ``alpha``, and
+  ``opt`` steps ``params`` on ``theta - mean_t theta'_t``. With ``report_epsilon`` (``opt`` is
+  ``optax.sgd(epsilon)``), ``metrics["epsilon"]`` is the step's size."""
+  epsilon_at = epsilon if callable(epsilon) else (lambda count: jnp.asarray(epsilon))
 
   def task(params, sx, sy, qx, qy):
     adapted, support = inner_loop.run(loop, params, alpha, sx, sy, first_order=True)
-    loss, aux = loss_fn(adapted, qx, qy)
+    loss, aux = loop.loss_fn(adapted, qx, qy)
     return adapted, loss, {**aux, "support_loss": support[0]}
 
   def update(state: MetaState, batch: TaskBatch):
@@ -102,17 +117,12 @@ def reptile(
       "alpha": state.alpha,
       **jax.tree.map(jnp.mean, aux),
     }
-    if own_optimizer:  # optax.sgd(schedule) keeps the schedule's step count in its state
+    if report_epsilon:  # optax.sgd(schedule) keeps the schedule's step count in its state
       count = optax.tree_utils.tree_get(state.opt_state, "count")
       metrics["epsilon"] = epsilon_at(0 if count is None else count)
     return new, metrics
 
-  step = MetaStep(lambda params: meta_state(params, alpha, (), opt.init(params)), update)
-  if track_pre_adaptation:
-    step = meta.track_pre_adaptation(step, loop)
-  step = safeguards.skip_nonfinite(step, checked=("loss",))
-  step = meta.report(step, lambda state: {"nonfinite_streak": state.nonfinite_streak})
-  return meta_learner(step, loop, donate=donate)
+  return update
 
 
 def protonet(

@@ -122,6 +122,22 @@ def hypergradient(
     :class:`HypergradientState`. A step whose hypergradient or new rate (before
     the bounds) is not finite keeps the rate unchanged.
   """
+  _check_args(optimizer, discount)
+  base = _direction(optimizer, optimizer_kwargs)
+  rate = _rate_rule(hyper_lr, rate_rule, min_rate, max_rate)
+
+  def init_fn(params):
+    return _init_state(base, rate, learning_rate, params)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    return _update(base, rate, discount, updates, state, params, extra_args)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_args(optimizer: Any, discount: Any) -> None:
+  """A one-line error for a built optimizer in place of a factory, or a ``discount`` (a
+  Python number; a traced one is not checked) outside ``[0, 1)``."""
   if isinstance(optimizer, optax.GradientTransformation):
     raise TypeError(
       "hypergradient() takes an optimizer factory such as optax.adam, not a built "
@@ -129,10 +145,21 @@ def hypergradient(
     )
   if isinstance(discount, numbers.Real) and not 0.0 <= discount < 1.0:
     raise ValueError(f"discount must be in [0, 1), got {discount}; 0 is plain HD")
-  # optax.inject_hyperparams binds this signature with its defaults, so the extra keywords
-  # come back as one keyword ``optimizer_kwargs={...}``.
+
+
+def _direction(
+  optimizer: Callable[..., optax.GradientTransformation], optimizer_kwargs: dict
+) -> optax.GradientTransformationExtraArgs:
+  """The wrapped optimizer built at ``learning_rate=1``: its update is the direction ``u_t``."""
+  # optax.inject_hyperparams binds hypergradient's signature with its defaults, so the extra
+  # keywords come back as one keyword ``optimizer_kwargs={...}``.
   optimizer_kwargs = {**optimizer_kwargs.pop("optimizer_kwargs", {}), **optimizer_kwargs}
-  base = optax.with_extra_args_support(optimizer(learning_rate=1.0, **optimizer_kwargs))
+  return optax.with_extra_args_support(optimizer(learning_rate=1.0, **optimizer_kwargs))
+
+
+def _rate_rule(hyper_lr, rate_rule: str, min_rate, max_rate) -> rates.RateRule:
+  """The rate's rule (:func:`amaml.rates.rate_rule`) at ``hyper_lr``; ``None`` is
+  ``rates.DEFAULT_HYPER_LR`` for the default rule, an error for the others."""
   if hyper_lr is None:
     if rate_rule != rates.DEFAULT_RULE and rate_rule in rates.RULES:
       raise ValueError(
@@ -140,35 +167,36 @@ def hypergradient(
         f"{rates.PAPER_ALPHA_LR:g} for SGD and {rates.PAPER_BETA_LR:g} for Adam"
       )
     hyper_lr = rates.DEFAULT_HYPER_LR
-  rate = rates.rate_rule(hyper_lr, rate_rule, min_rate=min_rate, max_rate=max_rate)
+  return rates.rate_rule(hyper_lr, rate_rule, min_rate=min_rate, max_rate=max_rate)
 
-  def init_fn(params):
-    dtype = jnp.result_type(float)
-    lr = jnp.asarray(learning_rate, dtype)
-    return HypergradientState(
-      learning_rate=lr,
-      hypergradient=jnp.zeros((), dtype),
-      rate_state=rate.init(lr),
-      prev_direction=jax.tree.map(jnp.zeros_like, params),
-      inner_state=base.init(params),
-      count=jnp.zeros((), jnp.int32),
+
+def _init_state(base, rate: rates.RateRule, learning_rate, params) -> HypergradientState:
+  """The state at ``beta_0 = learning_rate``, before any update (``z_0 = 0``)."""
+  dtype = jnp.result_type(float)
+  lr = jnp.asarray(learning_rate, dtype)
+  return HypergradientState(
+    learning_rate=lr,
+    hypergradient=jnp.zeros((), dtype),
+    rate_state=rate.init(lr),
+    prev_direction=jax.tree.map(jnp.zeros_like, params),
+    inner_state=base.init(params),
+    count=jnp.zeros((), jnp.int32),
+  )
+
+
+def _update(base, rate: rates.RateRule, discount, updates, state, params, extra_args: dict):
+  """One step: the hypergradient ``h_t = <g_t, z_{t-1}>`` (zero on the first step, where
+  ``z_0 = 0``), the rate ``beta_t`` it gives, the update ``beta_t u_t`` and the new
+  ``z_t = mu z_{t-1} + u_t``."""
+  h = optax.tree_utils.tree_vdot(updates, state.prev_direction).astype(state.learning_rate.dtype)
+  lr, rate_state = rate.update(state.learning_rate, h, state.rate_state)
+  direction, inner_state = base.update(updates, state.inner_state, params, **extra_args)
+  new_updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), direction)
+  if not isinstance(discount, numbers.Real) or discount:  # a traced discount may be 0
+    direction = jax.tree.map(
+      lambda z, u: (discount * z + u).astype(u.dtype), state.prev_direction, direction
     )
-
-  def update_fn(updates, state, params=None, **extra_args):
-    # h_t = <g_t, z_{t-1}>: zero on the first step, where z_0 = 0.
-    h = optax.tree_utils.tree_vdot(updates, state.prev_direction).astype(state.learning_rate.dtype)
-    lr, rate_state = rate.update(state.learning_rate, h, state.rate_state)
-    direction, inner_state = base.update(updates, state.inner_state, params, **extra_args)
-    new_updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), direction)
-    if not isinstance(discount, numbers.Real) or discount:  # a traced discount may be 0
-      direction = jax.tree.map(
-        lambda z, u: (discount * z + u).astype(u.dtype), state.prev_direction, direction
-      )
-    return new_updates, HypergradientState(
-      lr, h, rate_state, direction, inner_state, state.count + 1
-    )
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return new_updates, HypergradientState(lr, h, rate_state, direction, inner_state, state.count + 1)
 
 
 def _hd_state(opt_state) -> HypergradientState | None:

@@ -140,14 +140,7 @@ def _paths(params):
 
 
 def sgd_step(
-  loss_fn: LossFn,
-  params: Any,
-  alpha: Any,
-  x: Any,
-  y: Any,
-  *,
-  first_order: bool = False,
-  mask: Any = None,
+  loss_fn: LossFn, params, alpha, x, y, *, first_order: bool = False, mask: Any = None
 ) -> tuple[Any, jax.Array]:
   """One inner step ``params - alpha * grad``; returns ``(new_params, support_loss)``.
 
@@ -328,27 +321,14 @@ def adapt(
   """
   if inner_steps < 0:
     raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
-
-  def body(carry, k):
-    return inner_step(
-      loss_fn,
-      carry,
-      k,
-      alpha,
-      x,
-      y,
-      optimizer=optimizer,
-      first_order=first_order,
-      mask=mask,
-      alpha_per_step=alpha_per_step,
-      per_step=per_step,
-    )
-
   if inner_steps == 0:
     return params, jnp.zeros((0,))
-  (out, _), losses = scan_steps(
-    body, init_carry(params, optimizer), inner_steps, unroll=unroll, remat=remat
+  step = dict(optimizer=optimizer, first_order=first_order, mask=mask, per_step=per_step)
+  body = lambda carry, k: inner_step(
+    loss_fn, carry, k, alpha, x, y, alpha_per_step=alpha_per_step, **step
   )
+  carry = init_carry(params, optimizer)
+  (out, _), losses = scan_steps(body, carry, inner_steps, unroll=unroll, remat=remat)
   return out, losses
 
 

@@ -80,6 +80,13 @@ def check_classification_batch(
     raise ValueError(f"ways must be a positive int, got {ways!r}")
   check_task_batch(batch)
   arrays = _host(batch)
+  _check_inputs(arrays, example_shape)
+  _check_labels(arrays, ways)
+  check_finite_batch(batch)
+
+
+def _check_inputs(arrays: dict[str, np.ndarray], example_shape: Sequence[int] | None) -> None:
+  """Float inputs of one shape in support and query (``example_shape``, if given)."""
   for name in ("support_x", "query_x"):
     x = arrays[name]
     if x.dtype == np.uint8:
@@ -104,6 +111,10 @@ def check_classification_batch(
       f"{tuple(example_shape)}{hint}; resize the images or build the model for "
       "this shape"
     )
+
+
+def _check_labels(arrays: dict[str, np.ndarray], ways: int) -> None:
+  """Integer class indices ``[tasks, examples]`` in ``0..ways-1``."""
   for name in ("support_y", "query_y"):
     y = arrays[name]
     if y.ndim == 3 and np.issubdtype(y.dtype, np.number):
@@ -124,4 +135,3 @@ def check_classification_batch(
         f"TaskBatch.{name} holds labels from {y.min()} to {y.max()}, but a {ways}-way task "
         f"needs labels in 0..{ways - 1}; relabel each task's classes 0..ways-1 (or raise ways)"
       )
-  check_finite_batch(batch)

@@ -63,8 +63,9 @@ def _uniform_fan_in(fan_in: int):
   return init
 
 
-def check_channels(module: nn.Module, x, model: str) -> None:
-  """A one-line error when ``x``'s channels are not those ``module``'s kernel was built for."""
+def check_channels(module: nn.Module, x, model: str) -> int:
+  """``x``'s channel count, with a one-line error when it is not the one ``module``'s kernel
+  was built for."""
   if module.has_variable("params", "kernel"):
     expected = module.get_variable("params", "kernel").shape[2]
     if x.shape[-1] != expected:
@@ -72,6 +73,7 @@ def check_channels(module: nn.Module, x, model: str) -> None:
         f"{module.name} was built for {expected} input channel(s), got an input "
         f"with {x.shape[-1]} (shape {tuple(x.shape)}); {model} expects NHWC input"
       )
+  return x.shape[-1]
 
 
 class _Conv3x3(nn.Module):
@@ -80,8 +82,7 @@ class _Conv3x3(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    c_in = x.shape[-1]
-    check_channels(self, x, "Conv4")
+    c_in = check_channels(self, x, "Conv4")
     init = _uniform_fan_in(9 * c_in)
     kernel = self.param("kernel", init, (3, 3, c_in, self.features))
     bias = self.param("bias", init, (self.features,))

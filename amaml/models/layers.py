@@ -132,10 +132,10 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max pooling, stride 2, floor mode (an odd last row/column is dropped).
 
   Written as two element-wise maxima of contiguous halves (rows, then columns):
-  its derivatives of every order are selects, which XLA:CPU fuses. Two other forms
-  were measured and rejected (see ``benchmarks/throughput.py``): ``reduce_window``
-  (gradient is a slow select-and-scatter) and ``reshape(..., 2, ..., 2, C).max((2, 4))``,
-  whose second-order gradient under ``vmap`` XLA:CPU (jax 0.10.2) computes wrongly.
+  its derivatives of every order are selects, which XLA:CPU fuses. It avoids two other
+  forms (``benchmarks/throughput.py`` compares them): ``reduce_window``, whose gradient is
+  a slow select-and-scatter, and ``reshape(..., 2, ..., 2, C).max((2, 4))``, whose
+  second-order gradient under ``vmap`` XLA:CPU computes wrongly.
   """
   n, h, w, c = x.shape
   h2, w2 = h // 2, w // 2

@@ -1,4 +1,4 @@
-"""ResNet-12: the residual backbone of few-shot learning since MetaOptNet (Lee et al., 2019).
+"""ResNet-12: the residual backbone of MetaOptNet (Lee et al., 2019) and much of few-shot learning.
 
 Four residual blocks with ``channels`` filters (``(64, 160, 320, 640)`` by default). A
 block with ``c`` filters is::
@@ -95,8 +95,7 @@ class _Conv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    c_in = x.shape[-1]
-    check_channels(self, x, "ResNet12")
+    c_in = check_channels(self, x, "ResNet12")
     kernel = self.param("kernel", _KERNEL_INIT, (self.size, self.size, c_in, self.features))
     if self.size == 1:
       return x @ kernel[0, 0]
