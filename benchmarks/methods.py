@@ -52,14 +52,14 @@ RUNS = [
     "default-tensor-a0.01",
   ),
   (
-    "amaml's second default (one alpha), alpha0 = 4",
+    "alpha-maml with one alpha (alpha-maml@scalar), alpha0 = 4",
     "alpha-maml",
     {"alpha": 4.0, "alpha_granularity": "scalar"},
     {"alpha": 4.0, "alpha_granularity": "scalar"},
     "dadapt-default-a4",
   ),
   (
-    "amaml's second default (one alpha), alpha0 = 0.01",
+    "alpha-maml with one alpha (alpha-maml@scalar), alpha0 = 0.01",
     "alpha-maml",
     {"alpha": 0.01, "alpha_granularity": "scalar"},
     {"alpha": 0.01, "alpha_granularity": "scalar"},

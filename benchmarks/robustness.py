@@ -11,10 +11,9 @@ Methods (``--methods``): ``maml`` (fixed rates, Adam), ``alpha-maml-paper`` (the
 additive rule for alpha and Adam's beta, with the HD paper's kappa), ``alpha-maml`` (amaml's
 default: one alpha per parameter tensor, each by the normalized rule, backtracking,
 D-Adaptation's AdamW as the outer optimizer, test-time adaptation chosen on validation
-tasks), ``alpha-maml@scalar`` (the same with one alpha: amaml's second default),
-``alpha-maml@scalar+adam`` (one alpha, and Adam whose beta follows the normalized rule:
-amaml's first default) and ``maml+<opt>`` for ``<opt>`` in prodigy, dog, mechanize, cocob,
-dadapt_adamw (MAML whose outer optimizer has no rate). In general ``<method>@<g>`` sets
+tasks), ``alpha-maml@scalar`` (the same with one alpha), ``alpha-maml@scalar+adam`` (one
+alpha, and Adam whose beta follows the normalized rule) and ``maml+<opt>`` for ``<opt>`` in
+prodigy, dog, mechanize, cocob, dadapt_adamw (MAML whose outer optimizer has no rate). In general ``<method>@<g>`` sets
 ``alpha_granularity=g`` and ``<method>+<opt>`` the outer optimizer. A method whose outer
 optimizer has no rate has no beta0: it runs one column, repeated under every beta0 in
 the tables.
@@ -67,8 +66,8 @@ ANCHORS = tuple(f"maml+{o}" for o in OUTER_OPTIMIZERS if o != "adam")
 LABELS = {
   "maml": "MAML (fixed rates)",
   "alpha-maml-paper": "Alpha MAML, paper's additive rule",
-  "alpha-maml@scalar+adam": "amaml's first default (one alpha, beta by hypergradient on Adam)",
-  "alpha-maml@scalar": "amaml's second default (one alpha)",
+  "alpha-maml@scalar+adam": "alpha-maml with one alpha, beta by hypergradient on Adam",
+  "alpha-maml@scalar": "alpha-maml with one alpha",
   "alpha-maml": "amaml default (one alpha per tensor)",
 }
 CONFIG_NAMES = {
