@@ -13,10 +13,10 @@ default: one alpha per parameter tensor, each by the normalized rule, backtracki
 D-Adaptation's AdamW as the outer optimizer, test-time adaptation chosen on validation
 tasks), ``alpha-maml@scalar`` (the same with one alpha), ``alpha-maml@scalar+adam`` (one
 alpha, and Adam whose beta follows the normalized rule) and ``maml+<opt>`` for ``<opt>`` in
-prodigy, dog, mechanize, cocob, dadapt_adamw (MAML whose outer optimizer has no rate). In general ``<method>@<g>`` sets
-``alpha_granularity=g`` and ``<method>+<opt>`` the outer optimizer. A method whose outer
-optimizer has no rate has no beta0: it runs one column, repeated under every beta0 in
-the tables.
+prodigy, dog, mechanize, cocob, dadapt_adamw (MAML whose outer optimizer has no rate). In
+general ``<method>@<g>`` sets ``alpha_granularity=g`` and ``<method>+<opt>`` the outer
+optimizer. A method whose outer optimizer has no rate has no beta0: it runs one column,
+repeated under every beta0 in the tables.
 
 Every cell (alpha0, beta0, seed) is an independent training run with its own parameters,
 optimizer state, alpha and beta. The cells of a method train together as ONE jitted
