@@ -60,8 +60,9 @@ def _field_help(name: str) -> str:
   return next(f for f in dataclasses.fields(Config) if f.name == name).metadata["help"]
 
 
-def parser() -> argparse.ArgumentParser:
-  """The ``amaml`` command line: one subparser per subcommand."""
+def parser():
+  """The ``amaml`` command line, an ``argparse.ArgumentParser`` with one subparser per
+  subcommand."""
   ap = argparse.ArgumentParser(prog="amaml", description="Alpha MAML in JAX")
   sub = ap.add_subparsers(dest="command", required=True)
   for add in (_train_flags, _evaluate_flags, _plot_flags, _download_flags, _reproduce_flags):
