@@ -11,28 +11,14 @@ import dataclasses
 import json
 from typing import Any
 
-from amaml import defaults
+from amaml import config_checks, defaults
 
-TASKS = ("sinusoid", "omniglot", "image_folder")
-# the image benchmarks of task image_folder (amaml.data.image_folders.DATASETS)
-DATASETS = ("", "miniimagenet", "tieredimagenet", "cifar-fs", "fc100")
-METHODS = (
-  "alpha-maml",
-  "alpha-maml-paper",
-  "maml",
-  "fomaml",
-  "meta-sgd",
-  "anil",
-  "maml++",
-  "reptile",
-  "protonet",
-  "imaml",
-)
-# the outer optimizer: Adam (its rate beta adapted by hypergradient for the Alpha MAML
-# methods) or one of optax.contrib's learning-rate-free optimizers (beta then unused).
-# Each method's own: amaml's default (alpha-maml) uses D-Adaptation's AdamW, the paper's
-# rule and MAML use Adam.
-OUTER_OPTIMIZERS = ("adam", "sgd", "prodigy", "dog", "mechanize", "cocob", "dadapt_adamw")
+# the values of the choice fields (amaml.config_checks, with the checks of Config.validate)
+from amaml.config_checks import DATASETS, EPSILON_SCHEDULES, METHODS, MODELS, OUTER_OPTIMIZERS
+from amaml.config_checks import PROTOCOLS, RATE_RULES, TASKS, TEST_ADAPTATIONS
+
+# each method's outer optimizer when Config.outer_optimizer is None: amaml's default
+# (alpha-maml) uses D-Adaptation's AdamW, Reptile SGD, the others Adam
 METHOD_OUTER_OPTIMIZER = {
   "alpha-maml": "dadapt_adamw",
   "alpha-maml-paper": "adam",
@@ -50,7 +36,6 @@ METHOD_OUTER_OPTIMIZER = {
 # run (Nichol et al. 2018), the rate of its outer optimizer (SGD).
 DEFAULT_BETA = defaults.BETA
 DEFAULT_EPSILON = defaults.BY_METHOD["reptile"]["epsilon"]
-EPSILON_SCHEDULES = ("constant", "linear")
 # Reptile's own inner loop, which get_config applies to the fields its caller does not set
 # (a Config built directly keeps the plain defaults). Reptile's outer step has no Adam to
 # tame it: with 1 inner step it is plain SGD on the support loss at rate epsilon * alpha, and
@@ -62,10 +47,6 @@ METHOD_DEFAULTS = {
   ("reptile", "omniglot"): {"inner_optimizer": "adam", "alpha": 1e-3, "inner_steps": 5},
   ("reptile", "image_folder"): {"inner_optimizer": "adam", "alpha": 1e-3, "inner_steps": 5},
 }
-TEST_ADAPTATIONS = ("select", "fixed")
-# the network of the image tasks (omniglot, image_folder); sinusoid always uses its MLP
-MODELS = ("conv4", "resnet12")
-RATE_RULES = ("additive", "log", "normalized")
 
 
 def _field(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -230,14 +211,14 @@ class Config:
     "maml",
     "Omniglot split: maml (1200 training characters, rotations "
     "as classes) or lake (background/evaluation alphabets)",
-    ("maml", "lake"),
+    PROTOCOLS,
   )
   image_size: int = _field(28, "image side in pixels (images are resized to it)")
   dataset: str = _field("", "task image_folder: the benchmark read from data_dir", DATASETS)
   data_dir: str = _field(
     "",
-    "the data folder. omniglot: the arrays (empty: "
-    "$AMAML_OMNIGLOT_DIR, then shared/data/omniglot, then "
+    "the data folder. omniglot: the arrays folder, which amaml download omniglot --data_dir "
+    "writes (empty: $AMAML_OMNIGLOT_DIR, then shared/data/omniglot, then "
     "~/.cache/amaml/omniglot); image_folder: the benchmark's folder "
     "(empty: $AMAML_<DATASET>_DIR)",
   )
@@ -258,7 +239,9 @@ class Config:
   checkpoint_every: int = _field(
     5000, "meta steps between checkpoints (0 = only at the end; a multiple of log_every)"
   )
-  eval_tasks: int = _field(600, "meta-test tasks at the end of training")
+  eval_tasks: int = _field(
+    600, "meta-test tasks of the final evaluation (and of amaml evaluate by default)"
+  )
   eval_batch: int = _field(100, "tasks evaluated at once (lower it to save memory)")
   max_nonfinite: int = _field(50, "stop after this many consecutive non-finite steps")
   tensorboard: bool = _field(
@@ -274,113 +257,9 @@ class Config:
   )
 
   def validate(self) -> "Config":
-    """Raises ``ValueError`` naming the bad field and what it accepts."""
-    if self.task not in TASKS:
-      raise ValueError(f"task={self.task!r}: use one of {TASKS}")
-    if self.method not in METHODS:
-      raise ValueError(f"method={self.method!r}: use one of {METHODS}")
-    if self.rate_rule not in RATE_RULES:
-      raise ValueError(f"rate_rule={self.rate_rule!r}: use one of {RATE_RULES}")
-    if self.outer_optimizer is not None and self.outer_optimizer not in OUTER_OPTIMIZERS:
-      raise ValueError(f"outer_optimizer={self.outer_optimizer!r}: use one of {OUTER_OPTIMIZERS}")
-    if self.test_adaptation not in TEST_ADAPTATIONS:
-      raise ValueError(f"test_adaptation={self.test_adaptation!r}: use one of {TEST_ADAPTATIONS}")
-    if self.model not in MODELS:
-      raise ValueError(f"model={self.model!r}: use one of {MODELS}")
-    if self.model != "conv4" and self.task == "sinusoid":
-      raise ValueError(
-        f"--model {self.model} is for the image tasks (omniglot, image_folder); "
-        "sinusoid always uses its MLP: drop --model"
-      )
-    if self.dataset not in DATASETS:
-      raise ValueError(f"dataset={self.dataset!r}: use one of {DATASETS[1:]}")
-    if (self.task == "image_folder") != bool(self.dataset):
-      raise ValueError(
-        f"task={self.task!r} with dataset={self.dataset!r}: task image_folder "
-        "needs a dataset, the other tasks take none"
-      )
-    if self.protocol not in ("maml", "lake"):
-      raise ValueError(f"protocol={self.protocol!r}: use maml or lake")
-    for name in (
-      "ways",
-      "shots",
-      "queries",
-      "meta_batch",
-      "inner_steps",
-      "iterations",
-      "log_every",
-      "val_tasks",
-      "eval_tasks",
-      "eval_batch",
-      "max_nonfinite",
-      "hidden",
-    ):
-      if getattr(self, name) < 1:
-        raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-    if self.devices < 0:
-      raise ValueError(f"devices={self.devices} must be >= 0 (0 = all devices, 1 = one device)")
-    if self.method in ("reptile", "protonet") and (self.alpha_per_step or self.per_step_params):
-      raise ValueError(
-        f"method={self.method!r} has no per-step rates or parameters: drop "
-        "--alpha_per_step and --per_step_params"
-      )
-    if self.alpha_search and self.method in ("reptile", "protonet"):
-      raise ValueError(
-        f"method={self.method!r} has no meta-loss through an inner rate to search: "
-        "drop --alpha_search"
-      )
-    if self.alpha_granularity is not None and self.method not in ("alpha-maml", "alpha-maml-paper"):
-      raise ValueError(
-        f"method={self.method!r} sets its own rates: --alpha_granularity is "
-        "for alpha-maml and alpha-maml-paper only"
-      )
-    if self.method == "imaml" and (
-      self.inner_params or self.alpha_per_step or self.per_step_params
-    ):
-      raise ValueError(
-        "method='imaml' adapts every parameter at one alpha: drop --inner_params, "
-        "--alpha_per_step and --per_step_params"
-      )
-    if self.imaml_lambda <= 0 or self.cg_steps < 1:
-      raise ValueError(
-        f"imaml_lambda={self.imaml_lambda} must be > 0 and cg_steps={self.cg_steps} >= 1"
-      )
-    if self.multi_step_loss < 0 or self.first_order_steps < 0:
-      raise ValueError("multi_step_loss and first_order_steps must be >= 0 (0 = off)")
-    if self.max_minutes < 0:
-      raise ValueError(f"max_minutes={self.max_minutes} must be >= 0 (0 = no time limit)")
-    if self.eval_inner_steps < 0:
-      raise ValueError(f"eval_inner_steps={self.eval_inner_steps} must be >= 0")
-    for name in ("checkpoint_every", "val_every"):
-      v = getattr(self, name)
-      if v < 0 or (v and v % self.log_every):
-        raise ValueError(
-          f"{name}={v} must be 0 (never) or a multiple of log_every={self.log_every}"
-        )
-    if self.alpha < 0 or (self.beta is not None and self.beta <= 0):
-      raise ValueError(f"alpha={self.alpha} must be >= 0 and beta={self.beta} > 0")
-    self._validate_epsilon()
-    return self
-
-  def _validate_epsilon(self) -> None:
-    """Reptile's ``epsilon`` and ``epsilon_schedule``: its own, positive, one name."""
-    given = [f"--{n}" for n in ("epsilon", "epsilon_schedule") if getattr(self, n) is not None]
-    if given and self.method != "reptile":
-      raise ValueError(
-        f"{' and '.join(given)} set Reptile's outer step: method "
-        f"{self.method!r} takes --beta instead (or pass --method reptile)"
-      )
-    if self.epsilon is not None and self.epsilon <= 0:
-      raise ValueError(f"epsilon={self.epsilon} must be > 0")
-    if self.epsilon_schedule is not None and self.epsilon_schedule not in EPSILON_SCHEDULES:
-      raise ValueError(
-        f"epsilon_schedule={self.epsilon_schedule!r}: use one of {EPSILON_SCHEDULES}"
-      )
-    if self.method == "reptile" and self.epsilon is not None and self.beta is not None:
-      raise ValueError(
-        f"epsilon={self.epsilon} and beta={self.beta}: for reptile --beta is "
-        "the old name of --epsilon; pass --epsilon alone"
-      )
+    """``self``, checked (:func:`amaml.config_checks.validate`); raises ``ValueError``
+    naming the bad field and what it accepts."""
+    return config_checks.validate(self)
 
   @property
   def resolved_outer_optimizer(self) -> str:
@@ -396,7 +275,7 @@ class Config:
   @property
   def resolved_epsilon(self) -> float:
     """``epsilon`` (Reptile's outer step size at step 0), else ``beta``, its deprecated
-    name for reptile (as in configurations written before ``epsilon`` existed), else
+    name for reptile (still read, e.g. from a ``config.json`` without ``epsilon``), else
     :data:`DEFAULT_EPSILON` with Reptile's SGD (:data:`DEFAULT_BETA` with another outer
     optimizer, e.g. Adam)."""
     for value in (self.epsilon, self.beta if self.method == "reptile" else None):
@@ -414,14 +293,24 @@ class Config:
 
   @classmethod
   def from_json(cls, text: str) -> "Config":
-    """The configuration in ``text`` (written by ``to_json``). A Reptile run written before
-    ``epsilon_schedule`` existed trained at a constant epsilon, and reads back so."""
+    """The configuration in ``text`` (written by ``to_json``). A Reptile ``config.json``
+    without ``epsilon_schedule`` is of a run that trained at a constant epsilon, and reads
+    back so."""
     fields = json.loads(text)
     if fields.get("method") == "reptile" and "epsilon_schedule" not in fields:
       fields["epsilon_schedule"] = "constant"
     return cls(**fields)
 
 
+# the schedule of every named image config: MAML's 60,000 meta steps; a log line every 100,
+# a validation and a checkpoint every 1,000
+_IMAGE_SCHEDULE = dict(
+  iterations=60000,
+  log_every=100,
+  val_every=1000,
+  checkpoint_every=1000,
+  track_pre_adaptation=False,
+)
 # 5 query examples per class (the 5w1s meta-loss sees 32 x 25 query images a step): on the
 # 2-core CPU a step with 15 queries per class takes 2.5x longer and, step for step, learns no
 # faster (BENCHMARKS.md, "Omniglot accuracy"). Pass --queries 15 for the larger query set.
@@ -431,18 +320,10 @@ class Config:
 # values (Finn et al. 2017: 5-way alpha 0.4, 20-way 0.1) are what `--method maml` needs:
 # pass --alpha.
 _OMNIGLOT = dict(
-  task="omniglot",
-  hidden=64,
-  meta_batch=32,
-  queries=5,
-  iterations=60000,
-  log_every=100,
-  val_every=1000,
-  checkpoint_every=1000,
-  eval_batch=50,
-  track_pre_adaptation=False,
+  _IMAGE_SCHEDULE, task="omniglot", hidden=64, meta_batch=32, queries=5, eval_batch=50
 )
 _IMAGENET = dict(
+  _IMAGE_SCHEDULE,
   task="image_folder",
   ways=5,
   queries=15,
@@ -450,14 +331,9 @@ _IMAGENET = dict(
   hidden=32,
   inner_steps=5,
   eval_inner_steps=10,
-  iterations=60000,
-  log_every=100,
-  val_every=1000,
-  checkpoint_every=1000,
   val_tasks=100,
   eval_tasks=600,
   eval_batch=25,
-  track_pre_adaptation=False,
 )
 _CIFAR = {**_IMAGENET, "image_size": 32, "hidden": 64}
 CONFIGS: dict[str, Config] = {

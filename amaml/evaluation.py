@@ -16,6 +16,7 @@ import math
 import jax
 import numpy as np
 
+from amaml._renamed import renamed_keywords
 from amaml.adaptation import ALPHA_SCALES, best_adaptation, guarded_curves
 from amaml.experiment import Experiment, run_keys
 from amaml.stats import mean_confidence_interval
@@ -43,33 +44,41 @@ def _curves(exp: Experiment, params, alpha, batches, steps: int, guard: bool) ->
   return guarded_curves(out) if guard else out
 
 
+@renamed_keywords(max_steps="eval_inner_steps")
 def select_adaptation(
   exp: Experiment,
   params,
   alpha,
   split: str = "val",
   num_tasks: int | None = None,
-  max_steps: int | None = None,
+  eval_inner_steps: int | None = None,
   scales=ALPHA_SCALES,
   guard: bool = True,
 ) -> dict:
   """Test-time adaptation chosen on meta-validation tasks, so that it cannot diverge.
 
   Every ``(scale, steps)`` with ``scale`` in ``scales`` (the inner rate is ``scale *
-  alpha``) and ``steps`` in ``0..max_steps`` (default ``eval_inner_steps``) is scored
-  on ``num_tasks`` (default ``val_tasks``) tasks of ``split``, by query accuracy when
-  the loss reports one, else by query loss, each task adapting under the support-loss
-  guard (``guard``, :func:`amaml.adaptation.support_guard`). One
-  :attr:`MetaLearner.adaptation_curve` pass per scale scores every step count. Returns
-  the best ``inner_steps`` and ``alpha_scale``, and the score of each candidate.
+  alpha``) and ``steps`` in ``0..eval_inner_steps`` is scored on ``num_tasks`` tasks of
+  ``split``, by query accuracy when the loss reports one, else by query loss, each task
+  adapting under the support-loss guard (``guard``, :func:`amaml.adaptation.support_guard`).
+  One :attr:`MetaLearner.adaptation_curve` pass per scale scores every step count.
+
+  Args:
+    num_tasks: validation tasks (default ``Config.val_tasks``).
+    eval_inner_steps: the most test-time inner steps to consider (default
+      ``Config.eval_inner_steps``).
+
+  Returns:
+    The best ``inner_steps`` and ``alpha_scale``, and the score of each candidate.
   """
   cfg = exp.config
   num_tasks = num_tasks or cfg.val_tasks
-  max_steps = max_steps or cfg.eval_inner_steps
+  eval_inner_steps = eval_inner_steps or cfg.eval_inner_steps
   batches = list(eval_batches(exp, split, num_tasks))
   curves = {}
   for scale in scales:
-    out = _curves(exp, params, jax.tree.map(lambda x: x * scale, alpha), batches, max_steps, guard)
+    a = jax.tree.map(lambda x: x * scale, alpha)
+    out = _curves(exp, params, a, batches, eval_inner_steps, guard)
     key = "accuracy" if "accuracy" in out else "loss"
     curves[scale] = out[key][:num_tasks].mean(axis=0)
   scale, steps, scores = best_adaptation(curves, higher_is_better=key == "accuracy")
@@ -84,13 +93,14 @@ def select_adaptation(
   }
 
 
+@renamed_keywords(inner_steps="eval_inner_steps")
 def evaluate(
   exp: Experiment,
   params,
   alpha,
   split: str = "test",
   num_tasks: int | None = None,
-  inner_steps: int | None = None,
+  eval_inner_steps: int | None = None,
   progress: bool = False,
   alpha_scale: float = 1.0,
   guard: bool = False,
@@ -98,14 +108,15 @@ def evaluate(
   """Meta-test: adapt on ``num_tasks`` fresh tasks of ``split`` and summarise.
 
   Returns means and 95% confidence half-widths over tasks of the query loss (and
-  accuracy) before and after ``inner_steps`` adaptation steps (default:
-  ``eval_inner_steps``) at the rate ``alpha_scale * alpha``; with ``guard``, each task
-  stops before a step that raises its support loss above where it started
-  (:func:`amaml.adaptation.support_guard`). Tasks depend only on the seed and the split.
+  accuracy) before and after ``eval_inner_steps`` adaptation steps (default
+  ``Config.eval_inner_steps``; the summary calls it ``inner_steps``) at the rate
+  ``alpha_scale * alpha``; with ``guard``, each task stops before a step that raises its
+  support loss above where it started (:func:`amaml.adaptation.support_guard`). Tasks
+  depend only on the seed and the split.
   """
   cfg = exp.config
   num_tasks = num_tasks or cfg.eval_tasks
-  inner_steps = cfg.eval_inner_steps if inner_steps is None else inner_steps
+  steps = cfg.eval_inner_steps if eval_inner_steps is None else eval_inner_steps
   a = jax.tree.map(lambda x: x * alpha_scale, alpha)
   per_task: dict[str, list] = {}
   it = eval_batches(exp, split, num_tasks)
@@ -121,16 +132,16 @@ def evaluate(
     )
   for batch in it:
     out = (
-      _guarded_evaluate(exp, params, a, batch, inner_steps)
+      _guarded_evaluate(exp, params, a, batch, steps)
       if guard
-      else exp.learner.evaluate(params, a, batch, inner_steps=inner_steps)
+      else exp.learner.evaluate(params, a, batch, inner_steps=steps)
     )
     for k, v in out.items():
       per_task.setdefault(k, []).append(np.asarray(v))
   summary = {
     "split": split,
     "tasks": num_tasks,
-    "inner_steps": inner_steps,
+    "inner_steps": steps,
     "alpha_scale": alpha_scale,
   }
   for k, v in per_task.items():

@@ -90,7 +90,7 @@ def omniglot_setup(cfg: Config, key: jax.Array) -> TaskSetup:
   """Omniglot N-way K-shot (``cfg.protocol``'s split): ``cfg.model``, cross-entropy."""
   from amaml.data import load_omniglot
 
-  splits = load_omniglot(cfg.protocol, image_size=cfg.image_size, omniglot_dir=cfg.data_dir or None)
+  splits = load_omniglot(cfg.protocol, image_size=cfg.image_size, data_dir=cfg.data_dir or None)
   return classification_setup(
     cfg, key, {name: getattr(splits, name) for name in ("train", "val", "test")}
   )

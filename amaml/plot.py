@@ -9,6 +9,8 @@ import json
 import os
 from pathlib import Path
 
+from amaml._renamed import renamed_keywords
+
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
   """The records of a run's ``metrics.jsonl``."""
@@ -19,7 +21,8 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def _val(rec: dict, name: str):
-  """A validation metric of a log line (``val_<name>``; ``val_post_<name>`` before 0.2)."""
+  """A validation metric of a log line: ``val_<name>``, or ``val_post_<name>``, its key in
+  the logs of amaml 0.1 runs, which are still plotted."""
   return rec.get(f"val_{name}", rec.get(f"val_post_{name}"))
 
 
@@ -75,15 +78,17 @@ def runs_table(run_dirs) -> str:
   return "\n".join(lines)
 
 
-def plot_runs(run_dirs, out_dir: str | os.PathLike | None = None) -> list[Path]:
-  """Writes ``learning_curves.png`` and ``rates.png`` for one or more runs; returns the paths."""
+@renamed_keywords(out_dir="plot_dir")
+def plot_runs(run_dirs, plot_dir: str | os.PathLike | None = None) -> list[Path]:
+  """Writes ``learning_curves.png`` and ``rates.png`` for one or more runs into ``plot_dir``
+  (``amaml plot --plot_dir``; default: the first run's directory); returns the paths."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   runs = [Path(r) for r in ([run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else run_dirs)]
-  out = Path(out_dir) if out_dir else runs[0]
+  out = Path(plot_dir) if plot_dir else runs[0]
   out.mkdir(parents=True, exist_ok=True)
   data = {r: read_metrics(r) for r in runs}
   has_acc = any("accuracy" in rec for recs in data.values() for rec in recs)

@@ -157,7 +157,7 @@ def learned_by_outer(min_rate: float | None = None, max_rate: float | None = Non
 
 def rate_rule(
   hyper_lr: float,
-  rate_rule: str = "additive",
+  rate_rule: str = DEFAULT_RULE,
   *,
   min_rate: float | None = None,
   max_rate: float | None = None,
@@ -167,7 +167,8 @@ def rate_rule(
   Args:
     hyper_lr: the hypergradient learning rate; ``0`` freezes the rate. A Python number
       must be ``>= 0``; a traced one is not checked.
-    rate_rule: ``"additive"``, ``"log"`` or ``"normalized"``.
+    rate_rule: ``"additive"``, ``"log"`` or ``"normalized"`` (default :data:`DEFAULT_RULE`,
+      as in :func:`amaml.hypergradient` and :func:`amaml.alpha_maml`).
     min_rate, max_rate: optional bounds (see the module docstring for the guard).
   """
   if rate_rule not in RULES:

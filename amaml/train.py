@@ -24,7 +24,7 @@ configuration builds: :func:`~amaml.experiment.build`, the task registry, the le
 :func:`~amaml.evaluation.meta_test`), :mod:`amaml.run_log` (``metrics.jsonl``, TensorBoard,
 the progress bar) and :mod:`amaml.results` (``results.json``,
 :func:`~amaml.results.load_run`, :func:`~amaml.results.format_results`). Their public
-names are importable from here too, as before (``amaml.train.build``; see ``__all__``).
+names are importable from here too (``amaml.train.build``; see ``__all__``).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from amaml.results import format_results, load_run, training_results, write_resu
 from amaml.run_log import RunLog, log_line, truncate_metrics
 from amaml.task import TaskBatch
 
-# train's own names, then those of the modules it was split into that amaml.train has always had
+# train's own names, then the public names of the modules above that amaml.train re-exports
 __all__ = ["train", "make_train_chunk", "step_batch", "CHUNK_SECONDS"]
 __all__ += ["Experiment", "TaskSetup", "RunKeys", "run_keys", "TASKS", "build", "make_learner"]
 __all__ += ["sinusoid_setup", "omniglot_setup", "image_folder_setup", "classification_setup"]
@@ -336,7 +336,7 @@ def _validation(run: _Run, state, step: int) -> dict:
   if not (cfg.val_every and step % cfg.val_every == 0 and "val" in exp.data):
     return {}
   params, alpha = sharding.host_local((state.params, state.alpha))
-  val = evaluate(exp, params, alpha, "val", cfg.val_tasks, inner_steps=cfg.inner_steps)
+  val = evaluate(exp, params, alpha, "val", cfg.val_tasks, eval_inner_steps=cfg.inner_steps)
   return {f"val_{k}": v for k, v in val.items() if isinstance(v, float)}
 
 

@@ -52,7 +52,7 @@ print("amaml", amaml.__version__, "| jax", jax.__version__, "|", jax.devices()[0
 # %% [markdown]
 # ## The data
 #
-# `load_omniglot("maml")` finds the Omniglot arrays (argument, `$AMAML_OMNIGLOT_DIR`, or
+# `load_omniglot("maml")` finds the Omniglot arrays (argument `data_dir`, `$AMAML_OMNIGLOT_DIR`, or
 # `shared/data/omniglot` next to the repository), resizes them to 28x28 once, caches them,
 # and splits the characters as Finn et al. did: 1,100 meta-train, 100 meta-validation and
 # 423 meta-test characters, each rotated by 0/90/180/270 degrees into 4 classes.
@@ -165,9 +165,9 @@ print(f"chosen on {choice['tasks']} {choice['split']} tasks: {choice['inner_step
 
 # %% [markdown]
 # Other numbers of inner steps, or more tasks, from the saved run:
-# `amaml evaluate --run RUN_DIR --tasks 600 --inner_steps 10` on the command line, or
+# `amaml evaluate --run RUN_DIR --eval_tasks 600 --eval_inner_steps 10` on the command line, or
 # `exp, state = amaml.train.load_run(run_dir)` then
-# `amaml.train.evaluate(exp, state.params, state.alpha, "test", 600, inner_steps=10)`.
+# `amaml.train.evaluate(exp, state.params, state.alpha, "test", 600, eval_inner_steps=10)`.
 #
 # ## Learning curves and the rates
 #

@@ -5,6 +5,7 @@ meta-test evaluation."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import amaml
 from amaml import adaptation, inner, train
@@ -105,14 +106,16 @@ def test_guarded_evaluation_never_ends_above_not_adapting(tiny_config):
   MAML's protocol blows up; at a small rate it is never worse than not adapting, and equals
   the hand-guarded curve of the unguarded learner."""
   exp = train.build(tiny_config(**TINY))
-  blown = train.evaluate(exp, exp.params, jnp.float32(40.0), "test", 50, inner_steps=10)
+  blown = train.evaluate(exp, exp.params, jnp.float32(40.0), "test", 50, eval_inner_steps=10)
   assert not blown["loss"] < 10 * blown["pre_loss"]
   guarded = train.evaluate(
-    exp, exp.params, jnp.float32(40.0), "test", 50, inner_steps=10, guard=True
+    exp, exp.params, jnp.float32(40.0), "test", 50, eval_inner_steps=10, guard=True
   )
   np.testing.assert_allclose(guarded["loss"], guarded["pre_loss"], rtol=1e-6)
   np.testing.assert_allclose(guarded["pre_loss"], blown["pre_loss"], rtol=1e-6)
-  safe = train.evaluate(exp, exp.params, jnp.float32(0.01), "test", 50, inner_steps=3, guard=True)
+  safe = train.evaluate(
+    exp, exp.params, jnp.float32(0.01), "test", 50, eval_inner_steps=3, guard=True
+  )
   assert safe["loss"] < safe["pre_loss"]
   batches = list(train.eval_batches(exp, "test", 50))
   want = []
@@ -122,3 +125,10 @@ def test_guarded_evaluation_never_ends_above_not_adapting(tiny_config):
     for t in range(support.shape[0]):  # by hand: the lowest support loss among steps 0..3
       want.append(np.asarray(c["loss"])[t, int(np.argmin(support[t]))])
   np.testing.assert_allclose(safe["loss"], np.mean(want[:50]), rtol=1e-5)
+
+
+def test_old_keywords_name_eval_inner_steps():
+  """The test-time inner steps are ``eval_inner_steps`` everywhere (as ``Config``'s)."""
+  for fn, old in ((train.select_adaptation, "max_steps"), (train.evaluate, "inner_steps")):
+    with pytest.raises(TypeError, match=f"{old}= was renamed eval_inner_steps="):
+      fn(None, None, None, **{old: 3})

@@ -81,39 +81,39 @@ def test_ink_is_high():
 
 
 def test_cache_is_written_once_and_reused(arrays_dir, cache, monkeypatch):
-  first = load_omniglot_characters(28, omniglot_dir=arrays_dir, cache_dir=cache)
+  first = load_omniglot_characters(28, data_dir=arrays_dir, cache_dir=cache)
   files = list(cache.iterdir())
   assert len(files) == 1 and files[0].name.startswith("omniglot_28px_arrays_")
   assert first.characters.images.shape == (10, 20, 28, 28, 1) and first.num_background == 6
   monkeypatch.setattr(
     omniglot_mod, "read_omniglot_arrays", lambda d: pytest.fail("the cache was not used")
   )
-  again = load_omniglot_characters(28, omniglot_dir=arrays_dir, cache_dir=cache)
+  again = load_omniglot_characters(28, data_dir=arrays_dir, cache_dir=cache)
   np.testing.assert_array_equal(first.characters.images, again.characters.images)
   assert first.characters.class_names == again.characters.class_names
   assert not [f for f in cache.iterdir() if f.suffix == ".tmp"]
 
 
 def test_cache_keyed_by_size_and_source(arrays_dir, cache, tmp_path):
-  load_omniglot_characters(28, omniglot_dir=arrays_dir, cache_dir=cache)
-  load_omniglot_characters(14, omniglot_dir=arrays_dir, cache_dir=cache)
+  load_omniglot_characters(28, data_dir=arrays_dir, cache_dir=cache)
+  load_omniglot_characters(14, data_dir=arrays_dir, cache_dir=cache)
   other = make_arrays(tmp_path / "other", seed=1)
-  load_omniglot_characters(28, omniglot_dir=other, cache_dir=cache)
+  load_omniglot_characters(28, data_dir=other, cache_dir=cache)
   assert len(list(cache.iterdir())) == 3
 
 
 def test_damaged_cache_is_rebuilt(arrays_dir, cache):
-  good = load_omniglot_characters(28, omniglot_dir=arrays_dir, cache_dir=cache)
+  good = load_omniglot_characters(28, data_dir=arrays_dir, cache_dir=cache)
   (path,) = cache.iterdir()
   path.write_bytes(b"garbage")
   with pytest.warns(UserWarning, match="unreadable Omniglot cache"):
-    again = load_omniglot_characters(28, omniglot_dir=arrays_dir, cache_dir=cache)
+    again = load_omniglot_characters(28, data_dir=arrays_dir, cache_dir=cache)
   np.testing.assert_array_equal(good.characters.images, again.characters.images)
 
 
 def test_cache_dir_from_env(arrays_dir, tmp_path, monkeypatch):
   monkeypatch.setenv("AMAML_CACHE_DIR", str(tmp_path / "envcache"))
-  load_omniglot_characters(28, omniglot_dir=arrays_dir)
+  load_omniglot_characters(28, data_dir=arrays_dir)
   assert len(list((tmp_path / "envcache").iterdir())) == 1
 
 
@@ -123,13 +123,18 @@ def test_omniglot_dir_from_env(arrays_dir, cache, monkeypatch):
   assert load_omniglot("lake", cache_dir=cache).train.num_classes == 6
 
 
+def test_old_keyword_names_the_new_one(arrays_dir, cache):
+  with pytest.raises(TypeError, match=r"load_omniglot\(\): omniglot_dir= was renamed data_dir="):
+    load_omniglot(omniglot_dir=arrays_dir, cache_dir=cache)
+
+
 def test_missing_file_error(arrays_dir, tmp_path, cache):
   d = make_arrays(tmp_path / "partial")
   (d / "images_evaluation.npz").unlink()
   with pytest.raises(FileNotFoundError, match="missing Omniglot file .*images_evaluation.npz"):
-    load_omniglot(omniglot_dir=d, cache_dir=cache)
+    load_omniglot(data_dir=d, cache_dir=cache)
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    load_omniglot(omniglot_dir=tmp_path / "nowhere", cache_dir=cache)
+    load_omniglot(data_dir=tmp_path / "nowhere", cache_dir=cache)
 
 
 def test_corrupt_file_errors(tmp_path, cache):
@@ -138,12 +143,12 @@ def test_corrupt_file_errors(tmp_path, cache):
   data[len(data) // 2] ^= 0xFF
   (d / "images_background.npz").write_bytes(bytes(data))
   with pytest.raises(ValueError, match="corrupt.*SHA256SUMS"):
-    load_omniglot(omniglot_dir=d, cache_dir=cache)
+    load_omniglot(data_dir=d, cache_dir=cache)
   # without SHA256SUMS the damage is still caught, when reading
   (d / "SHA256SUMS").unlink()
   (d / "images_background.npz").write_bytes(b"not a zip file at all")
   with pytest.raises(ValueError, match="corrupt or not an .npz"):
-    load_omniglot(omniglot_dir=d, cache_dir=cache)
+    load_omniglot(data_dir=d, cache_dir=cache)
 
 
 def test_source_arrays_requires_a_folder(monkeypatch, tmp_path, cache):
@@ -194,7 +199,7 @@ def _base_names(ci):
 
 
 def test_maml_protocol_characters_disjoint_and_rotated(arrays_dir, cache):
-  s = load_omniglot("maml", omniglot_dir=arrays_dir, cache_dir=cache, num_train=5, num_val=2)
+  s = load_omniglot("maml", data_dir=arrays_dir, cache_dir=cache, num_train=5, num_val=2)
   assert (s.train.num_classes, s.val.num_classes, s.test.num_classes) == (20, 8, 12)
   tr, va, te = _base_names(s.train), _base_names(s.val), _base_names(s.test)
   assert (len(tr), len(va), len(te)) == (5, 2, 3)
@@ -210,8 +215,8 @@ def test_maml_protocol_characters_disjoint_and_rotated(arrays_dir, cache):
 
 
 def test_lake_protocol(arrays_dir, cache):
-  s = load_omniglot("lake", omniglot_dir=arrays_dir, cache_dir=cache)
-  chars = load_omniglot_characters(28, omniglot_dir=arrays_dir, cache_dir=cache).characters
+  s = load_omniglot("lake", data_dir=arrays_dir, cache_dir=cache)
+  chars = load_omniglot_characters(28, data_dir=arrays_dir, cache_dir=cache).characters
   assert s.val is None
   np.testing.assert_array_equal(s.train.images, chars.images[:6])
   np.testing.assert_array_equal(s.test.images, chars.images[6:])
@@ -221,7 +226,7 @@ def test_lake_protocol(arrays_dir, cache):
     "Gamma/character03",
     "Delta/character01",
   }
-  v = load_omniglot("lake", omniglot_dir=arrays_dir, cache_dir=cache, num_val=2)
+  v = load_omniglot("lake", data_dir=arrays_dir, cache_dir=cache, num_val=2)
   assert (v.train.num_classes, v.val.num_classes) == (4, 2)
   assert not _base_names(v.train) & _base_names(v.val)
 
@@ -235,7 +240,7 @@ def test_rotate_classes_rejects_bad_angles():
 
 def test_without_alphabets_tsv_names_by_id(tmp_path, cache):
   d = make_arrays(tmp_path / "plain", n_bg=3, n_ev=2)
-  s = load_omniglot("lake", omniglot_dir=d, cache_dir=cache)
+  s = load_omniglot("lake", data_dir=d, cache_dir=cache)
   assert s.test.class_names[0] == "evaluation/character0004/rot0"
 
 
@@ -255,13 +260,13 @@ def test_real_arrays_match_their_checksums():
 @real
 @pytest.mark.slow
 def test_real_omniglot_maml_and_lake(tmp_path):
-  s = load_omniglot("maml", omniglot_dir=REAL_DIR, cache_dir=tmp_path)
+  s = load_omniglot("maml", data_dir=REAL_DIR, cache_dir=tmp_path)
   assert s.train.images.shape == (4400, 20, 28, 28, 1)
   assert (s.val.num_classes, s.test.num_classes) == (400, 1692)
   tr, va, te = _base_names(s.train), _base_names(s.val), _base_names(s.test)
   assert (len(tr), len(va), len(te)) == (1100, 100, 423)
   assert not (tr & va or tr & te or va & te)
-  lake = load_omniglot("lake", omniglot_dir=REAL_DIR, cache_dir=tmp_path)
+  lake = load_omniglot("lake", data_dir=REAL_DIR, cache_dir=tmp_path)
   assert (lake.train.num_classes, lake.val, lake.test.num_classes) == (964, None, 659)
   assert lake.train.class_names[0] == "Arcadian/character01/rot0"
   # ink is high and sparse: most of a 28x28 character is paper (0)

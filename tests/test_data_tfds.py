@@ -82,7 +82,7 @@ def test_tfds_read_back_equals_arrays(arrays_dir, tfds_dir):
 
 
 def test_load_omniglot_from_tfds_equals_arrays(arrays_dir, tfds_dir, tmp_path):
-  via_arrays = load_omniglot("lake", omniglot_dir=arrays_dir, cache_dir=tmp_path)
+  via_arrays = load_omniglot("lake", data_dir=arrays_dir, cache_dir=tmp_path)
   via_tfds = load_omniglot("lake", source="tfds", tfds_data_dir=tfds_dir, cache_dir=tmp_path)
   for split in ("train", "test"):
     np.testing.assert_array_equal(
@@ -91,7 +91,7 @@ def test_load_omniglot_from_tfds_equals_arrays(arrays_dir, tfds_dir, tmp_path):
     )
   assert any(p.name.startswith("omniglot_28px_tfds_") for p in tmp_path.iterdir())
   # the maml protocol splits the same characters whatever the source
-  m1 = load_omniglot("maml", omniglot_dir=arrays_dir, cache_dir=tmp_path, num_train=4, num_val=1)
+  m1 = load_omniglot("maml", data_dir=arrays_dir, cache_dir=tmp_path, num_train=4, num_val=1)
   m2 = load_omniglot(
     "maml", source="tfds", tfds_data_dir=tfds_dir, cache_dir=tmp_path, num_train=4, num_val=1
   )

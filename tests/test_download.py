@@ -108,7 +108,7 @@ def test_cli_names_an_unreachable_url_in_one_line(tmp_path, capsys):
     [
       "download",
       "omniglot",
-      "--out",
+      "--data_dir",
       str(tmp_path / "o"),
       "--url",
       (tmp_path / "no-such-folder").as_uri(),

@@ -352,7 +352,7 @@ def test_evaluate_and_load_run_fall_back_to_the_newest_intact_checkpoint(
   tmp_path, two_checkpoints, how, capsys
 ):
   run = _damaged_copy(two_checkpoints[0], tmp_path / "run", how)
-  code = cli.main(["evaluate", "--run", str(run), "--tasks", "10"])
+  code = cli.main(["evaluate", "--run", str(run), "--eval_tasks", "10"])
   out, err = capsys.readouterr()
   assert code == 0 and f"{run}: alpha-maml on sinusoid: 10 meta steps" in out, err
   warning = [l for l in err.splitlines() if l.startswith("amaml: warning:")]
@@ -664,7 +664,7 @@ BAD_INPUT = {
     r"has no 'images' array.*not an Omniglot",
   ),
   "data folder missing": (
-    lambda t: load_omniglot("maml", omniglot_dir=t / "nowhere", cache_dir=t / "cache"),
+    lambda t: load_omniglot("maml", data_dir=t / "nowhere", cache_dir=t / "cache"),
     FileNotFoundError,
     r"does not exist: run `amaml download omniglot`.*--data_dir",
   ),
@@ -887,6 +887,23 @@ def test_checkpoints_are_arrays_and_restore_without_unpickling(tmp_path, monkeyp
         "{t}/r",
       ],
       r"^amaml train: process_id=2 with num_processes=2: the ids are 0 to 1",
+    ),
+    # a renamed flag: one line naming its new name (amaml.cli_flags.RENAMED_FLAGS)
+    (
+      ["evaluate", "--run", "{t}/r", "--tasks", "10"],
+      r"^amaml evaluate: --tasks was renamed --eval_tasks: pass --eval_tasks 10$",
+    ),
+    (
+      ["evaluate", "--run", "{t}/r", "--inner_steps=3"],
+      r"^amaml evaluate: --inner_steps was renamed --eval_inner_steps: pass --eval_inner_steps 3$",
+    ),
+    (
+      ["plot", "--run", "{t}/r", "--out", "{t}/p"],
+      r"^amaml plot: --out was renamed --plot_dir: pass --plot_dir .*/p$",
+    ),
+    (
+      ["download", "omniglot", "--out", "{t}/o"],
+      r"^amaml download: --out was renamed --data_dir: pass --data_dir .*/o$",
     ),
   ],
 )

@@ -159,18 +159,21 @@ def test_cli_train_evaluate_plot(tmp_path, capsys):
   assert cli.main(args) == 0
   out = capsys.readouterr().out
   assert "query loss before adaptation" in out and "final alpha" in out
-  assert cli.main(["evaluate", "--run", run, "--tasks", "10", "--inner_steps", "3"]) == 0
+  assert cli.main(["evaluate", "--run", run, "--eval_tasks", "10", "--eval_inner_steps", "3"]) == 0
   assert '"inner_steps": 3' in capsys.readouterr().out
   # several runs: one comparison table
   other = str(tmp_path / "cli-maml")
   assert cli.main(args[:4] + [other, "--method", "maml"] + args[5:]) == 0
   capsys.readouterr()
-  assert cli.main(["evaluate", "--run", run, other, "--tasks", "10", "--inner_steps", "2"]) == 0
+  assert (
+    cli.main(["evaluate", "--run", run, other, "--eval_tasks", "10", "--eval_inner_steps", "2"])
+    == 0
+  )
   table = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ")]
   assert table[0].startswith("| run | method") and len(table) == 4
   assert f"| {run} | alpha-maml |" in table[2] and f"| {other} | maml |" in table[3]
-  # without --inner_steps: the run's own protocol, chosen on validation tasks, as in train
-  assert cli.main(["evaluate", "--run", run, "--tasks", "10"]) == 0
+  # without --eval_inner_steps: the run's own protocol, chosen on validation tasks, as in train
+  assert cli.main(["evaluate", "--run", run, "--eval_tasks", "10"]) == 0
   out = capsys.readouterr().out
   assert "chosen on 100 val tasks" in out and '"alpha_scale"' in out
   # an outer optimizer amaml does not offer: argparse names the flag and the choices
@@ -183,7 +186,7 @@ def test_cli_train_evaluate_plot(tmp_path, capsys):
   for name in ("learning_curves.png", "rates.png"):
     assert (tmp_path / "cli" / name).stat().st_size > 1000
   capsys.readouterr()
-  assert cli.main(["plot", "--run", run, other, "--out", str(tmp_path / "both")]) == 0
+  assert cli.main(["plot", "--run", run, other, "--plot_dir", str(tmp_path / "both")]) == 0
   table = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ")]
   assert table[0].startswith("| run | method | alpha0 | steps") and len(table) == 4
   assert table[3].startswith(f"| {other} | maml | 0.1 | 20 |") and "| loss " in table[3]

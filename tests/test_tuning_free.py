@@ -2,6 +2,8 @@
 starts, backtracking, the guards under the default, test-time adaptation chosen on
 validation tasks, and named configs that carry no rate setting of their own."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,6 +179,8 @@ def test_configs_carry_no_rate_settings_of_their_own(name):
   lib = amaml.alpha_maml.__kwdefaults__
   default = configs.Config()
   assert cfg.rate_rule == lib["rate_rule"] == rates.DEFAULT_RULE
+  assert inspect.signature(rates.rate_rule).parameters["rate_rule"].default == cfg.rate_rule
+  assert inspect.signature(amaml.hypergradient).parameters["rate_rule"].default == cfg.rate_rule
   assert cfg.alpha_lr is None and cfg.beta_lr is None  # the rule's default
   assert cfg.backtrack is lib["backtrack"] is True
   assert (cfg.alpha_min, cfg.alpha_max) == (lib["alpha_min"], lib["alpha_max"])
@@ -226,7 +230,7 @@ def test_selected_test_adaptation_cannot_diverge(tiny_config):
   cfg = tiny_config(**TINY)
   exp = train.build(cfg)
   alpha = jnp.float32(0.08)  # at the initial weights, 10 steps at 0.08 overshoot
-  fixed = train.evaluate(exp, exp.params, alpha, "test", 50, inner_steps=10)
+  fixed = train.evaluate(exp, exp.params, alpha, "test", 50, eval_inner_steps=10)
   assert not fixed["loss"] < fixed["pre_loss"]  # diverges (or at best does not help)
   choice = train.select_adaptation(exp, exp.params, alpha, "val", 50)
   assert (choice["inner_steps"], choice["alpha_scale"]) != (10, 1.0)

@@ -11,6 +11,7 @@ The TFDS path (:mod:`amaml.data.tfds_omniglot`) imports ``tensorflow_datasets``,
 so its functions are imported on first use.
 """
 
+from amaml._renamed import renamed_keywords
 from amaml.data.episodes import EpisodeIterator, sample_episodes, sample_tasks
 from amaml.data.omniglot import (
   OmniglotSplits,
@@ -30,8 +31,9 @@ from amaml.data.omniglot_zips import download_omniglot
 from amaml.data.sources import ClassImages
 
 
+@renamed_keywords(data_dir="tfds_data_dir")
 def prepare_tfds_omniglot(
-  data_dir=None, *, arrays_dir=None, zips_dir=None, download=False, verbose=False
+  tfds_data_dir=None, *, arrays_dir=None, zips_dir=None, download=False, verbose=False
 ):
   """Prepares Omniglot for TFDS (``amaml_omniglot``, array_record); see
   :func:`amaml.data.tfds_omniglot.prepare_tfds_omniglot`. Never downloads unless
@@ -39,7 +41,7 @@ def prepare_tfds_omniglot(
   from amaml.data import tfds_omniglot
 
   return tfds_omniglot.prepare_tfds_omniglot(
-    data_dir, arrays_dir=arrays_dir, zips_dir=zips_dir, download=download, verbose=verbose
+    tfds_data_dir, arrays_dir=arrays_dir, zips_dir=zips_dir, download=download, verbose=verbose
   )
 
 

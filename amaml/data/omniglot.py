@@ -5,8 +5,8 @@
 (255) and paper 0.
 
 **Source.** The arrays folder (see :mod:`amaml.data.omniglot_arrays`: argument
-``omniglot_dir``, else ``$AMAML_OMNIGLOT_DIR``, else ``shared/data/omniglot`` found
-next to the repository or above the current directory), else a prepared TFDS
+``data_dir`` (``--data_dir``), else ``$AMAML_OMNIGLOT_DIR``, else ``shared/data/omniglot``
+found next to the repository or above the current directory), else a prepared TFDS
 dataset (:mod:`amaml.data.tfds_omniglot`; never downloaded from here).
 
 **Pre-processing** (once): ink = 1.0, paper = 0.0, resized 105 -> ``image_size``
@@ -38,10 +38,10 @@ file + ``os.replace``), so concurrent runs are safe.
 >>> rng = np.random.default_rng(0)
 >>> d = write_omniglot_arrays(tempfile.mkdtemp(), rng.random((6, 20, 105, 105)) > 0.1,
 ...                           rng.random((4, 20, 105, 105)) > 0.1)
->>> s = load_omniglot("maml", omniglot_dir=d, cache_dir=tempfile.mkdtemp(), num_train=6, num_val=2)
+>>> s = load_omniglot("maml", data_dir=d, cache_dir=tempfile.mkdtemp(), num_train=6, num_val=2)
 >>> s.train.images.shape, s.val.num_classes, s.test.num_classes   # x 4 rotations
 ((24, 20, 28, 28, 1), 8, 8)
->>> load_omniglot("lake", omniglot_dir=d, cache_dir=tempfile.mkdtemp()).val is None
+>>> load_omniglot("lake", data_dir=d, cache_dir=tempfile.mkdtemp()).val is None
 True
 """
 
@@ -53,10 +53,11 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from amaml._renamed import renamed_keywords
 from amaml.data.omniglot_arrays import OmniglotArrays, find_omniglot_dir, read_omniglot_arrays
 from amaml.data.omniglot_arrays import CACHE_ENV_VAR, arrays_checksum, default_cache_dir
 from amaml.data.sources import ClassImages
@@ -154,24 +155,10 @@ def _from_full_size(arr: OmniglotArrays, size: int) -> OmniglotCharacters:
   )
 
 
-def load_omniglot_characters(
-  image_size: int = 28,
-  *,
-  omniglot_dir=None,
-  cache_dir=None,
-  source: str = "auto",
-  tfds_data_dir=None,
-) -> OmniglotCharacters:
-  """All Omniglot characters, pre-processed and cached (see the module docstring).
-
-  ``source``: ``'auto'`` (arrays folder if one is found, else TFDS), ``'arrays'``
-  or ``'tfds'``. ``cache_dir=False`` disables the cache.
-  """
-  if not isinstance(image_size, (int, np.integer)) or image_size < 1:
-    raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-  if source not in ("auto", "arrays", "tfds"):
-    raise ValueError(f"source must be 'auto', 'arrays' or 'tfds', got {source!r}")
-  arrays_dir = find_omniglot_dir(omniglot_dir) if source != "tfds" else None
+def _source(data_dir, source: str, tfds_data_dir) -> tuple[str, str, Callable]:
+  """Where the characters come from: ``(tag, checksum, read)``, ``read()`` returning the
+  :class:`OmniglotArrays` of the arrays folder (``tag`` ``"arrays"``) or of TFDS (``"tfds"``)."""
+  arrays_dir = find_omniglot_dir(data_dir) if source != "tfds" else None
   if arrays_dir is None and (
     source == "arrays"
     or importlib.util.find_spec("tensorflow_datasets") is None
@@ -179,40 +166,42 @@ def load_omniglot_characters(
   ):
     raise FileNotFoundError(
       "no Omniglot arrays folder found: run `amaml download omniglot` once (it needs the "
-      "internet), or pass --data_dir (omniglot_dir= in Python) or set $AMAML_OMNIGLOT_DIR "
-      "to a folder holding "
-      "images_background.npz and images_evaluation.npz"
+      "internet), or pass --data_dir (data_dir= in Python) or set $AMAML_OMNIGLOT_DIR "
+      "to a folder holding images_background.npz and images_evaluation.npz"
     )
   if arrays_dir is not None:
-    checksum, tag = arrays_checksum(arrays_dir), "arrays"
-    read = lambda: read_omniglot_arrays(arrays_dir)
-  else:
-    from amaml.data import tfds_omniglot  # imports tensorflow_datasets: only when needed
+    return "arrays", arrays_checksum(arrays_dir), lambda: read_omniglot_arrays(arrays_dir)
+  from amaml.data import tfds_omniglot  # imports tensorflow_datasets: only when needed
 
-    checksum, tag = tfds_omniglot.prepared_checksum(tfds_data_dir), "tfds"
-    read = lambda: tfds_omniglot.read_tfds_omniglot(tfds_data_dir)
+  checksum = tfds_omniglot.prepared_checksum(tfds_data_dir)
+  return "tfds", checksum, lambda: tfds_omniglot.read_tfds_omniglot(tfds_data_dir)
 
-  if cache_dir is False:
-    return _from_full_size(read(), image_size)
-  cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-  path = cache / f"omniglot_{image_size}px_{tag}_{checksum[:16]}.npz"
-  if path.is_file():
-    try:
-      with np.load(path) as z:
-        if int(z["format"]) == _CACHE_FORMAT:
-          return OmniglotCharacters(
-            ClassImages(z["images"], tuple(str(n) for n in z["class_names"])),
-            int(z["num_background"]),
-          )
-    except Exception as e:  # a damaged cache is rebuilt, never trusted
-      warnings.warn(f"ignoring unreadable Omniglot cache {path} ({e}); rebuilding it")
-  out = _from_full_size(read(), image_size)
+
+def _read_cache(path: Path) -> OmniglotCharacters | None:
+  """The characters cached in ``path``, or ``None`` when it is missing, of another format
+  or unreadable (a damaged cache is rebuilt, never trusted)."""
+  if not path.is_file():
+    return None
+  try:
+    with np.load(path) as z:
+      if int(z["format"]) == _CACHE_FORMAT:
+        return OmniglotCharacters(
+          ClassImages(z["images"], tuple(str(n) for n in z["class_names"])),
+          int(z["num_background"]),
+        )
+  except Exception as e:
+    warnings.warn(f"ignoring unreadable Omniglot cache {path} ({e}); rebuilding it")
+  return None
+
+
+def _write_cache(path: Path, chars: OmniglotCharacters) -> None:
+  """Caches ``chars`` in ``path``, atomically; warns (and carries on) when it cannot."""
   try:
     atomic_savez(
       path,
-      images=out.characters.images,
-      num_background=out.num_background,
-      class_names=np.asarray(out.characters.class_names),
+      images=chars.characters.images,
+      num_background=chars.num_background,
+      class_names=np.asarray(chars.characters.class_names),
       format=_CACHE_FORMAT,
     )
   except OSError as e:
@@ -220,6 +209,42 @@ def load_omniglot_characters(
       f"could not write the Omniglot cache {path} ({e}); set ${CACHE_ENV_VAR} to a "
       "writable folder to skip pre-processing next time"
     )
+
+
+@renamed_keywords(omniglot_dir="data_dir")
+def load_omniglot_characters(
+  image_size: int = 28,
+  *,
+  data_dir=None,
+  cache_dir=None,
+  source: str = "auto",
+  tfds_data_dir=None,
+) -> OmniglotCharacters:
+  """All Omniglot characters, pre-processed and cached (see the module docstring).
+
+  Args:
+    image_size: the side of the resized images, in pixels.
+    data_dir: the arrays folder (``--data_dir``; default: ``$AMAML_OMNIGLOT_DIR``, then
+      the folders of :func:`amaml.data.omniglot_arrays.find_omniglot_dir`).
+    cache_dir: where the pre-processed arrays are cached (default
+      :func:`default_cache_dir`); ``False`` disables the cache.
+    source: ``'auto'`` (the arrays folder if one is found, else TFDS), ``'arrays'`` or
+      ``'tfds'``.
+    tfds_data_dir: TFDS's folder, for ``source`` TFDS.
+  """
+  if not isinstance(image_size, (int, np.integer)) or image_size < 1:
+    raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+  if source not in ("auto", "arrays", "tfds"):
+    raise ValueError(f"source must be 'auto', 'arrays' or 'tfds', got {source!r}")
+  tag, checksum, read = _source(data_dir, source, tfds_data_dir)
+  if cache_dir is False:
+    return _from_full_size(read(), image_size)
+  cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+  path = cache / f"omniglot_{image_size}px_{tag}_{checksum[:16]}.npz"
+  out = _read_cache(path)
+  if out is None:
+    out = _from_full_size(read(), image_size)
+    _write_cache(path, out)
   return out
 
 
@@ -312,11 +337,12 @@ def rotate_classes(
   return ClassImages(np.ascontiguousarray(out), names)
 
 
+@renamed_keywords(omniglot_dir="data_dir")
 def load_omniglot(
   protocol: str = "maml",
   *,
   image_size: int = 28,
-  omniglot_dir=None,
+  data_dir=None,
   cache_dir=None,
   split_seed: int = MAML_SPLIT_SEED,
   num_train: int | None = None,
@@ -335,7 +361,7 @@ def load_omniglot(
     raise ValueError(f"unknown Omniglot protocol {protocol!r}; use one of {PROTOCOLS}")
   chars = load_omniglot_characters(
     image_size,
-    omniglot_dir=omniglot_dir,
+    data_dir=data_dir,
     cache_dir=cache_dir,
     source=source,
     tfds_data_dir=tfds_data_dir,

@@ -12,10 +12,11 @@ PNG files. Character ids are 1-based and global: row ``c`` of the background
 arrays is character ``1 + c``, row ``c`` of the evaluation arrays is character
 ``n_background + 1 + c``; ``images[c, d]`` is drawer ``d + 1``.
 
-The folder is looked for, in this order, at: the ``omniglot_dir`` argument, the
-``AMAML_OMNIGLOT_DIR`` environment variable, ``shared/data/omniglot`` in the
-parent of the repository root and in the current directory and its parents, then
-where ``amaml download omniglot`` writes it (:func:`default_download_dir`).
+The folder is looked for, in this order, at: the ``data_dir`` argument (``--data_dir`` on
+the command line), the ``AMAML_OMNIGLOT_DIR`` environment variable (the default of
+``data_dir``), ``shared/data/omniglot`` in the parent of the repository root and in the
+current directory and its parents, then where ``amaml download omniglot`` writes it
+(:func:`default_download_dir`).
 
 >>> import tempfile, numpy as np
 >>> d = tempfile.mkdtemp()
@@ -37,6 +38,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from amaml._renamed import renamed_keywords
+
 ENV_VAR = "AMAML_OMNIGLOT_DIR"
 FILES = {"background": "images_background.npz", "evaluation": "images_evaluation.npz"}
 SPLITS = ("background", "evaluation")
@@ -53,15 +56,16 @@ class Alphabet(NamedTuple):
   last_id: int
 
 
-def find_omniglot_dir(omniglot_dir: str | os.PathLike | None = None) -> Path | None:
+@renamed_keywords(omniglot_dir="data_dir")
+def find_omniglot_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
   """The Omniglot arrays folder, or ``None`` when none is found.
 
-  An explicit ``omniglot_dir`` (or ``$AMAML_OMNIGLOT_DIR``) is returned as given,
+  An explicit ``data_dir`` (or ``$AMAML_OMNIGLOT_DIR``) is returned as given,
   even if it does not exist, so that reading it fails with a clear message
   rather than silently falling back to another source.
   """
-  if omniglot_dir is not None:
-    return Path(omniglot_dir).expanduser()
+  if data_dir is not None:
+    return Path(data_dir).expanduser()
   if os.environ.get(ENV_VAR):
     return Path(os.environ[ENV_VAR]).expanduser()
   cwd = Path.cwd().resolve()
@@ -110,15 +114,16 @@ def _read_sums(path: Path) -> dict[str, str]:
   return sums
 
 
-def arrays_checksum(omniglot_dir: str | os.PathLike) -> str:
-  """SHA-256 (hex) identifying the two ``.npz`` files of ``omniglot_dir``.
+@renamed_keywords(omniglot_dir="data_dir")
+def arrays_checksum(data_dir: str | os.PathLike) -> str:
+  """SHA-256 (hex) identifying the two ``.npz`` files of ``data_dir``.
 
   Checks the files against ``SHA256SUMS`` when the folder has one; raises
   ``FileNotFoundError`` for a missing file and ``ValueError`` for a mismatch.
   """
-  d = Path(omniglot_dir)
+  d = Path(data_dir)
   fix = (
-    f"run `amaml download omniglot` once, or point --data_dir (omniglot_dir= in Python, "
+    f"run `amaml download omniglot` once, or point --data_dir (data_dir= in Python, "
     f"or ${ENV_VAR}) at a folder holding {FILES['background']} and {FILES['evaluation']}, "
     "e.g. a copy of shared/data/omniglot"
   )
@@ -225,9 +230,10 @@ def _load_npz_images(path: Path) -> np.ndarray:
   return x
 
 
-def read_omniglot_arrays(omniglot_dir: str | os.PathLike) -> OmniglotArrays:
+@renamed_keywords(omniglot_dir="data_dir")
+def read_omniglot_arrays(data_dir: str | os.PathLike) -> OmniglotArrays:
   """Reads and checks an Omniglot arrays folder (see the module docstring)."""
-  d = Path(omniglot_dir)
+  d = Path(data_dir)
   checksum = arrays_checksum(d)
   bg = _load_npz_images(d / FILES["background"])
   ev = _load_npz_images(d / FILES["evaluation"])
@@ -239,8 +245,9 @@ def read_omniglot_arrays(omniglot_dir: str | os.PathLike) -> OmniglotArrays:
   return OmniglotArrays(bg, ev, alphabets, checksum)
 
 
+@renamed_keywords(omniglot_dir="data_dir")
 def write_omniglot_arrays(
-  omniglot_dir: str | os.PathLike,
+  data_dir: str | os.PathLike,
   background: np.ndarray,
   evaluation: np.ndarray,
   alphabets: Sequence[Alphabet] | None = None,
@@ -249,7 +256,7 @@ def write_omniglot_arrays(
 
   Handy for small fixtures and for exporting Omniglot read from another source.
   """
-  d = Path(omniglot_dir)
+  d = Path(data_dir)
   d.mkdir(parents=True, exist_ok=True)
   lines = []
   for split, x in (("background", background), ("evaluation", evaluation)):

@@ -41,6 +41,7 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
+from amaml._renamed import renamed_keywords
 from amaml.data.omniglot_arrays import (
   FILES,
   Alphabet,
@@ -151,38 +152,41 @@ def _fetch(url: str, dest: Path, progress: bool) -> None:
   part.replace(dest)
 
 
+@renamed_keywords(dest="data_dir")
 def download_omniglot(
-  dest: str | os.PathLike | None = None,
+  data_dir: str | os.PathLike | None = None,
   *,
   url: str = DOWNLOAD_URL,
   zips_dir: str | os.PathLike | None = None,
   sums: Mapping[str, tuple[int, str]] | None = None,
   progress: bool = True,
 ) -> Path:
-  """Fetches the two official zips, checks them and writes the arrays folder ``dest``.
+  """Fetches the two official zips, checks them and writes the arrays folder ``data_dir``.
 
   Args:
-    dest: the arrays folder to write (default :func:`default_download_dir`). Written
-      atomically: a folder that exists is complete.
+    data_dir: the arrays folder to write (``amaml download omniglot --data_dir``; default
+      :func:`default_download_dir`), the folder that ``data_dir`` of
+      :func:`amaml.data.load_omniglot` reads. Written atomically: a folder that exists is
+      complete.
     url: where the zips are (any URL ``urllib`` opens, ``file://`` too).
-    zips_dir: where the zips are kept (default ``<dest>.zips``); a zip already there with
+    zips_dir: where the zips are kept (default ``<data_dir>.zips``); a zip already there with
       the right SHA-256 is not fetched again.
     sums: ``{zip name: (size, SHA-256)}`` (default :data:`ZIP_SUMS`, the registered sums
       of the official zips).
     progress: show a download bar.
 
   Returns:
-    ``dest``. Raises ``ValueError`` for a zip whose size or SHA-256 is wrong (it is
+    ``data_dir``. Raises ``ValueError`` for a zip whose size or SHA-256 is wrong (it is
     deleted, and nothing is written) and ``ConnectionError`` when a zip cannot be fetched.
   """
-  dest = Path(dest).expanduser() if dest is not None else default_download_dir()
+  dest = Path(data_dir).expanduser() if data_dir is not None else default_download_dir()
   sums = ZIP_SUMS if sums is None else sums
   if all((dest / f).is_file() for f in FILES.values()):
     return dest
   if dest.exists() and any(dest.iterdir()):
     raise FileExistsError(
       f"{dest} exists but holds no complete Omniglot arrays: remove it, "
-      "or download into another folder"
+      "or pass another --data_dir (data_dir= in Python)"
     )
   zips = Path(zips_dir) if zips_dir is not None else dest.with_name(dest.name + ".zips")
   zips.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from amaml._renamed import renamed_keywords
 from amaml.data.omniglot_arrays import Alphabet, OmniglotArrays, read_omniglot_arrays
 from amaml.data.omniglot_zips import DOWNLOAD_URL, ZIP_SUMS, ZIPS, check_zip, walk_zip
 
@@ -197,58 +198,70 @@ class AmamlOmniglot(tfds.core.GeneratorBasedBuilder):
 
 
 def default_data_dir() -> Path:
-  """TFDS's data folder (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``)."""
+  """TFDS's data folder (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``): the default of
+  ``tfds_data_dir`` (``data_dir`` is the Omniglot arrays folder, as in ``Config``)."""
   return Path(os.path.expanduser(tfds.core.constants.DATA_DIR))
 
 
-def _dataset_dir(data_dir, name: str = NAME) -> Path:
-  return Path(data_dir or default_data_dir()) / name / VERSION
+def _dataset_dir(tfds_data_dir, name: str = NAME) -> Path:
+  return Path(tfds_data_dir or default_data_dir()) / name / VERSION
 
 
-def is_prepared(data_dir=None, name: str = NAME) -> bool:
-  d = _dataset_dir(data_dir, name)
+@renamed_keywords(data_dir="tfds_data_dir")
+def is_prepared(tfds_data_dir=None, name: str = NAME) -> bool:
+  d = _dataset_dir(tfds_data_dir, name)
   return (d / "dataset_info.json").is_file() and any(d.glob("*.array_record*"))
 
 
+@renamed_keywords(data_dir="tfds_data_dir")
 def prepare_tfds_omniglot(
-  data_dir=None, *, arrays_dir=None, zips_dir=None, download: bool = False, verbose: bool = False
+  tfds_data_dir=None,
+  *,
+  arrays_dir=None,
+  zips_dir=None,
+  download: bool = False,
+  verbose: bool = False,
 ) -> Path:
-  """Prepares ``amaml_omniglot`` as ``array_record`` in ``data_dir``; returns ``data_dir``.
+  """Prepares ``amaml_omniglot`` as ``array_record`` in TFDS's folder ``tfds_data_dir``
+  (default :func:`default_data_dir`); returns that folder.
 
   From ``arrays_dir`` if given (offline), else from the official zips in
   ``zips_dir``, else, only if ``download=True``, from the zips downloaded by TFDS.
   Does nothing if the dataset is already prepared there. ``verbose`` keeps
   TFDS's messages on stdout (its progress bars go to stderr either way).
   """
-  data_dir = Path(data_dir or default_data_dir()).expanduser()
-  if is_prepared(data_dir):
-    return data_dir
+  tfds_data_dir = Path(tfds_data_dir or default_data_dir()).expanduser()
+  if is_prepared(tfds_data_dir):
+    return tfds_data_dir
   if arrays_dir is None and zips_dir is None and not download:
     raise FileNotFoundError(
-      f"{NAME} is not prepared in {data_dir}: pass arrays_dir= (an Omniglot arrays folder, "
+      f"{NAME} is not prepared in {tfds_data_dir}: pass arrays_dir= (an Omniglot arrays folder, "
       "offline), zips_dir= (a folder holding the four official Omniglot zips), or "
       "download=True (needs internet)"
     )
-  builder = AmamlOmniglot(data_dir=os.fspath(data_dir), arrays_dir=arrays_dir, zips_dir=zips_dir)
+  builder = AmamlOmniglot(
+    data_dir=os.fspath(tfds_data_dir), arrays_dir=arrays_dir, zips_dir=zips_dir
+  )
   with contextlib.ExitStack() as stack:
     if not verbose:
       stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
     builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(try_download_gcs=False)
     )
-  return data_dir
+  return tfds_data_dir
 
 
-def prepared_checksum(data_dir=None, name: str = NAME) -> str:
+@renamed_keywords(data_dir="tfds_data_dir")
+def prepared_checksum(tfds_data_dir=None, name: str = NAME) -> str:
   """SHA-256 identifying a prepared dataset (its info and file names and sizes), for caches.
 
   Raises ``FileNotFoundError``, saying how to prepare it, if it is not prepared.
   """
-  d = _dataset_dir(data_dir, name)
-  if not is_prepared(data_dir, name):
+  d = _dataset_dir(tfds_data_dir, name)
+  if not is_prepared(tfds_data_dir, name):
     raise FileNotFoundError(
       f"Omniglot not found: no arrays folder (run `amaml download omniglot` once, or pass "
-      f"--data_dir (omniglot_dir= in Python) or set $AMAML_OMNIGLOT_DIR to a folder holding "
+      f"--data_dir (data_dir= in Python) or set $AMAML_OMNIGLOT_DIR to a folder holding "
       f"images_background.npz and images_evaluation.npz) and no prepared TFDS dataset in {d} "
       "(prepare it once with "
       "amaml.data.prepare_tfds_omniglot(download=True), or arrays_dir=... offline)"
@@ -259,23 +272,24 @@ def prepared_checksum(data_dir=None, name: str = NAME) -> str:
   return h.hexdigest()
 
 
-def read_tfds_omniglot(data_dir=None, name: str = NAME) -> OmniglotArrays:
+@renamed_keywords(data_dir="tfds_data_dir")
+def read_tfds_omniglot(tfds_data_dir=None, name: str = NAME) -> OmniglotArrays:
   """Reads the prepared ``train``/``test`` splits back as an :class:`OmniglotArrays`.
 
   Never downloads. ``name='omniglot'`` reads the stock builder's data if it was
   prepared as ``array_record``. Characters are ordered by label (global id);
   each character's images in stored order (the drawer is not a feature).
   """
-  checksum = prepared_checksum(data_dir, name)
-  data_dir = Path(data_dir or default_data_dir()).expanduser()
-  builder = tfds.builder(name, data_dir=os.fspath(data_dir), file_format="array_record")
+  checksum = prepared_checksum(tfds_data_dir, name)
+  tfds_data_dir = Path(tfds_data_dir or default_data_dir()).expanduser()
+  builder = tfds.builder(name, data_dir=os.fspath(tfds_data_dir), file_format="array_record")
   parts, alphabet_rows = {}, []
   alphabet_names = builder.info.features["alphabet"].names
   for split, part in (("train", "background"), ("test", "evaluation")):
     source = tfds.data_source(
       name,
       split=split,
-      data_dir=os.fspath(data_dir),
+      data_dir=os.fspath(tfds_data_dir),
       download=False,
       builder_kwargs={"file_format": "array_record"},
     )
