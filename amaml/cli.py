@@ -160,18 +160,29 @@ def _evaluate(args) -> int:
   from amaml.evaluation import evaluate, meta_test
   from amaml.results import format_results, load_run
 
+  import numpy as np
+
+  from amaml import seeds
+
+  def one(exp, state) -> dict:
+    if args.eval_inner_steps is None and args.split == "test":  # the run's own test protocol
+      return meta_test(exp, state.params, state.alpha, args.eval_tasks, progress=True)
+    steps = args.eval_inner_steps
+    test = evaluate(
+      exp, state.params, state.alpha, args.split, args.eval_tasks, steps, progress=True
+    )
+    return {"test": test}
+
   rows = []
   for run in args.run:
     exp, state = load_run(run, args.step)
-    if args.eval_inner_steps is None and args.split == "test":  # the run's own test protocol
-      results = meta_test(exp, state.params, state.alpha, args.eval_tasks, progress=True)
+    if exp.config.seeds > 1:  # each seed, then the mean and spread over seeds
+      each = seeds.per_seed(lambda e, s: {"seed": e.config.seed, **one(e, s)}, exp, state)
+      results = seeds.combine(each)
     else:
-      steps = args.eval_inner_steps
-      test = evaluate(
-        exp, state.params, state.alpha, args.split, args.eval_tasks, steps, progress=True
-      )
-      results = {"test": test}
-    results = {"config": dataclasses.asdict(exp.config), "steps": int(state.step), **results}
+      results = one(exp, state)
+    steps_done = int(np.max(state.step))  # (with seeds, each seed's)
+    results = {"config": dataclasses.asdict(exp.config), "steps": steps_done, **results}
     print(f"{run}: " + format_results(results))
     print(json.dumps(results["test"]))
     rows.append((run, results))
@@ -188,7 +199,7 @@ def comparison_table(rows) -> str:
   ]
   for run, r in rows:
     t, cfg = r["test"], r["config"]
-    how = f"{t['inner_steps']} steps" + (
+    how = f"{t.get('inner_steps', 'chosen per seed')} steps" + (
       f" at {t['alpha_scale']:g} x alpha" if t.get("alpha_scale", 1.0) != 1.0 else ""
     )
     acc = (

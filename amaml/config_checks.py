@@ -63,6 +63,7 @@ _COUNTS = (
   "eval_batch",
   "max_nonfinite",
   "hidden",
+  "seeds",
 )
 
 
@@ -72,6 +73,7 @@ def validate(cfg):
   check_numbers(cfg)
   check_method_options(cfg)
   check_epsilon(cfg)
+  check_seeds(cfg)
   return cfg
 
 
@@ -157,4 +159,18 @@ def check_epsilon(cfg) -> None:
     raise ValueError(
       f"epsilon={cfg.epsilon} and beta={cfg.beta}: for reptile --beta is "
       "the old name of --epsilon; pass --epsilon alone"
+    )
+
+
+def check_seeds(cfg) -> None:
+  """``seeds`` > 1 (one vmapped program, :mod:`amaml.seeds`) with what it supports."""
+  if cfg.seeds > 1 and cfg.devices != 1:
+    raise ValueError(
+      f"--seeds {cfg.seeds} with --devices {cfg.devices}: several seeds train on one device; "
+      "pass --devices 1, or --seeds 1 to split one run over devices"
+    )
+  if cfg.seeds > 1 and cfg.alpha_search:
+    raise ValueError(
+      f"--seeds {cfg.seeds} with --alpha_search: not supported together; drop --alpha_search "
+      "or train each seed on its own (--seeds 1)"
     )

@@ -231,6 +231,11 @@ class Config:
     0.0, "stop (checkpoint, evaluate) after this much training; 0 = no limit"
   )
   seed: int = _field(0, "the one seed every random choice flows from")
+  seeds: int = _field(
+    1,
+    "independent runs trained together as one vmapped program: seeds seed, seed+1, ..., "
+    "each with its own weights, tasks and rates (amaml.seeds)",
+  )
   log_every: int = _field(500, "meta steps between metric lines in metrics.jsonl")
   val_every: int = _field(
     5000, "meta steps between validations (0 = never; a multiple of log_every)"

@@ -17,6 +17,9 @@ import json
 import os
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+
 from amaml import meta
 from amaml.configs import Config
 from amaml.env import versions
@@ -69,6 +72,8 @@ def load_run(
   ckpt = Checkpointer(run / "checkpoints")
   try:
     target = exp.learner.init(exp.params)
+    if cfg.seeds > 1:  # the stacked state of the seeds (amaml.seeds): its shapes
+      target = jax.tree.map(lambda x: jnp.stack([x] * cfg.seeds), target)
     state = ckpt.restore_newest_intact(target) if step is None else ckpt.restore(target, step)
   finally:
     ckpt.close()
@@ -76,7 +81,12 @@ def load_run(
 
 
 def format_results(results: dict) -> str:
-  """A readable summary of a results dict."""
+  """A readable summary of a results dict (of a multi-seed run:
+  :func:`amaml.seeds.format_results`)."""
+  if "per_seed" in results:
+    from amaml.seeds import format_results as format_seeds
+
+    return format_seeds(results)
   cfg = results.get("config", {})
   t = results["test"]
   lines = [

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amaml import meta, rates, sharding, signals
+from amaml import meta, rates, seeds, sharding, signals
 from amaml.adaptation import ALPHA_SCALES, best_adaptation
 from amaml.configs import Config
 from amaml.evaluation import eval_batches, evaluate, meta_test, select_adaptation
@@ -61,9 +61,10 @@ __all__ += ["load_run", "format_results"]  # amaml.results
 __all__ += ["ALPHA_SCALES", "best_adaptation"]  # amaml.adaptation
 
 
-def step_batch(exp: Experiment, images, step) -> TaskBatch:
-  """The tasks that meta step ``step`` trains on: sampled from ``fold_in(train key, step)``."""
-  key = jax.random.fold_in(run_keys(exp.config).train, step)
+def step_batch(exp: Experiment, images, step, seed=None) -> TaskBatch:
+  """The tasks that meta step ``step`` trains on: sampled from ``fold_in(train key, step)``
+  (the train key of ``seed``, a traced one too; default ``exp.config.seed``)."""
+  key = jax.random.fold_in(run_keys(exp.config if seed is None else seed).train, step)
   return exp.sample(key, images, exp.config.meta_batch)
 
 
@@ -76,14 +77,20 @@ def make_train_chunk(exp: Experiment, length: int, mesh=None, update=None):
   never changes its numbers (a resumed run equals an uninterrupted one bitwise). With a
   ``mesh`` (:mod:`amaml.sharding`) each batch is split over its devices by task and the
   state stays replicated. The input state is donated. ``update``: the meta step (default
-  ``exp.learner.update``; a phase's, :func:`amaml.meta.phase_at`, for the steps it holds)."""
+  ``exp.learner.update``; a phase's, :func:`amaml.meta.phase_at`, for the steps it holds).
+  With ``seeds`` N > 1 the state and the metrics have a leading axis of N seeds and each step
+  is ``jax.vmap`` of the meta step over them (:mod:`amaml.seeds`)."""
   update = exp.learner.update if update is None else update
 
-  def one(st, images, i):
-    batch = step_batch(exp, images, i)
+  def one(st, images, i, seed=None):
+    batch = step_batch(exp, images, i, seed)
     if mesh is not None:
       batch = sharding.constrain_batch(batch, mesh)
     return update(st, batch)
+
+  if exp.config.seeds > 1:  # seed k of N: the run of seed + k, its own tasks from its own key
+    vmapped = jax.vmap(one, in_axes=(0, None, None, 0))
+    one = lambda st, images, i: vmapped(st, images, i, seeds.seed_values(exp.config))
 
   def chunk(state, images, start, steps):
     shapes = jax.eval_shape(one, state, images, start)[1]
@@ -149,6 +156,7 @@ def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
   from amaml.checkpoint import Checkpointer
 
   cfg.validate()
+  seeds.check(cfg)
   mesh = None
   if cfg.devices != 1 or jax.process_count() > 1:  # before any file is written: fails on too
     mesh = _mesh(cfg)  # few devices or an uneven split
@@ -156,7 +164,10 @@ def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
   _write_config(cfg, out, resume)
   exp = build(cfg)
   ckpt = Checkpointer(out / "checkpoints")
-  state = exp.learner.init(jax.tree.map(jnp.copy, exp.params))  # the chunks donate it
+  if cfg.seeds > 1:  # one state per seed, stacked (amaml.seeds)
+    state = seeds.init_state(exp)
+  else:
+    state = exp.learner.init(jax.tree.map(jnp.copy, exp.params))  # the chunks donate it
   images = exp.data["train"]
   if mesh is not None:  # data parallel: tasks split over devices, state and images replicated
     state, images = sharding.replicate((state, images), mesh)
@@ -167,7 +178,7 @@ def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
     except BaseException:
       ckpt.close()
       raise
-    start = int(sharding.host_local(state.step))
+    start = int(np.max(sharding.host_local(state.step)))  # (with seeds, each seed's)
   elif cfg.alpha_search:
     state = _search_alpha(exp, state, images)
   if _primary():
@@ -255,7 +266,7 @@ def _loop(run: _Run, progress: bool):
         signum, halt = _stop_here(stop, t_start, 60 * cfg.max_minutes)
         nonfinite = streak >= cfg.max_nonfinite
         if step % cfg.log_every == 0 or step >= cfg.iterations or halt or nonfinite:
-          rec = log_line(step, pending, t_line)
+          rec = (seeds.log_line if cfg.seeds > 1 else log_line)(step, pending, t_line)
           pending, t_line = [], time.perf_counter()
           log.write({**rec, **_validation(run, state, step)})
         log.advance(n)
@@ -335,9 +346,13 @@ def _validation(run: _Run, state, step: int) -> dict:
   cfg, exp = run.cfg, run.exp
   if not (cfg.val_every and step % cfg.val_every == 0 and "val" in exp.data):
     return {}
-  params, alpha = sharding.host_local((state.params, state.alpha))
-  val = evaluate(exp, params, alpha, "val", cfg.val_tasks, eval_inner_steps=cfg.inner_steps)
-  return {f"val_{k}": v for k, v in val.items() if isinstance(v, float)}
+
+  def val(exp, state):
+    out = evaluate(exp, state.params, state.alpha, "val", cfg.val_tasks, cfg.inner_steps)
+    return {f"val_{k}": v for k, v in out.items() if isinstance(v, float)}
+
+  state = sharding.host_local(state)
+  return seeds.line(seeds.per_seed(val, exp, state)) if cfg.seeds > 1 else val(exp, state)
 
 
 def _nonfinite_error(cfg: Config, step: int, directory) -> FloatingPointError:
@@ -358,6 +373,13 @@ def _finish(
   """The final evaluation, written atomically to ``results.json`` (by process 0; every
   process evaluates its own copy of the state, so each returns the same results)."""
   state = sharding.host_local(state)
+  if run.cfg.seeds > 1:
+    results = seeds.final_results(
+      run.exp, state, step, (train_s, compile_s), evaluate_at_end, progress
+    )
+    if _primary():
+      write_results(run.out, results)
+    return results
   results = training_results(run.cfg, state, step, train_s, compile_s)
   if evaluate_at_end:
     results.update(meta_test(run.exp, state.params, state.alpha, progress=progress))

@@ -1,0 +1,205 @@
+"""Several seeds in one program: ``amaml train --seeds N`` (``Config.seeds``).
+
+A run with ``seed`` s and ``seeds`` N trains N independent runs, seed k being the run of
+seed ``s + k`` (:func:`seed_config`): its own initial weights, task stream, alpha, outer
+optimizer state and backtracking. They train as ONE compiled program: the state has a
+leading axis of N seeds (:func:`init_state`) and each meta step of
+:func:`amaml.train.make_train_chunk` is ``jax.vmap`` of the meta step over them, each seed
+sampling its tasks from its own key. Checkpoints hold the stacked state, so ``--resume``
+covers every seed (bitwise, as for one seed).
+
+What a multi-seed run writes:
+
+* ``metrics.jsonl``: every line holds the mean over seeds under the usual names (``loss``,
+  ``alpha``, ``val_accuracy``, ...) and each seed's value as ``seed<k>/<name>``
+  (``seed0/loss``, ``seed1/loss``, ...; k counts from 0, the run of seed ``s + k``)
+  (:func:`line`). ``step`` and ``steps_per_s`` are shared.
+* ``results.json``: ``per_seed``, one entry per seed (``seed``, ``final_alpha``,
+  ``final_beta`` and its own final evaluation: ``test``, ``test_adaptation``, maybe
+  ``test_fixed``), then ``test`` (and ``test_fixed`` when every seed has it) summarised
+  over seeds (:func:`spread`): each metric's mean over seeds, ``<name>_seed_std`` (its
+  standard deviation over seeds, ``ddof=1``) and ``<name>_ci95`` (the mean over seeds of
+  each seed's 95% CI half-width over tasks). ``final_alpha`` and ``final_beta`` are means.
+
+Seeds train on one device and one process, without ``--alpha_search``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amaml.configs import Config
+from amaml.evaluation import meta_test
+from amaml.experiment import Experiment, build
+from amaml.results import training_results
+from amaml.run_log import summarise
+
+
+def seed_config(cfg: Config, k: int) -> Config:
+  """The configuration of seed ``k`` of ``cfg``: a one-seed run of seed ``cfg.seed + k``."""
+  return dataclasses.replace(cfg, seed=cfg.seed + k, seeds=1)
+
+
+def seed_values(cfg: Config) -> jax.Array:
+  """The seeds of ``cfg``'s runs: ``seed, seed + 1, ..., seed + seeds - 1``."""
+  return cfg.seed + jnp.arange(cfg.seeds, dtype=jnp.int32)
+
+
+def seed_experiment(exp: Experiment, k: int) -> Experiment:
+  """``exp`` as seed ``k``'s one-seed run sees it (its configuration: its evaluation tasks)."""
+  return exp._replace(config=seed_config(exp.config, k))
+
+
+def seed_state(state, k: int):
+  """Seed ``k``'s state of a stacked state."""
+  return jax.tree.map(lambda x: x[k], state)
+
+
+def stack(trees: list):
+  """Trees of one structure, stacked along a new leading axis."""
+  return jax.tree.map(lambda *x: jnp.stack(x), *trees)
+
+
+def check(cfg: Config) -> None:
+  """What a multi-seed run needs beyond :meth:`amaml.configs.Config.validate`: a single process."""
+  if cfg.seeds > 1 and jax.process_count() > 1:
+    raise ValueError(
+      f"--seeds {cfg.seeds} with {jax.process_count()} processes: several seeds train in one "
+      "process; start one process, or pass --seeds 1"
+    )
+
+
+def init_state(exp: Experiment):
+  """The stacked initial state of ``exp``'s seeds: seed k starts from the weights of seed
+  ``seed + k`` (``exp.params`` for k = 0; built anew, :func:`amaml.experiment.build`, for
+  the others)."""
+  cfg = exp.config
+  params = [exp.params] + [build(seed_config(cfg, k)).params for k in range(1, cfg.seeds)]
+  return stack([exp.learner.init(p) for p in params])
+
+
+def per_seed(fn, exp: Experiment, state) -> list:
+  """``fn(experiment, state)`` of each seed, in order."""
+  return [fn(seed_experiment(exp, k), seed_state(state, k)) for k in range(exp.config.seeds)]
+
+
+def line(recs: list[dict]) -> dict:
+  """One dict of per-seed dicts: each number's mean over seeds under its name, and seed k's
+  value under ``seed<k>/<name>``."""
+  out = {}
+  for name, v in recs[0].items():
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+      out[name] = float(np.mean([r[name] for r in recs]))
+  for k, rec in enumerate(recs):
+    out.update({f"seed{k}/{name}": v for name, v in rec.items()})
+  return out
+
+
+def log_line(step: int, pending: list, t_line: float) -> dict:
+  """:func:`amaml.run_log.log_line` of a multi-seed run: ``pending`` holds metrics stacked
+  over steps and seeds (``(steps, seeds)``); each seed is summarised alone, then
+  :func:`line`."""
+  stacked = jax.device_get(jax.tree.map(lambda *x: np.concatenate(x), *pending))
+  steps, seeds = np.shape(stacked["loss"])[:2]
+  recs = [summarise({k: np.asarray(v)[:, i] for k, v in stacked.items()}) for i in range(seeds)]
+  return {
+    "step": step,
+    **line(recs),
+    "steps_per_s": steps / max(time.perf_counter() - t_line, 1e-9),
+  }
+
+
+def spread(summaries: list[dict]) -> dict:
+  """Evaluation summaries of the seeds (:func:`amaml.evaluation.evaluate`) over seeds: each
+  metric's mean, ``<name>_seed_std`` (standard deviation over seeds, ``ddof=1``) and
+  ``<name>_ci95`` (the seeds' mean 95% CI half-width over tasks); ``inner_steps`` and
+  ``alpha_scale`` when every seed has the same."""
+  first = summaries[0]
+  out = {"split": first["split"], "tasks": first["tasks"], "seeds": len(summaries)}
+  for name in ("inner_steps", "alpha_scale"):
+    if name in first and all(s[name] == first[name] for s in summaries):
+      out[name] = first[name]
+  for name, v in first.items():
+    skip = name in out or name in ("inner_steps", "alpha_scale") or name.endswith("_ci95")
+    if skip or not isinstance(v, float):
+      continue
+    values = np.array([s[name] for s in summaries], float)
+    out[name] = float(values.mean())
+    out[f"{name}_seed_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    if f"{name}_ci95" in first:
+      out[f"{name}_ci95"] = float(np.mean([s[f"{name}_ci95"] for s in summaries]))
+  return out
+
+
+def final_results(exp, state, step: int, times, evaluate_at_end=True, progress=False) -> dict:
+  """``results.json`` of a multi-seed run (see the module's docstring): ``times`` is
+  ``(train_seconds, first_chunk_seconds)``; ``state`` a host-local stacked state."""
+  train_s, compile_s = times
+
+  def one(e: Experiment, s) -> dict:
+    r = training_results(e.config, s, step, train_s, compile_s)
+    out = {"seed": e.config.seed, "final_alpha": r["final_alpha"], "final_beta": r["final_beta"]}
+    if evaluate_at_end:
+      out.update(meta_test(e, s.params, s.alpha, progress=progress))
+    return out
+
+  seeds = per_seed(one, exp, state)
+  results = training_results(exp.config, seed_state(state, 0), step, train_s, compile_s)
+  return {**results, **combine(seeds)}
+
+
+def combine(seeds: list[dict]) -> dict:
+  """The per-seed results of a multi-seed run and their summary over seeds: ``per_seed``,
+  the mean ``final_alpha`` and ``final_beta``, ``test`` (and ``test_fixed``) by
+  :func:`spread`."""
+  out = {}
+  if "final_alpha" in seeds[0]:  # (amaml evaluate reports no rates)
+    betas = [s["final_beta"] for s in seeds]
+    out["final_alpha"] = float(np.mean([s["final_alpha"] for s in seeds]))
+    out["final_beta"] = None if None in betas else float(np.mean(betas))
+  out["per_seed"] = seeds
+  for name in ("test", "test_fixed"):
+    if all(name in s for s in seeds):
+      out[name] = spread([s[name] for s in seeds])
+  return out
+
+
+def format_results(results: dict) -> str:
+  """A readable summary of a multi-seed results dict: each seed, then the mean over seeds
+  with its standard deviation over seeds, next to the 95% CI over tasks."""
+  cfg, seeds = results.get("config", {}), results["per_seed"]
+  t = results["test"]
+  lines = [
+    f"{cfg.get('method', '?')} on {cfg.get('task', '?')}: {len(seeds)} seeds, "
+    f"{results.get('steps', '?')} meta steps"
+    + (f" in {results['train_seconds']:.0f} s" if "train_seconds" in results else "")
+  ]
+  metric, scale = ("accuracy", 100) if "accuracy" in t else ("loss", 1)
+  unit = "%" if scale == 100 else ""
+  for s in seeds:
+    st = s["test"]
+    how = f"{st['inner_steps']} inner steps"
+    if st.get("alpha_scale", 1.0) != 1.0:
+      how += f" at {st['alpha_scale']:g} x alpha"
+    lines.append(
+      f"  seed {s['seed']}: meta-test {metric} {scale * st[metric]:.4g}{unit} +- "
+      f"{scale * st[f'{metric}_ci95']:.2g}{unit} (95% CI over {st['tasks']} tasks; {how})"
+    )
+  lines.append(
+    f"  mean over {len(seeds)} seeds: {metric} {scale * t[metric]:.4g}{unit} +- "
+    f"{scale * t[f'{metric}_seed_std']:.2g}{unit} (std over seeds); 95% CI over tasks +- "
+    f"{scale * t[f'{metric}_ci95']:.2g}{unit} (mean over seeds)"
+  )
+  beta = results.get("final_beta")
+  if "final_alpha" in results:
+    lines.append(
+      f"  final alpha {results['final_alpha']:.4g}"
+      + (f", final beta {beta:.4g}" if beta is not None else "")
+      + " (means over seeds)"
+    )
+  return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""Several seeds in one program (``--seeds N``, :mod:`amaml.seeds`): N vmapped seeds equal N
+separate runs, a killed multi-seed run resumes bitwise, the summary over seeds is right."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import numpy as np
+import pytest
+
+from conftest import write_fake_omniglot
+
+from amaml import cli, seeds, train
+from amaml.configs import get_config
+from amaml.results import load_run
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = ("step", "steps_per_s")  # the keys of a line that belong to no one seed
+
+
+def _lines(run: Path) -> list[dict]:
+  return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_seeds_equal_separate_runs(cfg, tmp_path: Path, n: int = 3) -> None:
+  """``cfg`` with ``seeds`` n equals the n runs of seeds ``cfg.seed + k``: every logged
+  value and every final number to 1e-6; each line's mean is the mean of its seeds."""
+  _, multi = train.train(dataclasses.replace(cfg, seeds=n), tmp_path / "multi", progress=False)
+  lines = _lines(tmp_path / "multi")
+  for k in range(n):
+    one = dataclasses.replace(cfg, seed=cfg.seed + k)
+    _, alone = train.train(one, tmp_path / f"seed{k}", progress=False)
+    alone_lines = _lines(tmp_path / f"seed{k}")
+    assert len(alone_lines) == len(lines)
+    for got, want in zip(lines, alone_lines):
+      assert got["step"] == want["step"]
+      names = [name for name in want if name not in SHARED]
+      assert set(names) <= {name.split("/", 1)[1] for name in got if name.startswith("seed0/")}
+      for name in names:
+        np.testing.assert_allclose(got[f"seed{k}/{name}"], want[name], rtol=1e-6, atol=1e-6)
+    per = multi["per_seed"][k]
+    assert per["seed"] == cfg.seed + k
+    np.testing.assert_allclose(per["final_alpha"], alone["final_alpha"], rtol=1e-6)
+    for name, v in alone["test"].items():
+      if isinstance(v, str):
+        assert per["test"][name] == v
+      else:
+        np.testing.assert_allclose(per["test"][name], v, rtol=1e-6, atol=1e-6, err_msg=name)
+  for line in lines:
+    for name in ("loss", "alpha"):
+      mean = np.mean([line[f"seed{k}/{name}"] for k in range(n)])
+      np.testing.assert_allclose(line[name], mean, rtol=1e-12)
+  assert multi["test"]["seeds"] == n
+
+
+def test_vmapped_seeds_equal_separate_runs_on_sinusoid(tiny_config, tmp_path):
+  cfg = tiny_config(iterations=20, checkpoint_every=0, val_every=10, val_tasks=10, seed=5)
+  _assert_seeds_equal_separate_runs(cfg, tmp_path)
+
+
+@pytest.fixture
+def fake_omniglot(tmp_path, monkeypatch):
+  """A tiny fake Omniglot (12 + 8 characters; MAML protocol split 12 / 4 / 4)."""
+  import amaml.data.omniglot as om
+
+  monkeypatch.setattr(om, "MAML_NUM_TRAIN", 12)
+  monkeypatch.setattr(om, "MAML_NUM_VAL", 4)
+  monkeypatch.setenv("AMAML_CACHE_DIR", str(tmp_path / "cache"))
+  return str(write_fake_omniglot(tmp_path / "omni", 12, 8, pattern="blobs"))
+
+
+def test_vmapped_seeds_equal_separate_runs_on_fake_omniglot(fake_omniglot, tmp_path):
+  """One alpha: with one per tensor the normalized rule moves each by the sign of its
+  hypergradient, and the conv biases before batch norm have a hypergradient of rounding
+  noise (zero in exact arithmetic), whose sign a vmapped convolution may flip."""
+  cfg = get_config(
+    "omniglot-5w1s",
+    alpha_granularity="scalar",
+    data_dir=fake_omniglot,
+    hidden=8,
+    meta_batch=2,
+    queries=3,
+    iterations=10,
+    log_every=5,
+    checkpoint_every=0,
+    val_every=5,
+    val_tasks=4,
+    test_adaptation="fixed",
+    eval_tasks=4,
+    eval_batch=4,
+    eval_inner_steps=2,
+  )
+  _assert_seeds_equal_separate_runs(cfg, tmp_path, n=2)
+
+
+def _cmd(out: Path, resume: bool = False) -> list[str]:
+  flags = dict(iterations=200, log_every=10, checkpoint_every=10, val_every=0, seeds=3)
+  flags.update(hidden=8, meta_batch=2, eval_tasks=10, eval_batch=10, seed=2)
+  cmd = [sys.executable, "-m", "amaml", "train", "--config", "sinusoid", "--no_progress"]
+  cmd += [f"--{k}={v}" for k, v in flags.items()] + ["--out", str(out)]
+  return cmd + (["--resume"] if resume else [])
+
+
+def test_killed_multi_seed_run_resumes_bitwise(tmp_path):
+  """SIGKILL after the first checkpoints, ``--resume``: the final state of every seed, and
+  every logged value but the speed, equal an uninterrupted run's."""
+  env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+  run = lambda out, resume=False: subprocess.run(
+    _cmd(out, resume), cwd=REPO, env=env, check=True, capture_output=True
+  )
+  run(tmp_path / "full")
+  victim = subprocess.Popen(_cmd(tmp_path / "victim"), cwd=REPO, env=env)
+  lines = tmp_path / "victim" / "metrics.jsonl"
+  t_end = time.monotonic() + 120
+  while victim.poll() is None and not (lines.exists() and len(lines.read_text()) > 0):
+    assert time.monotonic() < t_end, "the multi-seed run made no progress"
+    time.sleep(0.005)
+  time.sleep(0.3)
+  assert victim.poll() is None, "the run ended before it could be killed"
+  victim.send_signal(signal.SIGKILL)
+  victim.wait()
+  assert len(_lines(tmp_path / "victim")) < 20  # killed before its end
+  run(tmp_path / "victim", resume=True)
+  _, full = load_run(tmp_path / "full")
+  _, resumed = load_run(tmp_path / "victim")
+  assert np.shape(full.step) == (3,)
+  chex.assert_trees_all_equal(full, resumed)
+  strip = lambda recs: [{k: v for k, v in r.items() if k != "steps_per_s"} for r in recs]
+  assert strip(_lines(tmp_path / "full")) == strip(_lines(tmp_path / "victim"))
+  got = json.loads((tmp_path / "victim" / "results.json").read_text())
+  want = json.loads((tmp_path / "full" / "results.json").read_text())
+  assert got["per_seed"] == want["per_seed"] and got["test"] == want["test"]
+
+
+def test_mean_and_spread_over_seeds_are_the_hand_computed_values():
+  summaries = [
+    dict(split="test", tasks=10, inner_steps=3, alpha_scale=1.0, accuracy=a, accuracy_ci95=c)
+    for a, c in ((0.5, 0.1), (0.7, 0.2), (0.9, 0.3))
+  ]
+  summaries[2]["inner_steps"] = 5
+  out = seeds.spread(summaries)
+  assert out["seeds"] == 3 and out["tasks"] == 10 and out["alpha_scale"] == 1.0
+  assert "inner_steps" not in out  # the seeds chose differently
+  assert out["accuracy"] == pytest.approx(0.7)
+  # sqrt(((0.5 - 0.7)^2 + 0 + (0.9 - 0.7)^2) / (3 - 1)) = sqrt(0.04) = 0.2
+  assert out["accuracy_seed_std"] == pytest.approx(0.2)
+  assert out["accuracy_ci95"] == pytest.approx(0.2)  # (0.1 + 0.2 + 0.3) / 3
+  line = seeds.line([{"loss": 1.0, "nonfinite_steps": 0}, {"loss": 4.0, "nonfinite_steps": 2}])
+  assert line == {
+    "loss": 2.5,
+    "nonfinite_steps": 1.0,
+    "seed0/loss": 1.0,
+    "seed0/nonfinite_steps": 0,
+    "seed1/loss": 4.0,
+    "seed1/nonfinite_steps": 2,
+  }
+
+
+def test_one_seed_writes_what_it_always_did(tiny_config, tmp_path):
+  """``--seeds 1`` (the default): no per-seed keys, no per_seed results."""
+  _, results = train.train(tiny_config(iterations=10), tmp_path / "r", progress=False)
+  assert not any("/" in k for k in _lines(tmp_path / "r")[0])
+  assert "per_seed" not in results and "seeds" not in results["test"]
+
+
+def test_evaluate_reports_each_seed_and_the_spread(tiny_config, tmp_path, capsys):
+  cfg = tiny_config(iterations=10, checkpoint_every=10, seeds=2, seed=3)
+  train.train(cfg, tmp_path / "r", progress=False, evaluate_at_end=False)
+  assert cli.main(["evaluate", "--run", str(tmp_path / "r"), "--eval_tasks", "10"]) == 0
+  out = capsys.readouterr().out
+  assert "seed 3:" in out and "seed 4:" in out and "mean over 2 seeds" in out
+  test = json.loads(out.strip().splitlines()[-1])
+  assert test["seeds"] == 2 and "loss_seed_std" in test and "loss_ci95" in test
+
+
+@pytest.mark.parametrize(
+  "overrides, flag",
+  [(dict(devices=2), "--devices"), (dict(alpha_search=True), "--alpha_search")],
+)
+def test_unsupported_combinations_are_one_line(tiny_config, overrides, flag):
+  with pytest.raises(ValueError, match=f"--seeds 2 with {flag}") as e:
+    tiny_config(seeds=2, **overrides).validate()
+  assert "\n" not in str(e.value)
