@@ -102,3 +102,14 @@ def fake_class_images(seed: int = 0, classes: int = 10, size: int = 28) -> np.nd
   protos = rng.random((classes, 1, size, size, 1)) < 0.3
   flips = rng.random((classes, 20, size, size, 1)) < 0.1
   return (np.logical_xor(protos, flips) * 255).astype(np.uint8)
+
+
+@pytest.fixture
+def small_omniglot(monkeypatch, tmp_path):
+  """A fake arrays folder: 12 training and 4 + 4 val/test characters (x 4 rotations)."""
+  import amaml.data.omniglot as om
+
+  monkeypatch.setattr(om, "MAML_NUM_TRAIN", 12)
+  monkeypatch.setattr(om, "MAML_NUM_VAL", 4)
+  monkeypatch.setenv("AMAML_CACHE_DIR", str(tmp_path / "cache"))
+  return str(write_fake_omniglot(tmp_path / "omni", 12, 8, pattern="blobs"))

@@ -6,7 +6,6 @@ import math
 
 import pytest
 
-from conftest import write_fake_omniglot
 
 from amaml import cli, reproduce
 from amaml.configs import get_config
@@ -96,17 +95,6 @@ def test_run_configs_follow_the_papers_and_the_budget():
     assert (plus.iterations, plus.multi_step_loss, plus.first_order_steps) == (60, 5, 25)
     assert (plus.inner_steps, plus.eval_inner_steps, plus.test_adaptation) == (5, 5, "fixed")
   assert reproduce.run_config("5w1s", "maml", budget=1e-9).iterations == 1
-
-
-@pytest.fixture
-def small_omniglot(monkeypatch, tmp_path):
-  """A fake arrays folder: 12 training and 4 + 4 val/test characters (x 4 rotations)."""
-  import amaml.data.omniglot as om
-
-  monkeypatch.setattr(om, "MAML_NUM_TRAIN", 12)
-  monkeypatch.setattr(om, "MAML_NUM_VAL", 4)
-  monkeypatch.setenv("AMAML_CACHE_DIR", str(tmp_path / "cache"))
-  return str(write_fake_omniglot(tmp_path / "omni", 12, 8, pattern="blobs"))
 
 
 # the named configs cut to seconds: a small network, few tasks and test tasks

@@ -14,7 +14,6 @@ import chex
 import numpy as np
 import pytest
 
-from conftest import write_fake_omniglot
 
 from amaml import cli, seeds, train
 from amaml.configs import get_config
@@ -64,25 +63,14 @@ def test_vmapped_seeds_equal_separate_runs_on_sinusoid(tiny_config, tmp_path):
   _assert_seeds_equal_separate_runs(cfg, tmp_path)
 
 
-@pytest.fixture
-def fake_omniglot(tmp_path, monkeypatch):
-  """A tiny fake Omniglot (12 + 8 characters; MAML protocol split 12 / 4 / 4)."""
-  import amaml.data.omniglot as om
-
-  monkeypatch.setattr(om, "MAML_NUM_TRAIN", 12)
-  monkeypatch.setattr(om, "MAML_NUM_VAL", 4)
-  monkeypatch.setenv("AMAML_CACHE_DIR", str(tmp_path / "cache"))
-  return str(write_fake_omniglot(tmp_path / "omni", 12, 8, pattern="blobs"))
-
-
-def test_vmapped_seeds_equal_separate_runs_on_fake_omniglot(fake_omniglot, tmp_path):
+def test_vmapped_seeds_equal_separate_runs_on_fake_omniglot(small_omniglot, tmp_path):
   """One alpha: with one per tensor the normalized rule moves each by the sign of its
   hypergradient, and the conv biases before batch norm have a hypergradient of rounding
   noise (zero in exact arithmetic), whose sign a vmapped convolution may flip."""
   cfg = get_config(
     "omniglot-5w1s",
     alpha_granularity="scalar",
-    data_dir=fake_omniglot,
+    data_dir=small_omniglot,
     hidden=8,
     meta_batch=2,
     queries=3,
