@@ -349,8 +349,54 @@ def eval_params(state):
   return state
 
 
-def run_family(name: str, method: str, alphas=ALPHAS, budgets=None, seeds=None, log_every=None):
-  """Trains and scores one method's cells on family ``name``; returns result rows."""
+def _val_scores(name: str, exp, state, val, ev) -> np.ndarray:
+  """Per cell, the validation metric of the adaptation ``ev`` chose (higher is better)."""
+  key = "accuracy" if "omniglot" in name else "loss"
+  curves = robustness._guard(
+    robustness.curves_cells(
+      exp, state, val, [e["selected_scale"] for e in ev], robustness.EVAL_STEPS, 64
+    )
+  )[key]
+  vals = np.array([curves[j, :, e["selected_steps"]].mean() for j, e in enumerate(ev)])
+  return np.where(np.isfinite(vals), vals if key == "accuracy" else -vals, -np.inf)
+
+
+def _row(name, method, budget, until, cell, e, best, alpha_traj, j, t0) -> dict:
+  """One result row: cell ``j``'s scores ``e`` at ``until`` steps, and ``best``, its scores
+  at the validation point that did best so far (``(step, scores)``)."""
+  scale = 100.0 if "omniglot" in name else 1.0
+  mean, ci = amaml.mean_confidence_interval(e["selected"])
+  return {
+    "family": name,
+    "method": method,
+    "budget": budget,
+    "steps": until,
+    "alpha0": cell[0],
+    "seed": cell[1],
+    "test": mean * scale,
+    "test_ci": ci * scale,
+    "test_fixed": float(np.mean(e["fixed"])) * scale,
+    "test_coarse": float(np.mean(e["selected_coarse"])) * scale,
+    "test_best": amaml.mean_confidence_interval(best[1]["selected"])[0] * scale,
+    "best_step": best[0],
+    "selected_scale": e["selected_scale"],
+    "selected_steps": e["selected_steps"],
+    "coarse_scale": e["coarse_scale"],
+    "coarse_steps": e["coarse_steps"],
+    "final_alpha": float(alpha_traj[-1][j]),
+    "alpha_traj": [float(a[j]) for a in alpha_traj],
+    "wall_s": time.perf_counter() - t0,
+  }
+
+
+def run_family(
+  name: str, method: str, alphas=ALPHAS, budgets=None, seeds=None, log_every=None, val_points=0
+):
+  """Trains and scores one method's cells on family ``name``; returns result rows. With
+  ``val_points`` K, the cells are also scored at K evenly spaced steps of the long run, and
+  each row's ``test_best`` is the test score at the point (up to its budget) that did best
+  on the validation tasks: the parameters a user who keeps the best validation checkpoint
+  would test."""
   fam = FAMILIES[name]
   short, long_ = budgets or (fam.short, fam.long)
   seeds = fam.seeds if seeds is None else seeds
@@ -366,40 +412,26 @@ def run_family(name: str, method: str, alphas=ALPHAS, budgets=None, seeds=None, 
   if method.endswith(SEARCH):
     state = search_cells(fam, exp, state, data["train"], ids)
   chunk = robustness.make_chunk(exp, log_every)
+  every = max(log_every, long_ // val_points // log_every * log_every) if val_points else long_
+  budgets_at = {short: "short", long_: "long"}
   rows, step, t0, alpha_traj = [], 0, time.perf_counter(), []
-  for budget_name, until in (("short", short), ("long", long_)):
-    while step < until:
-      state, m = chunk(state, data["train"], ids, jnp.int32(step))
-      alpha_traj.append(np.asarray(m["alpha"][-1]))
-      step += log_every
+  best = [(-np.inf, None)] * len(cells)  # per cell: (validation score, (step, scores))
+  while step < long_:
+    state, m = chunk(state, data["train"], ids, jnp.int32(step))
+    alpha_traj.append(np.asarray(m["alpha"][-1]))
+    step += log_every
+    if step % every and step not in budgets_at:
+      continue
     ev = robustness.evaluate_cells(
       exp, eval_params(state), val, test, 64 if "omniglot" in name else 1 << 20
     )
-    for j, (a0, seed) in enumerate(cells):
-      e = ev[j]
-      scale = 100.0 if "omniglot" in name else 1.0
-      mean, ci = amaml.mean_confidence_interval(e["selected"])
-      rows.append(
-        {
-          "family": name,
-          "method": method,
-          "budget": budget_name,
-          "steps": until,
-          "alpha0": a0,
-          "seed": seed,
-          "test": mean * scale,
-          "test_ci": ci * scale,
-          "test_fixed": float(np.mean(e["fixed"])) * scale,
-          "test_coarse": float(np.mean(e["selected_coarse"])) * scale,
-          "selected_scale": e["selected_scale"],
-          "selected_steps": e["selected_steps"],
-          "coarse_scale": e["coarse_scale"],
-          "coarse_steps": e["coarse_steps"],
-          "final_alpha": float(alpha_traj[-1][j]),
-          "alpha_traj": [float(a[j]) for a in alpha_traj],
-          "wall_s": time.perf_counter() - t0,
-        }
-      )
+    if val_points:
+      scores = _val_scores(name, exp, eval_params(state), val, ev)
+      best = [b if b[0] >= v else (v, (step, e)) for b, v, e in zip(best, scores, ev)]
+    for j, cell in enumerate(cells):
+      if step in budgets_at:
+        b = best[j][1] or (step, ev[j])
+        rows.append(_row(name, method, budgets_at[step], step, cell, ev[j], b, alpha_traj, j, t0))
   return rows
 
 
@@ -635,10 +667,19 @@ def main(argv=None):
   ap.add_argument(
     "--field",
     default="test",
-    choices=("test", "test_coarse", "test_fixed"),
+    choices=("test", "test_coarse", "test_fixed", "test_best"),
     help="the score to tabulate: amaml's test-time adaptation (test), the same "
     "without the support-loss guard on the coarse grid 2..1/8 (test_coarse), "
-    "or MAML's fixed 10 steps at alpha (test_fixed)",
+    "or MAML's fixed 10 steps at alpha (test_fixed), or the test at the validation "
+    "point that did best (test_best, with --val_points)",
+  )
+  ap.add_argument(
+    "--val_points",
+    type=int,
+    default=0,
+    help="also score every cell at this many evenly spaced steps of the long run and "
+    "record, as test_best, the test score where validation did best (keeping the best "
+    "validation checkpoint, as users do against meta-overfitting)",
   )
   args = ap.parse_args(argv)
   out = Path(args.out)
@@ -657,7 +698,9 @@ def main(argv=None):
     print(json.dumps(head), flush=True)
     for fam in args.families:
       for method in args.methods:
-        rows = run_family(fam, method, args.alphas, args.budgets, args.seeds)
+        rows = run_family(
+          fam, method, args.alphas, args.budgets, args.seeds, val_points=args.val_points
+        )
         lines = [l for l in lines if (l.get("family"), l.get("method")) != (fam, method)] + rows
         robustness.write_jsonl(out, lines)  # after every method: a stopped run keeps the rest
         print(json.dumps({k: rows[-1][k] for k in ("family", "method", "wall_s")}), flush=True)

@@ -111,3 +111,20 @@ def test_smallest_suite_runs(method, tmp_path):
     assert [r["final_alpha"] for r in rows] == pytest.approx([0.01, 1.0, 0.01, 1.0])
   assert all(np.isfinite(r["test"]) or r["alpha0"] == 1.0 for r in rows)
   assert "| method | a0=0.01 | a0=1 |" in suite.report(rows)
+
+
+def test_val_points_keep_the_best_validation_point(monkeypatch):
+  """With ``val_points``, ``test_best`` is the test score at the validation point that did
+  best: here the point at step 4 of 8 (validation scores forced), whose test score is the
+  ``long`` test of a run stopped at 4 steps."""
+  order = iter([[0.0, 0.0], [5.0, 1.0], [1.0, 2.0]])  # at steps 2, 4, 8, per cell
+  monkeypatch.setattr(suite, "_val_scores", lambda *a: np.asarray(next(order)))
+  kw = dict(alphas=(0.1, 1.0), seeds=1, log_every=2)
+  rows = suite.run_family("linear", "default", budgets=(2, 8), val_points=2, **kw)
+  at4 = suite.run_family("linear", "default", budgets=(2, 4), **kw)
+  long_rows = [r for r in rows if r["budget"] == "long"]
+  assert [r["best_step"] for r in long_rows] == [4, 8]
+  assert long_rows[0]["test_best"] == pytest.approx(at4[2]["test"], rel=1e-6)
+  assert long_rows[1]["test_best"] == pytest.approx(long_rows[1]["test"], rel=1e-6)
+  assert [r["best_step"] for r in rows if r["budget"] == "short"] == [2, 2]
+  assert all(r["test_best"] == r["test"] for r in at4)  # no validation points: the last
