@@ -3,7 +3,8 @@
 A run with ``seed`` s and ``seeds`` N trains N independent runs, seed k being the run of
 seed ``s + k`` (:func:`seed_config`): its own initial weights, task stream, alpha, outer
 optimizer state and backtracking. They train as ONE compiled program: the state has a
-leading axis of N seeds (:func:`init_state`) and each meta step of
+leading axis of N seeds (:func:`init_state`; each seed's weights come from the model's
+initializer, :func:`initial_params`, and the data is loaded once) and each meta step of
 :func:`amaml.train.make_train_chunk` is ``jax.vmap`` of the meta step over them, each seed
 sampling its tasks from its own key. Checkpoints hold the stacked state, so ``--resume``
 covers every seed (bitwise, as for one seed).
@@ -35,7 +36,7 @@ import numpy as np
 
 from amaml.configs import Config
 from amaml.evaluation import meta_test
-from amaml.experiment import Experiment, build
+from amaml.experiment import Experiment, build, run_keys
 from amaml.results import training_results
 from amaml.run_log import summarise
 
@@ -74,13 +75,23 @@ def check(cfg: Config) -> None:
     )
 
 
+def initial_params(exp: Experiment, seed: int):
+  """The initial weights of the one-seed run of ``seed`` with ``exp``'s configuration:
+  ``exp.params`` for ``exp.config.seed``, else the model's initializer on that run's init
+  key (``exp.init_params``; no data is loaded). A task setup without ``init_params``
+  (:class:`amaml.experiment.TaskSetup`) builds that run (:func:`amaml.experiment.build`)."""
+  if seed == exp.config.seed:
+    return exp.params
+  if exp.init_params is not None:
+    return exp.init_params(run_keys(seed).init)
+  return build(dataclasses.replace(exp.config, seed=seed, seeds=1)).params
+
+
 def init_state(exp: Experiment):
   """The stacked initial state of ``exp``'s seeds: seed k starts from the weights of seed
-  ``seed + k`` (``exp.params`` for k = 0; built anew, :func:`amaml.experiment.build`, for
-  the others)."""
+  ``seed + k`` (:func:`initial_params`)."""
   cfg = exp.config
-  params = [exp.params] + [build(seed_config(cfg, k)).params for k in range(1, cfg.seeds)]
-  return stack([exp.learner.init(p) for p in params])
+  return stack([exp.learner.init(initial_params(exp, cfg.seed + k)) for k in range(cfg.seeds)])
 
 
 def per_seed(fn, exp: Experiment, state) -> list:

@@ -16,6 +16,7 @@ import pytest
 
 
 from amaml import cli, seeds, train
+from amaml.experiment import build
 from amaml.configs import get_config
 from amaml.results import load_run
 
@@ -175,3 +176,28 @@ def test_unsupported_combinations_are_one_line(tiny_config, overrides, flag):
   with pytest.raises(ValueError, match=f"--seeds 2 with {flag}") as e:
     tiny_config(seeds=2, **overrides).validate()
   assert "\n" not in str(e.value)
+
+
+def test_init_state_loads_the_data_once_and_equals_the_builds_of_each_seed(
+  small_omniglot, monkeypatch
+):
+  """Seed k's initial weights are those that a build of seed ``seed + k`` makes, bitwise,
+  from the model's initializer alone: the data set is loaded once for every seed. A task
+  setup without ``init_params`` builds each other seed (and so loads its data again)."""
+  import amaml.data
+
+  cfg = get_config("omniglot-5w1s", data_dir=small_omniglot, hidden=8, seeds=3, seed=4)
+  built = [build(seeds.seed_config(cfg, k)).params for k in range(3)]
+  loads, load = [], amaml.data.load_omniglot
+  monkeypatch.setattr(
+    amaml.data, "load_omniglot", lambda *a, **kw: loads.append(1) or load(*a, **kw)
+  )
+  exp = build(cfg)
+  state = seeds.init_state(exp)
+  assert len(loads) == 1
+  for k in range(3):
+    chex.assert_trees_all_equal(seeds.seed_state(state, k).params, built[k])
+  assert not np.array_equal(state.params["head"]["kernel"][0], state.params["head"]["kernel"][1])
+  fallback = seeds.init_state(exp._replace(init_params=None))
+  assert len(loads) == 3
+  chex.assert_trees_all_equal(fallback, state)
