@@ -4,10 +4,14 @@ A run with ``seed`` s and ``seeds`` N trains N independent runs, seed k being th
 seed ``s + k`` (:func:`seed_config`): its own initial weights, task stream, alpha, outer
 optimizer state and backtracking. They train as ONE compiled program: the state has a
 leading axis of N seeds (:func:`init_state`; each seed's weights come from the model's
-initializer, :func:`initial_params`, and the data is loaded once) and each meta step of
-:func:`amaml.train.make_train_chunk` is ``jax.vmap`` of the meta step over them, each seed
-sampling its tasks from its own key. Checkpoints hold the stacked state, so ``--resume``
-covers every seed (bitwise, as for one seed).
+initializer, :func:`initial_params`, and the data is loaded once) and each meta step is
+``jax.vmap`` of the meta step over them, each seed sampling its tasks from its own key
+(:func:`make_chunk`, which :func:`amaml.train.make_train_chunk` calls with the seeds
+``s + k``). Checkpoints hold the stacked state, so ``--resume`` covers every seed (bitwise,
+as for one seed).
+
+:func:`make_chunk` takes any vector of seeds, one per member, repeats allowed: the grids of
+``benchmarks/robustness.py`` train through it, one member per cell (initial rates, seed).
 
 What a multi-seed run writes:
 
@@ -92,6 +96,46 @@ def init_state(exp: Experiment):
   ``seed + k`` (:func:`initial_params`)."""
   cfg = exp.config
   return stack([exp.learner.init(initial_params(exp, cfg.seed + k)) for k in range(cfg.seeds)])
+
+
+def make_chunk(exp: Experiment, length: int, update=None):
+  """Up to ``length`` meta steps of N independent runs as one jitted loop: ``(state, images,
+  start, steps, seeds) -> (state, metrics)``. ``state`` is stacked over N members (leading
+  axis) and ``seeds`` (int32, ``[N]``, repeats allowed) holds each member's seed: member j
+  takes meta step i on the tasks that a one-seed run of seed ``seeds[j]`` takes it on
+  (:func:`amaml.train.step_batch`), by ``update`` (default ``exp.learner.update``),
+  ``jax.vmap``-ed over the members. It runs ``min(steps, length)`` steps from ``start``;
+  the metrics are stacked ``[length, N]``, the first ``steps`` rows the steps taken. The
+  input state is donated. ``amaml train --seeds N`` runs it with the seeds ``seed + k``
+  (:func:`amaml.train.make_train_chunk`); ``benchmarks/robustness.py`` with one member per
+  cell of its grids."""
+  from amaml.train import step_batch  # (amaml.train imports this module)
+
+  update = exp.learner.update if update is None else update
+  one = lambda st, images, i, seed: update(st, step_batch(exp, images, i, seed))
+  return chunk_loop(jax.vmap(one, in_axes=(0, None, None, 0)), length)
+
+
+def chunk_loop(step, length: int, **jit_kwargs):
+  """The loop of every training chunk (one seed, :func:`amaml.train.make_train_chunk`, or
+  several, :func:`make_chunk`): ``step(state, images, i, *args) -> (state, metrics)`` as the
+  jitted ``(state, images, start, steps, *args) -> (state, metrics)`` that takes
+  ``min(steps, length)`` steps from ``start`` and stacks the metrics over ``length`` rows.
+  ``steps`` is traced: one compiled loop serves every chunk size. The state is donated;
+  ``jit_kwargs`` go to ``jax.jit``."""
+
+  def chunk(state, images, start, steps, *args):
+    shapes = jax.eval_shape(step, state, images, start, *args)[1]
+    rows = jax.tree.map(lambda s: jnp.zeros((length, *s.shape), s.dtype), shapes)
+
+    def body(j, carry):
+      st, rows = carry
+      st, m = step(st, images, start + j, *args)
+      return st, jax.tree.map(lambda r, v: r.at[j].set(v), rows, m)
+
+    return jax.lax.fori_loop(0, jnp.minimum(steps, length), body, (state, rows))
+
+  return jax.jit(chunk, donate_argnums=(0,), **jit_kwargs)
 
 
 def per_seed(fn, exp: Experiment, state) -> list:
