@@ -13,6 +13,11 @@ as for one seed).
 :func:`make_chunk` takes any vector of seeds, one per member, repeats allowed: the grids of
 ``benchmarks/robustness.py`` train through it, one member per cell (initial rates, seed).
 
+Before anything compiles, ``amaml train`` prints what the seeds need in memory
+(:func:`memory_line`): the stacked state, exact (``jax.eval_shape``), and the tasks of a
+meta step; where the device reports a memory limit, a state larger than it stops the run
+with one line (:func:`check_memory`).
+
 What a multi-seed run writes:
 
 * ``metrics.jsonl``: every line holds the mean over seeds under the usual names (``loss``,
@@ -32,6 +37,8 @@ Seeds train on one device and one process, without ``--alpha_search``.
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
 import time
 
 import jax
@@ -136,6 +143,63 @@ def chunk_loop(step, length: int, **jit_kwargs):
     return jax.lax.fori_loop(0, jnp.minimum(steps, length), body, (state, rows))
 
   return jax.jit(chunk, donate_argnums=(0,), **jit_kwargs)
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of the arrays (or ``jax.ShapeDtypeStruct``) of ``tree``."""
+  return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def memory_needs(exp: Experiment, images) -> tuple[int, int]:
+  """Bytes of one seed's training state and of one seed's tasks of a meta step, from their
+  shapes (``jax.eval_shape``: nothing is computed or compiled)."""
+  from amaml.train import step_batch  # (amaml.train imports this module)
+
+  state = jax.eval_shape(exp.learner.init, exp.params)
+  batch = jax.eval_shape(lambda x: step_batch(exp, x, 0), images)
+  return tree_bytes(state), tree_bytes(batch)
+
+
+def device_limit(device=None) -> int | None:
+  """The memory limit in bytes that ``device`` (default the first) reports, or ``None``
+  (a CPU reports none)."""
+  stats = (device or jax.devices()[0]).memory_stats()
+  return (stats or {}).get("bytes_limit")
+
+
+def _size(n: float) -> str:
+  for unit in ("B", "kB", "MB", "GB"):
+    if n < 1000 or unit == "GB":
+      return f"{n:.3g} {unit}"
+    n /= 1000
+
+
+def memory_line(seeds: int, state_bytes: int, batch_bytes: int, limit: int | None) -> str:
+  """What ``seeds`` seeds need in memory, in one line (see :func:`check_memory`)."""
+  n = seeds
+  out = (
+    f"--seeds {n}: training state {n} x {_size(state_bytes)} = {_size(n * state_bytes)}, "
+    f"tasks of a meta step {n} x {_size(batch_bytes)} = {_size(n * batch_bytes)}; "
+    "activations grow about linearly with N"
+  )
+  return out + (f" (device memory limit {_size(limit)})" if limit else "")
+
+
+def check_memory(exp: Experiment, images, quiet: bool = False) -> str:
+  """Before compiling: prints :func:`memory_line` of ``exp``'s seeds to stderr (unless
+  ``quiet``) and returns it; raises ``ValueError`` (one line) when the stacked state alone
+  exceeds the limit that the device reports (:func:`device_limit`)."""
+  n, (state, batch) = exp.config.seeds, memory_needs(exp, images)
+  limit = device_limit()
+  if limit and n * state > limit:
+    raise ValueError(
+      f"--seeds {n}: the training state alone needs {n} x {_size(state)} = {_size(n * state)}, "
+      f"more than the device's memory limit of {_size(limit)}; lower --seeds"
+    )
+  text = memory_line(n, state, batch, limit)
+  if not quiet:
+    print(f"amaml: {text}", file=sys.stderr, flush=True)
+  return text
 
 
 def per_seed(fn, exp: Experiment, state) -> list:

@@ -151,6 +151,8 @@ def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
     sharding.check_divisible(cfg.meta_batch, mesh)
   _write_config(cfg, out, resume)
   exp = build(cfg)
+  if cfg.seeds > 1:  # what the stacked state needs; stops here if the device is too small
+    seeds.check_memory(exp, exp.data["train"], quiet=not _primary())
   ckpt = Checkpointer(out / "checkpoints")
   if cfg.seeds > 1:  # one state per seed, stacked (amaml.seeds)
     state = seeds.init_state(exp)
