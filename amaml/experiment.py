@@ -32,6 +32,8 @@ class Experiment(NamedTuple):
   params: Any
   data: dict  # split name -> device array of images (or None for sinusoid)
   sample: Callable[[jax.Array, Any, int], TaskBatch]  # (key, split data, num_tasks) -> batch
+  # init key -> the model's initial parameters (another seed's weights without loading data)
+  init_params: Callable[[jax.Array], Any] | None = None
 
 
 class TaskSetup(NamedTuple):
@@ -43,6 +45,9 @@ class TaskSetup(NamedTuple):
   sample: Callable[[jax.Array, Any, int], TaskBatch]  # (key, split data, num_tasks) -> batch
   check: Callable[[TaskBatch, Any], None]  # (a batch, its split's data): raises on bad data
   embed_fn: Callable | None = None  # (params, x) -> features, for metric methods (protonet)
+  # init key -> the model's initial parameters (``params`` is those of the run's init key);
+  # without it, another seed's weights take a whole setup (:func:`amaml.seeds.initial_params`)
+  init_params: Callable[[jax.Array], Any] | None = None
 
 
 class RunKeys(NamedTuple):
@@ -66,7 +71,8 @@ def sinusoid_setup(cfg: Config, key: jax.Array) -> TaskSetup:
   from amaml.sinusoid import sinusoid_tasks
 
   model = MLP(hidden=(cfg.hidden, cfg.hidden), out=1)
-  params = model.init(key, jnp.zeros((1, 1), jnp.float32))["params"]
+  init_params = lambda k: model.init(k, jnp.zeros((1, 1), jnp.float32))["params"]
+  params = init_params(key)
   loss_fn = losses.mse(lambda p, x: model.apply({"params": p}, x))
 
   def sample(k, _, n):
@@ -83,6 +89,7 @@ def sinusoid_setup(cfg: Config, key: jax.Array) -> TaskSetup:
     {"train": None, "val": None, "test": None},
     sample,
     lambda batch, _: validate.check_regression_batch(batch),
+    init_params=init_params,
   )
 
 
@@ -126,7 +133,8 @@ def classification_setup(cfg: Config, key: jax.Array, splits: dict) -> TaskSetup
   # ProtoNets: the same network without its head, an embedding
   model = image_model(cfg, num_classes=0 if cfg.method == "protonet" else cfg.ways)
   shape = data["train"].shape[2:]
-  params = model.init(key, jnp.zeros((1, *shape), jnp.float32))["params"]
+  init_params = lambda k: model.init(k, jnp.zeros((1, *shape), jnp.float32))["params"]
+  params = init_params(key)
   apply_fn = lambda p, x: model.apply({"params": p}, x)
   loss_fn = losses.cross_entropy(apply_fn)
 
@@ -136,7 +144,7 @@ def classification_setup(cfg: Config, key: jax.Array, splits: dict) -> TaskSetup
   def check(batch, images):
     validate.check_classification_batch(batch, cfg.ways, tuple(images.shape[2:]))
 
-  return TaskSetup(params, loss_fn, data, sample, check, embed_fn=apply_fn)
+  return TaskSetup(params, loss_fn, data, sample, check, apply_fn, init_params)
 
 
 def image_model(cfg: Config, num_classes: int):
@@ -166,7 +174,7 @@ def build(cfg: Config) -> Experiment:
   # one batch of each split, checked on the host before anything is compiled for them
   for images in setup.data.values():
     setup.check(setup.sample(jax.random.key(0), images, 2), images)
-  return Experiment(cfg, learner, setup.params, setup.data, setup.sample)
+  return Experiment(cfg, learner, setup.params, setup.data, setup.sample, setup.init_params)
 
 
 def outer_optimizer(name: str):

@@ -3,10 +3,20 @@
 A run with ``seed`` s and ``seeds`` N trains N independent runs, seed k being the run of
 seed ``s + k`` (:func:`seed_config`): its own initial weights, task stream, alpha, outer
 optimizer state and backtracking. They train as ONE compiled program: the state has a
-leading axis of N seeds (:func:`init_state`) and each meta step of
-:func:`amaml.train.make_train_chunk` is ``jax.vmap`` of the meta step over them, each seed
-sampling its tasks from its own key. Checkpoints hold the stacked state, so ``--resume``
-covers every seed (bitwise, as for one seed).
+leading axis of N seeds (:func:`init_state`; each seed's weights come from the model's
+initializer, :func:`initial_params`, and the data is loaded once) and each meta step is
+``jax.vmap`` of the meta step over them, each seed sampling its tasks from its own key
+(:func:`make_chunk`, which :func:`amaml.train.make_train_chunk` calls with the seeds
+``s + k``). Checkpoints hold the stacked state, so ``--resume`` covers every seed (bitwise,
+as for one seed).
+
+:func:`make_chunk` takes any vector of seeds, one per member, repeats allowed: the grids of
+``benchmarks/robustness.py`` train through it, one member per cell (initial rates, seed).
+
+Before anything compiles, ``amaml train`` prints what the seeds need in memory
+(:func:`memory_line`): the stacked state, exact (``jax.eval_shape``), and the tasks of a
+meta step; where the device reports a memory limit, a state larger than it stops the run
+with one line (:func:`check_memory`).
 
 What a multi-seed run writes:
 
@@ -27,6 +37,8 @@ Seeds train on one device and one process, without ``--alpha_search``.
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
 import time
 
 import jax
@@ -35,7 +47,7 @@ import numpy as np
 
 from amaml.configs import Config
 from amaml.evaluation import meta_test
-from amaml.experiment import Experiment, build
+from amaml.experiment import Experiment, build, run_keys
 from amaml.results import training_results
 from amaml.run_log import summarise
 
@@ -74,13 +86,120 @@ def check(cfg: Config) -> None:
     )
 
 
+def initial_params(exp: Experiment, seed: int):
+  """The initial weights of the one-seed run of ``seed`` with ``exp``'s configuration:
+  ``exp.params`` for ``exp.config.seed``, else the model's initializer on that run's init
+  key (``exp.init_params``; no data is loaded). A task setup without ``init_params``
+  (:class:`amaml.experiment.TaskSetup`) builds that run (:func:`amaml.experiment.build`)."""
+  if seed == exp.config.seed:
+    return exp.params
+  if exp.init_params is not None:
+    return exp.init_params(run_keys(seed).init)
+  return build(dataclasses.replace(exp.config, seed=seed, seeds=1)).params
+
+
 def init_state(exp: Experiment):
   """The stacked initial state of ``exp``'s seeds: seed k starts from the weights of seed
-  ``seed + k`` (``exp.params`` for k = 0; built anew, :func:`amaml.experiment.build`, for
-  the others)."""
+  ``seed + k`` (:func:`initial_params`)."""
   cfg = exp.config
-  params = [exp.params] + [build(seed_config(cfg, k)).params for k in range(1, cfg.seeds)]
-  return stack([exp.learner.init(p) for p in params])
+  return stack([exp.learner.init(initial_params(exp, cfg.seed + k)) for k in range(cfg.seeds)])
+
+
+def make_chunk(exp: Experiment, length: int, update=None):
+  """Up to ``length`` meta steps of N independent runs as one jitted loop: ``(state, images,
+  start, steps, seeds) -> (state, metrics)``. ``state`` is stacked over N members (leading
+  axis) and ``seeds`` (int32, ``[N]``, repeats allowed) holds each member's seed: member j
+  takes meta step i on the tasks that a one-seed run of seed ``seeds[j]`` takes it on
+  (:func:`amaml.train.step_batch`), by ``update`` (default ``exp.learner.update``),
+  ``jax.vmap``-ed over the members. It runs ``min(steps, length)`` steps from ``start``;
+  the metrics are stacked ``[length, N]``, the first ``steps`` rows the steps taken. The
+  input state is donated. ``amaml train --seeds N`` runs it with the seeds ``seed + k``
+  (:func:`amaml.train.make_train_chunk`); ``benchmarks/robustness.py`` with one member per
+  cell of its grids."""
+  from amaml.train import step_batch  # (amaml.train imports this module)
+
+  update = exp.learner.update if update is None else update
+  one = lambda st, images, i, seed: update(st, step_batch(exp, images, i, seed))
+  return chunk_loop(jax.vmap(one, in_axes=(0, None, None, 0)), length)
+
+
+def chunk_loop(step, length: int, **jit_kwargs):
+  """The loop of every training chunk (one seed, :func:`amaml.train.make_train_chunk`, or
+  several, :func:`make_chunk`): ``step(state, images, i, *args) -> (state, metrics)`` as the
+  jitted ``(state, images, start, steps, *args) -> (state, metrics)`` that takes
+  ``min(steps, length)`` steps from ``start`` and stacks the metrics over ``length`` rows.
+  ``steps`` is traced: one compiled loop serves every chunk size. The state is donated;
+  ``jit_kwargs`` go to ``jax.jit``."""
+
+  def chunk(state, images, start, steps, *args):
+    shapes = jax.eval_shape(step, state, images, start, *args)[1]
+    rows = jax.tree.map(lambda s: jnp.zeros((length, *s.shape), s.dtype), shapes)
+
+    def body(j, carry):
+      st, rows = carry
+      st, m = step(st, images, start + j, *args)
+      return st, jax.tree.map(lambda r, v: r.at[j].set(v), rows, m)
+
+    return jax.lax.fori_loop(0, jnp.minimum(steps, length), body, (state, rows))
+
+  return jax.jit(chunk, donate_argnums=(0,), **jit_kwargs)
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of the arrays (or ``jax.ShapeDtypeStruct``) of ``tree``."""
+  return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def memory_needs(exp: Experiment, images) -> tuple[int, int]:
+  """Bytes of one seed's training state and of one seed's tasks of a meta step, from their
+  shapes (``jax.eval_shape``: nothing is computed or compiled)."""
+  from amaml.train import step_batch  # (amaml.train imports this module)
+
+  state = jax.eval_shape(exp.learner.init, exp.params)
+  batch = jax.eval_shape(lambda x: step_batch(exp, x, 0), images)
+  return tree_bytes(state), tree_bytes(batch)
+
+
+def device_limit(device=None) -> int | None:
+  """The memory limit in bytes that ``device`` (default the first) reports, or ``None``
+  (a CPU reports none)."""
+  stats = (device or jax.devices()[0]).memory_stats()
+  return (stats or {}).get("bytes_limit")
+
+
+def _size(n: float) -> str:
+  for unit in ("B", "kB", "MB", "GB"):
+    if n < 1000 or unit == "GB":
+      return f"{n:.3g} {unit}"
+    n /= 1000
+
+
+def memory_line(seeds: int, state_bytes: int, batch_bytes: int, limit: int | None) -> str:
+  """What ``seeds`` seeds need in memory, in one line (see :func:`check_memory`)."""
+  n = seeds
+  out = (
+    f"--seeds {n}: training state {n} x {_size(state_bytes)} = {_size(n * state_bytes)}, "
+    f"tasks of a meta step {n} x {_size(batch_bytes)} = {_size(n * batch_bytes)}; "
+    "activations grow about linearly with N"
+  )
+  return out + (f" (device memory limit {_size(limit)})" if limit else "")
+
+
+def check_memory(exp: Experiment, images, quiet: bool = False) -> str:
+  """Before compiling: prints :func:`memory_line` of ``exp``'s seeds to stderr (unless
+  ``quiet``) and returns it; raises ``ValueError`` (one line) when the stacked state alone
+  exceeds the limit that the device reports (:func:`device_limit`)."""
+  n, (state, batch) = exp.config.seeds, memory_needs(exp, images)
+  limit = device_limit()
+  if limit and n * state > limit:
+    raise ValueError(
+      f"--seeds {n}: the training state alone needs {n} x {_size(state)} = {_size(n * state)}, "
+      f"more than the device's memory limit of {_size(limit)}; lower --seeds"
+    )
+  text = memory_line(n, state, batch, limit)
+  if not quiet:
+    print(f"amaml: {text}", file=sys.stderr, flush=True)
+  return text
 
 
 def per_seed(fn, exp: Experiment, state) -> list:

@@ -79,33 +79,21 @@ def make_train_chunk(exp: Experiment, length: int, mesh=None, update=None):
   state stays replicated. The input state is donated. ``update``: the meta step (default
   ``exp.learner.update``; a phase's, :func:`amaml.meta.phase_at`, for the steps it holds).
   With ``seeds`` N > 1 the state and the metrics have a leading axis of N seeds and each step
-  is ``jax.vmap`` of the meta step over them (:mod:`amaml.seeds`)."""
+  is ``jax.vmap`` of the meta step over them, seed k's tasks those of the run of seed
+  ``seed + k`` (:func:`amaml.seeds.make_chunk`)."""
   update = exp.learner.update if update is None else update
+  if exp.config.seeds > 1:
+    loop, values = seeds.make_chunk(exp, length, update), seeds.seed_values(exp.config)
+    return lambda state, images, start, steps: loop(state, images, start, steps, values)
 
-  def one(st, images, i, seed=None):
-    batch = step_batch(exp, images, i, seed)
+  def one(st, images, i):
+    batch = step_batch(exp, images, i)
     if mesh is not None:
       batch = sharding.constrain_batch(batch, mesh)
     return update(st, batch)
 
-  if exp.config.seeds > 1:  # seed k of N: the run of seed + k, its own tasks from its own key
-    vmapped = jax.vmap(one, in_axes=(0, None, None, 0))
-    one = lambda st, images, i: vmapped(st, images, i, seeds.seed_values(exp.config))
-
-  def chunk(state, images, start, steps):
-    shapes = jax.eval_shape(one, state, images, start)[1]
-    rows = jax.tree.map(lambda s: jnp.zeros((length, *s.shape), s.dtype), shapes)
-
-    def body(j, carry):
-      st, rows = carry
-      st, m = one(st, images, start + j)
-      return st, jax.tree.map(lambda r, v: r.at[j].set(v), rows, m)
-
-    return jax.lax.fori_loop(0, jnp.minimum(steps, length), body, (state, rows))
-
-  if mesh is None:
-    return jax.jit(chunk, donate_argnums=(0,))
-  return jax.jit(chunk, donate_argnums=(0,), out_shardings=sharding.replicated(mesh))
+  out = {} if mesh is None else dict(out_shardings=sharding.replicated(mesh))
+  return seeds.chunk_loop(one, length, **out)
 
 
 #: Training advances in calls of the jitted loop (:func:`make_train_chunk`) of about this many
@@ -163,6 +151,8 @@ def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
     sharding.check_divisible(cfg.meta_batch, mesh)
   _write_config(cfg, out, resume)
   exp = build(cfg)
+  if cfg.seeds > 1:  # what the stacked state needs; stops here if the device is too small
+    seeds.check_memory(exp, exp.data["train"], quiet=not _primary())
   ckpt = Checkpointer(out / "checkpoints")
   if cfg.seeds > 1:  # one state per seed, stacked (amaml.seeds)
     state = seeds.init_state(exp)

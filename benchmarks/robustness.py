@@ -20,10 +20,12 @@ repeated under every beta0 in the tables.
 
 Every cell (alpha0, beta0, seed) is an independent training run with its own parameters,
 optimizer state, alpha and beta. The cells of a method train together as ONE jitted
-computation: ``jax.vmap`` of the meta step over cells inside a ``lax.scan`` over steps
-(``--cells-per-call`` splits a large grid into chunks that fit in memory). Cells with the
-same seed start from the same weights and see the same tasks, so they differ only in their
-rates.
+computation, the loop of ``amaml train --seeds N`` (:func:`amaml.seeds.make_chunk`: a loop
+over steps of ``jax.vmap`` of the meta step over cells) with one member per cell
+(``--cells-per-call`` splits a large grid into chunks that fit in memory). A cell of seed s
+starts from the weights of the run of seed s and sees its tasks, so cells with the same seed
+differ only in their rates, and a cell at the config's own rates is the run ``amaml train``
+trains with that seed.
 
 Every cell is scored two ways on the same meta-test tasks: MAML's protocol (``fixed``: 10
 inner steps at the trained alpha; on sinusoid also the 1-step MSE of MAML's paper) and the
@@ -42,7 +44,6 @@ tables of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gzip
 import itertools
 import json
@@ -55,6 +56,7 @@ import numpy as np
 
 import amaml
 from amaml import adaptation, train
+from amaml import seeds as multi_seed  # (grid() has an argument named seeds)
 from amaml.configs import OUTER_OPTIMIZERS, get_config
 from amaml.env import versions
 
@@ -120,10 +122,8 @@ def init_cells(cfg, exp, cells):
   params = {}
   states = []
   for a0, b0, seed in cells:
-    if seed not in params:
-      params[seed] = (
-        exp.params if seed == cfg.seed else train.build(dataclasses.replace(cfg, seed=seed)).params
-      )
+    if seed not in params:  # the model's initializer: the data is not loaded again
+      params[seed] = multi_seed.initial_params(exp, seed)
     st = exp.learner.init(params[seed])
     st = st._replace(alpha=jax.tree.map(lambda x: jnp.full_like(x, a0), st.alpha))
     hd = st.opt_state
@@ -136,20 +136,17 @@ def init_cells(cfg, exp, cells):
 
 
 def make_chunk(exp, length: int):
-  """``length`` steps of every cell: scan over steps of vmap over cells."""
-  cfg = exp.config
+  """``length`` steps of every cell, jitted: ``(state, images, seeds, start) -> (state,
+  {"loss", "alpha", "beta"})``, each ``[length, cells]`` (beta NaN where the outer
+  optimizer has none). :func:`amaml.seeds.make_chunk` (the loop of ``amaml train --seeds``)
+  with one member per cell, cell j on the tasks of the run of seed ``seeds[j]``. ``exp``
+  needs ``learner``, ``sample`` and ``config.meta_batch``."""
+  loop = multi_seed.make_chunk(exp, length)
 
-  def chunk(state, images, seeds, start):
-    def body(st, i):
-      def one(s, seed):
-        key = jax.random.fold_in(train.run_keys(seed).train, i)
-        return exp.learner.update(s, exp.sample(key, images, cfg.meta_batch))
-
-      st, m = jax.vmap(one)(st, seeds)
-      nan = jnp.full_like(m["alpha"], jnp.nan)
-      return st, {"loss": m["loss"], "alpha": m["alpha"], "beta": m.get("beta", nan)}
-
-    return jax.lax.scan(body, state, start + jnp.arange(length))
+  def chunk(state, images, ids, start):
+    state, m = loop(state, images, start, length, ids)
+    nan = jnp.full_like(m["alpha"], jnp.nan)
+    return state, {"loss": m["loss"], "alpha": m["alpha"], "beta": m.get("beta", nan)}
 
   return jax.jit(chunk, donate_argnums=(0,))
 

@@ -1,6 +1,7 @@
 """benchmarks/robustness.py: the vmapped grid of training runs equals the runs one by one."""
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -88,3 +89,48 @@ def test_anchor_table_takes_each_methods_best_beta0():
   text = robustness.anchor_table(rows, "sinusoid", [0.1])
   assert f"| {robustness.LABELS['alpha-maml@scalar+adam']} | 0.5 | 0.5 | 0.5 |" in text
   assert "| maml+prodigy | 0.7 | 0.7 | 0.7 |" in text
+
+
+def test_grid_cells_at_the_configs_rates_are_the_seeds_run(tmp_path):
+  """The grid trains through the loop of ``amaml train --seeds`` (:func:`amaml.seeds.make_chunk`):
+  its cells at the config's own rates, seeds 0 and 1, equal the two seeds of a ``--seeds 2``
+  run to 1e-6, step by step (each log line's mean loss, the last alpha) and in the final
+  weights; a third cell of other rates trains beside them."""
+  budget = dict(steps=6, meta_batch=5, eval_tasks=8, log_every=3)
+  cfg = dataclasses.replace(robustness.make_config("sinusoid", "alpha-maml", budget), hidden=16)
+  b0 = cfg.resolved_beta if robustness.has_beta0(cfg) else None
+  cells = [(cfg.alpha, b0, 0), (cfg.alpha, b0, 1), (0.5, b0, 0)]
+  state, hist, _, _ = robustness.run_cells(train.build(cfg), cells, 6, 3)
+  multi, _ = train.train(
+    dataclasses.replace(cfg, seeds=2), tmp_path / "r", progress=False, evaluate_at_end=False
+  )
+  lines = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines] == [3, 6]
+  for k in range(2):
+    for n, line in enumerate(lines):
+      want = hist["loss"][3 * n : 3 * n + 3, k].mean()
+      np.testing.assert_allclose(line[f"seed{k}/loss"], want, rtol=1e-6)
+      np.testing.assert_allclose(line[f"seed{k}/alpha"], hist["alpha"][3 * n + 2, k], rtol=1e-6)
+    chex.assert_trees_all_close(
+      jax.tree.map(lambda x: x[k], state.params),
+      jax.tree.map(lambda x: x[k], multi.params),
+      rtol=1e-6,
+      atol=1e-6,
+    )
+  assert not np.allclose(hist["loss"][:, 2], hist["loss"][:, 0])  # other rates, other run
+
+
+def test_make_chunk_keeps_its_signature_and_outputs():
+  """``robustness.make_chunk(exp, length)``: ``(state, images, seeds, start) -> (state,
+  {loss, alpha, beta})``, each ``[length, cells]`` (alpha-maml's outer optimizer reports its
+  rate as beta)."""
+  budget = dict(steps=2, meta_batch=3, eval_tasks=8, log_every=2)
+  cfg = dataclasses.replace(robustness.make_config("sinusoid", "alpha-maml", budget), hidden=8)
+  exp = train.build(cfg)
+  state = robustness.init_cells(cfg, exp, [(0.1, None, 0), (0.2, None, 3)])
+  chunk = robustness.make_chunk(exp, 2)
+  state, m = chunk(state, None, jax.numpy.asarray([0, 3], "int32"), jax.numpy.int32(4))
+  assert set(m) == {"loss", "alpha", "beta"}
+  assert all(v.shape == (2, 2) for v in m.values())
+  assert np.all(np.isfinite(m["beta"])) and np.all(m["alpha"][:, 0] != m["alpha"][:, 1])
+  assert np.all(np.asarray(state.step) == 2)

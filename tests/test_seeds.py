@@ -16,6 +16,7 @@ import pytest
 
 
 from amaml import cli, seeds, train
+from amaml.experiment import build
 from amaml.configs import get_config
 from amaml.results import load_run
 
@@ -175,3 +176,60 @@ def test_unsupported_combinations_are_one_line(tiny_config, overrides, flag):
   with pytest.raises(ValueError, match=f"--seeds 2 with {flag}") as e:
     tiny_config(seeds=2, **overrides).validate()
   assert "\n" not in str(e.value)
+
+
+def test_init_state_loads_the_data_once_and_equals_the_builds_of_each_seed(
+  small_omniglot, monkeypatch
+):
+  """Seed k's initial weights are those that a build of seed ``seed + k`` makes, bitwise,
+  from the model's initializer alone: the data set is loaded once for every seed. A task
+  setup without ``init_params`` builds each other seed (and so loads its data again)."""
+  import amaml.data
+
+  cfg = get_config("omniglot-5w1s", data_dir=small_omniglot, hidden=8, seeds=3, seed=4)
+  built = [build(seeds.seed_config(cfg, k)).params for k in range(3)]
+  loads, load = [], amaml.data.load_omniglot
+  monkeypatch.setattr(
+    amaml.data, "load_omniglot", lambda *a, **kw: loads.append(1) or load(*a, **kw)
+  )
+  exp = build(cfg)
+  state = seeds.init_state(exp)
+  assert len(loads) == 1
+  for k in range(3):
+    chex.assert_trees_all_equal(seeds.seed_state(state, k).params, built[k])
+  assert not np.array_equal(state.params["head"]["kernel"][0], state.params["head"]["kernel"][1])
+  fallback = seeds.init_state(exp._replace(init_params=None))
+  assert len(loads) == 3
+  chex.assert_trees_all_equal(fallback, state)
+
+
+def test_memory_of_the_seeds_counted_by_hand(tiny_config, capsys):
+  """The MLP 1-4-4-1 has p = (1 + 1) * 4 + (4 + 1) * 4 + (4 + 1) * 1 = 33 weights. maml's
+  state (Adam wrapped in the hypergradient optimizer) holds 4 copies of them (the weights,
+  Adam's two moments, the last direction) and 13 scalars (alpha; its rule's Adam: count and
+  two moments; beta and its hypergradient; beta's rule's Adam, 3; Adam's count; the
+  hypergradient's count; step; the non-finite streak): 4 bytes each. The tasks of a step:
+  4 arrays of meta_batch x 10 points x 1 float."""
+  cfg = tiny_config(method="maml", hidden=4, meta_batch=4, seeds=3)
+  exp = build(cfg)
+  p = 2 * 4 + 5 * 4 + 5 * 1
+  assert seeds.memory_needs(exp, None) == (4 * (4 * p + 13), 4 * 4 * 10 * 4)
+  text = seeds.check_memory(exp, None)
+  assert text.startswith("--seeds 3: training state 3 x 580 B = 1.74 kB, ")
+  assert "tasks of a meta step 3 x 640 B = 1.92 kB; activations grow" in text
+  assert capsys.readouterr().err == f"amaml: {text}\n"
+
+
+def test_seeds_over_the_device_memory_stop_before_compiling(tiny_config, tmp_path, monkeypatch):
+  """A device that reports a memory limit below the stacked state: one line, before the
+  state is made or anything compiles; above it, the line names the limit."""
+  never = lambda *a, **kw: pytest.fail("compiled or built a state past the memory check")
+  monkeypatch.setattr(train, "make_train_chunk", never)
+  monkeypatch.setattr(seeds, "init_state", never)
+  monkeypatch.setattr(seeds, "device_limit", lambda device=None: 1000)
+  cfg = tiny_config(method="maml", hidden=4, seeds=3)
+  with pytest.raises(ValueError, match=r"3 x 580 B = 1.74 kB, more than .* of 1 kB; lower") as e:
+    train.train(cfg, tmp_path / "r", progress=False)
+  assert "\n" not in str(e.value)
+  monkeypatch.setattr(seeds, "device_limit", lambda device=None: 2_000)
+  assert seeds.check_memory(build(cfg), None, quiet=True).endswith("(device memory limit 2 kB)")
