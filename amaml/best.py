@@ -53,6 +53,20 @@ def _target(state) -> dict:
   return {"state": state, "metric": np.float64(0.0)}
 
 
+def _write(out: Path, step: int, kept: dict | None) -> None:
+  """Saves ``kept`` as the best checkpoint of ``step`` in ``out/best`` (``None``: nothing)
+  after deleting those of ``step`` and later: left by a run before it was resumed, they are
+  superseded (a run resumed bitwise never finds one)."""
+  ckpt = _checkpointer(out)
+  try:
+    for newer in [s for s in ckpt.all_steps() if s >= step]:
+      ckpt.delete(newer)
+    if kept is not None:
+      ckpt.save(step, kept)
+  finally:
+    ckpt.close()
+
+
 class Tracker:
   """The best validation so far of the run of ``exp`` in ``out`` and its checkpoint in
   ``out/best`` (each save opens and closes it: nothing to close).
@@ -74,12 +88,7 @@ class Tracker:
       if kept is not None:
         self.step, self.metric = kept[1], kept[2]
     elif (self.out / BEST_DIR).is_dir():
-      ckpt = _checkpointer(self.out)
-      try:
-        for step in ckpt.all_steps():
-          ckpt.delete(step)
-      finally:
-        ckpt.close()
+      _write(self.out, 0, None)
 
   def update(self, step: int, state, numbers: dict) -> None:
     """The validation ``numbers`` (``val_<name>`` keys) of ``state`` at ``step``: saved as
@@ -89,11 +98,7 @@ class Tracker:
       raise ValueError(f"--keep_best compares {key}, which this validation does not report")
     metric = float(numbers[key])
     if better(self.name, metric, self.metric):
-      ckpt = _checkpointer(self.out)
-      try:
-        ckpt.save(step, {"state": state, "metric": np.float64(metric)})
-      finally:
-        ckpt.close()
+      _write(self.out, step, {"state": state, "metric": np.float64(metric)})
       self.step, self.metric = step, metric
 
 

@@ -2,8 +2,8 @@
 
 A run is a directory holding ``config.json``, ``metrics.jsonl`` (one line every
 ``log_every`` steps: means over those steps, and the rates at their end),
-``checkpoints/`` (Orbax, atomic) and ``results.json`` (the final evaluation, with
-the versions that produced it).
+``checkpoints/`` (Orbax, atomic; with ``keep_best`` also ``best/``, :mod:`amaml.best`) and
+``results.json`` (the final evaluation, with the versions that produced it).
 
 Speed: training advances in jitted ``lax.scan`` chunks (a whole log line of fast
 steps, or one slow step; :data:`CHUNK_SECONDS`) with episodes sampled on the device
