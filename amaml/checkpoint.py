@@ -116,6 +116,10 @@ class Checkpointer:
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise CorruptCheckpointError(f"checkpoint {path} cannot be read ({_one_line(e)})") from None
 
+  def delete(self, step: int) -> None:
+    """Removes checkpoint ``step``."""
+    self._manager.delete(step)
+
   def close(self) -> None:
     self._manager.close()
 

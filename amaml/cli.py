@@ -162,7 +162,7 @@ def _evaluate(args) -> int:
 
   import numpy as np
 
-  from amaml import seeds
+  from amaml import best, seeds
 
   def one(exp, state) -> dict:
     if args.eval_inner_steps is None and args.split == "test":  # the run's own test protocol
@@ -176,6 +176,8 @@ def _evaluate(args) -> int:
   rows = []
   for run in args.run:
     exp, state = load_run(run, args.step)
+    if exp.config.keep_best and args.step is None:  # which checkpoint: one line
+      print(_kept_line(run, best.kept_step(run), int(np.max(state.step))))
     if exp.config.seeds > 1:  # each seed, then the mean and spread over seeds
       each = seeds.per_seed(lambda e, s: {"seed": e.config.seed, **one(e, s)}, exp, state)
       results = seeds.combine(each)
@@ -189,6 +191,13 @@ def _evaluate(args) -> int:
   if len(rows) > 1:
     print(comparison_table(rows))
   return 0
+
+
+def _kept_line(run: str, kept: int | None, step: int) -> str:
+  """What ``amaml evaluate`` says of a run trained with ``--keep_best``: which step it tests."""
+  if kept is None:
+    return f"{run}: no best checkpoint in {run}/best: evaluating the newest checkpoint, step {step}"
+  return f"{run}: evaluating the best checkpoint on validation, step {step} (--step N for another)"
 
 
 def comparison_table(rows) -> str:

@@ -137,6 +137,8 @@ def _config_flags(tr) -> None:
       f"--{f.name}",
       type={"int": int, "float": float, "str": str, "bool": _bool}[name],
       default=None,
+      nargs="?" if name == "bool" else None,  # a bool flag alone: true (--keep_best)
+      const=True if name == "bool" else None,
       choices=choices,
       metavar=name.upper() if choices is None else None,
       help=f"{f.metadata.get('help', '')} [default: {default!s}]",

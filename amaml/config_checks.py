@@ -74,6 +74,7 @@ def validate(cfg):
   check_method_options(cfg)
   check_epsilon(cfg)
   check_seeds(cfg)
+  check_keep_best(cfg)
   return cfg
 
 
@@ -173,4 +174,25 @@ def check_seeds(cfg) -> None:
     raise ValueError(
       f"--seeds {cfg.seeds} with --alpha_search: not supported together; drop --alpha_search "
       "or train each seed on its own (--seeds 1)"
+    )
+
+
+def check_keep_best(cfg) -> None:
+  """``keep_best`` (:mod:`amaml.best`) needs validations: a period and a val split."""
+  if not cfg.keep_best:
+    return
+  if cfg.val_every == 0:
+    raise ValueError(
+      "--keep_best with --val_every 0: the best parameters are chosen on validations; pass "
+      f"--val_every N (a multiple of --log_every {cfg.log_every}) or drop --keep_best"
+    )
+  if cfg.task == "omniglot" and cfg.protocol == "lake":
+    raise ValueError(
+      "--keep_best with --protocol lake: that Omniglot split has no validation tasks to "
+      "choose on; use --protocol maml or drop --keep_best"
+    )
+  if cfg.seeds > 1:
+    raise ValueError(
+      f"--keep_best with --seeds {cfg.seeds}: not supported together; drop --keep_best or "
+      "train each seed on its own (--seeds 1)"
     )

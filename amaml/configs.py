@@ -241,6 +241,11 @@ class Config:
     5000, "meta steps between validations (0 = never; a multiple of log_every)"
   )
   val_tasks: int = _field(100, "meta-validation tasks per validation and for select")
+  keep_best: bool = _field(
+    False,
+    "save the state whose validation was best (accuracy; sinusoid: loss) in <out>/best, "
+    "validate the last state too, and test the best one at the end (amaml.best)",
+  )
   checkpoint_every: int = _field(
     5000, "meta steps between checkpoints (0 = only at the end; a multiple of log_every)"
   )

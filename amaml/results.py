@@ -59,7 +59,10 @@ def load_run(
 ) -> tuple[Experiment, meta.MetaState]:
   """The experiment and state saved in ``run_dir``: checkpoint ``step``, or the newest that
   can be read (each newer one that cannot is named on stderr; see
-  :meth:`amaml.checkpoint.Checkpointer.restore_newest_intact`)."""
+  :meth:`amaml.checkpoint.Checkpointer.restore_newest_intact`). A run trained with
+  ``keep_best`` gives its best checkpoint (``run_dir/best``, :mod:`amaml.best`) when ``step``
+  is ``None`` or that checkpoint's step."""
+  from amaml import best
   from amaml.checkpoint import Checkpointer
 
   run = Path(run_dir)
@@ -74,7 +77,13 @@ def load_run(
     target = exp.learner.init(exp.params)
     if cfg.seeds > 1:  # the stacked state of the seeds (amaml.seeds): its shapes
       target = jax.tree.map(lambda x: jnp.stack([x] * cfg.seeds), target)
-    state = ckpt.restore_newest_intact(target) if step is None else ckpt.restore(target, step)
+    kept = best.kept_step(run) if cfg.keep_best else None
+    if kept is not None and step in (None, kept):
+      state = best.restore(run, target)[0]
+    elif step is None:
+      state = ckpt.restore_newest_intact(target)
+    else:
+      state = ckpt.restore(target, step)
   finally:
     ckpt.close()
   return exp, state
@@ -121,6 +130,8 @@ def format_results(results: dict) -> str:
       f"  with MAML's fixed protocol ({fixed['inner_steps']} steps at alpha): query loss "
       f"{fixed['loss']:.4f} +- {fixed['loss_ci95']:.4f}"
     )
+  if "tested" in results:
+    lines.append(_kept_line(results))
   if "final_alpha" in results:
     beta = results.get("final_beta")
     lines.append(
@@ -128,3 +139,18 @@ def format_results(results: dict) -> str:
       + (f", final beta {beta:.4g}" if beta is not None else "")
     )
   return "\n".join(lines)
+
+
+def _kept_line(results: dict) -> str:
+  """The summary's line on the parameters that a ``keep_best`` run tested (:mod:`amaml.best`)."""
+  if results["tested"] != "best":
+    return "  tested the last parameters: no validation gave a finite metric"
+  name = next(k for k in results if k.startswith("best_val_"))
+  step, metric = results["best_step"], results[name]
+  line = f"  tested step {step}, the best on validation ({name} {metric:.4g})"
+  last = results.get("test_last")
+  if last is not None and "accuracy" in last:
+    line += f"; the last step's accuracy {100 * last['accuracy']:.2f}%"
+  elif last is not None:
+    line += f"; the last step's query loss {last['loss']:.4f}"
+  return line

@@ -2,8 +2,8 @@
 
 A run is a directory holding ``config.json``, ``metrics.jsonl`` (one line every
 ``log_every`` steps: means over those steps, and the rates at their end),
-``checkpoints/`` (Orbax, atomic) and ``results.json`` (the final evaluation, with
-the versions that produced it).
+``checkpoints/`` (Orbax, atomic; with ``keep_best`` also ``best/``, :mod:`amaml.best`) and
+``results.json`` (the final evaluation, with the versions that produced it).
 
 Speed: training advances in jitted ``lax.scan`` chunks (a whole log line of fast
 steps, or one slow step; :data:`CHUNK_SECONDS`) with episodes sampled on the device
@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amaml import meta, rates, seeds, sharding, signals
+from amaml import best, meta, rates, seeds, sharding, signals
 from amaml.adaptation import ALPHA_SCALES, best_adaptation
 from amaml.configs import Config
 from amaml.evaluation import eval_batches, evaluate, meta_test, select_adaptation
@@ -115,6 +115,7 @@ class _Run(NamedTuple):
   images: Any  # the training split (replicated over the mesh when sharded)
   mesh: Any
   ckpt: Any  # amaml.checkpoint.Checkpointer
+  best: Any = None  # amaml.best.Tracker with keep_best
 
 
 def train(
@@ -153,7 +154,6 @@ def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
   exp = build(cfg)
   if cfg.seeds > 1:  # what the stacked state needs; stops here if the device is too small
     seeds.check_memory(exp, exp.data["train"], quiet=not _primary())
-  ckpt = Checkpointer(out / "checkpoints")
   if cfg.seeds > 1:  # one state per seed, stacked (amaml.seeds)
     state = seeds.init_state(exp)
   else:
@@ -161,6 +161,8 @@ def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
   images = exp.data["train"]
   if mesh is not None:  # data parallel: tasks split over devices, state and images replicated
     state, images = sharding.replicate((state, images), mesh)
+  tracker = best.Tracker(exp, out, state, resume) if cfg.keep_best else None  # (amaml.best)
+  ckpt = Checkpointer(out / "checkpoints")
   start = 0
   if resume and ckpt.latest_step() is not None:  # onto the shardings of ``state``
     try:
@@ -173,7 +175,7 @@ def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
     state = _search_alpha(exp, state, images)
   if _primary():
     truncate_metrics(out / "metrics.jsonl", start)
-  return _Run(cfg, out, exp, state, start, images, mesh, ckpt)
+  return _Run(cfg, out, exp, state, start, images, mesh, ckpt, tracker)
 
 
 def _write_config(cfg: Config, out: Path, resume: bool) -> None:
@@ -258,7 +260,8 @@ def _loop(run: _Run, progress: bool):
         if step % cfg.log_every == 0 or step >= cfg.iterations or halt or nonfinite:
           rec = (seeds.log_line if cfg.seeds > 1 else log_line)(step, pending, t_line)
           pending, t_line = [], time.perf_counter()
-          log.write({**rec, **_validation(run, state, step)})
+          end = step >= cfg.iterations or (halt and not signum)  # (a signal: resumed later)
+          log.write({**rec, **_validation(run, state, step, end)})
         log.advance(n)
         if nonfinite:
           raise _nonfinite_error(cfg, step, run.ckpt.directory)
@@ -330,19 +333,25 @@ def _stop_here(stop: signals.StopRequest, t_start: float, budget_s: float) -> tu
   return signum, out_of_time or signum > 0
 
 
-def _validation(run: _Run, state, step: int) -> dict:
+def _validation(run: _Run, state, step: int, end: bool = False) -> dict:
   """The validation numbers of the log line at ``step``: on ``val_tasks`` tasks every
-  ``val_every`` steps (none without a val split)."""
+  ``val_every`` steps (none without a val split), and at the ``end`` of training with
+  ``keep_best`` (whose tracker, :class:`amaml.best.Tracker`, is given every validation)."""
   cfg, exp = run.cfg, run.exp
-  if not (cfg.val_every and step % cfg.val_every == 0 and "val" in exp.data):
+  due = cfg.val_every and (step % cfg.val_every == 0 or (end and cfg.keep_best))
+  if not (due and "val" in exp.data):
     return {}
 
   def val(exp, state):
     out = evaluate(exp, state.params, state.alpha, "val", cfg.val_tasks, cfg.inner_steps)
     return {f"val_{k}": v for k, v in out.items() if isinstance(v, float)}
 
-  state = sharding.host_local(state)
-  return seeds.line(seeds.per_seed(val, exp, state)) if cfg.seeds > 1 else val(exp, state)
+  if cfg.seeds > 1:
+    return seeds.line(seeds.per_seed(val, exp, sharding.host_local(state)))
+  numbers = val(exp, sharding.host_local(state))
+  if run.best is not None:
+    run.best.update(step, state, numbers)
+  return numbers
 
 
 def _nonfinite_error(cfg: Config, step: int, directory) -> FloatingPointError:
@@ -362,7 +371,7 @@ def _finish(
 ) -> dict:
   """The final evaluation, written atomically to ``results.json`` (by process 0; every
   process evaluates its own copy of the state, so each returns the same results)."""
-  state = sharding.host_local(state)
+  device_state, state = state, sharding.host_local(state)
   if run.cfg.seeds > 1:
     results = seeds.final_results(
       run.exp, state, step, (train_s, compile_s), evaluate_at_end, progress
@@ -371,7 +380,9 @@ def _finish(
       write_results(run.out, results)
     return results
   results = training_results(run.cfg, state, step, train_s, compile_s)
-  if evaluate_at_end:
+  if run.cfg.keep_best:  # the best checkpoint's parameters are tested (amaml.best)
+    results.update(best.final_results(run, device_state, step, evaluate_at_end, progress))
+  elif evaluate_at_end:
     results.update(meta_test(run.exp, state.params, state.alpha, progress=progress))
   if _primary():
     write_results(run.out, results)
