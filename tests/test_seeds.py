@@ -64,6 +64,7 @@ def test_vmapped_seeds_equal_separate_runs_on_sinusoid(tiny_config, tmp_path):
   _assert_seeds_equal_separate_runs(cfg, tmp_path)
 
 
+@pytest.mark.slow  # about 2 minutes; the sinusoid test above runs by default
 def test_vmapped_seeds_equal_separate_runs_on_fake_omniglot(small_omniglot, tmp_path):
   """One alpha: with one per tensor the normalized rule moves each by the sign of its
   hypergradient, and the conv biases before batch norm have a hypergradient of rounding
