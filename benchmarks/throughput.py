@@ -18,7 +18,7 @@ Implementations (``--impls``):
                tasks, inner SGD, optax.adam): the floor of what amaml.meta adds.
 Both amaml steps run with ``track_pre_adaptation=False`` (the peers do not evaluate the
 query loss before adaptation either). Models: ``amaml.models.Conv4`` with
-``conv_impl`` (default ``auto`` = the matmul form on CPU), started from the peers' numpy
+``conv_impl`` (default ``auto`` = the ``tasks`` form on CPU), started from the peers' numpy
 weights (``shared/peers/common.init_params``), on the peers' pre-sampled episodes, so the
 meta-loss of MAML's first step equals the peers' (printed as ``first_meta_loss``).
 

@@ -200,7 +200,7 @@ def test_conv4_impls_agree():
   b = Conv4(5, hidden=8, conv_impl="xla").apply({"params": params}, x)
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
   if jax.default_backend() == "cpu":
-    assert layers.resolve_conv_impl("auto") == "matmul"
+    assert layers.resolve_conv_impl("auto") == "tasks"
 
 
 def test_conv4_bad_inputs_give_clear_errors():
@@ -333,4 +333,6 @@ def test_second_order_meta_gradient_vmap_equals_loop_on_omniglot():
   )
   for a, b in zip(jax.tree.leaves(g_vmap), jax.tree.leaves(g_loop)):
     if float(jnp.max(jnp.abs(b))) > 1e-4:  # conv biases: ~0 (batch norm removes them)
-      assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-4
+      # float32 ties: 3.5e-4 apart with conv_impl="tasks", whose vmapped meta-gradient is
+      # 1.1e-6 from float64 on these tasks (docs/design.md); the miscompile was 4-9%
+      assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-3

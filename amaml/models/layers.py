@@ -38,11 +38,11 @@ CONV_IMPLS = ("auto", "matmul", "tasks", "xla")
 
 
 def resolve_conv_impl(impl: str) -> str:
-  """``"auto"`` -> ``"matmul"`` on CPU, ``"xla"`` on any other backend (GPU, TPU)."""
+  """``"auto"`` -> ``"tasks"`` on CPU, ``"xla"`` on any other backend (GPU, TPU)."""
   if impl not in CONV_IMPLS:
     raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
   if impl == "auto":
-    return "matmul" if jax.default_backend() == "cpu" else "xla"
+    return "tasks" if jax.default_backend() == "cpu" else "xla"
   return impl
 
 
@@ -55,7 +55,8 @@ def conv3x3(
     x: ``[n, H, W, C]`` (NHWC).
     kernel: ``[3, 3, C, O]`` (HWIO).
     bias: ``[O]`` or ``None``.
-    impl: ``"matmul"`` (patches + one matrix product), ``"xla"``
+    impl: ``"tasks"`` (one convolution per task), ``"matmul"`` (patches + one matrix
+      product), ``"xla"``
       (``lax.conv_general_dilated``) or ``"auto"`` (see :func:`resolve_conv_impl`).
 
   Returns:
