@@ -18,7 +18,7 @@ Implementations (``--impls``):
                tasks, inner SGD, optax.adam): the floor of what amaml.meta adds.
 Both amaml steps run with ``track_pre_adaptation=False`` (the peers do not evaluate the
 query loss before adaptation either). Models: ``amaml.models.Conv4`` with
-``conv_impl`` (default ``auto`` = the matmul form on CPU), started from the peers' numpy
+``conv_impl`` (default ``auto`` = the ``tasks`` form on CPU), started from the peers' numpy
 weights (``shared/peers/common.init_params``), on the peers' pre-sampled episodes, so the
 meta-loss of MAML's first step equals the peers' (printed as ``first_meta_loss``).
 
@@ -239,7 +239,14 @@ def main(argv=None):
   ap.add_argument(
     "--impls", nargs="+", default=["amaml-maml", "amaml-alpha"], choices=list(AMAML_IMPLS)
   )
-  ap.add_argument("--conv-impl", default="auto", choices=["auto", "matmul", "xla"])
+  ap.add_argument(
+    "--conv-impl",
+    nargs="+",
+    default=["auto"],
+    choices=["auto", "matmul", "tasks", "xla"],
+    help="Conv4's conv_impl; several: each amaml impl runs once per conv_impl, interleaved, "
+    "named impl@conv_impl",
+  )
   ap.add_argument("--alpha-lr", type=float, default=1e-4)
   ap.add_argument("--donate", action="store_true", help="donate the state to the step")
   ap.add_argument("--peers", action="store_true", help="also run PyTorch peer(s), interleaved")
@@ -261,7 +268,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
 
   if args.worker:
-    args.impl, args.config = args.worker, args.config[0]
+    args.impl, args.config, args.conv_impl = args.worker, args.config[0], args.conv_impl[0]
     print(json.dumps(worker(args)), flush=True)
     return
 
@@ -271,7 +278,7 @@ def main(argv=None):
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   jobs = []
   for cfg in args.config:
-    for impl in args.impls:
+    for impl, conv_impl in ((i, c) for i in args.impls for c in args.conv_impl):
       cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -288,13 +295,14 @@ def main(argv=None):
         "--pool",
         str(args.pool),
         "--conv-impl",
-        args.conv_impl,
+        conv_impl,
         "--alpha-lr",
         str(args.alpha_lr),
         "--peak-gflops",
         str(args.peak_gflops),
       ] + (["--donate"] if args.donate else [])
-      jobs.append((cfg, impl, cmd, ROOT))
+      name = f"{impl}@{conv_impl}" if len(args.conv_impl) > 1 else impl
+      jobs.append((cfg, name, cmd, ROOT))
     if args.peers:
       if not _peers.peers_available():
         raise SystemExit(f"--peers: no peers at {_peers.PEERS_DIR}")
@@ -322,7 +330,7 @@ def main(argv=None):
     for cfg, impl, cmd, cwd in jobs:
       load = os.getloadavg()[0]
       rec = _run(cmd, cwd, env, args.timeout)
-      rec.setdefault("impl", impl)
+      rec["impl"] = impl  # the job's name: impl@conv_impl when several conv_impls run
       rec.setdefault("config", cfg)
       rec.update(round=rnd, loadavg_before=load)
       rows.append(rec)
@@ -342,7 +350,7 @@ def main(argv=None):
     med = {k: statistics.median(v) for k, v in meds.items()}
     ratios = {}
     for peer in (k for k in med if k in PEER_IMPLS):
-      for ours in (k for k in med if k in AMAML_IMPLS):
+      for ours in (k for k in med if k.split("@")[0] in AMAML_IMPLS):
         ratios[f"{peer}/{ours}"] = med[peer] / med[ours]
     summary[cfg] = dict(
       median_of_medians_s=med, runs={k: len(v) for k, v in meds.items()}, speedup_vs_peer=ratios

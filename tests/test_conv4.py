@@ -43,7 +43,7 @@ def _conv_losses(x, k, b):
     x.shape[:3] + (k.shape[3],)
   )
   out = {}
-  for impl in ("matmul", "xla"):
+  for impl in ("matmul", "tasks", "xla"):
     f = lambda x, k, b, impl=impl: jnp.sum(jnp.tanh(layers.conv3x3(x, k, b, impl=impl)) * r)
     g = jax.grad(f, argnums=(0, 1, 2))
     # second order: the gradient of a function of the gradient (what MAML's meta-gradient is)
@@ -59,11 +59,60 @@ def _assert_trees_close(a, b, rtol, atol):
 def test_matmul_conv_equals_lax_conv_float32():
   out = _conv_losses(*_conv_args(jax.random.key(0)))
   _assert_trees_close(out["matmul"], out["xla"], rtol=1e-4, atol=1e-4)
+  _assert_trees_close(out["tasks"], out["xla"], rtol=1e-5, atol=1e-5)
 
 
 def test_matmul_conv_equals_lax_conv_float64(x64):
   out = _conv_losses(*_conv_args(jax.random.key(1), dtype=jnp.float64))
   _assert_trees_close(out["matmul"], out["xla"], rtol=1e-11, atol=1e-11)
+  _assert_trees_close(out["tasks"], out["xla"], rtol=1e-11, atol=1e-11)
+
+
+def _tasks_meta_gradient(impl, k, xs, ks):
+  """A MAML-shaped function of the conv: per task, one inner step on a shared kernel
+  (``k``), then a loss of the adapted kernel plus a per-task kernel (``ks``), vmapped over
+  tasks (``xs``); its gradient with respect to ``k`` and ``ks`` (second order), and the same
+  under a second ``vmap`` (as over seeds)."""
+  conv = lambda x, kk: layers.conv3x3(x, kk, impl=impl)
+
+  def task(k, x, kt):
+    inner = lambda kk: jnp.sum(jnp.tanh(conv(x, kk)) ** 2)
+    adapted = k - 0.1 * jax.grad(inner)(k)
+    return jnp.sum(jnp.sin(conv(x, adapted))) + jnp.sum(jnp.cos(conv(x, adapted + kt)))
+
+  meta = lambda k, ks: jnp.mean(jax.vmap(task, (None, 0, 0))(k, xs, ks))
+  grad = jax.grad(meta, argnums=(0, 1))
+  seeds = jax.vmap(grad, (0, None))(jnp.stack([k, 0.5 * k]), ks)
+  return jax.jit(grad)(k, ks), seeds
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.float64, 1e-10)])
+def test_tasks_conv_meta_gradient_equals_reference(dtype, tol):
+  """``impl="tasks"`` (an ordinary convolution per task) gives the second-order gradient of
+  the reference forms under ``vmap`` with shared and per-task kernels and a nested ``vmap``."""
+  with jax.enable_x64(dtype == jnp.float64):
+    x, k, _ = _conv_args(jax.random.key(15), n=6, h=5, w=4, c=3, o=4, dtype=dtype)
+    xs = jnp.stack([x[:3], x[3:]])
+    ks = 0.3 * jax.random.normal(jax.random.key(16), (2,) + k.shape, dtype)
+    ref = _tasks_meta_gradient("xla", k, xs, ks)
+    for impl in ("tasks", "matmul"):
+      for a, b in zip(jax.tree.leaves(_tasks_meta_gradient(impl, k, xs, ks)), jax.tree.leaves(ref)):
+        # relative to the leaf's largest entry: float32 rounds its entries up to ~20 at 1e-6
+        assert float(jnp.max(jnp.abs(a - b))) <= tol * float(jnp.max(jnp.abs(b))), impl
+
+
+def test_tasks_conv_runs_one_convolution_per_task():
+  """Per-task kernels: a loop of ungrouped convolutions (no ``feature_group_count``, which
+  XLA:CPU runs slowly), every operand in NHWC / HWIO layout."""
+  xs = jnp.ones((4, 2, 6, 6, 3))
+  ks = jnp.ones((4, 3, 3, 3, 5))
+  loss = lambda x, k: jnp.sum(layers.conv3x3(x, k, impl="tasks") ** 2)
+  step = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))
+  hlo = step.lower(xs, ks).compile().as_text()  # printed only when not 1
+  assert "feature_group_count" not in hlo and "batch_group_count" not in hlo
+  assert "while" in hlo and hlo.count("convolution(") >= 3
+  convs = [line for line in hlo.splitlines() if " convolution(" in line]
+  assert convs and all("dim_labels=b01f_01io->b01f" in line for line in convs)
 
 
 def test_matmul_conv_is_a_real_convolution():
@@ -151,7 +200,7 @@ def test_conv4_impls_agree():
   b = Conv4(5, hidden=8, conv_impl="xla").apply({"params": params}, x)
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
   if jax.default_backend() == "cpu":
-    assert layers.resolve_conv_impl("auto") == "matmul"
+    assert layers.resolve_conv_impl("auto") == "tasks"
 
 
 def test_conv4_bad_inputs_give_clear_errors():
@@ -168,8 +217,8 @@ def test_conv4_bad_inputs_give_clear_errors():
     Conv4(5, conv_impl="cudnn").init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
 
 
-def _maml_setup(num_tasks=3, n_support=4, n_query=6, hidden=8):
-  model = Conv4(3, hidden=hidden)
+def _maml_setup(num_tasks=3, n_support=4, n_query=6, hidden=8, conv_impl="auto"):
+  model = Conv4(3, hidden=hidden, conv_impl=conv_impl)
   key = jax.random.key(12)
   ks = jax.random.split(key, 5)
   xs = jax.random.uniform(ks[0], (num_tasks, n_support, 28, 28, 1))
@@ -197,11 +246,12 @@ def test_vmap_over_per_task_params_equals_loop():
     )
 
 
-def test_second_order_meta_gradient_vmap_equals_loop():
+@pytest.mark.parametrize("conv_impl", ["matmul", "tasks"])
+def test_second_order_meta_gradient_vmap_equals_loop(conv_impl):
   """The MAML meta-gradient (grad through an inner grad step), jitted and vmapped over
   tasks, equals the mean of per-task gradients computed one task at a time (the
   property XLA:CPU broke for a reshape-and-reduce max-pool: see layers.max_pool_2x2)."""
-  _, params, (xs, ys, xq, yq), task_loss = _maml_setup()
+  _, params, (xs, ys, xq, yq), task_loss = _maml_setup(conv_impl=conv_impl)
   meta = lambda p: jnp.mean(jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(p, xs, ys, xq, yq))
   g_vmap = jax.jit(jax.grad(meta))(params)
   one = jax.jit(jax.grad(task_loss))
@@ -283,4 +333,6 @@ def test_second_order_meta_gradient_vmap_equals_loop_on_omniglot():
   )
   for a, b in zip(jax.tree.leaves(g_vmap), jax.tree.leaves(g_loop)):
     if float(jnp.max(jnp.abs(b))) > 1e-4:  # conv biases: ~0 (batch norm removes them)
-      assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-4
+      # float32 ties: 3.5e-4 apart with conv_impl="tasks", whose vmapped meta-gradient is
+      # 1.1e-6 from float64 on these tasks (docs/design.md); the miscompile was 4-9%
+      assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-3

@@ -33,9 +33,10 @@ Use it with amaml's meta step through ``apply``::
     loss_fn = amaml.losses.cross_entropy(apply_fn)
 
 ``conv_impl`` picks how the convolutions are computed (same values, different
-speed): ``"matmul"`` (shifted patches and one matrix product: the fast form on CPU
-under ``vmap`` with per-task weights and second-order gradients), ``"xla"``
-(``lax.conv_general_dilated``: the one to use on GPU) or ``"auto"`` (``"matmul"``
+speed): ``"tasks"`` (one ordinary convolution per task, with a hand-written gradient: the
+fast form on CPU under ``vmap`` with per-task weights and second-order gradients),
+``"matmul"`` (shifted patches and one matrix product), ``"xla"``
+(``lax.conv_general_dilated``: the one to use on GPU) or ``"auto"`` (``"tasks"``
 when the default JAX backend is the CPU, else ``"xla"``). See
 :mod:`amaml.models.layers` and ``benchmarks/throughput.py``.
 """
@@ -120,7 +121,7 @@ class Conv4(nn.Module):
       is the flattened features ``[n, hidden * h * w]`` (an embedding, for ProtoNets).
     hidden: filters per conv block (64 for Omniglot, 32 for miniImageNet).
     num_blocks: conv blocks; the input needs at least ``2 ** num_blocks`` pixels a side.
-    conv_impl: ``"auto"``, ``"matmul"`` or ``"xla"`` (see the module docstring).
+    conv_impl: ``"auto"``, ``"tasks"``, ``"matmul"`` or ``"xla"`` (see the module docstring).
     bn_eps: batch-norm epsilon.
   """
 

@@ -5,16 +5,25 @@ Second-order MAML differentiates a task's loss after an inner SGD step, under
 so every convolution after the first inner step has a per-task kernel: vmapped,
 ``lax.conv_general_dilated`` becomes a *grouped* convolution, and XLA:CPU's grouped
 convolution (its gradient above all) is one to two orders of magnitude slower than
-the same arithmetic as a matrix product. :func:`conv3x3` therefore has two forms:
+the same arithmetic as ordinary convolutions or matrix products. :func:`conv3x3`
+therefore has three forms:
 
+- ``"tasks"``: ``lax.conv_general_dilated`` with a batching rule
+  (``jax.custom_batching.custom_vmap``) of its own: with per-task kernels it runs one
+  ordinary convolution per task (``lax.map``), with one kernel for all tasks one
+  convolution over all their images. Its gradient is a custom VJP made of two such
+  operations (the input gradient a convolution of ``dy`` with the flipped kernel, the
+  kernel gradient a convolution of the transposed input with ``dy``, see
+  ``_conv3x3_tasks_bwd``) whose own gradients are again these two, so every derivative,
+  of any order, under any number of ``vmap`` s, is ungrouped convolutions, which XLA:CPU
+  runs fast. Reverse mode only (``grad``, ``vjp``, grad-of-grad); for forward mode
+  (``jax.jvp``, ``jacfwd``) use ``"xla"``.
 - ``"matmul"``: the 9 shifted copies of the zero-padded input concatenated on the
   channel axis ("patches", im2col), then one ``dot_general`` with the kernel
   reshaped to ``[9 * C, O]``. Under ``vmap`` this is a batched matrix product. Its
   gradient is a custom VJP written with the same two operations (see
-  ``_conv3x3_matmul_bwd``), so every derivative, of any order, is again patches and
-  matrix products. Reverse mode only (``grad``, ``vjp``, grad-of-grad); for forward
-  mode (``jax.jvp``, ``jacfwd``) use ``"xla"``.
-- ``"xla"``: ``lax.conv_general_dilated`` (cuDNN on GPU, where it is the better one).
+  ``_conv3x3_matmul_bwd``). Reverse mode only, as ``"tasks"``.
+- ``"xla"``: plain ``lax.conv_general_dilated`` (cuDNN on GPU, where it is the better one).
 
 All functions take NHWC activations and HWIO kernels and are pure: use them under
 ``jit``, ``vmap`` and any order of ``grad``.
@@ -25,15 +34,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-CONV_IMPLS = ("auto", "matmul", "xla")
+CONV_IMPLS = ("auto", "matmul", "tasks", "xla")
 
 
 def resolve_conv_impl(impl: str) -> str:
-  """``"auto"`` -> ``"matmul"`` on CPU, ``"xla"`` on any other backend (GPU, TPU)."""
+  """``"auto"`` -> ``"tasks"`` on CPU, ``"xla"`` on any other backend (GPU, TPU)."""
   if impl not in CONV_IMPLS:
     raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
   if impl == "auto":
-    return "matmul" if jax.default_backend() == "cpu" else "xla"
+    return "tasks" if jax.default_backend() == "cpu" else "xla"
   return impl
 
 
@@ -46,7 +55,8 @@ def conv3x3(
     x: ``[n, H, W, C]`` (NHWC).
     kernel: ``[3, 3, C, O]`` (HWIO).
     bias: ``[O]`` or ``None``.
-    impl: ``"matmul"`` (patches + one matrix product), ``"xla"``
+    impl: ``"tasks"`` (one convolution per task), ``"matmul"`` (patches + one matrix
+      product), ``"xla"``
       (``lax.conv_general_dilated``) or ``"auto"`` (see :func:`resolve_conv_impl`).
 
   Returns:
@@ -59,9 +69,9 @@ def conv3x3(
       f"kernel must be [3, 3, {c}, O] for an input with {c} channels, got {kernel.shape}"
     )
   if impl == "xla":
-    y = jax.lax.conv_general_dilated(
-      x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
+    y = _lax_conv(x, kernel)
+  elif impl == "tasks":
+    y = _conv3x3_tasks(x, kernel)
   else:
     y = _conv3x3_matmul(x, kernel)
   if bias is not None:
@@ -112,6 +122,94 @@ def _conv3x3_matmul_bwd(res, dy):
 
 
 _conv3x3_matmul.defvjp(_conv3x3_matmul_fwd, _conv3x3_matmul_bwd)
+
+
+def _lax_conv(x, kernel):
+  return jax.lax.conv_general_dilated(
+    x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+
+
+def _flip_transpose(kernel):
+  """``[3, 3, C, O]`` -> ``[3, 3, O, C]``, flipped in space: the kernel of the input gradient."""
+  return jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+
+
+def _each_task(fn, axis_size, in_batched, *args):
+  """``fn`` applied to one task at a time (``lax.map``), the unbatched arguments shared."""
+  args = tuple(
+    a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
+    for a, batched in zip(args, in_batched)
+  )
+  return jax.lax.map(lambda a: fn(*a), args)
+
+
+@jax.custom_batching.custom_vmap
+def _conv_kernel(x, kernel):
+  return _lax_conv(x, kernel)
+
+
+@_conv_kernel.def_vmap
+def _conv_kernel_vmap(axis_size, in_batched, x, kernel):
+  x_batched, kernel_batched = in_batched
+  if kernel_batched:  # per-task kernels: one ordinary convolution per task
+    return _each_task(_conv_kernel, axis_size, in_batched, x, kernel), True
+  if not x_batched:
+    return _conv_kernel(x, kernel), False
+  # one kernel for all tasks: the tasks' images are one batch
+  t, n, h, w, c = x.shape
+  y = _conv_kernel(x.reshape(t * n, h, w, c), kernel)
+  return y.reshape(t, n, h, w, kernel.shape[3]), True
+
+
+@jax.custom_batching.custom_vmap
+def _kernel_grad_kernel(x, dy):
+  # dkernel[i, j, c, o] = sum_{n, r, s} xpad[n, r + i, s + j, c] dy[n, r, s, o]: the padded
+  # convolution of x with channels as the batch and images as the features, dy as an
+  # [H, W, n, O] kernel. The operands are transposed explicitly into XLA:CPU's own layout
+  # (NHWC, HWIO): given as dimension numbers instead, inside a loop, XLA:CPU keeps the
+  # swapped layout and runs a naive convolution, 100x slower.
+  out = _lax_conv(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)))
+  return jnp.transpose(out, (1, 2, 0, 3))
+
+
+@_kernel_grad_kernel.def_vmap
+def _kernel_grad_kernel_vmap(axis_size, in_batched, x, dy):
+  return _each_task(_kernel_grad_kernel, axis_size, in_batched, x, dy), True
+
+
+@jax.custom_vjp
+def _conv3x3_tasks(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return _conv_kernel(x, kernel)
+
+
+def _conv3x3_tasks_fwd(x, kernel):
+  return _conv3x3_tasks(x, kernel), (x, kernel)
+
+
+def _conv3x3_tasks_bwd(res, dy):
+  x, kernel = res
+  return _conv3x3_tasks(dy, _flip_transpose(kernel)), _kernel_grad(x, dy)
+
+
+_conv3x3_tasks.defvjp(_conv3x3_tasks_fwd, _conv3x3_tasks_bwd)
+
+
+@jax.custom_vjp
+def _kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+  return _kernel_grad_kernel(x, dy)
+
+
+def _kernel_grad_fwd(x, dy):
+  return _kernel_grad(x, dy), (x, dy)
+
+
+def _kernel_grad_bwd(res, g):
+  x, dy = res
+  return _conv3x3_tasks(dy, _flip_transpose(g)), _conv3x3_tasks(x, g)
+
+
+_kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
 
 
 def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, *, eps: float = 1e-5) -> jax.Array:
