@@ -82,9 +82,9 @@ class Config:
   hidden: int = _field(40, "hidden units (MLP) or filters (Conv4)")
   conv_impl: str = _field(
     "auto",
-    "Conv4's and ResNet-12's convolution: matmul (patches, "
-    "fast on CPU), xla (lax.conv, cuDNN on GPU) or auto (by backend)",
-    ("auto", "matmul", "xla"),
+    "Conv4's and ResNet-12's convolution: tasks (one lax.conv per task, "
+    "the CPU's), matmul (patches), xla (lax.conv, cuDNN on GPU) or auto (by backend)",
+    ("auto", "tasks", "matmul", "xla"),
   )
   # inner loop
   inner_steps: int = _field(1, "inner SGD steps per task in training (reptile: 5)")

@@ -41,9 +41,10 @@ pure, deterministic function of parameters and input, as MAML's inner loop needs
     apply_fn = lambda params, x: model.apply({"params": params}, x)
     loss_fn = amaml.losses.cross_entropy(apply_fn)
 
-``conv_impl`` picks how the 3x3 convolutions are computed, as for Conv4 (``"matmul"``:
-fast on CPU under ``vmap`` with per-task weights; ``"xla"``: for GPU; ``"auto"``: by
-backend); see :mod:`amaml.models.layers`.
+``conv_impl`` picks how the 3x3 convolutions are computed, as for Conv4 (``"tasks"``: one
+ordinary convolution per task, the CPU's choice under ``vmap`` with per-task weights;
+``"matmul"``: patches and one matrix product; ``"xla"``: for GPU; ``"auto"``: by backend);
+see :mod:`amaml.models.layers`.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class ResNet12(nn.Module):
       ProtoNets).
     channels: filters of the four blocks; ``(64, 160, 320, 640)`` is the published network,
       smaller widths are for tests and quick experiments.
-    conv_impl: ``"auto"``, ``"matmul"`` or ``"xla"`` (see :mod:`amaml.models.layers`).
+    conv_impl: ``"auto"``, ``"tasks"``, ``"matmul"`` or ``"xla"`` (see :mod:`amaml.models.layers`).
     bn_eps: batch-norm epsilon.
     drop_rate: dropout rate after the first two blocks and DropBlock rate after the last
       two (MetaOptNet's placement); ``0`` (the default): off. Only applied in a call with
