@@ -75,7 +75,7 @@ class Tracker:
   is read from ``out/best``, without it a best checkpoint left there by an earlier run is
   deleted."""
 
-  def __init__(self, exp, out: Path, state, resume: bool):
+  def __init__(self, exp, out: str | os.PathLike, state, resume: bool):
     if "val" not in exp.data:
       raise ValueError(
         "--keep_best: this task has no validation split to choose the parameters on; drop "
