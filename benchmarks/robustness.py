@@ -232,14 +232,15 @@ def _guard(out: dict) -> dict:
 
 
 def _choose(val: dict, key: str, scales) -> list:
-  """Per cell, the best ``(scale, steps)`` of the mean validation curves ``val``."""
-  cells = val[1.0][key].shape[0]
-  return [
-    adaptation.best_adaptation(
+  """Per cell, the best ``(scale, steps, score)`` of the mean validation curves ``val``
+  (the score as :func:`amaml.adaptation.best_adaptation` ranks it: higher is better)."""
+  picks = []
+  for j in range(val[1.0][key].shape[0]):
+    scale, steps, scores = adaptation.best_adaptation(
       {s: val[s][key][j].mean(axis=0) for s in scales}, higher_is_better=key == "accuracy"
-    )[:2]
-    for j in range(cells)
-  ]
+    )
+    picks.append((scale, steps, scores[f"{scale:g}x{steps}"]))
+  return picks
 
 
 def evaluate_cells(exp, state, val_batch, test_batch, max_tasks: int):
@@ -247,7 +248,8 @@ def evaluate_cells(exp, state, val_batch, test_batch, max_tasks: int):
   evaluation (the rate and steps chosen on ``val_batch`` over
   :data:`amaml.adaptation.ALPHA_SCALES` by :func:`amaml.adaptation.best_adaptation`, every task
   under the support-loss guard) and the same without the guard over :data:`COARSE_SCALES`
-  (``selected_coarse``), all scored on ``test_batch``."""
+  (``selected_coarse``), all scored on ``test_batch``. ``"val"`` is the selected adaptation's
+  validation score (accuracy, or minus the loss; ``-inf`` where not finite)."""
   raw = {
     scale: curves_cells(exp, state, val_batch, scale, EVAL_STEPS, max_tasks)
     for scale in adaptation.ALPHA_SCALES
@@ -269,6 +271,7 @@ def evaluate_cells(exp, state, val_batch, test_batch, max_tasks: int):
       "selected": at_chosen[j, :, chosen[j][1]],
       "selected_scale": chosen[j][0],
       "selected_steps": chosen[j][1],
+      "val": chosen[j][2],
       "selected_coarse": at_coarse[j, :, coarse[j][1]],
       "coarse_scale": coarse[j][0],
       "coarse_steps": coarse[j][1],

@@ -134,3 +134,20 @@ def test_make_chunk_keeps_its_signature_and_outputs():
   assert all(v.shape == (2, 2) for v in m.values())
   assert np.all(np.isfinite(m["beta"])) and np.all(m["alpha"][:, 0] != m["alpha"][:, 1])
   assert np.all(np.asarray(state.step) == 2)
+
+
+def test_evaluate_cells_val_is_the_chosen_adaptations_validation_score():
+  """``"val"`` is the guarded validation curve, averaged over tasks, at the chosen scale and
+  step count, signed so that higher is better (minus the loss on sinusoid)."""
+  budget = dict(steps=4, meta_batch=5, eval_tasks=8, log_every=2)
+  exp = train.build(robustness.make_config("sinusoid", "maml", budget))
+  cells = [(0.01, 1e-3, 0), (0.3, 1e-2, 0)]
+  state, _, _, _ = robustness.run_cells(exp, cells, budget["steps"], budget["log_every"])
+  val = exp.sample(jax.random.key(1), None, 16)
+  test = exp.sample(jax.random.key(2), None, 8)
+  ev = robustness.evaluate_cells(exp, state, val, test, 1 << 20)
+  for j, e in enumerate(ev):
+    curves = robustness._guard(
+      robustness.curves_cells(exp, state, val, e["selected_scale"], robustness.EVAL_STEPS)
+    )["loss"]
+    assert e["val"] == pytest.approx(-curves[j, :, e["selected_steps"]].mean(), rel=1e-5)
