@@ -14,6 +14,9 @@ class), second order, outer Adam at 1e-3:
   amaml-maml    ``amaml.maml`` at alpha = 0.4: the same algorithm, amaml's jitted step.
   amaml         amaml's default (``amaml.alpha_maml``: one alpha per parameter tensor, each
                 by its own hypergradient) from the untuned alpha0 = 4.
+  amaml-adam-search  the same from alpha0 = 4, with the outer optimizer Adam at its library
+                rate 1e-3 (``beta_lr=0``) and alpha0 scaled by ``--alpha_search`` first (the
+                search runs on the training clock, its compilation off it).
 
 The implementations take turns in rounds of ``--round-minutes`` of training each (so load
 from other users of the machine hits them alike), all in this one process. After each round
@@ -48,12 +51,13 @@ sys.path.insert(0, str(ROOT))
 import _peers  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "time-to-accuracy.jsonl"
-IMPLS = ("torchfunc", "amaml-maml", "amaml")
+IMPLS = ("torchfunc", "amaml-maml", "amaml", "amaml-adam-search")
 TARGETS = (0.95, 0.97)
 LABELS = {
   "torchfunc": "torch.func peer: MAML at its tuned alpha = 0.4",
   "amaml-maml": "amaml.maml at alpha = 0.4",
   "amaml": "amaml default from the untuned alpha0 = 4",
+  "amaml-adam-search": "amaml, Adam at 1e-3 and the alpha search, from alpha0 = 4",
 }
 # what throughput.py gives every worker: XLA:CPU's per-call buffers then reuse freed memory
 MALLOC_ENV = {
@@ -63,19 +67,35 @@ MALLOC_ENV = {
 }
 
 
+AMAML_SETTINGS = {
+  "amaml-maml": {"method": "maml", "alpha": 0.4},
+  "amaml": {"alpha": 4.0},
+  "amaml-adam-search": dict(alpha=4.0, outer_optimizer="adam", beta_lr=0.0, alpha_search=True),
+}
+
+
 class AmamlImpl:
   """amaml's training chunks (``amaml.train.make_train_chunk``) from the peers' weights."""
 
   def __init__(self, exp, params):
+    import functools
+
     import jax
     import jax.numpy as jnp
-    from amaml import train
+    from amaml import rates, train
 
     self.exp, self.jnp = exp, jnp
     self.state = exp.learner.init(jax.tree.map(jnp.copy, params))  # the chunks donate it
     self.chunk = train.make_train_chunk(exp, 1000)
-    self.step_s, self.steps = None, 0
+    self.step_s, self.steps, self.search_s = None, 0, 0.0
     self.images = exp.data["train"]
+    if exp.config.alpha_search:  # compiled off the clock, run on it (in the first round)
+      batch = train.step_batch(exp, self.images, 0)
+      search = jax.jit(functools.partial(rates.search_alpha, exp.learner.meta_loss))
+      search = search.lower(self.state, batch).compile()
+      t0 = time.perf_counter()
+      self.state = jax.block_until_ready(search(self.state, batch))
+      self.search_s = time.perf_counter() - t0
     jax.block_until_ready(
       self.chunk(jax.tree.map(jnp.copy, self.state), self.images, jnp.int32(0), jnp.int32(1))
     )  # compile off the clock
@@ -83,7 +103,7 @@ class AmamlImpl:
   def train_for(self, seconds: float) -> float:
     import numpy as np
 
-    used = 0.0
+    used, self.search_s = self.search_s, 0.0
     while used < seconds:
       n = 1 if self.step_s is None else max(1, min(1000, int((seconds - used) / self.step_s)))
       t0 = time.perf_counter()
@@ -201,11 +221,7 @@ def build(args):
       exp = train.build(get_config("omniglot-5w1s", method="maml", alpha=0.4, **base))
       impls[name] = TorchImpl(exp, common.CONFIGS["omniglot-5w1s"], args.seed, 0.4)
     else:
-      cfg = get_config(
-        "omniglot-5w1s",
-        **base,
-        **({"method": "maml", "alpha": 0.4} if name == "amaml-maml" else {"alpha": 4.0}),
-      )
+      cfg = get_config("omniglot-5w1s", **base, **AMAML_SETTINGS[name])
       exp = train.build(cfg)
       impls[name] = AmamlImpl(exp, params)
   ref = next(iter(impls.values())).exp
