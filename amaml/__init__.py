@@ -1,9 +1,10 @@
 """amaml: Alpha MAML in JAX.
 
 MAML whose inner learning rate ``alpha`` adapts online by hypergradient descent
-(Behl, Baydin & Torr, 2019), and whose meta learning rate ``beta`` is set by a
-learning-rate-free outer optimizer (D-Adaptation, the default) or by hypergradient
-descent too (the paper's), as small pure functions: :func:`alpha_maml` (amaml's
+(Behl, Baydin & Torr, 2019), whose initial ``alpha`` can be searched on the first tasks
+(:func:`search_alpha`), and whose meta learning rate ``beta`` is Adam's 1e-3 (the default),
+follows its hypergradient too (the paper's), or is set by a learning-rate-free optimizer,
+as small pure functions: :func:`alpha_maml` (amaml's
 tuning-free default) / :func:`alpha_maml_paper` / :func:`maml` / :func:`fomaml` build a
 jitted, task-vmapped meta step; :func:`hypergradient` (module :mod:`amaml.hd`) is the Optax
 transform that adapts any optimizer's learning rate. :func:`imaml` is iMAML, its meta-gradient by

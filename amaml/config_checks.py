@@ -170,11 +170,6 @@ def check_seeds(cfg) -> None:
       f"--seeds {cfg.seeds} with --devices {cfg.devices}: several seeds train on one device; "
       "pass --devices 1, or --seeds 1 to split one run over devices"
     )
-  if cfg.seeds > 1 and cfg.alpha_search:
-    raise ValueError(
-      f"--seeds {cfg.seeds} with --alpha_search: not supported together; drop --alpha_search "
-      "or train each seed on its own (--seeds 1)"
-    )
 
 
 def check_keep_best(cfg) -> None:

@@ -17,10 +17,10 @@ from amaml import config_checks, defaults
 from amaml.config_checks import DATASETS, EPSILON_SCHEDULES, METHODS, MODELS, OUTER_OPTIMIZERS
 from amaml.config_checks import PROTOCOLS, RATE_RULES, TASKS, TEST_ADAPTATIONS
 
-# each method's outer optimizer when Config.outer_optimizer is None: amaml's default
-# (alpha-maml) uses D-Adaptation's AdamW, Reptile SGD, the others Adam
+# each method's outer optimizer when Config.outer_optimizer is None: Reptile SGD, the others
+# Adam (amaml's default, alpha-maml, with its rate beta fixed: Config.resolved_beta_lr)
 METHOD_OUTER_OPTIMIZER = {
-  "alpha-maml": "dadapt_adamw",
+  "alpha-maml": "adam",
   "alpha-maml-paper": "adam",
   "maml": "adam",
   "fomaml": "adam",
@@ -152,9 +152,9 @@ class Config:
   beta: float | None = _field(
     None,
     "outer rate (beta0) of outer_optimizer adam or sgd: "
-    "adapted by hypergradient for the alpha-maml methods, fixed "
-    "for the others (reptile: use --epsilon; --beta is its old, "
-    "deprecated name there); none: 1e-3",
+    "adapted by hypergradient at --beta_lr for the alpha-maml methods (alpha-maml's own "
+    "Adam: fixed unless --beta_lr is given), fixed for the others (reptile: use --epsilon; "
+    "--beta is its old, deprecated name there); none: 1e-3",
   )
   epsilon: float | None = _field(
     None,
@@ -173,7 +173,8 @@ class Config:
     None,
     "outer optimizer: adam (its rate beta adapted by hypergradient for the alpha-maml "
     "methods, fixed for maml) or a learning-rate-free one from optax.contrib (beta then "
-    "unused); none: the method's own (dadapt_adamw for alpha-maml, adam for the others)",
+    "unused); none: the method's own (sgd for reptile, adam for the others; for alpha-maml "
+    "with beta fixed unless --beta_lr is given)",
     OUTER_OPTIMIZERS,
   )
   # hypergradient descent on the rates: the library's defaults (amaml.rates), the same in
@@ -182,15 +183,20 @@ class Config:
     "normalized", "how alpha and beta follow their hypergradients", RATE_RULES
   )
   alpha_lr: float | None = _field(None, "hypergradient rate of alpha (none: the rule's default)")
-  beta_lr: float | None = _field(None, "hypergradient rate of beta (none: the rule's default)")
+  beta_lr: float | None = _field(
+    None,
+    "hypergradient rate of beta (none: the rule's default; 0 for alpha-maml with its own "
+    "outer optimizer)",
+  )
   backtrack: bool = _field(
     True,
     "alpha-maml: halve alpha and hold the rest when adaptation more than doubles the query loss",
   )
-  alpha_search: bool = _field(
-    False,
+  alpha_search: bool | None = _field(
+    None,
     "before the first meta step, scale alpha0 by the power of 4 (1/4096 to 4096) that gets "
-    "most of the query-loss decrease on the first meta-batch (amaml.rates.search_alpha)",
+    "most of the query-loss decrease on the first meta-batch (amaml.rates.search_alpha); "
+    "none: true for alpha-maml, false for the others",
   )
   alpha_min: float = _field(0.0, "lower bound on alpha")
   alpha_max: float | None = _field(None, "upper bound on alpha (none: unbounded)")
@@ -274,8 +280,21 @@ class Config:
   @property
   def resolved_outer_optimizer(self) -> str:
     """``outer_optimizer``, or the method's own when it is ``None``
-    (``METHOD_OUTER_OPTIMIZER``: D-Adaptation's AdamW for ``alpha-maml``, else Adam)."""
+    (``METHOD_OUTER_OPTIMIZER``: SGD for ``reptile``, else Adam)."""
     return self.outer_optimizer or METHOD_OUTER_OPTIMIZER[self.method]
+
+  @property
+  def resolved_beta_lr(self) -> float | None:
+    """``beta_lr``; when it is ``None``, ``0`` (beta fixed) for ``alpha-maml`` with its own
+    outer optimizer (amaml's default: Adam at 1e-3), else ``None`` (the rule's default)."""
+    if self.beta_lr is None and self.method == "alpha-maml" and self.outer_optimizer is None:
+      return 0.0
+    return self.beta_lr
+
+  @property
+  def resolved_alpha_search(self) -> bool:
+    """``alpha_search``, or, when it is ``None``, whether the method is ``alpha-maml``."""
+    return self.method == "alpha-maml" if self.alpha_search is None else self.alpha_search
 
   @property
   def resolved_beta(self) -> float:

@@ -278,7 +278,7 @@ def _maml_family(cfg: Config, loss_fn) -> meta.MetaLearner:
   kwargs.update(multi_step_loss=cfg.multi_step_loss, first_order_steps=cfg.first_order_steps)
   if cfg.alpha_granularity is not None:  # validate() allows it for alpha-maml(-paper) only
     kwargs.update(alpha_granularity=cfg.alpha_granularity)
-  rates = dict(alpha_lr=cfg.alpha_lr, beta_lr=cfg.beta_lr)
+  rates = dict(alpha_lr=cfg.alpha_lr, beta_lr=cfg.resolved_beta_lr)
   if cfg.method == "alpha-maml":
     return methods.alpha_maml(
       loss_fn, rate_rule=cfg.rate_rule, backtrack=cfg.backtrack, **rates, **kwargs

@@ -5,7 +5,7 @@ Every gradient method is an inner loop (:func:`amaml.inner_loop.inner_loop`), a 
 (:mod:`amaml.safeguards`), joined by :func:`gradient_learner`; the presets choose them:
 
 * :func:`alpha_maml` (amaml's default): one ``alpha`` per tensor by hypergradient,
-  D-Adaptation outside (it sets ``beta``), the non-finite guard and backtracking;
+  Adam at ``beta`` = 1e-3 outside, the non-finite guard and backtracking;
 * :func:`alpha_maml_paper`: one ``alpha`` and Adam's ``beta``, both by the additive
   hypergradient rule, the guard;
 * :func:`maml`: one fixed ``alpha``, Adam at a fixed ``beta``, the guard;
@@ -21,14 +21,15 @@ A complete training loop on sinusoid regression:
 >>> model = amaml.models.MLP()
 >>> params = model.init(jax.random.key(0), jax.numpy.zeros((1, 1)))["params"]
 >>> loss_fn = amaml.losses.mse(lambda p, x: model.apply({"params": p}, x))
->>> learner = amaml.alpha_maml(loss_fn)   # one alpha per tensor from 0.1; D-Adaptation sets beta
->>> state = learner.init(params)
+>>> learner = amaml.alpha_maml(loss_fn)   # one alpha per tensor from 0.1; Adam at 1e-3 outside
 >>> key = jax.random.key(1)
+>>> state = amaml.search_alpha(learner.meta_loss, learner.init(params),
+...                            amaml.sinusoid_tasks(key, num_tasks=25))  # alpha0 searched
 >>> for i in range(3):
 ...   key, sub = jax.random.split(key)
 ...   state, metrics = learner.step(state, amaml.sinusoid_tasks(sub, num_tasks=25))
 >>> sorted(metrics)[:5]
-['alpha', 'alpha_hypergradient', 'backtracked', 'beta', 'grad_norm']
+['alpha', 'alpha_hypergradient', 'backtracked', 'beta', 'beta_hypergradient']
 """
 
 from __future__ import annotations
@@ -102,32 +103,36 @@ def gradient_learner(
   return meta_learner(step, loop, meta_loss=meta_loss, donate=donate)
 
 
-def default_outer_optimizer() -> optax.GradientTransformation:
-  """amaml's outer optimizer: D-Adaptation's AdamW with its defaults (learning-rate
-  multiplier 1, no weight decay). It needs no meta rate: on sinusoid and Omniglot it
-  trained better from every alpha0 than Adam with beta adapted by hypergradient, whose
-  one-step hypergradient lowers beta through a long run (BENCHMARKS.md, "Tuning-free
-  defaults")."""
-  return optax.contrib.dadapt_adamw()
+def default_outer_optimizer(beta: float = BETA, **adam_kwargs: Any) -> optax.GradientTransformation:
+  """amaml's outer optimizer: Adam at its library rate ``beta`` = 1e-3, held fixed (inside
+  :func:`amaml.hypergradient` at ``hyper_lr=0``, so ``metrics["beta"]`` reports it). On the
+  tuning-free suite's families it held within a point of MAML's best start more often than
+  the learning-rate-free optimizers of ``optax.contrib`` and than beta by hypergradient
+  (BENCHMARKS.md, "Tuning-free suite"). ``adam_kwargs`` go to ``optax.adam``."""
+  return hypergradient(optax.adam, learning_rate=beta, hyper_lr=0.0, min_rate=0.0, **adam_kwargs)
 
 
 def as_outer_optimizer(
   optimizer: Any = None,
   *,
   beta: float = 1e-3,
-  beta_lr: float = DEFAULT_HYPER_LR,
+  beta_lr: float | None = None,
   rate_rule: str = DEFAULT_RULE,
   beta_min: float | None = 0.0,
   beta_max: float | None = None,
   **optimizer_kwargs: Any,
 ) -> optax.GradientTransformation:
-  """The outer optimizer of ``optimizer``: ``None``, amaml's :func:`default_outer_optimizer`;
+  """The outer optimizer of ``optimizer``: ``None``, amaml's :func:`default_outer_optimizer`
+  at ``beta`` (Adam, its rate fixed; with ``beta_lr`` > 0 following its hypergradient);
   a built ``GradientTransformation``, itself; an Optax factory taking ``learning_rate``
   (``optax.adam``, ...), wrapped in :func:`amaml.hypergradient`: its rate starts at ``beta``
-  and follows its hypergradient by ``rate_rule`` at ``beta_lr`` (``0``: fixed) within
-  ``[beta_min, beta_max]``; ``optimizer_kwargs`` go to the factory."""
+  and follows its hypergradient by ``rate_rule`` at ``beta_lr`` (``0``: fixed; ``None``:
+  ``DEFAULT_HYPER_LR``, for the default ``0``) within ``[beta_min, beta_max]``;
+  ``optimizer_kwargs`` go to the factory."""
+  if optimizer is None and not beta_lr:
+    return default_outer_optimizer(beta, **optimizer_kwargs)
   if optimizer is None:
-    optimizer = default_outer_optimizer()
+    optimizer = optax.adam
   if isinstance(optimizer, optax.GradientTransformation):
     if optimizer_kwargs:
       raise TypeError("optimizer_kwargs need an optimizer factory, not a built optimizer")
@@ -135,7 +140,7 @@ def as_outer_optimizer(
   return hypergradient(
     optimizer,
     learning_rate=beta,
-    hyper_lr=beta_lr,
+    hyper_lr=DEFAULT_HYPER_LR if beta_lr is None else beta_lr,
     rate_rule=rate_rule,
     min_rate=beta_min,
     max_rate=beta_max,
@@ -179,20 +184,22 @@ def alpha_maml(
   """Alpha MAML (Behl, Baydin & Torr, 2019) with amaml's tuning-free defaults: MAML whose
   ``alpha`` (one per parameter tensor) follows its exact hypergradient ``dL_query/dalpha``
   through every inner step by the scale-free ``"normalized"`` rule (:mod:`amaml.rates`),
-  with backtracking (:func:`amaml.safeguards.backtrack`) and D-Adaptation's AdamW as the
-  outer optimizer, which sets ``beta`` itself (``metrics["beta"]`` is its estimate). The
-  paper's own setting, the additive rule for ``alpha`` and for Adam's ``beta``, is
-  :func:`alpha_maml_paper`.
+  with backtracking (:func:`amaml.safeguards.backtrack`) and Adam at ``beta`` = 1e-3 as the
+  outer optimizer, ``beta`` fixed (:func:`default_outer_optimizer`). The paper's own setting,
+  the additive rule for ``alpha`` and for Adam's ``beta``, is :func:`alpha_maml_paper`.
+  ``amaml train`` also scales ``alpha0`` by :func:`amaml.rates.search_alpha` on the first
+  meta-batch (``--alpha_search``); call it on the first state here to do the same.
 
   Args:
     loss_fn: ``loss_fn(params, x, y) -> (loss, aux)`` for one task's set; ``aux``: scalars.
     alpha: the initial inner rate ``alpha_0``.
     alpha_lr, beta_lr: the hypergradient rates of ``alpha`` and of an optimizer factory's
       ``beta`` (``0`` freezes it; ``None``: the rule's default, ``DEFAULT_HYPER_LR`` for
-      ``"normalized"``, the HD paper's ``1e-3`` and ``1e-7`` for ``"additive"``).
+      ``"normalized"``, the HD paper's ``1e-3`` and ``1e-7`` for ``"additive"``; for the
+      default optimizer ``None`` is ``0``).
     optimizer, beta, beta_min, beta_max: the outer optimizer (:func:`as_outer_optimizer`:
-      ``None`` for D-Adaptation, an Optax factory whose rate starts at ``beta`` and follows
-      its hypergradient, or a built one).
+      ``None`` for Adam at ``beta``, fixed unless ``beta_lr`` says otherwise; an Optax
+      factory whose rate starts at ``beta`` and follows its hypergradient; or a built one).
     rate_rule: ``"normalized"``, ``"additive"`` or ``"log"`` (:func:`amaml.rates.rate_rule`),
       for ``alpha`` and an adapted ``beta``.
     alpha_granularity: ``"tensor"``, ``"scalar"`` or ``"parameter"`` (:func:`amaml.init_alpha`).
@@ -206,6 +213,8 @@ def alpha_maml(
       ``first_order_steps``, ``alpha_per_step``, ``per_step_params``); any other keyword goes
       to the optimizer factory (``b1``, ``momentum``, ...).
   """
+  if optimizer is None and beta_lr is None:  # the default: Adam with beta fixed
+    beta_lr = 0.0
   alpha_lr, beta_lr = _default_hyper_lrs(rate_rule, alpha_lr, beta_lr)
   bounds = dict(alpha_min=alpha_min, alpha_max=alpha_max)
   alpha_rule = _alpha_rule(alpha_update, alpha_lr, rate_rule, alpha_min, alpha_max)

@@ -171,7 +171,9 @@ def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
       ckpt.close()
       raise
     start = int(np.max(sharding.host_local(state.step)))  # (with seeds, each seed's)
-  elif cfg.alpha_search:
+  elif cfg.resolved_alpha_search and cfg.seeds > 1:  # each seed on its own first tasks
+    state = seeds.search_alpha(exp, state, images, seeds.seed_values(cfg))
+  elif cfg.resolved_alpha_search:
     state = _search_alpha(exp, state, images)
   if _primary():
     truncate_metrics(out / "metrics.jsonl", start)

@@ -32,44 +32,46 @@ SINUSOID = RESULTS / "sinusoid-methods.jsonl"
 
 # (label, --method, flags of the Omniglot runs, flags of the sinusoid run, name of the
 # results: benchmarks/results/omniglot-5w1s-<name>-30min.json and omniglot-20w1s-<name>-gpu.json).
-# Starts: amaml's default from untuned alpha0 (4 and 0.01, far from MAML's 0.4); the other
+# Starts: Alpha MAML from untuned alpha0 (4 and 0.01, far from MAML's 0.4); the other
 # methods from their papers' values (MAML's tuned alpha: 0.4 on Omniglot 5-way, 0.1 on 20-way
 # (see ALPHA_20W), 0.01 on sinusoid), and MAML also from alpha = 4. Sinusoid has no ProtoNet
 # (it is not classification).
+# the alpha-maml rows ran with D-Adaptation outside and no alpha0 search
+DADAPT = {"outer_optimizer": "dadapt_adamw", "alpha_search": False}
 RUNS = [
   (
-    "amaml default (alpha-maml: one alpha per tensor), alpha0 = 4",
+    "alpha-maml (one alpha per tensor), D-Adaptation outside, alpha0 = 4",
     "alpha-maml",
-    {"alpha": 4.0, "alpha_granularity": "tensor"},
-    {"alpha": 4.0, "alpha_granularity": "tensor"},
+    {"alpha": 4.0, "alpha_granularity": "tensor", **DADAPT},
+    {"alpha": 4.0, "alpha_granularity": "tensor", **DADAPT},
     "default-tensor-a4",
   ),
   (
-    "amaml default (alpha-maml: one alpha per tensor), alpha0 = 0.01",
+    "alpha-maml (one alpha per tensor), D-Adaptation outside, alpha0 = 0.01",
     "alpha-maml",
-    {"alpha": 0.01, "alpha_granularity": "tensor"},
-    {"alpha": 0.01, "alpha_granularity": "tensor"},
+    {"alpha": 0.01, "alpha_granularity": "tensor", **DADAPT},
+    {"alpha": 0.01, "alpha_granularity": "tensor", **DADAPT},
     "default-tensor-a0.01",
   ),
   (
-    "alpha-maml with one alpha (alpha-maml@scalar), alpha0 = 4",
+    "alpha-maml with one alpha, D-Adaptation outside, alpha0 = 4",
     "alpha-maml",
-    {"alpha": 4.0, "alpha_granularity": "scalar"},
-    {"alpha": 4.0, "alpha_granularity": "scalar"},
+    {"alpha": 4.0, "alpha_granularity": "scalar", **DADAPT},
+    {"alpha": 4.0, "alpha_granularity": "scalar", **DADAPT},
     "dadapt-default-a4",
   ),
   (
-    "alpha-maml with one alpha (alpha-maml@scalar), alpha0 = 0.01",
+    "alpha-maml with one alpha, D-Adaptation outside, alpha0 = 0.01",
     "alpha-maml",
-    {"alpha": 0.01, "alpha_granularity": "scalar"},
-    {"alpha": 0.01, "alpha_granularity": "scalar"},
+    {"alpha": 0.01, "alpha_granularity": "scalar", **DADAPT},
+    {"alpha": 0.01, "alpha_granularity": "scalar", **DADAPT},
     "dadapt-default-a0.01",
   ),
   (
-    "alpha-maml with inner Adam, alpha0 = 0.1",
+    "alpha-maml with inner Adam, D-Adaptation outside, alpha0 = 0.1",
     "alpha-maml",
-    {"inner_optimizer": "adam"},
-    {"inner_optimizer": "adam", "alpha": 0.1},
+    {"inner_optimizer": "adam", **DADAPT},
+    {"inner_optimizer": "adam", "alpha": 0.1, **DADAPT},
     "alpha-maml-adam",
   ),
   (

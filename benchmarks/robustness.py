@@ -63,14 +63,22 @@ from amaml.env import versions
 ROOT = Path(__file__).resolve().parents[1]
 ALPHAS = (0.01, 0.04, 0.1, 0.4, 1.0, 4.0)
 BETAS = (1e-4, 1e-3, 1e-2)
-METHODS = ("maml", "alpha-maml-paper", "alpha-maml@scalar+adam", "alpha-maml@scalar", "alpha-maml")
+METHODS = (
+  "maml",
+  "alpha-maml-paper",
+  "alpha-maml@scalar+adam",
+  "alpha-maml@scalar+dadapt_adamw",
+  "alpha-maml+dadapt_adamw",
+  "alpha-maml",
+)
 ANCHORS = tuple(f"maml+{o}" for o in OUTER_OPTIMIZERS if o != "adam")
 LABELS = {
   "maml": "MAML (fixed rates)",
   "alpha-maml-paper": "Alpha MAML, paper's additive rule",
   "alpha-maml@scalar+adam": "alpha-maml with one alpha, beta by hypergradient on Adam",
-  "alpha-maml@scalar": "alpha-maml with one alpha",
-  "alpha-maml": "amaml default (one alpha per tensor)",
+  "alpha-maml@scalar+dadapt_adamw": "alpha-maml with one alpha, D-Adaptation outside",
+  "alpha-maml+dadapt_adamw": "alpha-maml (one alpha per tensor), D-Adaptation outside",
+  "alpha-maml": "amaml default (alpha per tensor, Adam 1e-3, alpha0 searched)",
 }
 CONFIG_NAMES = {
   "sinusoid": "sinusoid",
@@ -95,10 +103,13 @@ EVAL_STEPS = 10  # MAML's test-time inner steps, and the most the selection may 
 
 def make_config(task: str, method: str, budget: dict):
   """The named config of ``task`` at the budget; ``<method>+<opt>`` is ``method`` with the
-  outer optimizer ``opt``, ``<method>@<granularity>`` with that ``alpha_granularity``."""
+  outer optimizer ``opt`` (and no alpha0 search), ``<method>@<granularity>`` with that
+  ``alpha_granularity``; plain ``alpha-maml`` is amaml's default (Adam at 1e-3 with beta
+  fixed, alpha0 searched on the first meta-batch)."""
   kw = {}
   if "+" in method:
     method, kw["outer_optimizer"] = method.split("+", 1)
+    kw["alpha_search"] = False
   if "@" in method:
     method, kw["alpha_granularity"] = method.split("@", 1)
   return get_config(
@@ -170,6 +181,8 @@ def run_cells(exp, cells, steps: int, log_every: int):
   state = init_cells(exp.config, exp, cells)
   seeds = jnp.asarray([c[2] for c in cells], jnp.int32)
   images = exp.data["train"]
+  if exp.config.resolved_alpha_search:  # each cell on its seed's first tasks
+    state = multi_seed.search_alpha(exp, state, images, seeds)
   t0 = time.perf_counter()
   compiled = _compiled(
     exp,
@@ -328,8 +341,11 @@ def grid(task: str, method: str, budget: dict, alphas, betas, seeds: int, cells_
 
 
 def has_beta0(cfg) -> bool:
-  """Whether ``cfg``'s outer optimizer has a rate to start (Adam) or sets its own."""
-  return cfg.resolved_outer_optimizer == "adam"
+  """Whether ``cfg`` has an outer rate to start: Adam's, unless it is an Alpha MAML that
+  holds beta at its library default (amaml's default, ``beta_lr`` 0); other outer
+  optimizers set their own."""
+  fixed = cfg.method != "maml" and cfg.resolved_beta_lr == 0
+  return cfg.resolved_outer_optimizer == "adam" and not fixed
 
 
 def metric(task):
@@ -338,7 +354,7 @@ def metric(task):
 
 def protocol(method: str, task: str) -> str:
   """The row field that scores ``method`` by its own test-time protocol."""
-  if method.split("@")[0] == "alpha-maml":
+  if method.split("@")[0].split("+")[0] == "alpha-maml":
     return "test_selected"
   return "test_one_step" if task == "sinusoid" else "test_fixed"
 
@@ -480,13 +496,15 @@ def plot(rows, task, alphas, betas, out_dir: Path):
   corners = {(a, b) for a in (min(alphas), max(alphas)) for b in (min(betas), max(betas))}
   short = {
     "alpha-maml": "amaml",
-    "alpha-maml@scalar": "amaml, one alpha",
+    "alpha-maml+dadapt_adamw": "amaml+dadapt",
+    "alpha-maml@scalar+dadapt_adamw": "amaml+dadapt, one alpha",
     "alpha-maml@scalar+adam": "amaml+adam",
     "alpha-maml-paper": "paper",
   }
   for m, style in (
     ("alpha-maml", "-"),
-    ("alpha-maml@scalar", "-."),
+    ("alpha-maml+dadapt_adamw", (0, (5, 1))),
+    ("alpha-maml@scalar+dadapt_adamw", "-."),
     ("alpha-maml@scalar+adam", "--"),
     ("alpha-maml-paper", ":"),
   ):
@@ -497,8 +515,8 @@ def plot(rows, task, alphas, betas, out_dir: Path):
       ):
         b0 = "" if r["beta0"] is None else f" b0={r['beta0']:g}"
         lab = f"{short[m]} a0={r['alpha0']:g}{b0}"
-        axes[0].plot(r["alpha_traj"], style, label=lab)
-        axes[1].plot(r["beta_traj"], style, label=lab)
+        axes[0].plot(r["alpha_traj"], ls=style, label=lab)
+        axes[1].plot(r["beta_traj"], ls=style, label=lab)
   axes[0].set(
     yscale="log", xlabel="meta step", ylabel="alpha", title="alpha, corner cells (seed 0)"
   )
@@ -526,7 +544,7 @@ def report(rows, task, alphas, betas) -> str:
 
 def _render(rows, task, images: Path):
   alphas = sorted({r["alpha0"] for r in rows})
-  betas = sorted({r["beta0"] for r in rows if r["beta0"] is not None})
+  betas = sorted({r["beta0"] for r in rows if r["beta0"] is not None}) or [BETAS[1]]
   print(report(rows, task, alphas, betas))
   try:
     for p in plot(rows, task, alphas, betas, images):

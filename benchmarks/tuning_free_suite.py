@@ -18,11 +18,13 @@ for regression). Each row also holds ``test_coarse`` (the selection before the g
 the grid 2, 1, 1/2, 1/4, 1/8) and ``test_fixed`` (MAML's 10 steps at alpha);
 ``--render ... --field test_coarse`` tabulates those.
 
-Methods (``METHODS``): ``maml`` (Adam at 1e-3, alpha fixed at alpha0), ``default``
-(``amaml.alpha_maml(loss_fn)`` as a user calls it, only alpha0 set), and candidates for the
-default: the same Alpha MAML with another outer optimizer (Adam at optax's 1e-3 with beta
-fixed, Prodigy, schedule-free AdamW, DoG, Mechanic around Adam, D-Adaptation with a larger
-initial estimate, Adam with beta by hypergradient over a discounted horizon).
+Methods (``METHODS``): ``maml`` (Adam at 1e-3, alpha fixed at alpha0), amaml's default
+(:data:`DEFAULT`, ``adam+search``: Alpha MAML with Adam at optax's 1e-3 outside, beta fixed,
+alpha0 scaled by :func:`amaml.rates.search_alpha` on the first meta-batch), and the other
+candidates: the same Alpha MAML with another outer optimizer (D-Adaptation, ``dadapt``,
+also with a larger initial estimate; Prodigy, schedule-free AdamW, DoG, Mechanic around
+Adam, Adam with beta by hypergradient over a discounted horizon), with or without the
+search (the suffix ``+search``).
 
 Writes ``benchmarks/results/tuning-free-suite.jsonl.gz`` (one line per cell and budget),
 heat maps ``docs/images/tuning-free-suite.png`` and prints the tables of BENCHMARKS.md:
@@ -262,10 +264,6 @@ FAMILIES: dict[str, Family] = {
 
 
 # ----------------------------------------------------------------------------- methods
-def _default(loss_fn, k):
-  return amaml.alpha_maml(loss_fn, inner_steps=k)
-
-
 def _outer(make_opt):
   return lambda loss_fn, k: amaml.alpha_maml(loss_fn, inner_steps=k, optimizer=make_opt())
 
@@ -275,7 +273,7 @@ def _outer(make_opt):
 SEARCH = "+search"
 METHODS: dict[str, Callable] = {
   "maml": lambda loss_fn, k: amaml.maml(loss_fn, inner_steps=k),
-  "default": _default,
+  "dadapt": _outer(optax.contrib.dadapt_adamw),
   "adam": _outer(lambda: optax.adam(1e-3)),
   "prodigy": _outer(optax.contrib.prodigy),
   "schedule-free": _outer(optax.contrib.schedule_free_adamw),
@@ -290,7 +288,7 @@ METHODS: dict[str, Callable] = {
 }
 LABELS = {
   "maml": "MAML (Adam 1e-3, alpha fixed)",
-  "default": "amaml default (D-Adaptation)",
+  "dadapt": "Alpha MAML + D-Adaptation",
   "adam": "Alpha MAML + Adam 1e-3 (beta fixed)",
   "prodigy": "Alpha MAML + Prodigy",
   "schedule-free": "Alpha MAML + schedule-free AdamW (2.5e-3)",
@@ -301,9 +299,12 @@ LABELS = {
   "prodigy-d0=1e-3": "Alpha MAML + Prodigy, d0 = 1e-3",
   "adam-hd-discount": "Alpha MAML + Adam-HD, discount 0.9",
 }
-for _m in ("default", "adam"):
+for _m in ("dadapt", "adam"):
   METHODS[_m + SEARCH] = METHODS[_m]
   LABELS[_m + SEARCH] = LABELS[_m] + ", alpha0 searched on the first batch"
+#: amaml's default (``amaml.alpha_maml`` and ``amaml train``'s alpha0 search).
+DEFAULT = "adam" + SEARCH
+LABELS[DEFAULT] += " (amaml default)"
 
 
 # ----------------------------------------------------------------------------- running
@@ -488,7 +489,7 @@ def family_table(rows, family: str, budget: str, alphas) -> str:
     spread = abs(best - worst) if higher else worst / best
     g = gap(worst, maml, higher)
     mark = " (met)" if meets(g, higher) else ""
-    name = f"**{LABELS[m]}**" if m == "default" else LABELS[m]
+    name = f"**{LABELS[m]}**" if m == DEFAULT else LABELS[m]
     g_txt = "-" if m == "maml" else (f"{g:+.1f}{mark}" if higher else f"{g:.2f}x{mark}")
     lines.append(
       f"| {name} | "
@@ -498,7 +499,7 @@ def family_table(rows, family: str, budget: str, alphas) -> str:
   return "\n".join(lines)
 
 
-def summary(rows, alphas, method: str = "default") -> str:
+def summary(rows, alphas, method: str = DEFAULT) -> str:
   """One line per (family, budget) for ``method``, and how many meet the target."""
   means = cell_means(rows)
   lines = [

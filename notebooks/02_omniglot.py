@@ -112,28 +112,37 @@ plt.show()
 # The configuration sets nothing about the rates: like every named configuration it uses
 # amaml's tuning-free defaults (not the paper's). There is one inner rate `alpha` per
 # parameter tensor (18 for Conv4); each starts at 0.1 (MAML tuned 0.4 for 5-way Omniglot;
-# pass `alpha=0.4` for that) and follows its own hypergradient by the `"normalized"` rule at the hypergradient rate
-# `amaml.rates.DEFAULT_HYPER_LR`, with backtracking. The outer optimizer is the method's
-# own (`outer_optimizer=None`, looked up in `amaml.configs.METHOD_OUTER_OPTIMIZER`): for
-# `method="alpha-maml"` that is D-Adaptation's AdamW (`"dadapt_adamw"`), which sets the meta
-# rate itself, so `cfg.beta` is not used. `outer_optimizer="adam"` would give Adam with
-# `beta` starting at `cfg.resolved_beta` and adapted by hypergradient; `method="alpha-maml-paper"`
-# the paper's additive rule for both rates (with Adam).
+# pass `alpha=0.4` for that). Before the first meta step, `amaml.train.train` scales that
+# start by the power of 4 (1/4096 to 4096) that gets most of the query-loss decrease on the
+# first meta-batch (`alpha_search=None`, which means on for `method="alpha-maml"`;
+# `alpha_search=False` keeps 0.1). Then each rate follows its own hypergradient by the
+# `"normalized"` rule at the hypergradient rate `amaml.rates.DEFAULT_HYPER_LR`, with
+# backtracking. The outer optimizer is the method's own (`outer_optimizer=None`, looked up
+# in `amaml.configs.METHOD_OUTER_OPTIMIZER`): for `method="alpha-maml"` that is Adam at
+# `cfg.resolved_beta` (1e-3), held fixed. `beta_lr=` a positive rate, or
+# `outer_optimizer="adam"`, makes `beta` follow its hypergradient;
+# `outer_optimizer="dadapt_adamw"` gives D-Adaptation's AdamW, which sets its own step size
+# (`cfg.beta` then unused); `method="alpha-maml-paper"` the paper's additive rule for both
+# rates (with Adam).
 
 # %%
 cfg = get_config("omniglot-5w1s", iterations=ITERATIONS, meta_batch=META_BATCH, hidden=HIDDEN,
                  log_every=ITERATIONS // 10, val_every=ITERATIONS // 2, val_tasks=EVAL_TASKS,
                  checkpoint_every=0, eval_tasks=EVAL_TASKS, eval_batch=EVAL_TASKS // 2)
 print({k: getattr(cfg, k) for k in ("method", "ways", "shots", "queries", "inner_steps",
-                                    "alpha", "rate_rule", "alpha_lr", "backtrack",
-                                    "outer_optimizer", "meta_batch", "test_adaptation",
-                                    "eval_inner_steps")})
+                                    "alpha", "alpha_search", "rate_rule", "alpha_lr",
+                                    "backtrack", "outer_optimizer", "beta_lr", "meta_batch",
+                                    "test_adaptation", "eval_inner_steps")})
 OUTER = cfg.resolved_outer_optimizer   # outer_optimizer=None: the method's own
 assert cfg.method == "alpha-maml" and cfg.alpha_lr is None   # the settings printed below
-print(f"inner rates alpha: one per parameter tensor, each from {cfg.alpha:g}, {cfg.rate_rule} rule, "
+SEARCH = cfg.resolved_alpha_search     # alpha_search=None: on for alpha-maml
+print(f"inner rates alpha: one per parameter tensor, each from {cfg.alpha:g}"
+      + (" times the searched power of 4" if SEARCH else "") + f", {cfg.rate_rule} rule, "
       f"hypergradient rate "
       f"{amaml.rates.DEFAULT_HYPER_LR} (the rule's default), backtracking {cfg.backtrack}")
-if OUTER == "adam":
+if OUTER == "adam" and cfg.resolved_beta_lr == 0:   # beta_lr=None: 0 for alpha-maml's Adam
+  print(f"outer optimizer: Adam, beta fixed at {cfg.resolved_beta:g}")
+elif OUTER == "adam":
   print(f"outer optimizer: Adam, beta from {cfg.resolved_beta:g}, adapted by hypergradient")
 else:
   print(f"outer optimizer: {OUTER}, which sets its own step size (cfg.beta is not used)")
@@ -189,21 +198,23 @@ axes[1].plot(*zip(*val), "o--", label="validation tasks")
 axes[1].axhline(1 / cfg.ways, color="gray", lw=1, ls=":", label="chance")
 axes[1].set(xlabel="meta step", ylabel="query accuracy after adaptation", title="accuracy")
 axes[2].plot(step, [r["alpha"] for r in recs], "o-")
-axes[2].set(xlabel="meta step", title=f"inner rate alpha (from {cfg.alpha:g})")
+axes[2].set(xlabel="meta step", title=f"inner rate alpha (from {cfg.alpha:g}"
+            + (" x the search's scale)" if SEARCH else ")"))
 axes[3].plot(step, [r["beta"] for r in recs], "o-")
 axes[3].set(xlabel="meta step", yscale="log", ylabel="'beta' in metrics.jsonl",
             title=f"outer step size: {OUTER}'s estimate" if OUTER != "adam" else
-            f"outer rate beta (from {cfg.resolved_beta:g})")
+            f"outer rate beta (fixed at {cfg.resolved_beta:g})" if cfg.resolved_beta_lr == 0
+            else f"outer rate beta (from {cfg.resolved_beta:g})")
 axes[0].legend(fontsize=8); axes[1].legend(fontsize=8)
 plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# What to look for: where `alpha` goes from the default 0.1 (MAML's hand-tuned value for
-# 5-way Omniglot is 0.4), and whether it is still moving when the run stops. The `beta`
-# panel is D-Adaptation's step-size estimate, logged at the end of each log line (and the
-# `final beta` of the results summary above): it starts at 1e-6, grows as gradients
-# accumulate and never decreases. In the printed results, compare the test-time
+# What to look for: where `alpha` goes from its searched start (the default 0.1 times a
+# power of 4; MAML's hand-tuned value for 5-way Omniglot is 0.4), and whether it is still
+# moving when the run stops. The `beta` panel is Adam's rate, logged at the end of each log
+# line (and the `final beta` of the results summary above): amaml's default holds it at
+# 1e-3, so the line is flat. In the printed results, compare the test-time
 # adaptation chosen on validation tasks with MAML's fixed protocol (reported when the
 # choice differs), within their confidence intervals. For what the rates do from other
 # starting points, see [04_sensitivity](04_sensitivity.ipynb).
@@ -219,7 +230,7 @@ plt.show()
 # model = amaml.models.Conv4(num_classes=5)
 # params = model.init(jax.random.key(0), jax.numpy.zeros((1, 28, 28, 1)))["params"]
 # loss_fn = amaml.losses.cross_entropy(lambda p, x: model.apply({"params": p}, x))
-# learner = amaml.alpha_maml(loss_fn)   # amaml's defaults: one alpha per tensor from 0.1, D-Adaptation's AdamW
+# learner = amaml.alpha_maml(loss_fn)   # one alpha per tensor from 0.1; outer: Adam at 1e-3
 # images = jax.device_put(data.load_omniglot("maml").train.images)  # uint8 [classes, 20, 28, 28, 1]
 #
 # @jax.jit
@@ -228,7 +239,8 @@ plt.show()
 #     return learner.update(state, data.sample_tasks(key, images, 5, 1, 15, 32))
 #   return jax.lax.scan(body, state, keys)
 #
-# state = learner.init(params)
+# first = data.sample_tasks(jax.random.key(0), images, 5, 1, 15, 32)
+# state = amaml.search_alpha(learner.meta_loss, learner.init(params), first)  # alpha0 searched
 # for i in range(100):
 #   state, metrics = train_chunk(state, jax.random.split(jax.random.key(i), 100))
 # ```

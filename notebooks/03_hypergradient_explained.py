@@ -200,10 +200,10 @@ print("final alpha, same tasks:", paths[:, -1].round(4), "| fresh tasks:", noisy
 # gradient with the previous update direction (Baydin et al., 2018). `amaml.hypergradient`
 # wraps any Optax optimizer with that rule. The paper's Alpha MAML (`amaml.alpha_maml_paper`)
 # uses it for the outer rate `beta` of Adam, and so does `amaml.alpha_maml` when given an
-# optimizer factory (`optimizer=optax.adam`); amaml's default outer optimizer,
-# D-Adaptation's AdamW, sets its step size itself instead, with no hypergradient.
-# With `hyper_lr=0` it is exactly the wrapped optimizer at a fixed rate (that is how
-# `amaml.maml` keeps Adam's `beta` fixed).
+# optimizer factory (`optimizer=optax.adam`) or a positive `beta_lr`. With `hyper_lr=0` it
+# is exactly the wrapped optimizer at a fixed rate: that is amaml's default outer
+# optimizer, Adam with `beta` held at 1e-3 (`amaml.methods.default_outer_optimizer`), and
+# how `amaml.maml` keeps Adam's `beta` fixed.
 #
 # The problem: logistic regression on 2,000 synthetic points in 20 dimensions (input scales
 # 0.3 to 3), minibatch SGD with 32 points per step, from initial rates 0.001 to 10. We
@@ -283,5 +283,6 @@ for i, r0 in enumerate(RATES):
 #   `log(100) / hyper_lr` ≈ 92 steps.
 #
 # `amaml.alpha_maml` applies this normalized rule, at this `hyper_lr`, to `alpha` by default,
-# and to Adam's `beta` too when the outer optimizer is an Optax factory such as `optax.adam`
-# (amaml's choice); `amaml.alpha_maml_paper` uses the paper's additive rule for both.
+# and to Adam's `beta` too when `beta` is adapted (an Optax factory such as `optax.adam` as
+# the outer optimizer; by default `beta` stays at 1e-3); `amaml.alpha_maml_paper` uses the
+# paper's additive rule for both.

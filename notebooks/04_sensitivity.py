@@ -32,11 +32,14 @@
 #   for `alpha` and `beta` on every problem) and backtracking (a step whose adaptation more
 #   than doubles the query loss of not adapting only halves `alpha`);
 # - **amaml's default** (`amaml.alpha_maml(loss_fn)`): the same for `alpha`, but the outer
-#   optimizer is D-Adaptation's AdamW, which sets its own step size. It has no `beta0`, so
-#   this method runs over `alpha0` only.
+#   optimizer is Adam with `beta` held at its library value 1e-3. It has no `beta0` to
+#   choose, so this method runs over `alpha0` only.
 #
 # The first three train on the `alpha0 x beta0` grid, amaml's default on one column of
-# `alpha0`. Every cell is an independent run with its own parameters, optimizer state and
+# `alpha0`. (`amaml train` also scales `alpha0` by `amaml.search_alpha` on the first
+# meta-batch before training with amaml's default; this notebook leaves that out, to show
+# what the hypergradient does from each `alpha0` on its own.)
+# Every cell is an independent run with its own parameters, optimizer state and
 # rates. A method's whole grid trains as **one** `jax.vmap`-ped, jitted computation:
 # `learner.update` vmapped over cells, inside a `lax.scan` over meta steps.
 
@@ -75,17 +78,19 @@ learners = {
     "amaml + Adam-HD": amaml.alpha_maml(loss_fn, optimizer=optax.adam, **bounds),
     "amaml default": amaml.alpha_maml(loss_fn, **bounds),
 }
-# Which methods have a beta0: those whose outer optimizer is Adam inside amaml.hypergradient.
-HAS_BETA0 = {name: isinstance(learner.init(params).opt_state, amaml.HypergradientState)
+# Which methods have a beta0: those whose outer optimizer is Adam inside amaml.hypergradient,
+# except amaml's default, which holds Adam's beta at its library value.
+HAS_BETA0 = {name: name != "amaml default"
+             and isinstance(learner.init(params).opt_state, amaml.HypergradientState)
              for name, learner in learners.items()}
+DEFAULT_BETA = float(amaml.current_learning_rate(learners["amaml default"].init(params).opt_state))
 print(f"paper's rule: additive, kappa {amaml.rates.PAPER_ALPHA_LR:g} (alpha) and "
       f"{amaml.rates.PAPER_BETA_LR:g} (beta), no backtracking")
 print(f"amaml + Adam-HD: {amaml.rates.DEFAULT_RULE} rule, hypergradient rate "
       f"{amaml.rates.DEFAULT_HYPER_LR} for alpha and beta, backtracking")
 print(f"amaml default: {amaml.rates.DEFAULT_RULE} rule, hypergradient rate "
       f"{amaml.rates.DEFAULT_HYPER_LR} for alpha, backtracking; outer optimizer "
-      "optax.contrib.dadapt_adamw() (state: "
-      f"{type(learners['amaml default'].init(params).opt_state).__name__}), no beta0")
+      f"Adam at beta = {DEFAULT_BETA:g}, fixed (no beta0)")
 print(f"methods with a beta0: {[name for name, has in HAS_BETA0.items() if has]}")
 print(f"{len(ALPHA0S)} alpha0 x {len(BETA0S)} beta0 cells ({len(ALPHA0S)} alpha0 cells without "
       f"beta0) x {ITERATIONS} steps, {cfg.meta_batch} tasks per step")
@@ -93,13 +98,12 @@ print(f"{len(ALPHA0S)} alpha0 x {len(BETA0S)} beta0 cells ({len(ALPHA0S)} alpha0
 # %% [markdown]
 # ## The grid as one computation
 #
-# `learner.init` gives one state. The initial rates live in it: `state.alpha`, and, for the
-# three methods with Adam, `state.opt_state.learning_rate`, Adam's rate `beta` inside
-# `amaml.hypergradient` (for MAML its `hyper_lr` is 0, so `beta` stays where it starts). We
-# stack one state per cell with those fields replaced, and vmap the meta step over the
-# stack. amaml's default has no such field: its `opt_state` is D-Adaptation's, whose
-# step-size estimate starts at the same 1e-6 in every cell, so its stack varies `alpha`
-# only. All cells start from the same `theta` and see the same task batches, so they differ
+# `learner.init` gives one state. The initial rates live in it: `state.alpha`, and
+# `state.opt_state.learning_rate`, Adam's rate `beta` inside `amaml.hypergradient` (for
+# MAML and amaml's default its `hyper_lr` is 0, so `beta` stays where it starts). We stack
+# one state per cell with those fields replaced, and vmap the meta step over the stack.
+# amaml's default keeps its `beta` at 1e-3 in every cell, so its stack varies `alpha` only.
+# All cells start from the same `theta` and see the same task batches, so they differ
 # only in their starting rates.
 
 # %%
@@ -162,7 +166,7 @@ print(f"predicting zero for every input scores {ZERO_MSE:.2f} on the held-out ta
 # `alpha`, on the same tasks for every cell. Same color scale for all methods, capped at
 # 30; darker is better. Cells that score worse than predicting zero for every input (no
 # learning at all; the value is printed above) are marked `*`. amaml's default has one
-# column: `beta0` does not apply to it.
+# column: its `beta` is 1e-3.
 
 # %%
 from matplotlib.colors import LogNorm
@@ -188,8 +192,8 @@ for ax, (name, r) in zip(axes, results.items()):
     ax.set_xticks(range(len(BETA0S)), [f"{b:g}" for b in BETA0S])
     ax.set_xlabel("initial outer rate beta0 (Adam)")
   else:
-    ax.set_xticks([0], ["n/a"])
-    ax.set_xlabel("beta0 does not apply\n(D-Adaptation sets\nits step size)")
+    ax.set_xticks([0], [f"{DEFAULT_BETA:g}"])
+    ax.set_xlabel("outer rate beta\n(Adam's library rate,\nheld fixed)")
 fig.colorbar(im, ax=axes, shrink=0.9, extend="max",
              label="held-out query MSE after 1 inner step (log scale)")
 plt.show()
@@ -229,9 +233,9 @@ for name, r in results.items():
 #   with the others' spread over their whole grid, and its cells with each method's best
 #   cell: the difference is what tuning the rates by hand would buy on this budget.
 #
-# Where did the Alpha MAML variants take the rates? Final `alpha` and `beta` per cell (for
-# amaml's default, `beta` is D-Adaptation's final step-size estimate), then the trajectories
-# (`alpha` as a moving average over 50 steps: its per-step value is noisy).
+# Where did the Alpha MAML variants take the rates? Final `alpha` and `beta` per cell
+# (amaml's default keeps `beta` at 1e-3), then the trajectories (`alpha` as a moving
+# average over 50 steps: its per-step value is noisy).
 
 # %%
 for name in ("paper's rule", "amaml + Adam-HD", "amaml default"):
@@ -240,9 +244,8 @@ for name in ("paper's rule", "amaml + Adam-HD", "amaml default"):
   final_alpha = np.mean([np.reshape(x, (x.shape[0], -1)).mean(axis=1)
                          for x in jax.tree.leaves(r["states"].alpha)], axis=0).reshape(r["shape"])
   final_beta = np.asarray(amaml.current_learning_rate(r["states"].opt_state)).reshape(r["shape"])
-  columns = BETA0S if HAS_BETA0[name] else ["n/a"]
-  print(f"{name}: final alpha / final " + ("beta" if HAS_BETA0[name] else
-                                           "D-Adaptation step-size estimate"))
+  columns = BETA0S if HAS_BETA0[name] else [f"{DEFAULT_BETA:g} (fixed)"]
+  print(f"{name}: final alpha / final beta")
   print("alpha0 \\ beta0  " + "".join(f"{b:>20}" if isinstance(b, str) else f"{b:>20g}"
                                       for b in columns))
   for i, a0 in enumerate(ALPHA0S):
@@ -254,22 +257,19 @@ window = min(50, ITERATIONS // 4)
 smooth = lambda x: np.convolve(x, np.ones(window) / window, mode="valid")
 steps = np.arange(1, ITERATIONS + 1)
 default, adam_hd = results["amaml default"], results["amaml + Adam-HD"]
-fig, axes = plt.subplots(1, 3, figsize=(17, 3.6))
+fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
 for i, a0 in enumerate(ALPHA0S):
   alpha = default["hist"]["alpha"][:, i]
   axes[0].plot(steps, alpha, color=f"C{i}", alpha=0.4, lw=0.5)
   axes[0].plot(steps[window - 1:], smooth(alpha), color=f"C{i}", label=f"alpha0 = {a0:g}")
-  axes[1].plot(steps, default["hist"]["beta"][:, i], color=f"C{i}", label=f"alpha0 = {a0:g}")
 axes[0].set(xscale="log", yscale="log", xlabel="meta step", ylabel="alpha",
             title="amaml default: alpha (faint: per step)")
-axes[1].set(xscale="log", yscale="log", xlabel="meta step", ylabel="step-size estimate",
-            title="amaml default: D-Adaptation's step size")
 colors = plt.cm.viridis(np.linspace(0, 0.9, len(BETA0S)))
 for c in range(int(np.prod(adam_hd["shape"]))):
   i, j = np.unravel_index(c, adam_hd["shape"])
-  axes[2].plot(steps, adam_hd["hist"]["beta"][:, c], color=colors[j], lw=1,
+  axes[1].plot(steps, adam_hd["hist"]["beta"][:, c], color=colors[j], lw=1,
                label=f"beta0 = {BETA0S[j]:g}" if i == 0 else None)
-axes[2].set(xscale="log", yscale="log", xlabel="meta step", ylabel="beta",
+axes[1].set(xscale="log", yscale="log", xlabel="meta step", ylabel="beta",
             title="amaml + Adam-HD: Adam's beta (all cells)")
 for ax in axes:
   ax.legend(fontsize=8)

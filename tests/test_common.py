@@ -60,5 +60,5 @@ def test_a_method_without_outer_optimizer_uses_its_own(method, tiny_config):
   cfg = tiny_config(method=method)
   assert cfg.outer_optimizer is None
   assert cfg.resolved_outer_optimizer == configs.METHOD_OUTER_OPTIMIZER[method]
-  own = {"alpha-maml": "dadapt_adamw", "reptile": "sgd"}.get(method, "adam")
+  own = {"reptile": "sgd"}.get(method, "adam")
   assert cfg.resolved_outer_optimizer == own

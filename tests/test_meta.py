@@ -164,7 +164,7 @@ def test_per_tensor_alpha_steps(granularity):
 def test_alpha_maml_training_lowers_the_loss():
   learner = amaml.alpha_maml(
     LOSS
-  )  # the defaults: alpha0 = 0.1, D-Adaptation outside, no rate to tune
+  )  # the defaults: alpha0 = 0.1, Adam at 1e-3 outside, no rate to tune
   state = learner.init(_params())
   eval_batch = amaml.sinusoid_tasks(jax.random.key(99), num_tasks=100)
   before = learner.evaluate(state.params, state.alpha, eval_batch)
@@ -177,13 +177,13 @@ def test_alpha_maml_training_lowers_the_loss():
     state
   )
   losses = np.asarray(ms["loss"])
-  m = jax.tree.map(lambda x: x[-1], ms)
   after = learner.evaluate(state.params, state.alpha, eval_batch)
   assert after["loss"].shape == (100,)
   assert np.mean(losses[-100:]) < 0.6 * np.mean(losses[:100])
   assert float(after["loss"].mean()) < 0.5 * float(before["loss"].mean())
   assert float(after["loss"].mean()) < float(after["pre_loss"].mean())
-  assert not 0.05 < float(m["alpha"]) < 0.2  # alpha adapted, by more than a factor of 2
+  moved = [abs(np.log(float(a) / 0.1)) for a in jax.tree.leaves(state.alpha)]
+  assert max(moved) > np.log(2)  # alpha adapted: a tensor's by more than a factor of 2
 
 
 def test_bad_configuration_errors():

@@ -18,13 +18,14 @@ import robustness  # noqa: E402
 
 @pytest.mark.parametrize(
   "method",
-  ["maml", "alpha-maml-paper", "alpha-maml@scalar+adam", "alpha-maml@scalar", "alpha-maml"],
+  list(robustness.METHODS),
 )
 def test_grid_cells_equal_separate_runs(method):
   budget = dict(steps=6, meta_batch=5, eval_tasks=8, log_every=3)
   cfg = robustness.make_config("sinusoid", method, budget)
   assert cfg.alpha_granularity == ("scalar" if "@scalar" in method else None)
-  assert cfg.outer_optimizer == "adam" or not method.endswith("+adam")
+  assert cfg.outer_optimizer == "adam" or "+adam" not in method
+  assert cfg.resolved_alpha_search == (method == "alpha-maml")  # amaml's default searches
   exp = train.build(cfg)
   cells = [(0.01, 1e-3, 0), (0.3, 1e-2, 0), (0.05, 1e-4, 1)]
   if not robustness.has_beta0(cfg):  # the default's outer optimizer sets its own rate
@@ -39,6 +40,8 @@ def test_grid_cells_equal_separate_runs(method):
       dataclasses.replace(cfg, alpha=a0, beta=b0 or cfg.resolved_beta, seed=seed)
     )
     st = single.learner.init(single.params)
+    if cfg.resolved_alpha_search:  # the one-seed run's search, on its own first tasks
+      st = train._search_alpha(single, st, single.data["train"])
     for i in range(budget["steps"]):
       key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), i)
       st, m = exp.learner.step(st, single.sample(key, None, budget["meta_batch"]))

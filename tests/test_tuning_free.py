@@ -2,6 +2,7 @@
 starts, backtracking, the guards under the default, test-time adaptation chosen on
 validation tasks, and named configs that carry no rate setting of their own."""
 
+import dataclasses
 import inspect
 
 import jax
@@ -37,21 +38,25 @@ def _run(learner, params, steps, seed=1):
   return state, np.array(alphas), np.array(betas)
 
 
-@pytest.mark.parametrize("outer", ["default", "adam"])
+@pytest.mark.parametrize("outer", ["default", "dadapt", "adam"])
 def test_default_is_scale_invariant(x64, outer):
   """Loss x 1000 with alpha0 / 1000 is the same run: the inner step is unchanged, the outer
-  optimizer (D-Adaptation's AdamW, or Adam with beta by the normalized rule) and alpha's
+  optimizer (the default's Adam at a fixed beta, D-Adaptation's AdamW, or Adam with beta by
+  the normalized rule) and alpha's
   normalized rule see gradients and hypergradients 1000x (1e6x for alpha) larger and take
   the same steps. So alpha's trajectory is exactly 1/1000 of the original, beta's (D-Adaptation's
   estimate, or the hypergradient-adapted rate) is the same, and so are the weights (float64,
   and the optimizer's epsilon far below every gradient, so that only rounding differs)."""
   params = _params()
-  optimizer = optax.contrib.dadapt_adamw(eps=1e-30, estim_lr0=1e-6) if outer == "default" else None
-  kw = dict(optimizer=optax.adam, eps=1e-30) if outer == "adam" else dict(optimizer=optimizer)
+  kw = {
+    "default": dict(eps=1e-30),
+    "dadapt": dict(optimizer=optax.contrib.dadapt_adamw(eps=1e-30, estim_lr0=1e-6)),
+    "adam": dict(optimizer=optax.adam, eps=1e-30),
+  }[outer]
   s1, a1, b1 = _run(amaml.alpha_maml(_mse(), alpha=0.3, **kw), params, 25)
   s2, a2, b2 = _run(amaml.alpha_maml(_mse(1000.0), alpha=0.3e-3, **kw), params, 25)
   assert np.ptp(np.log(a1)) > 0.3  # alpha really moved (and backtracked on the way)
-  assert np.ptp(np.log(b1)) > 0.1  # so did beta
+  assert np.ptp(np.log(b1)) > 0.1 or outer == "default"  # so did beta, unless held fixed
   np.testing.assert_allclose(a2 * 1000, a1, rtol=1e-6)
   np.testing.assert_allclose(b2, b1, rtol=1e-6)
   close = lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9)
@@ -192,14 +197,13 @@ def test_configs_carry_no_rate_settings_of_their_own(name):
     == (default.alpha, default.resolved_beta)
   )
   assert cfg.test_adaptation == "select"
-  # the outer optimizer is the method's own: for alpha-maml the library's default
+  # the outer optimizer is the method's own: for alpha-maml the library's default, Adam at
+  # 1e-3 with beta fixed, after alpha0's search
   assert cfg.outer_optimizer is None and lib["optimizer"] is None
-  assert configs.METHOD_OUTER_OPTIMIZER["alpha-maml"] == "dadapt_adamw"
-  built = train.outer_optimizer("dadapt_adamw")
-  params = {"w": jnp.ones(3)}
-  assert jax.tree.structure(built.init(params)) == jax.tree.structure(
-    meta.default_outer_optimizer().init(params)
-  )
+  assert configs.METHOD_OUTER_OPTIMIZER["alpha-maml"] == "adam"
+  assert cfg.resolved_beta_lr == 0.0 and cfg.resolved_alpha_search
+  assert dataclasses.replace(cfg, outer_optimizer="adam").resolved_beta_lr is None
+  assert not dataclasses.replace(cfg, method="maml").resolved_alpha_search
 
 
 # over conftest's tiny sinusoid config: the config's own network and meta-batch
@@ -294,3 +298,20 @@ def test_default_adapts_one_alpha_per_tensor_and_maml_one_alpha():
     amaml.alpha_maml(_mse(), alpha=0.3, alpha_granularity="scalar"),
   ):
     assert jnp.shape(learner.init(params).alpha) == ()
+
+
+def test_default_outer_optimizer_is_adam_at_its_library_rate():
+  """amaml's default outer step equals ``optax.adam(1e-3)``'s on the same gradients, and
+  ``alpha_maml``'s beta stays at 1e-3 while alpha moves."""
+  params = {"w": jnp.arange(3.0), "b": jnp.ones(())}
+  ours, ref = meta.default_outer_optimizer(), optax.adam(1e-3)
+  s1, s2 = ours.init(params), ref.init(params)
+  for i in range(4):
+    g = jax.tree.map(lambda p: jnp.sin(p * (i + 1.0)) + 0.1 * i, params)
+    u1, s1 = ours.update(g, s1, params)
+    u2, s2 = ref.update(g, s2, params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12), u1, u2)
+  learner = amaml.alpha_maml(_mse(), alpha=0.3)
+  state, alphas, betas = _run(learner, _params(), 5)
+  np.testing.assert_allclose(betas, 1e-3, rtol=1e-7)
+  assert np.ptp(alphas) > 0

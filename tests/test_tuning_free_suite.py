@@ -32,7 +32,7 @@ def _rows(family, budget, method, values):
 def test_tables_on_hand_written_records():
   rows = _rows(
     "omniglot-5w1s", "short", "maml", {0.01: [40, 42], 1.0: [80, 90], 4.0: [20, 20]}
-  ) + _rows("omniglot-5w1s", "short", "default", {0.01: [84, 86], 1.0: [86, 88], 4.0: [83, 85]})
+  ) + _rows("omniglot-5w1s", "short", suite.DEFAULT, {0.01: [84, 86], 1.0: [86, 88], 4.0: [83, 85]})
   means = suite.cell_means(rows)
   assert means[("omniglot-5w1s", "short", "maml", 1.0)] == 85.0
   # the default's worst start (84) against MAML's best (85): -1 point, just meets the target
@@ -48,13 +48,15 @@ def test_tables_on_hand_written_records():
 
 def test_regression_ratio_and_divergence():
   rows = _rows("linear", "long", "maml", {0.1: [2.0], 1.0: [float("inf")]}) + _rows(
-    "linear", "long", "default", {0.1: [2.1], 1.0: [2.4]}
+    "linear", "long", suite.DEFAULT, {0.1: [2.1], 1.0: [2.4]}
   )
   # MSE: lower is better, the gap is a ratio, a diverged cell is MAML's worst not its best
   assert suite.worst_best([2.0, float("inf")], higher=False) == (np.inf, 2.0)
   table = suite.family_table(rows, "linear", "long", [0.1, 1.0])
   assert "| 2 | diverged | diverged | 2 |" in table
-  assert "1.20x |" in next(l for l in table.splitlines() if "default" in l)  # 2.4 / 2.0: missed
+  assert "1.20x |" in next(
+    l for l in table.splitlines() if "amaml default" in l
+  )  # 2.4 / 2.0: missed
   assert suite.summary(rows, [0.1, 1.0]).endswith("met on 0 of 1.")
   assert "| linear | long | 2 | 1.20x |" in suite.overview(rows, [0.1, 1.0])
 
@@ -63,7 +65,7 @@ def test_render_tabulates_the_chosen_field(tmp_path, capsys):
   rows = [
     {**r, "test_coarse": r["test"] - 10.0}
     for r in _rows("omniglot-5w1s", "short", "maml", {0.01: [40.0], 1.0: [80.0]})
-    + _rows("omniglot-5w1s", "short", "default", {0.01: [84.0], 1.0: [86.0]})
+    + _rows("omniglot-5w1s", "short", suite.DEFAULT, {0.01: [84.0], 1.0: [86.0]})
   ]
   path = tmp_path / "rows.jsonl.gz"
   suite.robustness.write_jsonl(path, rows)
@@ -95,7 +97,7 @@ def test_linear_best_alpha_is_the_closed_form():
   np.testing.assert_allclose(losses[2] / float(after_one_step(0.0)), 1 - k / (k + d + 1), rtol=0.03)
 
 
-@pytest.mark.parametrize("method", ["maml", "default"])
+@pytest.mark.parametrize("method", ["maml", "adam+search"])
 def test_smallest_suite_runs(method, tmp_path):
   rows = suite.run_family(
     "linear", method, alphas=(0.01, 1.0), budgets=(2, 4), seeds=1, log_every=2
@@ -120,8 +122,8 @@ def test_val_points_keep_the_best_validation_point(monkeypatch):
   order = iter([[0.0, 0.0], [5.0, 1.0], [1.0, 2.0]])  # at steps 2, 4, 8, per cell
   monkeypatch.setattr(suite, "_val_scores", lambda *a: np.asarray(next(order)))
   kw = dict(alphas=(0.1, 1.0), seeds=1, log_every=2)
-  rows = suite.run_family("linear", "default", budgets=(2, 8), val_points=2, **kw)
-  at4 = suite.run_family("linear", "default", budgets=(2, 4), **kw)
+  rows = suite.run_family("linear", "dadapt", budgets=(2, 8), val_points=2, **kw)
+  at4 = suite.run_family("linear", "dadapt", budgets=(2, 4), **kw)
   long_rows = [r for r in rows if r["budget"] == "long"]
   assert [r["best_step"] for r in long_rows] == [4, 8]
   assert long_rows[0]["test_best"] == pytest.approx(at4[2]["test"], rel=1e-6)
