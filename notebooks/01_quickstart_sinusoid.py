@@ -82,9 +82,9 @@ plt.show()
 #
 # - one inner rate per parameter tensor (`alpha_granularity="tensor"`: six here, the
 #   MLP's three kernels and three biases), each starting at `alpha = 0.1` and following its
-#   own hypergradient by the `"normalized"` rule: Adam-style normalized steps on `log alpha`, so each step changes
-#   `alpha` by at most about 5%, whatever the scale of the loss (hypergradient rate
-#   `amaml.rates.DEFAULT_HYPER_LR`, the same on every problem);
+#   own hypergradient by the `"normalized"` rule: Adam-style normalized steps on
+#   `log alpha`, so each step changes `alpha` by at most about 5%, whatever the scale of the
+#   loss (hypergradient rate `amaml.rates.DEFAULT_HYPER_LR`, the same on every problem);
 # - backtracking: a step whose adaptation more than doubles the query loss of not adapting
 #   changes nothing but `alpha`, which halves (every tensor's);
 # - the outer optimizer is Adam at its library rate `beta = 1e-3`, held fixed
