@@ -285,8 +285,10 @@ class Config:
 
   @property
   def resolved_beta_lr(self) -> float | None:
-    """``beta_lr``; when it is ``None``, ``0`` (beta fixed) for ``alpha-maml`` with its own
-    outer optimizer (amaml's default: Adam at 1e-3), else ``None`` (the rule's default)."""
+    """``beta_lr`` as the built learner reads it, for reports: when it is ``None``, ``0``
+    (beta fixed) for ``alpha-maml`` with its own outer optimizer (:func:`amaml.alpha_maml`'s
+    default, Adam at 1e-3), else ``None`` (the rule's default). A test checks it against
+    the learner that :func:`amaml.train.build` makes."""
     if self.beta_lr is None and self.method == "alpha-maml" and self.outer_optimizer is None:
       return 0.0
     return self.beta_lr

@@ -254,11 +254,13 @@ def _maml_kwargs(cfg: Config) -> dict:
   per_step = (
     cfg.per_step_params if cfg.per_step_params is not None else (_norms(cfg) if plus else None)
   )
+  # the method's own outer optimizer (outer_optimizer None) is the one its factory defaults to
+  own = {} if cfg.outer_optimizer is None else {"optimizer": outer_optimizer(cfg.outer_optimizer)}
   return dict(
+    **own,
     alpha=cfg.alpha,
     beta=cfg.resolved_beta,
     inner_steps=cfg.inner_steps,
-    optimizer=outer_optimizer(cfg.resolved_outer_optimizer),
     track_pre_adaptation=cfg.track_pre_adaptation,
     remat=cfg.remat,
     unroll=True if cfg.unroll else 1,
@@ -278,7 +280,7 @@ def _maml_family(cfg: Config, loss_fn) -> meta.MetaLearner:
   kwargs.update(multi_step_loss=cfg.multi_step_loss, first_order_steps=cfg.first_order_steps)
   if cfg.alpha_granularity is not None:  # validate() allows it for alpha-maml(-paper) only
     kwargs.update(alpha_granularity=cfg.alpha_granularity)
-  rates = dict(alpha_lr=cfg.alpha_lr, beta_lr=cfg.resolved_beta_lr)
+  rates = dict(alpha_lr=cfg.alpha_lr, beta_lr=cfg.beta_lr)
   if cfg.method == "alpha-maml":
     return methods.alpha_maml(
       loss_fn, rate_rule=cfg.rate_rule, backtrack=cfg.backtrack, **rates, **kwargs

@@ -32,7 +32,7 @@ What a multi-seed run writes:
   each seed's 95% CI half-width over tasks). ``final_alpha`` and ``final_beta`` are means.
 
 With ``--alpha_search`` each seed searches its own alpha0 on its own first meta-batch
-(:func:`search_alpha`). Seeds train on one device and one process.
+(:func:`amaml.train.alpha_search`). Seeds train on one device and one process.
 """
 
 from __future__ import annotations
@@ -122,20 +122,6 @@ def make_chunk(exp: Experiment, length: int, update=None):
   update = exp.learner.update if update is None else update
   one = lambda st, images, i, seed: update(st, step_batch(exp, images, i, seed))
   return chunk_loop(jax.vmap(one, in_axes=(0, None, None, 0)), length)
-
-
-def search_alpha(exp: Experiment, state, images, seeds):
-  """``--alpha_search`` for every member of the stacked ``state``: member j's alpha0 scaled
-  by :func:`amaml.rates.search_alpha` on the tasks that meta step 0 of the run of seed
-  ``seeds[j]`` trains on (what a one-seed run of that seed searches on), ``jax.vmap``-ed
-  over the members."""
-  from amaml import rates
-  from amaml.train import step_batch  # (amaml.train imports this module)
-
-  one = lambda st, seed: rates.search_alpha(
-    exp.learner.meta_loss, st, step_batch(exp, images, 0, seed)
-  )
-  return jax.jit(jax.vmap(one))(state, seeds)
 
 
 def chunk_loop(step, length: int, **jit_kwargs):

@@ -30,7 +30,6 @@ names are importable from here too (``amaml.train.build``; see ``__all__``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import time
 from pathlib import Path
@@ -171,10 +170,9 @@ def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
       ckpt.close()
       raise
     start = int(np.max(sharding.host_local(state.step)))  # (with seeds, each seed's)
-  elif cfg.resolved_alpha_search and cfg.seeds > 1:  # each seed on its own first tasks
-    state = seeds.search_alpha(exp, state, images, seeds.seed_values(cfg))
-  elif cfg.resolved_alpha_search:
-    state = _search_alpha(exp, state, images)
+  elif cfg.resolved_alpha_search:  # each seed on its own first tasks
+    many = cfg.seeds > 1
+    state = alpha_search(exp, many)(state, images, seeds.seed_values(cfg) if many else cfg.seed)
   if _primary():
     truncate_metrics(out / "metrics.jsonl", start)
   return _Run(cfg, out, exp, state, start, images, mesh, ckpt, tracker)
@@ -209,11 +207,16 @@ def _write_config(cfg: Config, out: Path, resume: bool) -> None:
     os.replace(tmp, cfg_path)
 
 
-def _search_alpha(exp: Experiment, state: meta.MetaState, images) -> meta.MetaState:
-  """``--alpha_search``: alpha0 scaled by :func:`amaml.rates.search_alpha` on the tasks of
-  meta step 0 (the same tasks the first step then trains on)."""
-  search = jax.jit(functools.partial(rates.search_alpha, exp.learner.meta_loss))
-  return search(state, step_batch(exp, images, 0))
+def alpha_search(exp: Experiment, vmapped: bool = False):
+  """``--alpha_search`` as the jitted ``(state, images, seed) -> state``: alpha0 scaled by
+  :func:`amaml.rates.search_alpha` on the tasks of meta step 0 of the run of ``seed`` (the
+  tasks that step then trains on). ``vmapped``: over stacked states and their seeds
+  (``--seeds``, :mod:`amaml.seeds`)."""
+
+  def search(state, images, seed):
+    return rates.search_alpha(exp.learner.meta_loss, state, step_batch(exp, images, 0, seed))
+
+  return jax.jit(jax.vmap(search, in_axes=(0, None, 0)) if vmapped else search)
 
 
 def _primary() -> bool:

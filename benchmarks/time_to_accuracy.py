@@ -78,11 +78,9 @@ class AmamlImpl:
   """amaml's training chunks (``amaml.train.make_train_chunk``) from the peers' weights."""
 
   def __init__(self, exp, params):
-    import functools
-
     import jax
     import jax.numpy as jnp
-    from amaml import rates, train
+    from amaml import train
 
     self.exp, self.jnp = exp, jnp
     self.state = exp.learner.init(jax.tree.map(jnp.copy, params))  # the chunks donate it
@@ -90,11 +88,10 @@ class AmamlImpl:
     self.step_s, self.steps, self.search_s = None, 0, 0.0
     self.images = exp.data["train"]
     if exp.config.resolved_alpha_search:  # compiled off the clock, run on it (first round)
-      batch = train.step_batch(exp, self.images, 0)
-      search = jax.jit(functools.partial(rates.search_alpha, exp.learner.meta_loss))
-      search = search.lower(self.state, batch).compile()
+      seed = exp.config.seed
+      search = train.alpha_search(exp).lower(self.state, self.images, seed).compile()
       t0 = time.perf_counter()
-      self.state = jax.block_until_ready(search(self.state, batch))
+      self.state = jax.block_until_ready(search(self.state, self.images, seed))
       self.search_s = time.perf_counter() - t0
     jax.block_until_ready(
       self.chunk(jax.tree.map(jnp.copy, self.state), self.images, jnp.int32(0), jnp.int32(1))

@@ -41,7 +41,7 @@ def test_grid_cells_equal_separate_runs(method):
     )
     st = single.learner.init(single.params)
     if cfg.resolved_alpha_search:  # the one-seed run's search, on its own first tasks
-      st = train._search_alpha(single, st, single.data["train"])
+      st = train.alpha_search(single)(st, single.data["train"], seed)
     for i in range(budget["steps"]):
       key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), i)
       st, m = exp.learner.step(st, single.sample(key, None, budget["meta_batch"]))

@@ -183,7 +183,8 @@ def test_vmapped_seeds_search_alpha_as_separate_runs(tiny_config, tmp_path):
   cfg = tiny_config(iterations=6, checkpoint_every=0, alpha=1.0, alpha_search=True, seed=2)
   _assert_seeds_equal_separate_runs(cfg, tmp_path, n=2)
   exp = build(dataclasses.replace(cfg, seeds=2))
-  state = seeds.search_alpha(exp, seeds.init_state(exp), exp.data["train"], jnp.array([2, 3]))
+  search = train.alpha_search(exp, vmapped=True)
+  state = search(seeds.init_state(exp), exp.data["train"], jnp.array([2, 3]))
   assert np.all(np.asarray(jax.tree.leaves(state.alpha)[0]) < 1.0)
 
 

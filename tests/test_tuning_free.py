@@ -315,3 +315,18 @@ def test_default_outer_optimizer_is_adam_at_its_library_rate():
   state, alphas, betas = _run(learner, _params(), 5)
   np.testing.assert_allclose(betas, 1e-3, rtol=1e-7)
   assert np.ptp(alphas) > 0
+
+
+@pytest.mark.parametrize("fields", [{}, {"beta_lr": 0.2}, {"outer_optimizer": "adam"}])
+def test_resolved_beta_lr_is_what_the_built_learner_does(fields, tiny_config):
+  """``Config.resolved_beta_lr`` (a report) matches the alpha-maml learner ``train.build``
+  makes: beta stays at beta0 exactly when it says 0 (the default's Adam), else it moves."""
+  cfg = tiny_config(**TINY, **fields)
+  exp = train.build(cfg)
+  state, betas = exp.learner.init(exp.params), []
+  for i in range(8):  # (the normalized rule first moves a rate at step 6)
+    state, m = exp.learner.step(state, exp.sample(jax.random.key(i), None, 10))
+    betas.append(float(m["beta"]))
+  fixed = np.ptp(betas) == 0 and np.isclose(betas[0], cfg.resolved_beta, rtol=1e-6)
+  assert (cfg.resolved_beta_lr == 0) == fixed
+  assert (cfg.resolved_beta_lr == 0) == (fields == {})
