@@ -68,10 +68,10 @@ RUNS = [
     "dadapt-default-a0.01",
   ),
   (
-    "alpha-maml with inner Adam, D-Adaptation outside, alpha0 = 0.1",
+    "alpha-maml with inner Adam, one alpha, D-Adaptation outside, alpha0 = 0.1",
     "alpha-maml",
-    {"inner_optimizer": "adam", **DADAPT},
-    {"inner_optimizer": "adam", "alpha": 0.1, **DADAPT},
+    {"inner_optimizer": "adam", "alpha_granularity": "scalar", **DADAPT},
+    {"inner_optimizer": "adam", "alpha": 0.1, "alpha_granularity": "scalar", **DADAPT},
     "alpha-maml-adam",
   ),
   (

@@ -47,6 +47,7 @@ import argparse
 import gzip
 import itertools
 import json
+import textwrap
 import time
 from pathlib import Path
 
@@ -182,7 +183,7 @@ def run_cells(exp, cells, steps: int, log_every: int):
   seeds = jnp.asarray([c[2] for c in cells], jnp.int32)
   images = exp.data["train"]
   if exp.config.resolved_alpha_search:  # each cell on its seed's first tasks
-    state = multi_seed.search_alpha(exp, state, images, seeds)
+    state = train.alpha_search(exp, vmapped=True)(state, images, seeds)
   t0 = time.perf_counter()
   compiled = _compiled(
     exp,
@@ -470,7 +471,7 @@ def plot(rows, task, alphas, betas, out_dir: Path):
     ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
     ax.set_xlabel("initial beta (outer rate)")
     ax.set_ylabel("initial alpha (inner rate)")
-    ax.set_title(LABELS[m])
+    ax.set_title(textwrap.fill(LABELS[m], 40))
     for i in range(len(alphas)):
       for j in range(len(betas)):
         v = grids[m][i, j]
