@@ -177,7 +177,7 @@ def _evaluate(args) -> int:
   for run in args.run:
     exp, state = load_run(run, args.step)
     if exp.config.keep_best and args.step is None:  # which checkpoint: one line
-      print(_kept_line(run, best.kept_step(run), int(np.max(state.step))))
+      print(_kept_line(run, best.kept_step(run), state.step, exp.config.seed))
     if exp.config.seeds > 1:  # each seed, then the mean and spread over seeds
       each = seeds.per_seed(lambda e, s: {"seed": e.config.seed, **one(e, s)}, exp, state)
       results = seeds.combine(each)
@@ -193,11 +193,24 @@ def _evaluate(args) -> int:
   return 0
 
 
-def _kept_line(run: str, kept: int | None, step: int) -> str:
-  """What ``amaml evaluate`` says of a run trained with ``--keep_best``: which step it tests."""
+def _kept_line(run: str, kept: int | None, steps, seed: int = 0) -> str:
+  """What ``amaml evaluate`` says of a run trained with ``--keep_best``: which step it tests.
+  ``steps``: the step of the state loaded; with ``--seeds``, each seed's (the first is
+  ``seed``), each at its own best (:mod:`amaml.best`)."""
+  import numpy as np
+
+  steps = [int(s) for s in np.ravel(steps)]
   if kept is None:
-    return f"{run}: no best checkpoint in {run}/best: evaluating the newest checkpoint, step {step}"
-  return f"{run}: evaluating the best checkpoint on validation, step {step} (--step N for another)"
+    newest = max(steps)
+    return (
+      f"{run}: no best checkpoint in {run}/best: evaluating the newest checkpoint, step {newest}"
+    )
+  which = f"step {steps[0]}"
+  if len(steps) > 1:
+    which = "each seed's own: " + ", ".join(
+      f"seed {seed + k} step {s}" for k, s in enumerate(steps)
+    )
+  return f"{run}: evaluating the best checkpoint on validation, {which} (--step N for another)"
 
 
 def comparison_table(rows) -> str:

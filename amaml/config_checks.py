@@ -173,7 +173,8 @@ def check_seeds(cfg) -> None:
 
 
 def check_keep_best(cfg) -> None:
-  """``keep_best`` (:mod:`amaml.best`) needs validations: a period and a val split."""
+  """``keep_best`` (:mod:`amaml.best`) needs validations: a period and a val split (with
+  ``seeds`` > 1 each seed keeps its own best)."""
   if not cfg.keep_best:
     return
   if cfg.val_every == 0:
@@ -185,9 +186,4 @@ def check_keep_best(cfg) -> None:
     raise ValueError(
       "--keep_best with --protocol lake: that Omniglot split has no validation tasks to "
       "choose on; use --protocol maml or drop --keep_best"
-    )
-  if cfg.seeds > 1:
-    raise ValueError(
-      f"--keep_best with --seeds {cfg.seeds}: not supported together; drop --keep_best or "
-      "train each seed on its own (--seeds 1)"
     )

@@ -250,7 +250,8 @@ class Config:
   keep_best: bool = _field(
     False,
     "save the state whose validation was best (accuracy; sinusoid: loss) in <out>/best, "
-    "validate the last state too, and test the best one at the end (amaml.best)",
+    "validate the last state too, and test the best one at the end; with --seeds N each "
+    "seed keeps and tests its own best (amaml.best)",
   )
   checkpoint_every: int = _field(
     5000, "meta steps between checkpoints (0 = only at the end; a multiple of log_every)"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from amaml import meta
 from amaml.configs import Config
@@ -61,7 +62,8 @@ def load_run(
   can be read (each newer one that cannot is named on stderr; see
   :meth:`amaml.checkpoint.Checkpointer.restore_newest_intact`). A run trained with
   ``keep_best`` gives its best checkpoint (``run_dir/best``, :mod:`amaml.best`) when ``step``
-  is ``None`` or that checkpoint's step."""
+  is ``None`` or that checkpoint's step; with ``--seeds``, when ``step`` is ``None``: each
+  seed's own best state (a seed without one: its newest checkpoint's)."""
   from amaml import best
   from amaml.checkpoint import Checkpointer
 
@@ -78,8 +80,10 @@ def load_run(
     if cfg.seeds > 1:  # the stacked state of the seeds (amaml.seeds): its shapes
       target = jax.tree.map(lambda x: jnp.stack([x] * cfg.seeds), target)
     kept = best.kept_step(run) if cfg.keep_best else None
-    if kept is not None and step in (None, kept):
-      state = best.restore(run, target)[0]
+    if kept is not None and (step is None or (step == kept and cfg.seeds == 1)):
+      state, steps, _ = best.restore(run, target)
+      if np.any(np.asarray(steps) < 0):  # seeds without a finite validation: their newest
+        state = best.where(np.asarray(steps) >= 0, state, ckpt.restore_newest_intact(target))
     elif step is None:
       state = ckpt.restore_newest_intact(target)
     else:
@@ -131,7 +135,7 @@ def format_results(results: dict) -> str:
       f"{fixed['loss']:.4f} +- {fixed['loss_ci95']:.4f}"
     )
   if "tested" in results:
-    lines.append(_kept_line(results))
+    lines.append(kept_line(results))
   if "final_alpha" in results:
     beta = results.get("final_beta")
     lines.append(
@@ -141,8 +145,9 @@ def format_results(results: dict) -> str:
   return "\n".join(lines)
 
 
-def _kept_line(results: dict) -> str:
-  """The summary's line on the parameters that a ``keep_best`` run tested (:mod:`amaml.best`)."""
+def kept_line(results: dict) -> str:
+  """The summary's line on the parameters that a ``keep_best`` run (or seed, its ``per_seed``
+  entry) tested (:mod:`amaml.best`)."""
   if results["tested"] != "best":
     return "  tested the last parameters: no validation gave a finite metric"
   name = next(k for k in results if k.startswith("best_val_"))

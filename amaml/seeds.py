@@ -30,6 +30,10 @@ What a multi-seed run writes:
   over seeds (:func:`spread`): each metric's mean over seeds, ``<name>_seed_std`` (its
   standard deviation over seeds, ``ddof=1``) and ``<name>_ci95`` (the mean over seeds of
   each seed's 95% CI half-width over tasks). ``final_alpha`` and ``final_beta`` are means.
+* with ``--keep_best`` (:mod:`amaml.best`): ``best/``, one checkpoint whose seed k is seed
+  k's own best state on validation, and in each ``per_seed`` entry ``tested``,
+  ``best_step``, ``best_val_<metric>`` and maybe ``test_last``: its evaluation is that of
+  its best state, so ``test`` summarises the seeds' best states.
 
 With ``--alpha_search`` each seed searches its own alpha0 on its own first meta-batch
 (:func:`amaml.train.alpha_search`). Seeds train on one device and one process.
@@ -46,10 +50,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amaml import best
 from amaml.configs import Config
 from amaml.evaluation import meta_test
 from amaml.experiment import Experiment, build, run_keys
-from amaml.results import training_results
+from amaml.results import kept_line, training_results
 from amaml.run_log import summarise
 
 
@@ -256,19 +261,27 @@ def spread(summaries: list[dict]) -> dict:
   return out
 
 
-def final_results(exp, state, step: int, times, evaluate_at_end=True, progress=False) -> dict:
+def final_results(
+  exp, state, step: int, times, evaluate_at_end=True, progress=False, kept=None
+) -> dict:
   """``results.json`` of a multi-seed run (see the module's docstring): ``times`` is
-  ``(train_seconds, first_chunk_seconds)``; ``state`` a host-local stacked state."""
+  ``(train_seconds, first_chunk_seconds)``; ``state`` a host-local stacked state. With
+  ``keep_best``, ``kept`` is the best checkpoint (:func:`amaml.best.restore`; ``None``:
+  none) and each seed tests its own best state (:func:`amaml.best.kept_results`)."""
   train_s, compile_s = times
 
   def one(e: Experiment, s) -> dict:
-    r = training_results(e.config, s, step, train_s, compile_s)
+    last, best_k = s  # seed k's last state, and its (best state, best step, metric)
+    r = training_results(e.config, last, step, train_s, compile_s)
     out = {"seed": e.config.seed, "final_alpha": r["final_alpha"], "final_beta": r["final_beta"]}
-    if evaluate_at_end:
-      out.update(meta_test(e, s.params, s.alpha, progress=progress))
+    if exp.config.keep_best:
+      best_k = None if best_k is None or best_k[1] < 0 else best_k  # (step -1: none)
+      out.update(best.kept_results(e, last, best_k, step, evaluate_at_end, progress))
+    elif evaluate_at_end:
+      out.update(meta_test(e, last.params, last.alpha, progress=progress))
     return out
 
-  seeds = per_seed(one, exp, state)
+  seeds = per_seed(one, exp, (state, kept))
   results = training_results(exp.config, seed_state(state, 0), step, train_s, compile_s)
   return {**results, **combine(seeds)}
 
@@ -310,6 +323,8 @@ def format_results(results: dict) -> str:
       f"  seed {s['seed']}: meta-test {metric} {scale * st[metric]:.4g}{unit} +- "
       f"{scale * st[f'{metric}_ci95']:.2g}{unit} (95% CI over {st['tasks']} tasks; {how})"
     )
+    if "tested" in s:  # keep_best: the step this seed tested (amaml.best)
+      lines.append("  " + kept_line(s))
   lines.append(
     f"  mean over {len(seeds)} seeds: {metric} {scale * t[metric]:.4g}{unit} +- "
     f"{scale * t[f'{metric}_seed_std']:.2g}{unit} (std over seeds); 95% CI over tasks +- "

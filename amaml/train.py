@@ -351,10 +351,11 @@ def _validation(run: _Run, state, step: int, end: bool = False) -> dict:
     out = evaluate(exp, state.params, state.alpha, "val", cfg.val_tasks, cfg.inner_steps)
     return {f"val_{k}": v for k, v in out.items() if isinstance(v, float)}
 
-  if cfg.seeds > 1:
-    return seeds.line(seeds.per_seed(val, exp, sharding.host_local(state)))
-  numbers = val(exp, sharding.host_local(state))
-  if run.best is not None:
+  if cfg.seeds > 1:  # each seed's, and their means (amaml.seeds.line)
+    numbers = seeds.line(seeds.per_seed(val, exp, sharding.host_local(state)))
+  else:
+    numbers = val(exp, sharding.host_local(state))
+  if run.best is not None:  # with seeds, each seed keeps its own best
     run.best.update(step, state, numbers)
   return numbers
 
@@ -377,10 +378,10 @@ def _finish(
   """The final evaluation, written atomically to ``results.json`` (by process 0; every
   process evaluates its own copy of the state, so each returns the same results)."""
   device_state, state = state, sharding.host_local(state)
-  if run.cfg.seeds > 1:
-    results = seeds.final_results(
-      run.exp, state, step, (train_s, compile_s), evaluate_at_end, progress
-    )
+  if run.cfg.seeds > 1:  # with keep_best, each seed tests its own best state (amaml.best)
+    kept = best.restore(run.out, device_state) if run.cfg.keep_best else None
+    times = (train_s, compile_s)
+    results = seeds.final_results(run.exp, state, step, times, evaluate_at_end, progress, kept)
     if _primary():
       write_results(run.out, results)
     return results

@@ -330,15 +330,10 @@ def init_cells(family: Family, exp, cells):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
-def search_cells(family: Family, exp, state, images, ids):
-  """Every cell's alpha after :func:`amaml.rates.search_alpha` on its first meta-batch."""
-
-  def one(st, seed):
-    key = jax.random.fold_in(amaml.train.run_keys(seed).train, 0)
-    batch = family.sample(key, images, family.meta_batch)
-    return amaml.rates.search_alpha(exp.learner.meta_loss, st, batch)
-
-  return jax.jit(jax.vmap(one))(state, ids)
+def search_cells(exp, state, images, ids):
+  """Every cell's alpha after ``amaml train``'s alpha0 search (:func:`amaml.train.alpha_search`)
+  on the first meta-batch of its seed."""
+  return amaml.train.alpha_search(exp, vmapped=True)(state, images, ids)
 
 
 def eval_params(state):
@@ -404,7 +399,7 @@ def run_family(
   state = init_cells(fam, exp, cells)
   ids = jnp.asarray([s for _, s in cells], jnp.int32)
   if method.endswith(SEARCH):
-    state = search_cells(fam, exp, state, data["train"], ids)
+    state = search_cells(exp, state, data["train"], ids)
   chunk = robustness.make_chunk(exp, log_every)
   every = max(log_every, long_ // val_points // log_every * log_every) if val_points else long_
   budgets_at = {short: "short", long_: "long"}

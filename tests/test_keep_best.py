@@ -8,10 +8,11 @@ import shutil
 import signal
 
 import chex
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amaml import best, cli, signals, train
+from amaml import best, cli, seeds, signals, train
 from amaml.checkpoint import Checkpointer
 from amaml.configs import get_config
 
@@ -24,22 +25,29 @@ TIMES = ("train_seconds", "first_chunk_seconds_incl_compile")
 @pytest.fixture
 def val_losses(monkeypatch):
   """``val_losses({step: loss})``: the validation at ``step`` reports ``loss`` as its query
-  loss (its other numbers are real), whatever the state; returns the steps validated."""
+  loss (its other numbers are real), whatever the state; returns the steps validated. With
+  ``--seeds`` (``seed`` 0), ``val_losses([{step: loss}, ...])``: seed k's reports
+  ``losses[k][step]``."""
 
   def set_losses(losses: dict):
     at, validated = {}, []
-    log_line, evaluate = train.log_line, train.evaluate
+    evaluate = train.evaluate
 
-    def line(step, *args):  # the log line comes just before its validation
-      at["step"] = step
-      return log_line(step, *args)
+    def before(log_line):  # the log line (of one seed or several) comes just before its validation
+      def line(step, *args):
+        at["step"] = step
+        return log_line(step, *args)
+
+      return line
 
     def fake(exp, params, alpha, split, *args, **kw):
       out = evaluate(exp, params, alpha, split, *args, **kw)
       validated.append(at["step"])
-      return {**out, "loss": float(losses[at["step"]])}
+      mine = losses if isinstance(losses, dict) else losses[exp.config.seed]  # (seed k: seed k)
+      return {**out, "loss": float(mine[at["step"]])}
 
-    monkeypatch.setattr(train, "log_line", line)
+    monkeypatch.setattr(train, "log_line", before(train.log_line))
+    monkeypatch.setattr(seeds, "log_line", before(seeds.log_line))
     monkeypatch.setattr(train, "evaluate", fake)
     return validated
 
@@ -170,7 +178,6 @@ def test_real_validation_and_the_flag_off(tmp_path, tiny_config):
   "flags, message",
   [
     (["--val_every", "0"], "amaml train: --keep_best with --val_every 0: "),
-    (["--seeds", "2"], "amaml train: --keep_best with --seeds 2: "),
     (["--task", "omniglot", "--protocol", "lake"], "amaml train: --keep_best with --protocol lake"),
   ],
 )
@@ -215,3 +222,107 @@ def test_the_tracker_compares_saves_and_supersedes(tmp_path, tiny_config):
   assert best.restore(tmp_path, state)[1:] == (20, 1.0)
   with pytest.raises(ValueError, match="val_loss"):
     resumed.update(50, state, {"val_accuracy": 1.0})
+
+
+def test_each_seed_tests_its_own_best(tmp_path, tiny_config, val_losses):
+  """--seeds 2 with validations that peak at different steps (seed 0: 20, a tie at 40 does
+  not replace it; seed 1: 30): each seed tests its own best state, bitwise the state that a
+  --seeds 2 run stopped at that step has for it, and the summary over seeds is of those."""
+  val_losses([{10: 3.0, 20: 1.0, 30: 2.0, 40: 1.0}, {10: 2.0, 20: 2.5, 30: 0.5, 40: 0.7}])
+  cfg = tiny_config(**KEEP, seeds=2)
+  last, results = train.train(cfg, tmp_path / "keep", progress=False)
+  per = results["per_seed"]
+  assert [(p["tested"], p["best_step"], p["best_val_loss"]) for p in per] == [
+    ("best", 20, 1.0),
+    ("best", 30, 0.5),
+  ]
+  assert best.kept_step(tmp_path / "keep") == 30  # the checkpoint's step: the latest best
+  kept, steps, metrics = best.restore(tmp_path / "keep", last)
+  assert (steps.tolist(), metrics.tolist()) == ([20, 30], [1.0, 0.5])
+  stopped = dataclasses.replace(cfg, iterations=30, checkpoint_every=10, keep_best=False)
+  train.train(stopped, tmp_path / "stopped", progress=False, evaluate_at_end=False)
+  exp = train.build(cfg)
+  for k, at in enumerate((20, 30)):
+    want = seeds.seed_state(train.load_run(tmp_path / "stopped", at)[1], k)
+    chex.assert_trees_all_equal(seeds.seed_state(kept, k), want)  # bitwise: seed k at step `at`
+    mine, end = seeds.seed_experiment(exp, k), seeds.seed_state(last, k)
+    assert per[k]["test"] == train.meta_test(mine, want.params, want.alpha)["test"]
+    assert per[k]["test_last"] == train.meta_test(mine, end.params, end.alpha)["test"]
+    assert per[k]["test_last"] != per[k]["test"]
+  assert results["test"] == seeds.spread([p["test"] for p in per])
+  assert results["test"] != seeds.spread([p["test_last"] for p in per])
+  text = train.format_results(results)
+  assert "seed 0: meta-test loss" in text and "seed 1: meta-test loss" in text
+  assert "tested step 20, the best on validation (best_val_loss 1)" in text
+  assert "tested step 30, the best on validation (best_val_loss 0.5)" in text
+
+
+def test_seeds_resumed_keep_what_an_uninterrupted_run_keeps(tmp_path, tiny_config, val_losses):
+  """A --seeds 2 run stopped at step 20 and resumed to 40 keeps the best checkpoint and writes
+  the results of an uninterrupted run: without the bests so far, seed 0 (best: step 20)
+  would keep step 30."""
+  val_losses([{10: 2.0, 20: 1.0, 30: 1.5, 40: 3.0}, {10: 3.0, 20: 2.0, 30: 1.0, 40: 1.1}])
+  cfg = tiny_config(**KEEP, seeds=2)
+  last, full = train.train(cfg, tmp_path / "full", progress=False)
+  first = dataclasses.replace(cfg, iterations=20)
+  train.train(first, tmp_path / "split", progress=False, evaluate_at_end=False)
+  assert best.kept_step(tmp_path / "split") == 20
+  train.train(cfg, tmp_path / "split", resume=True, progress=False)
+  assert [p["best_step"] for p in full["per_seed"]] == [20, 30]
+  assert _results(tmp_path / "full") == _results(tmp_path / "split")
+  want, got = best.restore(tmp_path / "full", last), best.restore(tmp_path / "split", last)
+  chex.assert_trees_all_equal(got[0], want[0])
+  assert got[1].tolist() == want[1].tolist() and got[2].tolist() == want[2].tolist()
+  assert best.kept_step(tmp_path / "split") == best.kept_step(tmp_path / "full") == 30
+
+
+def test_evaluate_loads_each_seeds_best(tmp_path, tiny_config, val_losses, capsys):
+  """amaml evaluate --run on a --seeds 2 run: each seed's best state (seed 1, which never
+  validates to a finite loss: its last state, as its final evaluation), the steps named in
+  one line; --step N: checkpoint N of every seed, even where the best checkpoint is step N."""
+  nan = float("nan")
+  val_losses([{10: 2.0, 20: 1.0, 30: 2.0, 40: 3.0}, dict.fromkeys((10, 20, 30, 40), nan)])
+  cfg = tiny_config(**KEEP, seeds=2)
+  last, results = train.train(cfg, tmp_path / "r", progress=False)
+  seed1 = results["per_seed"][1]
+  assert (seed1["tested"], seed1["best_step"], seed1["best_val_loss"]) == ("last", None, None)
+  assert "test_last" not in seed1 and results["per_seed"][0]["best_step"] == 20
+  argv = ["evaluate", "--run", str(tmp_path / "r"), "--eval_tasks", "10", "--eval_inner_steps"]
+  assert cli.main(argv + ["1"]) == 0
+  assert capsys.readouterr().out.splitlines()[0] == (
+    f"{tmp_path / 'r'}: evaluating the best checkpoint on validation, each seed's own: "
+    "seed 0 step 20, seed 1 step 40 (--step N for another)"
+  )
+  _, loaded = train.load_run(tmp_path / "r")
+  kept, steps, _ = best.restore(tmp_path / "r", last)
+  assert steps.tolist() == [20, -1] and np.asarray(kept.step).tolist() == [20, 10]
+  chex.assert_trees_all_equal(seeds.seed_state(loaded, 0), seeds.seed_state(kept, 0))
+  chex.assert_trees_all_equal(seeds.seed_state(loaded, 1), seeds.seed_state(last, 1))
+  assert best.kept_step(tmp_path / "r") == 20
+  assert np.asarray(train.load_run(tmp_path / "r", 20)[1].step).tolist() == [20, 20]
+
+
+def test_the_tracker_keeps_each_seeds_best(tmp_path, tiny_config):
+  """With seeds each seed compares its own metric (ties and NaN do not count) and keeps its
+  own state; the checkpoint is saved as the latest best's step, and a resumed tracker goes on
+  from it."""
+  exp = train.build(tiny_config(**KEEP, seeds=2))
+  state = seeds.init_state(exp)
+  at = lambda step: state._replace(step=jnp.full(2, step, jnp.int32))  # the state of `step`
+  loss = lambda a, b: {"seed0/val_loss": a, "seed1/val_loss": b}
+  tracker = best.Tracker(exp, tmp_path, state, resume=False)
+  tracker.update(10, at(10), loss(2.0, float("nan")))
+  tracker.update(20, at(20), loss(2.0, 3.0))  # seed 0: a tie
+  tracker.update(30, at(30), loss(1.0, 4.0))
+  kept, steps, metrics = best.restore(tmp_path, state)
+  assert (steps.tolist(), metrics.tolist()) == ([30, 20], [1.0, 3.0])
+  assert np.asarray(kept.step).tolist() == [30, 20] and best.kept_step(tmp_path) == 30
+  resumed = best.Tracker(exp, tmp_path, state, resume=True)
+  resumed.update(40, at(40), loss(1.0, 3.0))  # ties: nothing saved
+  assert best.kept_step(tmp_path) == 30
+  resumed.update(40, at(40), loss(5.0, 2.0))
+  kept, steps, metrics = best.restore(tmp_path, state)
+  assert (steps.tolist(), metrics.tolist()) == ([30, 40], [1.0, 2.0])
+  assert np.asarray(kept.step).tolist() == [30, 40] and best.kept_step(tmp_path) == 40
+  with pytest.raises(ValueError, match="seed1/val_loss"):
+    resumed.update(50, state, {"seed0/val_loss": 1.0})

@@ -130,3 +130,24 @@ def test_val_points_keep_the_best_validation_point(monkeypatch):
   assert long_rows[1]["test_best"] == pytest.approx(long_rows[1]["test"], rel=1e-6)
   assert [r["best_step"] for r in rows if r["budget"] == "short"] == [2, 2]
   assert all(r["test_best"] == r["test"] for r in at4)  # no validation points: the last
+
+
+def test_search_cells_searches_each_cell_on_its_seeds_first_tasks():
+  """The vmapped search over cells equals a Python loop of :func:`amaml.rates.search_alpha`,
+  cell by cell, on the first meta-batch of the cell's seed."""
+  import amaml
+
+  fam = suite.FAMILIES["linear"]
+  exp = suite.experiment(fam, suite.DEFAULT, fam.data())
+  cells = [(0.01, 0), (4.0, 1)]
+  state = suite.init_cells(fam, exp, cells)
+  ids = jnp.asarray([s for _, s in cells], jnp.int32)
+  searched = suite.search_cells(exp, state, None, ids)
+  for j, (a0, seed) in enumerate(cells):
+    key = jax.random.fold_in(amaml.train.run_keys(seed).train, 0)
+    one = jax.tree.map(lambda x: x[j], state)
+    batch = fam.sample(key, None, fam.meta_batch)
+    alone = amaml.rates.search_alpha(exp.learner.meta_loss, one, batch)
+    got = jax.tree.map(lambda x: x[j], searched.alpha)
+    np.testing.assert_allclose(jax.tree.leaves(got), jax.tree.leaves(alone.alpha), rtol=1e-6)
+    assert not np.allclose(jax.tree.leaves(got)[0], a0)  # the search moved alpha0
