@@ -2,7 +2,7 @@
 MAML's best cell and the candidate defaults.
 
     python benchmarks/tuning_free_suite.py --families linear sinusoid      # some families
-    python benchmarks/tuning_free_suite.py --methods default maml adam     # some methods
+    python benchmarks/tuning_free_suite.py --methods adam+search maml dog+search  # some methods
     python benchmarks/tuning_free_suite.py --render benchmarks/results/tuning-free-suite.jsonl.gz
 
 A *family* is a task distribution with its model, inner steps and two budgets: ``short``
@@ -299,7 +299,7 @@ LABELS = {
   "prodigy-d0=1e-3": "Alpha MAML + Prodigy, d0 = 1e-3",
   "adam-hd-discount": "Alpha MAML + Adam-HD, discount 0.9",
 }
-for _m in ("dadapt", "adam"):
+for _m in [m for m in METHODS if m != "maml"]:  # every candidate, also searched
   METHODS[_m + SEARCH] = METHODS[_m]
   LABELS[_m + SEARCH] = LABELS[_m] + ", alpha0 searched on the first batch"
 #: amaml's default (``amaml.alpha_maml`` and ``amaml train``'s alpha0 search).
