@@ -3,7 +3,7 @@ MAML's best cell and the candidate defaults.
 
     python benchmarks/tuning_free_suite.py --families linear sinusoid      # some families
     python benchmarks/tuning_free_suite.py --methods adam+search maml dog+search  # some methods
-    python benchmarks/tuning_free_suite.py --render benchmarks/results/tuning-free-suite.jsonl.gz
+    python benchmarks/tuning_free_suite.py --render old.jsonl.gz new.jsonl.gz  # new replaces old
 
 A *family* is a task distribution with its model, inner steps and two budgets: ``short``
 meta steps and ``long`` (5-10x more). Each (family, method) trains every cell (alpha0 x
@@ -429,6 +429,14 @@ def higher_is_better(family: str) -> bool:
   return family.startswith("omniglot")
 
 
+def merge(lines: list[dict], new: list[dict]) -> list[dict]:
+  """``lines`` without the rows of any (family, method) that ``new`` has rows of, then
+  ``new``: the newer result of a (family, method) replaces the older (header lines stay)."""
+  key = lambda l: (l.get("family"), l.get("method"))
+  replaced = {key(l) for l in new if "family" in l}
+  return [l for l in lines if "family" not in l or key(l) not in replaced] + new
+
+
 def cell_means(rows) -> dict:
   """``(family, budget, method, alpha0) -> mean over seeds`` (non-finite stays nan)."""
   by: dict = {}
@@ -650,8 +658,8 @@ def main(argv=None):
     "--render",
     metavar="JSONL",
     nargs="+",
-    help="only print the tables and draw "
-    "the heat maps of earlier runs (several files: their rows together)",
+    help="only print the tables and draw the heat maps of earlier runs (several files: "
+    "their rows together, a later file's rows of a (family, method) replacing an earlier's)",
   )
   ap.add_argument(
     "--field",
@@ -673,7 +681,9 @@ def main(argv=None):
   args = ap.parse_args(argv)
   out = Path(args.out)
   if args.render:
-    lines = [l for path in args.render for l in robustness.read_jsonl(Path(path))]
+    lines = []
+    for path in args.render:  # a later file's (family, method) replaces an earlier one's
+      lines = merge(lines, robustness.read_jsonl(Path(path)))
   else:
     lines = robustness.read_jsonl(out) if out.exists() else []
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -690,7 +700,7 @@ def main(argv=None):
         rows = run_family(
           fam, method, args.alphas, args.budgets, args.seeds, val_points=args.val_points
         )
-        lines = [l for l in lines if (l.get("family"), l.get("method")) != (fam, method)] + rows
+        lines = merge(lines, rows)
         robustness.write_jsonl(out, lines)  # after every method: a stopped run keeps the rest
         print(json.dumps({k: rows[-1][k] for k in ("family", "method", "wall_s")}), flush=True)
   rows = [{**l, "test": l[args.field]} for l in lines if "alpha0" in l and args.field in l]

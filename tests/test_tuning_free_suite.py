@@ -151,3 +151,19 @@ def test_search_cells_searches_each_cell_on_its_seeds_first_tasks():
     got = jax.tree.map(lambda x: x[j], searched.alpha)
     np.testing.assert_allclose(jax.tree.leaves(got), jax.tree.leaves(alone.alpha), rtol=1e-6)
     assert not np.allclose(jax.tree.leaves(got)[0], a0)  # the search moved alpha0
+
+
+def test_render_a_later_file_replaces_a_family_methods_rows(tmp_path, capsys):
+  """Two files with the same (family, method): the later one's cells are tabulated alone,
+  not averaged with the earlier's; a (family, method) only in the earlier file stays."""
+  old = _rows("omniglot-5w1s", "short", "maml", {0.01: [40.0], 1.0: [80.0]}) + _rows(
+    "omniglot-5w1s", "short", suite.DEFAULT, {0.01: [60.0], 1.0: [62.0]}
+  )
+  new = _rows("omniglot-5w1s", "short", suite.DEFAULT, {0.01: [84.0, 86.0], 1.0: [88.0, 90.0]})
+  paths = [tmp_path / "old.jsonl.gz", tmp_path / "new.jsonl.gz"]
+  for path, rows in zip(paths, (old, new)):
+    suite.robustness.write_jsonl(path, [{"suite": True}, *rows])
+  merged = suite.merge(old, new)
+  assert [r["test"] for r in merged] == [40.0, 80.0, 84.0, 86.0, 88.0, 90.0]
+  suite.main(["--render", *map(str, paths), "--images", str(tmp_path)])
+  assert "| omniglot-5w1s | short | 80 | **+5.0** |" in capsys.readouterr().out  # 85 against 80
