@@ -494,6 +494,7 @@ def family_table(rows, family: str, budget: str, alphas) -> str:
     mark = " (met)" if meets(g, higher) else ""
     name = f"**{LABELS[m]}**" if m == DEFAULT else LABELS[m]
     g_txt = "-" if m == "maml" else (f"{g:+.1f}{mark}" if higher else f"{g:.2f}x{mark}")
+    g_txt = "MAML not run" if np.isnan(maml) else g_txt
     lines.append(
       f"| {name} | "
       + " | ".join(fmt(v) for v in vals)

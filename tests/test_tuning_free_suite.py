@@ -167,3 +167,5 @@ def test_render_a_later_file_replaces_a_family_methods_rows(tmp_path, capsys):
   assert [r["test"] for r in merged] == [40.0, 80.0, 84.0, 86.0, 88.0, 90.0]
   suite.main(["--render", *map(str, paths), "--images", str(tmp_path)])
   assert "| omniglot-5w1s | short | 80 | **+5.0** |" in capsys.readouterr().out  # 85 against 80
+  alone = suite.family_table(new, "omniglot-5w1s", "short", [0.01, 1.0])  # no MAML rows
+  assert alone.splitlines()[-1].endswith("| 85.0 | 89.0 | 85.0 | 89.0 | 4.0 | MAML not run |")
