@@ -168,6 +168,26 @@ def restore(out: str | os.PathLike, state) -> tuple | None:
     ckpt.close()
 
 
+def seed_bests(kept, seeds: int) -> list[tuple | None]:
+  """The best checkpoint of a stacked run (:func:`restore`'s ``(state, steps, metrics)``, or
+  ``None``) as one entry per seed: seed k's ``(state, step, metric)``, or ``None`` where seed
+  k has no best (step -1: no finite validation).
+
+  >>> kept = ({"w": np.array([[1.0], [2.0]])}, np.array([4, -1]), np.array([0.5, 0.0]))
+  >>> seed_bests(kept, 2)
+  [({'w': array([1.])}, 4, 0.5), None]
+  """
+  if kept is None:
+    return [None] * seeds
+  state, steps, metrics = kept
+  return [
+    None
+    if steps[k] < 0
+    else (jax.tree.map(lambda x: x[k], state), int(steps[k]), float(metrics[k]))
+    for k in range(seeds)
+  ]
+
+
 def kept_step(out: str | os.PathLike) -> int | None:
   """The step of the best checkpoint in the run directory ``out`` (``None``: none kept; with
   seeds, the latest of their best steps)."""

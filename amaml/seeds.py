@@ -270,18 +270,17 @@ def final_results(
   none) and each seed tests its own best state (:func:`amaml.best.kept_results`)."""
   train_s, compile_s = times
 
-  def one(e: Experiment, s) -> dict:
-    last, best_k = s  # seed k's last state, and its (best state, best step, metric)
+  def one(k: int, best_k) -> dict:
+    e, last = seed_experiment(exp, k), seed_state(state, k)
     r = training_results(e.config, last, step, train_s, compile_s)
     out = {"seed": e.config.seed, "final_alpha": r["final_alpha"], "final_beta": r["final_beta"]}
     if exp.config.keep_best:
-      best_k = None if best_k is None or best_k[1] < 0 else best_k  # (step -1: none)
       out.update(best.kept_results(e, last, best_k, step, evaluate_at_end, progress))
     elif evaluate_at_end:
       out.update(meta_test(e, last.params, last.alpha, progress=progress))
     return out
 
-  seeds = per_seed(one, exp, (state, kept))
+  seeds = [one(k, b) for k, b in enumerate(best.seed_bests(kept, exp.config.seeds))]
   results = training_results(exp.config, seed_state(state, 0), step, train_s, compile_s)
   return {**results, **combine(seeds)}
 
