@@ -176,6 +176,7 @@ def alpha_maml(
   backtrack: bool = True,
   alpha_min: float | None = 0.0,
   alpha_max: float | None = None,
+  alpha_max_ratio: float | None = None,
   beta_min: float | None = 0.0,
   beta_max: float | None = None,
   alpha_update: str = "hypergradient",
@@ -205,6 +206,8 @@ def alpha_maml(
     alpha_granularity: ``"tensor"``, ``"scalar"`` or ``"parameter"`` (:func:`amaml.init_alpha`).
     backtrack: halve ``alpha`` instead of a step whose adaptation doubles the query loss.
     alpha_min, alpha_max: bounds on ``alpha`` (``None``: unbounded).
+    alpha_max_ratio: keep every rate of a per-tensor (or per-parameter) ``alpha`` within
+      this factor of the largest (:func:`amaml.rates.within_ratio`; ``None``: unbounded).
     alpha_update: ``"hypergradient"``, or ``"outer"``: the outer optimizer steps ``alpha``
       with the weights (Meta-SGD, :func:`meta_sgd`).
     **options: the inner loop's and the rest of :func:`gradient_learner`'s (``inner_steps``,
@@ -218,6 +221,8 @@ def alpha_maml(
   alpha_lr, beta_lr = _default_hyper_lrs(rate_rule, alpha_lr, beta_lr)
   bounds = dict(alpha_min=alpha_min, alpha_max=alpha_max)
   alpha_rule = _alpha_rule(alpha_update, alpha_lr, rate_rule, alpha_min, alpha_max)
+  if alpha_max_ratio is not None:
+    alpha_rule = rates.within_ratio(alpha_rule, alpha_max_ratio)
   learner_options = {k: options.pop(k) for k in _LEARNER_OPTIONS if k in options}
   beta_options = dict(beta=beta, beta_lr=beta_lr, beta_min=beta_min, beta_max=beta_max)
   outer = as_outer_optimizer(optimizer, rate_rule=rate_rule, **beta_options, **options)

@@ -205,6 +205,30 @@ def rate_rule(
   return RateRule(init_n, update_n)
 
 
+def within_ratio(rule: RateRule, max_ratio: float) -> RateRule:
+  """``rule`` whose rates (a pytree: one per tensor, per step or per parameter) stay within a
+  factor ``max_ratio`` of the largest: after each update every rate below ``max / max_ratio``
+  is raised to it. With one rate per tensor the one-step hypergradient can drive some
+  tensors' rates to their floor while another's grows (on the suite's few-character
+  Omniglot the body's rates fell to 0.01 while the head's rose to 200: only the head
+  adapts, as in ANIL); this keeps every tensor adapting. A rule that never spreads its
+  rates that far is unchanged, bit for bit.
+
+  >>> rule = within_ratio(fixed(), 100.0)
+  >>> rule.update({"body": jnp.float32(0.5), "head": jnp.float32(200.0)}, None, ())[0]
+  {'body': Array(2., dtype=float32), 'head': Array(200., dtype=float32)}
+  """
+  if isinstance(max_ratio, numbers.Real) and not max_ratio >= 1.0:
+    raise ValueError(f"max_ratio must be >= 1 (1 ties every rate to the largest), got {max_ratio}")
+
+  def update(rate, h, state):
+    rate, state = rule.update(rate, h, state)
+    top = jnp.max(jnp.stack([jnp.max(x) for x in jax.tree.leaves(rate)]))
+    return jax.tree.map(lambda r: jnp.maximum(r, (top / max_ratio).astype(r.dtype)), rate), state
+
+  return RateRule(rule.init, update, rule.by_outer)
+
+
 #: The multiples of the initial ``alpha`` that :func:`search_alpha` tries: 1/4096 to 4096 in
 #: factors of 4, so that the start found hardly depends on the user's ``alpha0``.
 SEARCH_SCALES = tuple(4.0**e for e in range(-6, 7))

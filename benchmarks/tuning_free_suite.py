@@ -23,8 +23,10 @@ Methods (``METHODS``): ``maml`` (Adam at 1e-3, alpha fixed at alpha0), amaml's d
 alpha0 scaled by :func:`amaml.rates.search_alpha` on the first meta-batch), and the other
 candidates: the same Alpha MAML with another outer optimizer (D-Adaptation, ``dadapt``,
 also with a larger initial estimate; Prodigy, schedule-free AdamW, DoG, Mechanic around
-Adam, Adam with beta by hypergradient over a discounted horizon), with or without the
-search (the suffix ``+search``).
+Adam, Adam with beta by hypergradient over a discounted horizon) or another rule for the
+per-tensor alpha (one alpha, ``adam-scalar``; each alpha kept within 100x or 10x of the
+largest, ``adam-ratio100``, ``adam-ratio10``), with or without the search (the suffix
+``+search``).
 
 Writes ``benchmarks/results/tuning-free-suite.jsonl.gz`` (one line per cell and budget),
 heat maps ``docs/images/tuning-free-suite.png`` and prints the tables of BENCHMARKS.md:
@@ -285,6 +287,11 @@ METHODS: dict[str, Callable] = {
   "adam-hd-discount": lambda loss_fn, k: amaml.alpha_maml(
     loss_fn, inner_steps=k, optimizer=optax.adam, discount=0.9
   ),
+  "adam-scalar": lambda loss_fn, k: amaml.alpha_maml(
+    loss_fn, inner_steps=k, alpha_granularity="scalar"
+  ),
+  "adam-ratio100": lambda loss_fn, k: amaml.alpha_maml(loss_fn, inner_steps=k, alpha_max_ratio=100),
+  "adam-ratio10": lambda loss_fn, k: amaml.alpha_maml(loss_fn, inner_steps=k, alpha_max_ratio=10),
 }
 LABELS = {
   "maml": "MAML (Adam 1e-3, alpha fixed)",
@@ -298,6 +305,9 @@ LABELS = {
   "dadapt-d0=1e-3": "Alpha MAML + D-Adaptation, d0 = 1e-3",
   "prodigy-d0=1e-3": "Alpha MAML + Prodigy, d0 = 1e-3",
   "adam-hd-discount": "Alpha MAML + Adam-HD, discount 0.9",
+  "adam-scalar": "Alpha MAML + Adam 1e-3 (beta fixed), one alpha",
+  "adam-ratio100": "Alpha MAML + Adam 1e-3 (beta fixed), each alpha within 100x of the largest",
+  "adam-ratio10": "Alpha MAML + Adam 1e-3 (beta fixed), each alpha within 10x of the largest",
 }
 for _m in [m for m in METHODS if m != "maml"]:  # every candidate, also searched
   METHODS[_m + SEARCH] = METHODS[_m]
@@ -350,9 +360,22 @@ def _val_scores(ev) -> np.ndarray:
   return np.array([e["val"] for e in ev])
 
 
-def _row(name, method, budget, until, cell, e, best, alpha_traj, j, t0) -> dict:
+def alpha_tensors(alpha, j: int) -> dict:
+  """Cell ``j``'s alpha (stacked over cells) by tensor: ``{"Dense_0/kernel": 0.5, ...}`` (a
+  tensor's mean where alpha is per parameter; ``{"": a}`` for one alpha).
+
+  >>> alpha_tensors({"Dense_0": {"bias": np.array([1.0, 2.0])}}, 1)
+  {'Dense_0/bias': 2.0}
+  """
+  flat = jax.tree_util.tree_flatten_with_path(alpha)[0]
+  name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  return {name(path): float(np.mean(np.asarray(a)[j])) for path, a in flat}
+
+
+def _row(name, method, budget, until, cell, e, best, alpha_traj, j, t0, alpha) -> dict:
   """One result row: cell ``j``'s scores ``e`` at ``until`` steps, and ``best``, its scores
-  at the validation point that did best so far (``(step, scores)``)."""
+  at the validation point that did best so far (``(step, scores)``); ``alpha``: every
+  cell's, stacked."""
   scale = 100.0 if "omniglot" in name else 1.0
   mean, ci = amaml.mean_confidence_interval(e["selected"])
   return {
@@ -374,6 +397,7 @@ def _row(name, method, budget, until, cell, e, best, alpha_traj, j, t0) -> dict:
     "coarse_steps": e["coarse_steps"],
     "final_alpha": float(alpha_traj[-1][j]),
     "alpha_traj": [float(a[j]) for a in alpha_traj],
+    "final_alpha_tensors": alpha_tensors(alpha, j),
     "wall_s": time.perf_counter() - t0,
   }
 
@@ -420,7 +444,8 @@ def run_family(
     for j, cell in enumerate(cells):
       if step in budgets_at:
         b = best[j][1] or (step, ev[j])
-        rows.append(_row(name, method, budgets_at[step], step, cell, ev[j], b, alpha_traj, j, t0))
+        at = budgets_at[step]
+        rows.append(_row(name, method, at, step, cell, ev[j], b, alpha_traj, j, t0, state.alpha))
   return rows
 
 

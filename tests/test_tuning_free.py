@@ -5,6 +5,7 @@ validation tasks, and named configs that carry no rate setting of their own."""
 import dataclasses
 import inspect
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -330,3 +331,33 @@ def test_resolved_beta_lr_is_what_the_built_learner_does(fields, tiny_config):
   fixed = np.ptp(betas) == 0 and np.isclose(betas[0], cfg.resolved_beta, rtol=1e-6)
   assert (cfg.resolved_beta_lr == 0) == fixed
   assert (cfg.resolved_beta_lr == 0) == (fields == {})
+
+
+def test_within_ratio_raises_the_rates_below_the_largest_over_max_ratio():
+  """By hand: the additive rule steps {1, 3} by -0.1 * {2, -1} to {0.8, 3.1}; within a factor
+  2 of the largest, 0.8 is raised to 3.1 / 2 = 1.55."""
+  rule = rates.within_ratio(rates.rate_rule(0.1, "additive"), 2.0)
+  rate = {"body": jnp.float32(1.0), "head": jnp.float32(3.0)}
+  h = {"body": jnp.float32(2.0), "head": jnp.float32(-1.0)}
+  new, _ = rule.update(rate, h, rule.init(rate))
+  assert float(new["body"]) == pytest.approx(1.55)
+  assert float(new["head"]) == pytest.approx(3.1)
+  with pytest.raises(ValueError, match="max_ratio must be >= 1"):
+    rates.within_ratio(rates.fixed(), 0.5)
+
+
+def test_within_ratio_bounds_the_default_per_tensor_alpha_and_is_inert_when_far():
+  """Alpha MAML's per-tensor alpha spreads past a factor 1.2 on sinusoid in 30 steps; with
+  ``alpha_max_ratio=1.2`` it stays within it, and with a bound it never reaches (1e9) the
+  run is the default's, bit for bit."""
+
+  def spread(**kw):
+    state, _, _ = _run(amaml.alpha_maml(_mse(), alpha=0.01, **kw), _params(), 30)
+    leaves = jax.tree.leaves(state.alpha)
+    return max(map(float, leaves)) / min(map(float, leaves)), state
+
+  free, state = spread()
+  bound, _ = spread(alpha_max_ratio=1.2)
+  _, far = spread(alpha_max_ratio=1e9)
+  assert free > 1.2 and bound <= 1.2 * (1 + 1e-6), (free, bound)
+  chex.assert_trees_all_equal(state, far)

@@ -109,6 +109,9 @@ def test_smallest_suite_runs(method, tmp_path):
     ("long", 4, 1.0),
   ]
   assert len(rows[-1]["alpha_traj"]) == 2
+  tensors = rows[0]["final_alpha_tensors"]  # one alpha for MAML, one per tensor for the default
+  assert list(tensors) == ([""] if method == "maml" else ["w"])
+  assert tensors[list(tensors)[0]] == pytest.approx(rows[0]["final_alpha"], rel=1e-6)
   if method == "maml":  # alpha is fixed
     assert [r["final_alpha"] for r in rows] == pytest.approx([0.01, 1.0, 0.01, 1.0])
   assert all(np.isfinite(r["test"]) or r["alpha0"] == 1.0 for r in rows)
