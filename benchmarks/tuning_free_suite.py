@@ -426,7 +426,7 @@ def run_family(
     state = search_cells(exp, state, data["train"], ids)
   chunk = robustness.make_chunk(exp, log_every)
   every = max(log_every, long_ // val_points // log_every * log_every) if val_points else long_
-  budgets_at = {short: "short", long_: "long"}
+  budgets_at = {long_: "long", short: "short"}  # one budget (--budgets S S): short
   rows, step, t0, alpha_traj = [], 0, time.perf_counter(), []
   best = [(-np.inf, None)] * len(cells)  # per cell: (validation score, (step, scores))
   while step < long_:
@@ -672,7 +672,8 @@ def main(argv=None):
     type=int,
     nargs=2,
     metavar=("SHORT", "LONG"),
-    help="meta steps of the two budgets (default: the family's)",
+    help="meta steps of the two budgets (default: the family's; SHORT = LONG runs one "
+    "budget, recorded as short)",
   )
   ap.add_argument(
     "--out",

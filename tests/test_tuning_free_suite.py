@@ -172,3 +172,9 @@ def test_render_a_later_file_replaces_a_family_methods_rows(tmp_path, capsys):
   assert "| omniglot-5w1s | short | 80 | **+5.0** |" in capsys.readouterr().out  # 85 against 80
   alone = suite.family_table(new, "omniglot-5w1s", "short", [0.01, 1.0])  # no MAML rows
   assert alone.splitlines()[-1].endswith("| 85.0 | 89.0 | 85.0 | 89.0 | 4.0 | MAML not run |")
+
+
+def test_one_budget_is_recorded_as_short():
+  """``--budgets S S`` runs one budget, S steps, and records it as the short one."""
+  rows = suite.run_family("linear", "maml", alphas=(1.0,), budgets=(2, 2), seeds=1, log_every=2)
+  assert [(r["budget"], r["steps"]) for r in rows] == [("short", 2)]
