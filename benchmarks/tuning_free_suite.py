@@ -28,9 +28,10 @@ per-tensor alpha (one alpha, ``adam-scalar``; each alpha kept within 100x or 10x
 largest, ``adam-ratio100``, ``adam-ratio10``), with or without the search (the suffix
 ``+search``).
 
-Writes ``benchmarks/results/tuning-free-suite.jsonl.gz`` (one line per cell and budget),
-heat maps ``docs/images/tuning-free-suite.png`` and prints the tables of BENCHMARKS.md:
-one per family with the column "default's worst start minus MAML's best", and a summary.
+Writes ``benchmarks/results/tuning-free-suite.jsonl.gz`` (one line per cell and budget:
+its scores, alpha's mean along the run and each tensor's final alpha), heat maps
+``docs/images/tuning-free-suite.png`` and prints the tables of BENCHMARKS.md: one per
+family with the column "default's worst start minus MAML's best", and a summary.
 """
 
 from __future__ import annotations
