@@ -177,15 +177,13 @@ def seed_bests(kept, seeds: int) -> list[tuple | None]:
   >>> seed_bests(kept, 2)
   [({'w': array([1.])}, 4, 0.5), None]
   """
+  from amaml.seeds import seed_state  # (amaml.seeds imports this module)
+
   if kept is None:
     return [None] * seeds
   state, steps, metrics = kept
-  return [
-    None
-    if steps[k] < 0
-    else (jax.tree.map(lambda x: x[k], state), int(steps[k]), float(metrics[k]))
-    for k in range(seeds)
-  ]
+  pick = lambda k: (seed_state(state, k), int(steps[k]), float(metrics[k]))
+  return [None if steps[k] < 0 else pick(k) for k in range(seeds)]
 
 
 def kept_step(out: str | os.PathLike) -> int | None:

@@ -223,7 +223,7 @@ def within_ratio(rule: RateRule, max_ratio: float) -> RateRule:
 
   def update(rate, h, state):
     rate, state = rule.update(rate, h, state)
-    top = jnp.max(jnp.stack([jnp.max(x) for x in jax.tree.leaves(rate)]))
+    top = optax.tree.max(rate)
     return jax.tree.map(lambda r: jnp.maximum(r, (top / max_ratio).astype(r.dtype)), rate), state
 
   return RateRule(rule.init, update, rule.by_outer)

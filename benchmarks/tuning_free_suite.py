@@ -368,9 +368,7 @@ def alpha_tensors(alpha, j: int) -> dict:
   >>> alpha_tensors({"Dense_0": {"bias": np.array([1.0, 2.0])}}, 1)
   {'Dense_0/bias': 2.0}
   """
-  flat = jax.tree_util.tree_flatten_with_path(alpha)[0]
-  name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-  return {name(path): float(np.mean(np.asarray(a)[j])) for path, a in flat}
+  return {path: float(np.mean(np.asarray(a)[j])) for path, a in amaml.inner._paths(alpha)}
 
 
 def _row(name, method, budget, until, cell, e, best, alpha_traj, j, t0, alpha) -> dict:
