@@ -3,9 +3,21 @@
 Trees are compared with ``chex.assert_trees_all_close`` / ``chex.assert_trees_all_equal``.
 """
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import jax
+# One persistent XLA compilation cache for the whole test run: many tests train the same tiny
+# programs, which then compile once. The first process to load this file (pytest, or xdist's
+# controller) makes a fresh folder; the workers and every subprocess (scripts, notebook
+# kernels, two-process training) inherit it through the environment; it is removed at the end.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="amaml-tests-xla-")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+import jax  # noqa: E402
 import numpy as np
 import pytest
 
@@ -113,3 +125,8 @@ def small_omniglot(monkeypatch, tmp_path):
   monkeypatch.setattr(om, "MAML_NUM_VAL", 4)
   monkeypatch.setenv("AMAML_CACHE_DIR", str(tmp_path / "cache"))
   return str(write_fake_omniglot(tmp_path / "omni", 12, 8, pattern="blobs"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _OWN_CACHE and not hasattr(session.config, "workerinput"):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -526,25 +526,34 @@ def test_multi_step_loss_scan_equals_a_hand_unrolled_loop(x64, unroll, remat):
     chex.assert_trees_all_close(got, want, rtol=1e-10, atol=1e-13)
 
 
-def test_maml_plus_plus_on_conv4_keeps_batch_norm_and_rates_per_step():
+def _conv4_maml_plus_plus():
   model = amaml.models.Conv4(num_classes=5, hidden=4)
   params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
   loss = amaml.losses.cross_entropy(lambda p, x: model.apply({"params": p}, x))
   cfg = configs.get_config("omniglot-5w1s", method="maml++", inner_steps=2, hidden=4)
-  learner = train.make_learner(cfg, loss)
+  return cfg, loss, params, train.make_learner(cfg, loss)
+
+
+def test_maml_plus_plus_on_conv4_keeps_batch_norm_and_rates_per_step():
+  cfg, loss, params, learner = _conv4_maml_plus_plus()
   state = learner.init(params)
   assert state.params["norm0"]["scale"].shape == (2, 4)  # one copy per inner step
   assert state.params["conv0"]["kernel"].shape == params["conv0"]["kernel"].shape
   assert state.alpha["conv0"]["kernel"].shape == (2,)  # a rate per layer and step
+  off = train.make_learner(dataclasses.replace(cfg, alpha_per_step=False, per_step_params=""), loss)
+  assert off.init(params).params["norm0"]["scale"].shape == (4,)
+
+
+@pytest.mark.slow  # ~35 s to compile; the per-step copies' meta-gradient is checked by hand above
+def test_maml_plus_plus_on_conv4_learns_each_steps_batch_norm():
+  _, _, params, learner = _conv4_maml_plus_plus()
+  state = learner.init(params)
   key = jax.random.key(1)
   images = jax.random.randint(key, (8, 4, 28, 28, 1), 0, 256).astype(jnp.uint8)
-  batch = sample_tasks(key, images, 5, 1, 2, 2)
-  new, metrics = learner.step(state, batch)
+  new, metrics = learner.step(state, sample_tasks(key, images, 5, 1, 2, 2))
   assert np.isfinite(float(metrics["loss"]))
   moved = np.abs(np.asarray(new.params["norm0"]["scale"] - state.params["norm0"]["scale"]))
   assert np.all(moved.sum(-1) > 0)  # each step's copy is learned
-  off = train.make_learner(dataclasses.replace(cfg, alpha_per_step=False, per_step_params=""), loss)
-  assert off.init(params).params["norm0"]["scale"].shape == (4,)
 
 
 def test_alpha_granularity_sets_one_rate_per_tensor_or_parameter_from_the_config():

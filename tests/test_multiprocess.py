@@ -82,6 +82,8 @@ def _run(nproc, die_after=0, timeout=240):
   return outs
 
 
+# amaml train in two processes (below) checks the same equality end to end by default
+@pytest.mark.slow
 def test_two_processes_equal_one():
   ((rc1, out1, err1),) = _run(1)
   assert rc1 == 0, err1[-2000:]

@@ -1,4 +1,5 @@
-"""Runs every example notebook top to bottom with the CI budget (``AMAML_NOTEBOOK_FAST=1``).
+"""Runs every example notebook top to bottom with the CI budget (``AMAML_NOTEBOOK_FAST=1``);
+the two slowest only with ``-m slow``.
 
 Each notebook runs in a fresh ``python3`` kernel started with this interpreter (jupyter
 replaces the kernel spec's ``python`` by ``sys.executable``), must raise no error, and must
@@ -58,7 +59,14 @@ def _outputs(nb):
       yield from cell.outputs
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+# 02 (Conv4 on the real arrays) and 04 (a grid of sinusoid runs) take a minute or more each:
+# -m slow. Their parts run by default elsewhere (test_omniglot_train, test_robustness_grid).
+SLOW = {"02_omniglot.ipynb", "04_sensitivity.ipynb"}
+
+
+@pytest.mark.parametrize(
+  "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(EXPECTED)]
+)
 def test_notebook_runs(name, monkeypatch, tmp_path):
   if name == "02_omniglot.ipynb":
     from amaml.data import find_omniglot_dir

@@ -18,7 +18,7 @@ import robustness  # noqa: E402
 
 @pytest.mark.parametrize(
   "method",
-  list(robustness.METHODS),
+  [pytest.param(m, marks=pytest.mark.slow) if "@scalar" in m else m for m in robustness.METHODS],
 )
 def test_grid_cells_equal_separate_runs(method):
   budget = dict(steps=6, meta_batch=5, eval_tasks=8, log_every=3)

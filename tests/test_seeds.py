@@ -99,6 +99,9 @@ def _cmd(out: Path, resume: bool = False) -> list[str]:
   return cmd + (["--resume"] if resume else [])
 
 
+# a minute of subprocesses; by default test_keep_best resumes a --seeds 2 run and
+# test_reliability resumes a SIGKILLed run, each bitwise
+@pytest.mark.slow
 def test_killed_multi_seed_run_resumes_bitwise(tmp_path):
   """SIGKILL after the first checkpoints, ``--resume``: the final state of every seed, and
   every logged value but the speed, equal an uninterrupted run's."""

@@ -50,12 +50,13 @@ def test_alpha_search_trains_as_a_run_started_at_the_searched_alpha(tmp_path, ti
   chex.assert_trees_all_equal(searched, run(cfg, "split", resume=True)[0])
 
 
+@pytest.mark.parametrize("split", [10, pytest.param(20, marks=pytest.mark.slow)])
 def test_maml_plus_plus_compiles_one_loop_per_order_and_resumes_bitwise(
-  tmp_path, tiny_config, monkeypatch
+  split, tmp_path, tiny_config, monkeypatch
 ):
   """Derivative-order annealing: a loop for the first-order steps, another from
-  first_order_steps on, no call across the switch; resumed before or after it, a run equals
-  an uninterrupted one bitwise."""
+  first_order_steps on, no call across the switch; resumed before the switch (or after it,
+  with -m slow), a run equals an uninterrupted one bitwise."""
   calls, make = [], train.make_train_chunk
 
   def recording(exp, length, mesh=None, update=None):  # each call: (its loop's update, steps)
@@ -73,18 +74,17 @@ def test_maml_plus_plus_compiles_one_loop_per_order_and_resumes_bitwise(
   assert len({u for u, _, _ in calls}) == 2
   assert all(s + n <= 15 or s >= 15 for _, s, n in calls)
   assert sum(n for _, _, n in calls) == cfg.iterations
-  for split in (10, 20):
-    half = dataclasses.replace(cfg, iterations=split)
-    train.train(half, tmp_path / f"{split}", progress=False, evaluate_at_end=False)
-    resumed, _ = train.train(
-      cfg, tmp_path / f"{split}", resume=True, progress=False, evaluate_at_end=False
-    )
-    chex.assert_trees_all_equal(full, resumed)  # bitwise on CPU
-    lines = lambda d: [
-      {k: v for k, v in json.loads(l).items() if k != "steps_per_s"}
-      for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert lines("full") == lines(f"{split}")
+  half = dataclasses.replace(cfg, iterations=split)
+  train.train(half, tmp_path / "split", progress=False, evaluate_at_end=False)
+  resumed, _ = train.train(
+    cfg, tmp_path / "split", resume=True, progress=False, evaluate_at_end=False
+  )
+  chex.assert_trees_all_equal(full, resumed)  # bitwise on CPU
+  lines = lambda d: [
+    {k: v for k, v in json.loads(l).items() if k != "steps_per_s"}
+    for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+  ]
+  assert lines("full") == lines("split")
 
 
 def test_same_seed_same_metrics_and_loss_falls(tmp_path, tiny_config):

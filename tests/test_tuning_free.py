@@ -39,7 +39,9 @@ def _run(learner, params, steps, seed=1):
   return state, np.array(alphas), np.array(betas)
 
 
-@pytest.mark.parametrize("outer", ["default", "dadapt", "adam"])
+@pytest.mark.parametrize(
+  "outer", ["default", "dadapt", pytest.param("adam", marks=pytest.mark.slow)]
+)
 def test_default_is_scale_invariant(x64, outer):
   """Loss x 1000 with alpha0 / 1000 is the same run: the inner step is unchanged, the outer
   optimizer (the default's Adam at a fixed beta, D-Adaptation's AdamW, or Adam with beta by
