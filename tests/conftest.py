@@ -37,6 +37,11 @@ TINY_SINUSOID = dict(
 )
 
 
+def slow_except(values, fast) -> list:
+  """``values`` as parameters, every one not in ``fast`` marked ``slow`` (run with -m slow)."""
+  return [v if v in fast else pytest.param(v, marks=pytest.mark.slow) for v in values]
+
+
 @pytest.fixture
 def x64():
   """Run a test in float64 (for finite differences)."""
@@ -128,5 +133,5 @@ def small_omniglot(monkeypatch, tmp_path):
 
 
 def pytest_sessionfinish(session, exitstatus):
-  if _OWN_CACHE and not hasattr(session.config, "workerinput"):
+  if _OWN_CACHE:  # only the process that made the folder (the workers inherit it)
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

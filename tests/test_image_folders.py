@@ -7,17 +7,17 @@ import csv
 import jax
 import numpy as np
 import pytest
+
+from conftest import slow_except
 from PIL import Image
 
 from amaml import cli, configs, train
 from amaml.data import image_folders
 
 # one config in the default run, the rest with -m slow (a Conv4 step compiles in ~40 s)
-IMAGE_CONFIGS = [
-  n if n == "cifar-fs-5w5s" else pytest.param(n, marks=pytest.mark.slow)
-  for n, c in configs.CONFIGS.items()
-  if c.task == "image_folder"
-]
+IMAGE_CONFIGS = slow_except(
+  [n for n, c in configs.CONFIGS.items() if c.task == "image_folder"], {"cifar-fs-5w5s"}
+)
 CLASSES, EXAMPLES = 6, 20  # enough for 5 ways and 5 shots + 15 queries
 
 

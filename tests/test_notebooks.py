@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import slow_except
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -61,12 +63,10 @@ def _outputs(nb):
 
 # 02 (Conv4 on the real arrays) and 04 (a grid of sinusoid runs) take a minute or more each:
 # -m slow. Their parts run by default elsewhere (test_omniglot_train, test_robustness_grid).
-SLOW = {"02_omniglot.ipynb", "04_sensitivity.ipynb"}
+DEFAULT_RUN = {"01_quickstart_sinusoid.ipynb", "03_hypergradient_explained.ipynb"}
 
 
-@pytest.mark.parametrize(
-  "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(EXPECTED)]
-)
+@pytest.mark.parametrize("name", slow_except(sorted(EXPECTED), DEFAULT_RUN))
 def test_notebook_runs(name, monkeypatch, tmp_path):
   if name == "02_omniglot.ipynb":
     from amaml.data import find_omniglot_dir

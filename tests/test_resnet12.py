@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import slow_except
+
 import amaml
 from amaml import configs, experiment
 from amaml.models import ResNet12
@@ -220,7 +222,7 @@ def _steps(method, channels):
 
 @pytest.mark.parametrize(
   "method",
-  [m if m in FAST_METHODS else pytest.param(m, marks=pytest.mark.slow) for m in configs.METHODS],
+  slow_except(configs.METHODS, FAST_METHODS),
 )
 def test_every_method_takes_steps(method):
   _steps(method, SHALLOW)

@@ -10,6 +10,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import slow_except
+
 from amaml import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -18,7 +20,7 @@ import robustness  # noqa: E402
 
 @pytest.mark.parametrize(
   "method",
-  [pytest.param(m, marks=pytest.mark.slow) if "@scalar" in m else m for m in robustness.METHODS],
+  slow_except(robustness.METHODS, [m for m in robustness.METHODS if "@scalar" not in m]),
 )
 def test_grid_cells_equal_separate_runs(method):
   budget = dict(steps=6, meta_batch=5, eval_tasks=8, log_every=3)
