@@ -199,7 +199,7 @@ def rate_rule(
       lambda r, g, s: _guard_and_clip(r * jnp.exp(s), r, g, min_rate, max_rate), rate, h, step
     )
     ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(h)]))
-    new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, state)
+    new_state = jax.lax.cond(ok, lambda: new_state, lambda: state)  # ok computed once
     return new, new_state
 
   return RateRule(init_n, update_n)

@@ -50,7 +50,7 @@ def test_default_is_scale_invariant(x64, outer):
   the same steps. So alpha's trajectory is exactly 1/1000 of the original, beta's (D-Adaptation's
   estimate, or the hypergradient-adapted rate) is the same, and so are the weights (float64,
   and the optimizer's epsilon far below every gradient, so that only rounding differs)."""
-  params = _params()
+  params = jax.tree.map(lambda x: x.astype(jnp.float64), _params())  # float64 weights too
   kw = {
     "default": dict(eps=1e-30),
     "dadapt": dict(optimizer=optax.contrib.dadapt_adamw(eps=1e-30, estim_lr0=1e-6)),
