@@ -49,9 +49,9 @@ def _where(take, new, old):
   """``new`` where the scalar ``take`` is true, else ``old``: a ``lax.cond``, so that XLA
   computes ``take`` once. As a select per leaf it is fused into every leaf's output, and
   with one ``alpha`` per tensor (dozens of scalar leaves in ``alpha`` and its rule's state)
-  that copies ``take``'s scalar work dozens of times: the Conv4 step of Alpha MAML compiled
-  3x slower (BENCHMARKS.md, "Compile time of the meta step"). Under ``vmap`` (``--seeds``,
-  the suite's grids) it is a select again."""
+  that copies ``take``'s scalar work dozens of times: the Conv4 step of amaml's default
+  compiled 2.4x slower (BENCHMARKS.md, "The guards' predicate computed once"). Under
+  ``vmap`` (``--seeds``, the suite's grids) it is a select again."""
   return jax.lax.cond(take, lambda: new, lambda: old)
 
 

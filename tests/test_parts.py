@@ -93,7 +93,7 @@ def test_one_alpha_per_tensor_costs_a_program_about_the_size_of_one_alpha():
   """The guards choose the state once (``lax.cond``): their predicate, a chain of scalar
   checks over every leaf of ``alpha`` and its rule's state, is not copied into each leaf's
   output, which made XLA's program grow with the square of the number of tensors (2.7x the
-  one-``alpha`` program on this 9-layer MLP, and a 3x longer compile of Conv4)."""
+  one-``alpha`` program on this 9-layer MLP, and a 2.4x longer compile of Conv4)."""
 
   class Layers(nn.Module):
     @nn.compact
