@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import slow_except
+
 from amaml.models import Conv4
 from amaml.models import layers
 
@@ -247,7 +249,7 @@ def test_vmap_over_per_task_params_equals_loop():
 
 
 # the CPU's default form by default; matmul (its meta-gradient is checked above) with -m slow
-@pytest.mark.parametrize("conv_impl", [pytest.param("matmul", marks=pytest.mark.slow), "tasks"])
+@pytest.mark.parametrize("conv_impl", slow_except(["matmul", "tasks"], {"tasks"}))
 def test_second_order_meta_gradient_vmap_equals_loop(conv_impl):
   """The MAML meta-gradient (grad through an inner grad step), jitted and vmapped over
   tasks, equals the mean of per-task gradients computed one task at a time (the

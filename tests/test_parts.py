@@ -3,7 +3,6 @@ states, the phases against a Python choice, the rate rules against hand-computed
 method built from parts against the preset that names it."""
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,14 +94,7 @@ def test_one_alpha_per_tensor_costs_a_program_about_the_size_of_one_alpha():
   output, which made XLA's program grow with the square of the number of tensors (2.7x the
   one-``alpha`` program on this 9-layer MLP, and a 2.4x longer compile of Conv4)."""
 
-  class Layers(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      for _ in range(8):
-        x = nn.relu(nn.Dense(4)(x))
-      return nn.Dense(1)(x)
-
-  model = Layers()
+  model = amaml.models.MLP(hidden=(4,) * 8)
   params = model.init(jax.random.key(0), jnp.zeros((1, 1)))["params"]
   loss_fn = amaml.losses.mse(lambda p, x: model.apply({"params": p}, x))
   batch = amaml.sinusoid_tasks(jax.random.key(1), 4)

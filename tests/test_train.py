@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import slow_except
+
 from amaml import cli, rates, train
 from amaml.configs import get_config
 
@@ -50,7 +52,7 @@ def test_alpha_search_trains_as_a_run_started_at_the_searched_alpha(tmp_path, ti
   chex.assert_trees_all_equal(searched, run(cfg, "split", resume=True)[0])
 
 
-@pytest.mark.parametrize("split", [10, pytest.param(20, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("split", slow_except([10, 20], {10}))
 def test_maml_plus_plus_compiles_one_loop_per_order_and_resumes_bitwise(
   split, tmp_path, tiny_config, monkeypatch
 ):

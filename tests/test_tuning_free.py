@@ -12,6 +12,8 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import slow_except
+
 import amaml
 from amaml import configs, meta, methods, rates, train
 
@@ -39,9 +41,7 @@ def _run(learner, params, steps, seed=1):
   return state, np.array(alphas), np.array(betas)
 
 
-@pytest.mark.parametrize(
-  "outer", ["default", "dadapt", pytest.param("adam", marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize("outer", slow_except(["default", "dadapt", "adam"], {"default", "dadapt"}))
 def test_default_is_scale_invariant(x64, outer):
   """Loss x 1000 with alpha0 / 1000 is the same run: the inner step is unchanged, the outer
   optimizer (the default's Adam at a fixed beta, D-Adaptation's AdamW, or Adam with beta by
