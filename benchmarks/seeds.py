@@ -10,7 +10,9 @@ after the first of ``1 / steps_per_s`` (``metrics.jsonl``). The values of N run 
 round after round, in one process, so that load from other users of the machine hits all
 alike. Output: one JSON line per measurement, then a table per config of the median over
 rounds, the ratio to one seed, and that ratio over N (the cost of a seed against a run of
-its own).
+its own). With ``--peak-gflops`` each row also gives the GFLOP/s achieved and its fraction of that
+peak: N times XLA's flop count of one seed's meta step (the jitted ``learner.update``, counted
+on its lowered program, before the backend's optimisations).
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import jax
+
 from amaml.configs import get_config
 from amaml.env import versions
-from amaml.train import train
+from amaml.experiment import build
+from amaml.train import step_batch, train
 
 
 def seconds_per_step(config: str, seeds: int, lines: int, log_every: int) -> float:
@@ -46,6 +51,14 @@ def seconds_per_step(config: str, seeds: int, lines: int, log_every: int) -> flo
   return statistics.median(1.0 / r["steps_per_s"] for r in rows[1:])
 
 
+def step_flops(config: str) -> float:
+  """XLA's flop count of one seed's meta step of ``config`` (see the module doc)."""
+  exp = build(dataclasses.replace(get_config(config), seeds=1))
+  batch = step_batch(exp, (exp.data or {}).get("train"), 0)
+  cost = jax.jit(exp.learner.update).lower(exp.learner.init(exp.params), batch).cost_analysis()
+  return float(cost.get("flops", float("nan")))
+
+
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--configs", nargs="+", default=["sinusoid", "omniglot-5w1s"])
@@ -53,21 +66,31 @@ def main(argv=None) -> None:
   ap.add_argument("--rounds", type=int, default=2)
   ap.add_argument("--lines", type=int, default=3, help="timed log lines after the warm-up")
   ap.add_argument("--log_every", type=int, default=0, help="default: 100 sinusoid, 5 images")
+  ap.add_argument(
+    "--peak-gflops", type=float, default=0.0, help="the device's fp32 peak, for its fraction"
+  )
   args = ap.parse_args(argv)
   print(json.dumps({"versions": versions(), "argv": sys.argv[1:]}), flush=True)
   for config in args.configs:
     every = args.log_every or (100 if config == "sinusoid" else 5)
+    flops = step_flops(config) if args.peak_gflops else float("nan")
     times = {n: [] for n in args.seeds}
     for r in range(args.rounds):
       for n in args.seeds:
         s = seconds_per_step(config, n, args.lines, every)
         times[n].append(s)
-        print(json.dumps({"config": config, "seeds": n, "round": r, "s_per_step": s}), flush=True)
+        row = {"config": config, "seeds": n, "round": r, "s_per_step": s}
+        print(json.dumps(row | {"step_flops_per_seed": flops}), flush=True)
     one = statistics.median(times[args.seeds[0]])
-    print(f"\n{config}: | seeds | s / step (median of {args.rounds}) | x one seed | per seed |")
+    print(
+      f"\n{config}: | seeds | s / step (median of {args.rounds}) | x one seed | per seed |", end=""
+    )
+    print(" GFLOP/s | of peak |" if args.peak_gflops else "")
     for n in args.seeds:
       t = statistics.median(times[n])
-      print(f"| {n} | {t:.4g} | {t / one:.2f} | {t / one / n:.2f} |")
+      print(f"| {n} | {t:.4g} | {t / one:.2f} | {t / one / n:.2f} |", end="")
+      gflops = n * flops / t / 1e9
+      print(f" {gflops:.0f} | {gflops / args.peak_gflops:.1%} |" if args.peak_gflops else "")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,21 @@ def test_tasks_conv_runs_one_convolution_per_task():
   assert convs and all("dim_labels=b01f_01io->b01f" in line for line in convs)
 
 
+def test_tasks_conv_under_two_vmaps_is_one_loop():
+  """Per-task kernels under a second ``vmap`` (seeds over tasks): the forward convolution
+  and each of its two gradients is one loop over every (seed, task) pair, not a loop over
+  seeds nested in a loop over tasks (which also moves each stacked operand's axes); values
+  under the nested ``vmap``: ``test_tasks_conv_meta_gradient_equals_reference``."""
+  xs = jnp.ones((2, 3, 2, 6, 6, 3))
+  ks = jnp.ones((2, 3, 3, 3, 3, 5))
+  conv = lambda x, k: layers.conv3x3(x, k, impl="tasks")
+  loss = lambda x, k: jnp.sum(conv(x, k) ** 2)
+  forward = jax.jit(jax.vmap(jax.vmap(conv))).lower(xs, ks).compile().as_text()
+  grads = jax.jit(jax.vmap(jax.vmap(jax.grad(loss, (0, 1))))).lower(xs, ks).compile().as_text()
+  assert forward.count(" while(") == 1
+  assert grads.count(" while(") == 3 and grads.count(" convolution(") == 3
+
+
 def test_matmul_conv_is_a_real_convolution():
   """Against a direct numpy loop (so both forms cannot be wrong the same way)."""
   x, k, b = _conv_args(jax.random.key(2), n=2, h=4, w=3, c=2, o=3)

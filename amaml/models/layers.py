@@ -135,13 +135,39 @@ def _flip_transpose(kernel):
   return jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
 
 
-def _each_task(fn, axis_size, in_batched, *args):
-  """``fn`` applied to one task at a time (``lax.map``), the unbatched arguments shared."""
-  args = tuple(
+def _stacked(fn):
+  """``fn`` over a leading axis of tasks, one task at a time (``lax.map``). Under a further
+  ``vmap`` (seeds over tasks) the two leading axes are merged into one and the loop stays
+  one loop over every (seed, task) pair: ``vmap`` of ``lax.map`` itself would nest a loop
+  over seeds inside the loop over tasks and move every stacked operand's seed axis behind
+  its task axis, copies that cost more than the convolutions' own growth (BENCHMARKS.md,
+  "Several seeds in one program")."""
+
+  @jax.custom_batching.custom_vmap
+  def stacked(*args):
+    return jax.lax.map(lambda a: fn(*a), args)
+
+  @stacked.def_vmap
+  def merged(axis_size, in_batched, *args):
+    args = _broadcast(axis_size, in_batched, args)
+    y = stacked(*(a.reshape(-1, *a.shape[2:]) for a in args))
+    return y.reshape(axis_size, -1, *y.shape[1:]), True
+
+  return stacked
+
+
+def _broadcast(axis_size, in_batched, args):
+  """``args`` with a leading axis of ``axis_size`` each: the unbatched ones broadcast."""
+  return tuple(
     a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
     for a, batched in zip(args, in_batched)
   )
-  return jax.lax.map(lambda a: fn(*a), args)
+
+
+def _each_task(stacked, axis_size, in_batched, *args):
+  """``stacked`` (a :func:`_stacked` function) on one task at a time, unbatched arguments
+  shared by every task."""
+  return stacked(*_broadcast(axis_size, in_batched, args))
 
 
 @jax.custom_batching.custom_vmap
@@ -153,7 +179,7 @@ def _conv_kernel(x, kernel):
 def _conv_kernel_vmap(axis_size, in_batched, x, kernel):
   x_batched, kernel_batched = in_batched
   if kernel_batched:  # per-task kernels: one ordinary convolution per task
-    return _each_task(_conv_kernel, axis_size, in_batched, x, kernel), True
+    return _each_task(_convs, axis_size, in_batched, x, kernel), True
   if not x_batched:
     return _conv_kernel(x, kernel), False
   # one kernel for all tasks: the tasks' images are one batch
@@ -162,8 +188,10 @@ def _conv_kernel_vmap(axis_size, in_batched, x, kernel):
   return y.reshape(t, n, h, w, kernel.shape[3]), True
 
 
-@jax.custom_batching.custom_vmap
-def _kernel_grad_kernel(x, dy):
+_convs = _stacked(_lax_conv)
+
+
+def _kernel_grad_one(x, dy):
   # dkernel[i, j, c, o] = sum_{n, r, s} xpad[n, r + i, s + j, c] dy[n, r, s, o]: the padded
   # convolution of x with channels as the batch and images as the features, dy as an
   # [H, W, n, O] kernel. The operands are transposed explicitly into XLA:CPU's own layout
@@ -173,9 +201,17 @@ def _kernel_grad_kernel(x, dy):
   return jnp.transpose(out, (1, 2, 0, 3))
 
 
+_kernel_grads = _stacked(_kernel_grad_one)
+
+
+@jax.custom_batching.custom_vmap
+def _kernel_grad_kernel(x, dy):
+  return _kernel_grad_one(x, dy)
+
+
 @_kernel_grad_kernel.def_vmap
 def _kernel_grad_kernel_vmap(axis_size, in_batched, x, dy):
-  return _each_task(_kernel_grad_kernel, axis_size, in_batched, x, dy), True
+  return _each_task(_kernel_grads, axis_size, in_batched, x, dy), True
 
 
 @jax.custom_vjp
