@@ -103,6 +103,22 @@ def test_tasks_conv_meta_gradient_equals_reference(dtype, tol):
         assert float(jnp.max(jnp.abs(a - b))) <= tol * float(jnp.max(jnp.abs(b))), impl
 
 
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.float64, 1e-10)])
+def test_tasks_conv_kernel_gradient_as_matmul_equals_reference(monkeypatch, dtype, tol):
+  """The kernel gradient as the product of patches and ``dy`` (what ``"tasks"`` computes
+  over many pixels, forced here at every size) gives the same second-order gradient."""
+  monkeypatch.setattr(layers, "KERNEL_GRAD_MATMUL_PIXELS", 0)
+  with jax.enable_x64(dtype == jnp.float64):
+    x, k, _ = _conv_args(jax.random.key(17), n=6, h=5, w=4, c=3, o=4, dtype=dtype)
+    xs = jnp.stack([x[:3], x[3:]])
+    ks = 0.3 * jax.random.normal(jax.random.key(18), (2,) + k.shape, dtype)
+    got, ref = _tasks_meta_gradient("tasks", k, xs, ks), _tasks_meta_gradient("xla", k, xs, ks)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+      assert float(jnp.max(jnp.abs(a - b))) <= tol * float(jnp.max(jnp.abs(b)))
+    grad = jax.jit(jax.grad(lambda x, k: jnp.sum(layers.conv3x3(x, k, impl="tasks") ** 2), 1))
+    assert " dot(" in grad.lower(x, k).compile().as_text()  # the kernel gradient is the product
+
+
 def test_tasks_conv_runs_one_convolution_per_task():
   """Per-task kernels: a loop of ungrouped convolutions (no ``feature_group_count``, which
   XLA:CPU runs slowly), every operand in NHWC / HWIO layout."""

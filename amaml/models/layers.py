@@ -191,12 +191,27 @@ def _conv_kernel_vmap(axis_size, in_batched, x, kernel):
 _convs = _stacked(_lax_conv)
 
 
+#: From this many output pixels (images x height x width) on, :func:`_kernel_grad_one` is one
+#: matrix product of the input's patches with ``dy``; below, a convolution.
+KERNEL_GRAD_MATMUL_PIXELS = 8192
+
+
 def _kernel_grad_one(x, dy):
-  # dkernel[i, j, c, o] = sum_{n, r, s} xpad[n, r + i, s + j, c] dy[n, r, s, o]: the padded
-  # convolution of x with channels as the batch and images as the features, dy as an
-  # [H, W, n, O] kernel. The operands are transposed explicitly into XLA:CPU's own layout
-  # (NHWC, HWIO): given as dimension numbers instead, inside a loop, XLA:CPU keeps the
-  # swapped layout and runs a naive convolution, 100x slower.
+  """The kernel gradient of one task's 3x3 "same" convolution (``[3, 3, C, O]``).
+
+  dkernel[i, j, c, o] = sum_{n, r, s} xpad[n, r + i, s + j, c] dy[n, r, s, o]. Over many
+  pixels (a query set at 28x28 or 14x14) it is the product of the input's patches with
+  ``dy``, a matrix product with a long contraction: 1.5-2.6x faster on XLA:CPU than the
+  convolution below (BENCHMARKS.md, "Omniglot meta-step throughput"). Over few pixels (a
+  support set, the 7x7 and 3x3 layers) it is the padded convolution of x with channels as
+  the batch and images as the features, dy as an [H, W, n, O] kernel. Its operands are
+  transposed explicitly into XLA:CPU's own layout (NHWC, HWIO): given as dimension numbers
+  instead, inside a loop, XLA:CPU keeps the swapped layout and runs a naive convolution,
+  100x slower."""
+  n, h, w, c = x.shape
+  if n * h * w >= KERNEL_GRAD_MATMUL_PIXELS:
+    flat = dy.reshape(n * h * w, dy.shape[3])
+    return _matmul(_patches(x), flat, ((0,), (0,))).reshape(3, 3, c, dy.shape[3])
   out = _lax_conv(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)))
   return jnp.transpose(out, (1, 2, 0, 3))
 
