@@ -10,14 +10,15 @@ therefore has three forms:
 
 - ``"tasks"``: ``lax.conv_general_dilated`` with a batching rule
   (``jax.custom_batching.custom_vmap``) of its own: with per-task kernels it runs one
-  ordinary convolution per task (``lax.map``), with one kernel for all tasks one
-  convolution over all their images. Its gradient is a custom VJP made of two such
-  operations (the input gradient a convolution of ``dy`` with the flipped kernel, the
-  kernel gradient a convolution of the transposed input with ``dy``, see
-  ``_conv3x3_tasks_bwd``) whose own gradients are again these two, so every derivative,
-  of any order, under any number of ``vmap`` s, is ungrouped convolutions, which XLA:CPU
-  runs fast. Reverse mode only (``grad``, ``vjp``, grad-of-grad); for forward mode
-  (``jax.jvp``, ``jacfwd``) use ``"xla"``.
+  ordinary convolution per task (``lax.map``; under a second ``vmap``, as over seeds, one
+  loop over every pair), with one kernel for all tasks one convolution over all their
+  images. Its gradient is a custom VJP made of two such operations (the input gradient a
+  convolution of ``dy`` with the flipped kernel, the kernel gradient a convolution of the
+  transposed input with ``dy``, or over many pixels one product of the input's patches
+  with ``dy``; see ``_conv3x3_tasks_bwd``) whose own gradients are again these two, so
+  every derivative, of any order, under any number of ``vmap`` s, is ungrouped
+  convolutions and matrix products, which XLA:CPU runs fast. Reverse mode only (``grad``,
+  ``vjp``, grad-of-grad); for forward mode (``jax.jvp``, ``jacfwd``) use ``"xla"``.
 - ``"matmul"``: the 9 shifted copies of the zero-padded input concatenated on the
   channel axis ("patches", im2col), then one ``dot_general`` with the kernel
   reshaped to ``[9 * C, O]``. Under ``vmap`` this is a batched matrix product. Its
