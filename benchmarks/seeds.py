@@ -82,15 +82,15 @@ def main(argv=None) -> None:
         row = {"config": config, "seeds": n, "round": r, "s_per_step": s}
         print(json.dumps(row | {"step_flops_per_seed": flops}), flush=True)
     one = statistics.median(times[args.seeds[0]])
+    peak = " GFLOP/s | of peak |" if args.peak_gflops else ""
     print(
-      f"\n{config}: | seeds | s / step (median of {args.rounds}) | x one seed | per seed |", end=""
+      f"\n{config}: | seeds | s / step (median of {args.rounds}) | x one seed | per seed |{peak}"
     )
-    print(" GFLOP/s | of peak |" if args.peak_gflops else "")
     for n in args.seeds:
       t = statistics.median(times[n])
-      print(f"| {n} | {t:.4g} | {t / one:.2f} | {t / one / n:.2f} |", end="")
       gflops = n * flops / t / 1e9
-      print(f" {gflops:.0f} | {gflops / args.peak_gflops:.1%} |" if args.peak_gflops else "")
+      peak = f" {gflops:.0f} | {gflops / args.peak_gflops:.1%} |" if args.peak_gflops else ""
+      print(f"| {n} | {t:.4g} | {t / one:.2f} | {t / one / n:.2f} |{peak}")
 
 
 if __name__ == "__main__":
