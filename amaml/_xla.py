@@ -1,0 +1,70 @@
+"""``jax.jit`` with amaml's XLA:CPU compile options: every function amaml jits goes through
+:func:`jit`.
+
+On the CPU, XLA hands matrix products, reductions and convolutions to YNNPACK by default.
+For Conv4's 3x3 convolutions XLA's own convolution (Eigen) is faster: 1.9x on the 14x14x64
+convolutions of 75 query images per task, 2.7x on all 2,400 query images with one kernel,
+slower only on a few images of 28x28x1 (BENCHMARKS.md, "XLA's own convolutions on the
+CPU"). So amaml compiles with YNNPACK kept for products and reductions
+(:data:`CPU_COMPILER_OPTIONS`). Other backends (GPU, TPU) compile with their defaults. An
+installed jax whose XLA lacks the option compiles with its defaults too (:func:`supported`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+#: XLA:CPU's compile options for amaml's jitted functions: YNNPACK for matrix products and
+#: reductions (its default also gives it convolutions, ``..._INDIVIDUAL_CONVOLUTION``).
+CPU_COMPILER_OPTIONS = {
+  "xla_cpu_experimental_ynn_fusion_type": (
+    "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+  ),
+}
+
+
+@functools.cache
+def supported() -> bool:
+  """Whether this jax's XLA:CPU accepts :data:`CPU_COMPILER_OPTIONS` (one tiny compile)."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(1.0).compile()
+  except Exception:  # an older jax: no ``compiler_options`` or no such XLA option
+    return False
+  return True
+
+
+def compiler_options() -> dict[str, str] | None:
+  """:data:`CPU_COMPILER_OPTIONS` on the CPU backend where :func:`supported`, else ``None``."""
+  if jax.default_backend() != "cpu" or not supported():
+    return None
+  return dict(CPU_COMPILER_OPTIONS)
+
+
+def jit(fun, **kwargs):
+  """``jax.jit(fun, **kwargs)`` compiled with :func:`compiler_options`. The backend is
+  asked on the first call (or ``.lower``, ``.trace``, ...), not here, so that building a
+  learner before :func:`jax.distributed.initialize` stays allowed."""
+  return _Jit(fun, kwargs)
+
+
+class _Jit:
+  """A ``jax.jit`` -ed function, jitted on first use (:func:`jit`)."""
+
+  def __init__(self, fun, kwargs):
+    functools.update_wrapper(self, fun)
+    self._fun, self._kwargs, self._jitted = fun, kwargs, None
+
+  def _get(self):
+    if self._jitted is None:
+      self._jitted = jax.jit(self._fun, compiler_options=compiler_options(), **self._kwargs)
+    return self._jitted
+
+  def __call__(self, *args, **kwargs):
+    return self._get()(*args, **kwargs)
+
+  def __getattr__(self, name):  # lower, trace, eval_shape, clear_cache, ...
+    if name.startswith("__") or name in ("_fun", "_kwargs", "_jitted"):
+      raise AttributeError(name)
+    return getattr(self._get(), name)
