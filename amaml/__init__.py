@@ -33,6 +33,7 @@ from amaml.rates import hd_step, search_alpha
 from amaml.sinusoid import sinusoid_tasks
 from amaml.stats import mean_confidence_interval
 from amaml.task import TaskBatch
+from amaml.xla_options import jit
 
 __all__ = [
   "HypergradientState",
@@ -51,6 +52,7 @@ __all__ = [
   "hypergradient",
   "imaml",
   "init_alpha",
+  "jit",
   "losses",
   "maml",
   "maml_plus_plus",

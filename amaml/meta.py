@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from amaml import _xla
+from amaml import xla_options
 from amaml.hd import current_hypergradient, current_learning_rate
 from amaml.task import TaskBatch
 
@@ -267,11 +267,11 @@ def meta_learner(
     adaptation_curve = adaptation_curve or inner_loop.curve(loop)
   return MetaLearner(
     init=step.init,
-    step=_xla.jit(step.update, donate_argnums=(0,) if donate else ()),
-    evaluate=_xla.jit(evaluate, static_argnames=("inner_steps",)),
+    step=xla_options.jit(step.update, donate_argnums=(0,) if donate else ()),
+    evaluate=xla_options.jit(evaluate, static_argnames=("inner_steps",)),
     meta_loss=meta_loss,
     update=step.update,
-    adaptation_curve=_xla.jit(adaptation_curve, static_argnames=("inner_steps",)),
+    adaptation_curve=xla_options.jit(adaptation_curve, static_argnames=("inner_steps",)),
     phases=step.phases,
   )
 

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amaml import _xla, best
+from amaml import best, xla_options
 from amaml.configs import Config
 from amaml.evaluation import meta_test
 from amaml.experiment import Experiment, build, run_keys
@@ -135,7 +135,7 @@ def chunk_loop(step, length: int, **jit_kwargs):
   jitted ``(state, images, start, steps, *args) -> (state, metrics)`` that takes
   ``min(steps, length)`` steps from ``start`` and stacks the metrics over ``length`` rows.
   ``steps`` is traced: one compiled loop serves every chunk size. The state is donated;
-  ``jit_kwargs`` go to ``jax.jit`` (through :func:`amaml._xla.jit`)."""
+  ``jit_kwargs`` go to ``jax.jit`` (through :func:`amaml.xla_options.jit`)."""
 
   def chunk(state, images, start, steps, *args):
     shapes = jax.eval_shape(step, state, images, start, *args)[1]
@@ -148,7 +148,7 @@ def chunk_loop(step, length: int, **jit_kwargs):
 
     return jax.lax.fori_loop(0, jnp.minimum(steps, length), body, (state, rows))
 
-  return _xla.jit(chunk, donate_argnums=(0,), **jit_kwargs)
+  return xla_options.jit(chunk, donate_argnums=(0,), **jit_kwargs)
 
 
 def tree_bytes(tree) -> int:

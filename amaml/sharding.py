@@ -60,7 +60,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from amaml import _xla
+from amaml import xla_options
 from amaml.task import TaskBatch
 
 AXIS = "tasks"
@@ -189,7 +189,7 @@ def sharded_step(learner, mesh: Mesh, donate: bool = False) -> Callable:
   def update(state, batch):
     return learner.update(state, jax.lax.with_sharding_constraint(batch, tasks))
 
-  jitted = _xla.jit(update, out_shardings=(rep, rep), donate_argnums=(0,) if donate else ())
+  jitted = xla_options.jit(update, out_shardings=(rep, rep), donate_argnums=(0,) if donate else ())
 
   def step(state, batch):
     check_divisible(_num_tasks(batch), mesh, "num_tasks")

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amaml import _xla, best, meta, rates, seeds, sharding, signals
+from amaml import best, meta, rates, seeds, sharding, signals, xla_options
 from amaml.adaptation import ALPHA_SCALES, best_adaptation
 from amaml.configs import Config
 from amaml.evaluation import eval_batches, evaluate, meta_test, select_adaptation
@@ -216,7 +216,7 @@ def alpha_search(exp: Experiment, vmapped: bool = False):
   def search(state, images, seed):
     return rates.search_alpha(exp.learner.meta_loss, state, step_batch(exp, images, 0, seed))
 
-  return _xla.jit(jax.vmap(search, in_axes=(0, None, 0)) if vmapped else search)
+  return xla_options.jit(jax.vmap(search, in_axes=(0, None, 0)) if vmapped else search)
 
 
 def _primary() -> bool:

@@ -108,6 +108,7 @@ def test_tasks_conv_kernel_gradient_as_matmul_equals_reference(monkeypatch, dtyp
   """The kernel gradient as the product of patches and ``dy`` (what ``"tasks"`` computes
   over many pixels, forced here at every size) gives the same second-order gradient."""
   monkeypatch.setattr(layers, "KERNEL_GRAD_MATMUL_PIXELS", 0)
+  monkeypatch.setattr(layers, "KERNEL_GRAD_MATMUL_CHANNELS", 64)
   with jax.enable_x64(dtype == jnp.float64):
     x, k, _ = _conv_args(jax.random.key(17), n=6, h=5, w=4, c=3, o=4, dtype=dtype)
     xs = jnp.stack([x[:3], x[3:]])

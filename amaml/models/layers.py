@@ -14,8 +14,8 @@ therefore has three forms:
   loop over every pair), with one kernel for all tasks one convolution over all their
   images. Its gradient is a custom VJP made of two such operations (the input gradient a
   convolution of ``dy`` with the flipped kernel, the kernel gradient a convolution of the
-  transposed input with ``dy``, or over many pixels one product of the input's patches
-  with ``dy``; see ``_conv3x3_tasks_bwd``) whose own gradients are again these two, so
+  transposed input with ``dy``, or over many pixels of few channels one product of the
+  input's patches with ``dy``; see ``_conv3x3_tasks_bwd``) whose own gradients are again these two, so
   every derivative, of any order, under any number of ``vmap`` s, is ungrouped
   convolutions and matrix products, which XLA:CPU runs fast. Reverse mode only (``grad``,
   ``vjp``, grad-of-grad); for forward mode (``jax.jvp``, ``jacfwd``) use ``"xla"``.
@@ -192,25 +192,29 @@ def _conv_kernel_vmap(axis_size, in_batched, x, kernel):
 _convs = _stacked(_lax_conv)
 
 
-#: From this many output pixels (images x height x width) on, :func:`_kernel_grad_one` is one
-#: matrix product of the input's patches with ``dy``; below, a convolution.
+#: From this many output pixels (images x height x width) on, and for inputs of at most
+#: :data:`KERNEL_GRAD_MATMUL_CHANNELS` channels, :func:`_kernel_grad_one` is one matrix
+#: product of the input's patches with ``dy``; otherwise a convolution.
 KERNEL_GRAD_MATMUL_PIXELS = 8192
+KERNEL_GRAD_MATMUL_CHANNELS = 8
 
 
 def _kernel_grad_one(x, dy):
   """The kernel gradient of one task's 3x3 "same" convolution (``[3, 3, C, O]``).
 
   dkernel[i, j, c, o] = sum_{n, r, s} xpad[n, r + i, s + j, c] dy[n, r, s, o]. Over many
-  pixels (a query set at 28x28 or 14x14) it is the product of the input's patches with
-  ``dy``, a matrix product with a long contraction: 1.5-2.6x faster on XLA:CPU than the
-  convolution below (BENCHMARKS.md, "Omniglot meta-step throughput"). Over few pixels (a
-  support set, the 7x7 and 3x3 layers) it is the padded convolution of x with channels as
-  the batch and images as the features, dy as an [H, W, n, O] kernel. Its operands are
+  pixels of a few channels (the first layer's images at 28x28) it is the product of the
+  input's patches with ``dy``, a matrix product with a long contraction, 1.9x faster on
+  XLA:CPU than the convolution below. Elsewhere (64 channels, or few pixels: a support set,
+  the 7x7 and 3x3 layers) it is the padded convolution of x with channels as the batch and
+  images as the features, dy as an [H, W, n, O] kernel, which XLA's own convolution
+  (:func:`amaml.jit`) runs 1.7x faster than the product at 14x14x64 (BENCHMARKS.md,
+  "Omniglot meta-step throughput"). Its operands are
   transposed explicitly into XLA:CPU's own layout (NHWC, HWIO): given as dimension numbers
   instead, inside a loop, XLA:CPU keeps the swapped layout and runs a naive convolution,
   100x slower."""
   n, h, w, c = x.shape
-  if n * h * w >= KERNEL_GRAD_MATMUL_PIXELS:
+  if n * h * w >= KERNEL_GRAD_MATMUL_PIXELS and c <= KERNEL_GRAD_MATMUL_CHANNELS:
     flat = dy.reshape(n * h * w, dy.shape[3])
     return _matmul(_patches(x), flat, ((0,), (0,))).reshape(3, 3, c, dy.shape[3])
   out = _lax_conv(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)))

@@ -1,5 +1,6 @@
-"""``jax.jit`` with amaml's XLA:CPU compile options: every function amaml jits goes through
-:func:`jit`.
+"""``amaml.jit``: ``jax.jit`` with amaml's XLA:CPU compile options. Every function amaml
+jits goes through it (``learner.step``, ``evaluate``, the training chunks); use it for loops
+of your own around ``learner.update`` to compile them the same way.
 
 On the CPU, XLA hands matrix products, reductions and convolutions to YNNPACK by default.
 For Conv4's 3x3 convolutions XLA's own convolution (Eigen) is faster: 1.9x on the 14x14x64

@@ -1,4 +1,4 @@
-"""amaml's jit (``amaml._xla``): XLA:CPU compiles amaml's steps with its own convolutions
+"""amaml.jit (``amaml.xla_options``): XLA:CPU compiles amaml's steps with its own convolutions
 (not YNNPACK's), the values equal plain ``jax.jit``'s, and the backend is asked on first use."""
 
 import re
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import amaml
-from amaml import _xla
+from amaml import xla_options
 from amaml.models import Conv4
 
 pytestmark = pytest.mark.skipif(
-  jax.default_backend() != "cpu" or not _xla.supported(),
+  jax.default_backend() != "cpu" or not xla_options.supported(),
   reason="XLA:CPU's YNNPACK option: CPU backend, a jax that has it",
 )
 
@@ -57,7 +57,7 @@ def test_the_cpu_step_runs_xla_convolutions_not_ynnpack(tiny):
 def test_the_meta_gradient_equals_plain_jits(tiny):
   learner, state, batch = tiny
   grad = jax.grad(lambda p, a: learner.meta_loss(p, a, batch)[0], argnums=(0, 1))
-  ours = _xla.jit(grad)(state.params, state.alpha)
+  ours = xla_options.jit(grad)(state.params, state.alpha)
   plain = jax.jit(grad)(state.params, state.alpha)
   flat = lambda t: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)])
   for a, b in ((flat(ours[0]), flat(plain[0])), (flat(ours[1]), flat(plain[1]))):  # theta, alpha
@@ -69,11 +69,11 @@ def test_jit_asks_the_backend_on_first_use(monkeypatch):
   def not_yet():
     raise AssertionError("compiler_options asked before the first call")
 
-  monkeypatch.setattr(_xla, "compiler_options", not_yet)
-  f = _xla.jit(lambda x: 2 * x)  # building it asks nothing
+  monkeypatch.setattr(xla_options, "compiler_options", not_yet)
+  f = xla_options.jit(lambda x: 2 * x)  # building it asks nothing
   with pytest.raises(AssertionError, match="before the first call"):
     f(1.0)
   monkeypatch.undo()
-  f = _xla.jit(lambda x: 2 * x, static_argnums=())
+  f = xla_options.jit(lambda x: 2 * x, static_argnums=())
   assert float(f(1.5)) == 3.0
   assert float(f.lower(1.5).compile()(2.0)) == 4.0
