@@ -15,8 +15,8 @@ therefore has three forms:
   images. Its gradient is a custom VJP made of two such operations (the input gradient a
   convolution of ``dy`` with the flipped kernel, the kernel gradient a convolution of the
   transposed input with ``dy``, or over many pixels of few channels one product of the
-  input's patches with ``dy``; see ``_conv3x3_tasks_bwd``) whose own gradients are again these two, so
-  every derivative, of any order, under any number of ``vmap`` s, is ungrouped
+  input's patches with ``dy``; see ``_conv3x3_tasks_bwd``) whose own gradients are again
+  these two, so every derivative, of any order, under any number of ``vmap`` s, is ungrouped
   convolutions and matrix products, which XLA:CPU runs fast. Reverse mode only (``grad``,
   ``vjp``, grad-of-grad); for forward mode (``jax.jvp``, ``jacfwd``) use ``"xla"``.
 - ``"matmul"``: the 9 shifted copies of the zero-padded input concatenated on the
