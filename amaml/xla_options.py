@@ -3,10 +3,11 @@ jits goes through it (``learner.step``, ``evaluate``, the training chunks); use 
 of your own around ``learner.update`` to compile them the same way.
 
 On the CPU, XLA hands matrix products, reductions and convolutions to YNNPACK by default.
-For Conv4's 3x3 convolutions XLA's own convolution (Eigen) is faster: 1.9x on the 14x14x64
-convolutions of 75 query images per task, 2.7x on all 2,400 query images with one kernel,
-slower only on a few images of 28x28x1 (BENCHMARKS.md, "XLA's own convolutions on the
-CPU"). So amaml compiles with YNNPACK kept for products and reductions
+For Conv4's 3x3 convolutions XLA's own convolution (Eigen) is faster: 1.8-2.0x on the
+per-task 14x14x64 and 7x7x64 convolutions of 75 query images, 1.4-2.6x over all 2,400
+query images with one kernel, 1.3-1.9x slower only on the first layer's per-task 28x28x1
+convolutions (BENCHMARKS.md, "XLA's own convolutions on the CPU"): the meta step takes
+0.85x the time. So amaml compiles with YNNPACK kept for products and reductions
 (:data:`CPU_COMPILER_OPTIONS`). Other backends (GPU, TPU) compile with their defaults. An
 installed jax whose XLA lacks the option compiles with its defaults too (:func:`supported`).
 """

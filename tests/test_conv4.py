@@ -120,6 +120,17 @@ def test_tasks_conv_kernel_gradient_as_matmul_equals_reference(monkeypatch, dtyp
     assert " dot(" in grad.lower(x, k).compile().as_text()  # the kernel gradient is the product
 
 
+@pytest.mark.parametrize("channels, product", [(1, True), (16, False)])
+def test_tasks_conv_kernel_gradient_is_a_product_only_over_few_channels(channels, product):
+  """Over many pixels (here 200 x 8 x 8) the kernel gradient is the product of patches and
+  ``dy`` for an input of few channels, a convolution for one of many."""
+  x = jnp.ones((200, 8, 8, channels))
+  k = jnp.ones((3, 3, channels, 4))
+  grad = jax.jit(jax.grad(lambda x, k: jnp.sum(layers.conv3x3(x, k, impl="tasks") ** 2), 1))
+  hlo = grad.lower(x, k).compile().as_text()
+  assert (" dot(" in hlo) == product
+
+
 def test_tasks_conv_runs_one_convolution_per_task():
   """Per-task kernels: a loop of ungrouped convolutions (no ``feature_group_count``, which
   XLA:CPU runs slowly), every operand in NHWC / HWIO layout."""

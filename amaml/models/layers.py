@@ -209,10 +209,9 @@ def _kernel_grad_one(x, dy):
   the 7x7 and 3x3 layers) it is the padded convolution of x with channels as the batch and
   images as the features, dy as an [H, W, n, O] kernel, which XLA's own convolution
   (:func:`amaml.jit`) runs 1.7x faster than the product at 14x14x64 (BENCHMARKS.md,
-  "Omniglot meta-step throughput"). Its operands are
-  transposed explicitly into XLA:CPU's own layout (NHWC, HWIO): given as dimension numbers
-  instead, inside a loop, XLA:CPU keeps the swapped layout and runs a naive convolution,
-  100x slower."""
+  "Omniglot meta-step throughput"). Its operands are transposed explicitly into XLA:CPU's
+  own layout (NHWC, HWIO): given as dimension numbers instead, inside a loop, XLA:CPU keeps
+  the swapped layout and runs a naive convolution, 100x slower."""
   n, h, w, c = x.shape
   if n * h * w >= KERNEL_GRAD_MATMUL_PIXELS and c <= KERNEL_GRAD_MATMUL_CHANNELS:
     flat = dy.reshape(n * h * w, dy.shape[3])
