@@ -196,6 +196,8 @@ _convs = _stacked(_lax_conv)
 #: :data:`KERNEL_GRAD_MATMUL_CHANNELS` channels, :func:`_kernel_grad_one` is one matrix
 #: product of the input's patches with ``dy``; otherwise a convolution.
 KERNEL_GRAD_MATMUL_PIXELS = 8192
+#: The most input channels for which :func:`_kernel_grad_one` may be the product (the first
+#: layer's images); with more, XLA's own convolution is faster.
 KERNEL_GRAD_MATMUL_CHANNELS = 8
 
 
