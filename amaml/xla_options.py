@@ -47,7 +47,9 @@ def compiler_options() -> dict[str, str] | None:
 def jit(fun, **kwargs):
   """``jax.jit(fun, **kwargs)`` compiled with :func:`compiler_options`. The backend is
   asked on the first call (or ``.lower``, ``.trace``, ...), not here, so that building a
-  learner before :func:`jax.distributed.initialize` stays allowed."""
+  learner before :func:`jax.distributed.initialize` stays allowed. Called inside another
+  ``jit`` (its arguments are tracers) it is a plain ``jax.jit``: compile options belong to
+  the outermost one."""
   return _Jit(fun, kwargs)
 
 
@@ -57,6 +59,7 @@ class _Jit:
   def __init__(self, fun, kwargs):
     functools.update_wrapper(self, fun)
     self._fun, self._kwargs, self._jitted = fun, kwargs, None
+    self._nested = jax.jit(fun, **kwargs)
 
   def _get(self):
     if self._jitted is None:
@@ -64,9 +67,11 @@ class _Jit:
     return self._jitted
 
   def __call__(self, *args, **kwargs):
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
+      return self._nested(*args, **kwargs)
     return self._get()(*args, **kwargs)
 
   def __getattr__(self, name):  # lower, trace, eval_shape, clear_cache, ...
-    if name.startswith("__") or name in ("_fun", "_kwargs", "_jitted"):
+    if name.startswith("__") or name in ("_fun", "_kwargs", "_jitted", "_nested"):
       raise AttributeError(name)
     return getattr(self._get(), name)

@@ -77,3 +77,11 @@ def test_jit_asks_the_backend_on_first_use(monkeypatch):
   f = xla_options.jit(lambda x: 2 * x, static_argnums=())
   assert float(f(1.5)) == 3.0
   assert float(f.lower(1.5).compile()(2.0)) == 4.0
+
+
+def test_jit_inside_another_jit_or_vmap():
+  """Compile options belong to the outermost ``jit``: nested, ``amaml.jit`` is a plain one."""
+  f = xla_options.jit(lambda x: 2 * x, donate_argnums=(0,))
+  assert float(jax.jit(lambda x: f(x) + 1)(1.5)) == 4.0
+  np.testing.assert_array_equal(jax.vmap(f)(jnp.arange(3.0)), [0.0, 2.0, 4.0])
+  assert float(xla_options.jit(lambda x: f(x) + 1)(1.5)) == 4.0
