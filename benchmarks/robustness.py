@@ -160,7 +160,7 @@ def make_chunk(exp, length: int):
     nan = jnp.full_like(m["alpha"], jnp.nan)
     return state, {"loss": m["loss"], "alpha": m["alpha"], "beta": m.get("beta", nan)}
 
-  return jax.jit(chunk, donate_argnums=(0,))
+  return amaml.jit(chunk, donate_argnums=(0,))  # amaml.jit: the options of amaml train
 
 
 _COMPILED: dict = {}
