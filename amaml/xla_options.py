@@ -54,22 +54,24 @@ def jit(fun, **kwargs):
 
 
 class _Jit:
-  """A ``jax.jit`` -ed function, given its compile options on first use (:func:`jit`)."""
+  """A ``jax.jit`` -ed function, jitted on first use (:func:`jit`)."""
 
   def __init__(self, fun, kwargs):
     functools.update_wrapper(self, fun)
-    self._fun, self._kwargs = fun, kwargs
-    self._nested = jax.jit(fun, **kwargs)  # inside another jit: no compile options
+    self._fun, self._kwargs, self._jitted = fun, kwargs, None
+    self._nested = jax.jit(fun, **kwargs)
 
-  @functools.cached_property
-  def _jitted(self):
-    return jax.jit(self._fun, compiler_options=compiler_options(), **self._kwargs)
+  def _get(self):
+    if self._jitted is None:
+      self._jitted = jax.jit(self._fun, compiler_options=compiler_options(), **self._kwargs)
+    return self._jitted
 
   def __call__(self, *args, **kwargs):
-    nested = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs)))
-    return (self._nested if nested else self._jitted)(*args, **kwargs)
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
+      return self._nested(*args, **kwargs)
+    return self._get()(*args, **kwargs)
 
   def __getattr__(self, name):  # lower, trace, eval_shape, clear_cache, ...
-    if name.startswith("_"):
+    if name.startswith("__") or name in ("_fun", "_kwargs", "_jitted", "_nested"):
       raise AttributeError(name)
-    return getattr(self._jitted, name)
+    return getattr(self._get(), name)
