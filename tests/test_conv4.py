@@ -223,6 +223,36 @@ def test_conv4_params_and_init():
   assert np.abs(k).max() <= bound and np.abs(k).max() > 0.9 * bound
 
 
+def test_conv4_biases_change_nothing_and_get_no_gradient():
+  """The conv biases are parameters that the blocks do not add (batch norm would subtract
+  them again): any bias gives the output of the network with the bias added before every
+  batch norm, and their gradient is exactly 0 while every other tensor's is not."""
+  model = Conv4(5, hidden=8)
+  x = jax.random.uniform(jax.random.key(9), (6, 28, 28, 1))
+  params = model.init(jax.random.key(10), x)["params"]
+  params = {**params, "conv1": {**params["conv1"], "bias": jnp.full((8,), 3.0)}}
+
+  def with_biases_added(p, x):
+    for b in range(4):
+      x = jax.lax.conv_general_dilated(
+        x, p[f"conv{b}"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+      )
+      x = layers.batch_norm(
+        x + p[f"conv{b}"]["bias"], p[f"norm{b}"]["scale"], p[f"norm{b}"]["bias"]
+      )
+      x = layers.max_pool_2x2(jax.nn.relu(x))
+    return x.reshape(x.shape[0], -1) @ p["head"]["kernel"] + p["head"]["bias"]
+
+  out = model.apply({"params": params}, x)
+  np.testing.assert_allclose(out, with_biases_added(params, x), rtol=1e-4, atol=1e-4)
+  loss = lambda p: jnp.sum(jnp.square(model.apply({"params": p}, x)))
+  grads = jax.grad(loss)(params)
+  for name, leaves in grads.items():
+    for leaf, g in leaves.items():
+      zero = name.startswith("conv") and leaf == "bias"
+      assert (float(jnp.max(jnp.abs(g))) == 0.0) == zero, (name, leaf)
+
+
 def test_conv4_shapes_omniglot_and_miniimagenet():
   # shapes only: jax.eval_shape traces without computing
   model = Conv4(20)
@@ -303,7 +333,7 @@ def test_second_order_meta_gradient_vmap_equals_loop(conv_impl):
   one = jax.jit(jax.grad(task_loss))
   g_loop = [one(params, xs[t], ys[t], xq[t], yq[t]) for t in range(xs.shape[0])]
   g_loop = jax.tree.map(lambda *a: sum(a) / len(a), *g_loop)
-  # one scale for all leaves: the conv-bias gradients are ~0 (batch norm removes a bias)
+  # one scale for all leaves: the conv-bias gradients are 0 (Conv4 does not add the biases)
   scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(g_loop))
   for a, b in zip(jax.tree.leaves(g_vmap), jax.tree.leaves(g_loop)):
     np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, atol=2e-5)
@@ -378,7 +408,7 @@ def test_second_order_meta_gradient_vmap_equals_loop_on_omniglot():
     one(params, xs[1], ys[1], xq[1], yq[1]),
   )
   for a, b in zip(jax.tree.leaves(g_vmap), jax.tree.leaves(g_loop)):
-    if float(jnp.max(jnp.abs(b))) > 1e-4:  # conv biases: ~0 (batch norm removes them)
+    if float(jnp.max(jnp.abs(b))) > 1e-4:  # conv biases: 0 (Conv4 does not add them)
       # float32 ties: 3.5e-4 apart with conv_impl="tasks", whose vmapped meta-gradient is
       # 1.1e-6 from float64 on these tasks (docs/design.md); the miscompile was 4-9%
       assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-3

@@ -14,6 +14,13 @@ Batch norm is MAML's transductive one: it always normalises with the statistics
 are ordinary parameters, adapted in the inner loop like the conv and head weights.
 Under ``jax.vmap`` over tasks every task is normalised with its own statistics.
 
+The conv biases are parameters, as in MAML's network and PyTorch's ``Conv2d``, but the
+blocks do not add them: the batch norm subtracts each channel's mean, so a bias before it
+changes nothing (``norm(conv(x) + b) == norm(conv(x))``). Their gradient is therefore
+exactly 0, and they keep their initial values. Added, the bias costs a pass over every
+conv output, and its gradient is rounding noise (about 1e-7 against 1-20 for the kernels),
+which an Adam outer step turns into steps of the learning rate's size in random directions.
+
 Parameters are a plain nested dict::
 
     {"conv0": {"kernel": [3, 3, C_in, hidden], "bias": [hidden]},
@@ -78,6 +85,9 @@ def check_channels(module: nn.Module, x, model: str) -> int:
 
 
 class _Conv3x3(nn.Module):
+  """A 3x3 convolution whose ``bias`` is a parameter that is not added: every one in Conv4
+  is followed by a batch norm over the batch's own statistics, which subtracts it again."""
+
   features: int
   impl: str
 
@@ -86,8 +96,8 @@ class _Conv3x3(nn.Module):
     c_in = check_channels(self, x, "Conv4")
     init = _uniform_fan_in(9 * c_in)
     kernel = self.param("kernel", init, (3, 3, c_in, self.features))
-    bias = self.param("bias", init, (self.features,))
-    return layers.conv3x3(x, kernel, bias, impl=self.impl)
+    self.param("bias", init, (self.features,))
+    return layers.conv3x3(x, kernel, impl=self.impl)
 
 
 class _BatchNorm(nn.Module):
