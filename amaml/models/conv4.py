@@ -17,9 +17,9 @@ Under ``jax.vmap`` over tasks every task is normalised with its own statistics.
 The conv biases are parameters, as in MAML's network and PyTorch's ``Conv2d``, but the
 blocks do not add them: the batch norm subtracts each channel's mean, so a bias before it
 changes nothing (``norm(conv(x) + b) == norm(conv(x))``). Their gradient is therefore
-exactly 0, and they keep their initial values. Added, the bias costs a pass over every
-conv output, and its gradient is rounding noise (about 1e-7 against 1-20 for the kernels),
-which an Adam outer step turns into steps of the learning rate's size in random directions.
+exactly 0, and they keep their initial values. Adding them would cost a pass over every
+conv output, and their gradient would be rounding noise (about 1e-7 against 1-20 for the
+kernels), which an Adam outer step turns into steps of the learning rate's size.
 
 Parameters are a plain nested dict::
 
