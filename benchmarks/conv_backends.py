@@ -20,12 +20,11 @@ import jax
 from jax import lax
 
 import amaml
+from amaml.models import layers
 
 
 def _conv(x, k):
-  return lax.conv_general_dilated(
-    x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
-  )
+  return layers.conv3x3(x, k, impl="xla")  # lax.conv_general_dilated, "same" padding
 
 
 def _per_task(x, k):

@@ -234,12 +234,8 @@ def test_conv4_biases_change_nothing_and_get_no_gradient():
 
   def with_biases_added(p, x):
     for b in range(4):
-      x = jax.lax.conv_general_dilated(
-        x, p[f"conv{b}"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-      )
-      x = layers.batch_norm(
-        x + p[f"conv{b}"]["bias"], p[f"norm{b}"]["scale"], p[f"norm{b}"]["bias"]
-      )
+      x = layers.conv3x3(x, p[f"conv{b}"]["kernel"], p[f"conv{b}"]["bias"], impl="xla")
+      x = layers.batch_norm(x, p[f"norm{b}"]["scale"], p[f"norm{b}"]["bias"])
       x = layers.max_pool_2x2(jax.nn.relu(x))
     return x.reshape(x.shape[0], -1) @ p["head"]["kernel"] + p["head"]["bias"]
 
