@@ -94,8 +94,8 @@ class Config:
   )
   alpha: float = _field(
     0.1,
-    "initial inner rate alpha0 (adapted by alpha-maml; reptile: "
-    "0.02 on sinusoid, 1e-3 with its inner adam on images)",
+    "initial inner rate alpha0 (alpha-maml: replaced by --alpha_search's choice, then "
+    "adapted; reptile: 0.02 on sinusoid, 1e-3 with its inner adam on images)",
   )
   multi_step_loss: int = _field(
     0,
@@ -194,9 +194,9 @@ class Config:
   )
   alpha_search: bool | None = _field(
     None,
-    "before the first meta step, scale alpha0 by the power of 4 (1/4096 to 4096) that gets "
-    "most of the query-loss decrease on the first meta-batch (amaml.rates.search_alpha); "
-    "none: true for alpha-maml, false for the others",
+    "before the first meta step, replace alpha0 by the power of 4 (4^-6 to 4^6, whatever "
+    "alpha0 is) that gets most of the query-loss decrease on the first meta-batch "
+    "(amaml.rates.search_alpha); none: true for alpha-maml, false for the others",
   )
   alpha_min: float = _field(0.0, "lower bound on alpha")
   alpha_max: float | None = _field(None, "upper bound on alpha (none: unbounded)")

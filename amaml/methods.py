@@ -188,8 +188,9 @@ def alpha_maml(
   with backtracking (:func:`amaml.safeguards.backtrack`) and Adam at ``beta`` = 1e-3 as the
   outer optimizer, ``beta`` fixed (:func:`default_outer_optimizer`). The paper's own setting,
   the additive rule for ``alpha`` and for Adam's ``beta``, is :func:`alpha_maml_paper`.
-  ``amaml train`` also scales ``alpha0`` by :func:`amaml.rates.search_alpha` on the first
-  meta-batch (``--alpha_search``); call it on the first state here to do the same.
+  ``amaml train`` also replaces ``alpha0`` by a rate from a fixed grid, searched on the first
+  meta-batch (:func:`amaml.rates.search_alpha`, ``--alpha_search``), so its run is the same
+  from every ``alpha0``; call it on the first state here to do the same.
 
   Args:
     loss_fn: ``loss_fn(params, x, y) -> (loss, aux)`` for one task's set; ``aux``: scalars.

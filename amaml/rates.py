@@ -229,42 +229,50 @@ def within_ratio(rule: RateRule, max_ratio: float) -> RateRule:
   return RateRule(rule.init, update, rule.by_outer)
 
 
-#: The multiples of the initial ``alpha`` that :func:`search_alpha` tries: 1/4096 to 4096 in
-#: factors of 4, so that the start found hardly depends on the user's ``alpha0``.
-SEARCH_SCALES = tuple(4.0**e for e in range(-6, 7))
+#: The values that :func:`search_alpha` tries for the largest inner rate: 4**-6 (about
+#: 2.4e-4) to 4**6 = 4096, in factors of 4. They do not depend on ``alpha0``.
+SEARCH_ALPHAS = tuple(4.0**e for e in range(-6, 7))
 
 
-def search_alpha(meta_loss, state, batch, scales=SEARCH_SCALES, keep: float = 0.9):
-  """``state`` with its ``alpha`` multiplied by a scale in ``scales`` chosen on one
-  meta-batch before any meta step, so that a poor ``alpha0`` is a hint, not a handicap.
+def search_alpha(meta_loss, state, batch, alphas=SEARCH_ALPHAS, keep: float = 0.9):
+  """``state`` with its ``alpha`` set to a rate from the fixed grid ``alphas``, chosen on one
+  meta-batch before any meta step, so that the start is the same from every ``alpha0``.
 
-  The scale is the smallest that gives at least ``keep`` of the largest decrease of the
-  query loss after adaptation on ``batch`` (:attr:`amaml.MetaLearner.meta_loss`) below
-  the loss without adaptation (``alpha = 0``). Near its minimum this loss is often flat
-  over a decade of rates at initialisation, and noisy; the smallest rate on the flat part
-  is the safe start, since a large inner rate makes the meta-gradient badly conditioned.
-  Non-finite losses never win. Where no scale lowers the loss, ``alpha`` is kept. Every
-  leaf of ``alpha`` (one rate per tensor, or per step) is scaled by the same factor.
-  Pure, jittable and vmappable; it costs one forward pass of the inner loop per scale.
+  The largest rate of ``alpha`` takes the chosen value and every other rate keeps its ratio to
+  it (one rate per tensor or per step starts equal, so all take the value; where ``alpha0``
+  is not positive, all take it). The value is the smallest in ``alphas`` that gives at least
+  ``keep`` of the largest decrease of the query loss after adaptation on ``batch``
+  (:attr:`amaml.MetaLearner.meta_loss`) below the loss without adaptation (``alpha = 0``).
+  Near its minimum this loss is often flat over a decade of rates at initialisation, and
+  noisy; the smallest rate on the flat part is the safe start, since a large inner rate makes
+  the meta-gradient badly conditioned. Non-finite losses never win. Where no value lowers the
+  loss, ``alpha`` is kept. Pure, jittable and vmappable; it costs one forward pass of the
+  inner loop per value.
 
   >>> from collections import namedtuple
   >>> State = namedtuple("State", "params alpha")
-  >>> loss = lambda params, alpha, batch: ((alpha - 0.5) ** 2, {})  # 0.25 without adapting
-  >>> round(float(search_alpha(loss, State(None, jnp.float32(0.01)), None).alpha), 4)  # 0.64
-  0.64
-  >>> round(float(search_alpha(loss, State(None, jnp.float32(0.01)), None, keep=0.5).alpha), 4)
-  0.16
+  >>> loss = lambda params, alpha, batch: ((alpha - 0.7) ** 2, {})  # 0.49 without adapting
+  >>> [float(search_alpha(loss, State(None, jnp.float32(a0)), None).alpha) for a0 in (0.01, 3)]
+  [1.0, 1.0]
+  >>> float(search_alpha(loss, State(None, jnp.float32(0.01)), None, keep=0.5).alpha)
+  0.25
   """
-  scales = jnp.asarray(scales, jnp.result_type(float))
+  grid = jnp.asarray(alphas, jnp.result_type(float))
+  top = optax.tree.max(state.alpha)
+  ratios = jax.tree.map(lambda a: jnp.where(top > 0, a / top, jnp.ones_like(a)), state.alpha)
 
-  def loss_at(scale):
-    alpha = jax.tree.map(lambda a: a * scale.astype(a.dtype), state.alpha)
-    return meta_loss(state.params, alpha, batch)[0]
+  def alpha_at(value):
+    return jax.tree.map(lambda r: value.astype(r.dtype) * r, ratios)
 
-  before = loss_at(jnp.zeros((), scales.dtype))
-  losses = jax.lax.map(loss_at, scales)
+  def loss_at(value):
+    return meta_loss(state.params, alpha_at(value), batch)[0]
+
+  before = loss_at(jnp.zeros((), grid.dtype))
+  losses = jax.lax.map(loss_at, grid)
   losses = jnp.where(jnp.isfinite(losses), losses, jnp.inf)
   target = before - keep * (before - jnp.min(losses))
   improves = jnp.isfinite(before) & (jnp.min(losses) < before)
-  best = jnp.where(improves, scales[jnp.argmax(losses <= target)], 1.0)
-  return state._replace(alpha=jax.tree.map(lambda a: a * best.astype(a.dtype), state.alpha))
+  chosen = alpha_at(grid[jnp.argmax(losses <= target)])
+  return state._replace(
+    alpha=jax.tree.map(lambda c, a: jnp.where(improves, c, a), chosen, state.alpha)
+  )

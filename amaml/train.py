@@ -208,9 +208,9 @@ def _write_config(cfg: Config, out: Path, resume: bool) -> None:
 
 
 def alpha_search(exp: Experiment, vmapped: bool = False):
-  """``--alpha_search`` as the jitted ``(state, images, seed) -> state``: alpha0 scaled by
-  :func:`amaml.rates.search_alpha` on the tasks of meta step 0 of the run of ``seed`` (the
-  tasks that step then trains on). ``vmapped``: over stacked states and their seeds
+  """``--alpha_search`` as the jitted ``(state, images, seed) -> state``: alpha0 replaced by
+  :func:`amaml.rates.search_alpha`'s choice on the tasks of meta step 0 of the run of ``seed``
+  (the tasks that step then trains on). ``vmapped``: over stacked states and their seeds
   (``--seeds``, :mod:`amaml.seeds`)."""
 
   def search(state, images, seed):

@@ -14,8 +14,8 @@ class), second order, outer Adam at 1e-3:
   amaml-maml    ``amaml.maml`` at alpha = 0.4: the same algorithm, amaml's jitted step.
   amaml         amaml's default (``amaml.alpha_maml``: one alpha per parameter tensor, each
                 by its own hypergradient, Adam at 1e-3 outside) from the untuned alpha0 = 4,
-                scaled first by the alpha0 search (``--alpha_search``; the search runs on
-                the training clock, its compilation off it).
+                replaced first by the alpha0 search's choice (``--alpha_search``; the search
+                runs on the training clock, its compilation off it).
   amaml-dadapt  the same with D-Adaptation's AdamW outside and no search.
 
 The implementations take turns in rounds of ``--round-minutes`` of training each (so load

@@ -20,7 +20,8 @@ the grid 2, 1, 1/2, 1/4, 1/8) and ``test_fixed`` (MAML's 10 steps at alpha);
 
 Methods (``METHODS``): ``maml`` (Adam at 1e-3, alpha fixed at alpha0), amaml's default
 (:data:`DEFAULT`, ``adam+search``: Alpha MAML with Adam at optax's 1e-3 outside, beta fixed,
-alpha0 scaled by :func:`amaml.rates.search_alpha` on the first meta-batch), and the other
+alpha0 replaced by :func:`amaml.rates.search_alpha`'s choice on the first meta-batch, the
+same from every alpha0), and the other
 candidates: the same Alpha MAML with another outer optimizer (D-Adaptation, ``dadapt``,
 also with a larger initial estimate; Prodigy, schedule-free AdamW, DoG, Mechanic around
 Adam, Adam with beta by hypergradient over a discounted horizon) or another rule for the

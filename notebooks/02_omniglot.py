@@ -111,11 +111,11 @@ plt.show()
 #
 # The configuration sets nothing about the rates: like every named configuration it uses
 # amaml's tuning-free defaults (not the paper's). There is one inner rate `alpha` per
-# parameter tensor (18 for Conv4); each starts at 0.1 (MAML tuned 0.4 for 5-way Omniglot;
-# pass `alpha=0.4` for that). Before the first meta step, `amaml.train.train` scales that
-# start by the power of 4 (1/4096 to 4096) that gets most of the query-loss decrease on the
-# first meta-batch (`alpha_search=None`, which means on for `method="alpha-maml"`;
-# `alpha_search=False` keeps 0.1). Then each rate follows its own hypergradient by the
+# parameter tensor (18 for Conv4), and `alpha0` = 0.1 (MAML tuned 0.4 for 5-way Omniglot)
+# does not matter: before the first meta step, `amaml.train.train` replaces it by the power
+# of 4 (4^-6 to 4^6) that gets most of the query-loss decrease on the first meta-batch, the
+# same from any `alpha0` (`alpha_search=None`, which means on for `method="alpha-maml"`;
+# `alpha_search=False` keeps `alpha0`). Then each rate follows its own hypergradient by the
 # `"normalized"` rule at the hypergradient rate `amaml.rates.DEFAULT_HYPER_LR`, with
 # backtracking. The outer optimizer is the method's own (`outer_optimizer=None`, looked up
 # in `amaml.configs.METHOD_OUTER_OPTIMIZER`): for `method="alpha-maml"` that is Adam at
@@ -136,8 +136,8 @@ print({k: getattr(cfg, k) for k in ("method", "ways", "shots", "queries", "inner
 OUTER = cfg.resolved_outer_optimizer   # outer_optimizer=None: the method's own
 assert cfg.method == "alpha-maml" and cfg.alpha_lr is None   # the settings printed below
 SEARCH = cfg.resolved_alpha_search     # alpha_search=None: on for alpha-maml
-print(f"inner rates alpha: one per parameter tensor, each from {cfg.alpha:g}"
-      + (" times the searched power of 4" if SEARCH else "") + f", {cfg.rate_rule} rule, "
+print("inner rates alpha: one per parameter tensor, each from "
+      + ("the searched power of 4" if SEARCH else f"{cfg.alpha:g}") + f", {cfg.rate_rule} rule, "
       f"hypergradient rate "
       f"{amaml.rates.DEFAULT_HYPER_LR} (the rule's default), backtracking {cfg.backtrack}")
 if OUTER == "adam" and cfg.resolved_beta_lr == 0:   # beta_lr=None: 0 for alpha-maml's Adam
@@ -198,8 +198,8 @@ axes[1].plot(*zip(*val), "o--", label="validation tasks")
 axes[1].axhline(1 / cfg.ways, color="gray", lw=1, ls=":", label="chance")
 axes[1].set(xlabel="meta step", ylabel="query accuracy after adaptation", title="accuracy")
 axes[2].plot(step, [r["alpha"] for r in recs], "o-")
-axes[2].set(xlabel="meta step", title=f"inner rate alpha (from {cfg.alpha:g}"
-            + (" x the search's scale)" if SEARCH else ")"))
+axes[2].set(xlabel="meta step", title="inner rate alpha (from "
+            + ("the searched start)" if SEARCH else f"{cfg.alpha:g})"))
 axes[3].plot(step, [r["beta"] for r in recs], "o-")
 axes[3].set(xlabel="meta step", yscale="log", ylabel="'beta' in metrics.jsonl",
             title=f"outer step size: {OUTER}'s estimate" if OUTER != "adam" else
@@ -210,8 +210,8 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# What to look for: where `alpha` goes from its searched start (the default 0.1 times a
-# power of 4; MAML's hand-tuned value for 5-way Omniglot is 0.4), and whether it is still
+# What to look for: where `alpha` goes from its searched start (a power of 4, the same from
+# any `alpha0`; MAML's hand-tuned value for 5-way Omniglot is 0.4), and whether it is still
 # moving when the run stops. The `beta` panel is Adam's rate, logged at the end of each log
 # line (and the `final beta` of the results summary above): amaml's default holds it at
 # 1e-3, so the line is flat. In the printed results, compare the test-time

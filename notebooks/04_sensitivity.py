@@ -36,9 +36,10 @@
 #   choose, so this method runs over `alpha0` only.
 #
 # The first three train on the `alpha0 x beta0` grid, amaml's default on one column of
-# `alpha0`. (`amaml train` also scales `alpha0` by `amaml.search_alpha` on the first
-# meta-batch before training with amaml's default; this notebook leaves that out, to show
-# what the hypergradient does from each `alpha0` on its own.)
+# `alpha0`. (`amaml train` also replaces `alpha0` by `amaml.search_alpha`'s choice on the
+# first meta-batch before training with amaml's default, the same from every `alpha0`; this
+# notebook leaves that out, to show what the hypergradient does from each `alpha0` on its
+# own.)
 # Every cell is an independent run with its own parameters, optimizer state and
 # rates. A method's whole grid trains as **one** `jax.vmap`-ped, jitted computation:
 # `learner.update` vmapped over cells, inside a `lax.scan` over meta steps.

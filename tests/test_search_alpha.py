@@ -1,5 +1,6 @@
 """The initial-rate search (``amaml.rates.search_alpha``): its choice on linear regression
-against the closed-form query loss after one step, its edge cases, and vmap against a loop."""
+against the closed-form query loss after one step, the same from every start, its edge cases,
+and vmap against a loop."""
 
 import jax
 import jax.numpy as jnp
@@ -28,24 +29,24 @@ def _query_loss_after_one_step(batch, w, alpha):
   return float(np.mean(out))
 
 
-def test_search_picks_the_smallest_scale_with_most_of_the_decrease(x64):
+def test_search_picks_the_smallest_value_with_most_of_the_decrease_from_any_start(x64):
   batch, dim = _tasks(0)
   w0 = np.zeros(dim)
-  for alpha0 in (1e-3, 0.01, 4.0):
+  losses = [_query_loss_after_one_step(batch, w0, a) for a in rates.SEARCH_ALPHAS]
+  before = _query_loss_after_one_step(batch, w0, 0.0)
+  target = before - 0.9 * (before - min(losses))
+  expected = rates.SEARCH_ALPHAS[next(i for i, v in enumerate(losses) if v <= target)]
+  for alpha0 in (1e-3, 0.01, 0.3, 4.0):  # on the grid or not: the same start
     learner = amaml.maml(LOSS, alpha=alpha0, inner_steps=1)
     state = rates.search_alpha(learner.meta_loss, learner.init(jnp.asarray(w0)), batch)
-    losses = [_query_loss_after_one_step(batch, w0, alpha0 * s) for s in rates.SEARCH_SCALES]
-    before = _query_loss_after_one_step(batch, w0, 0.0)
-    target = before - 0.9 * (before - min(losses))
-    expected = alpha0 * rates.SEARCH_SCALES[next(i for i, v in enumerate(losses) if v <= target)]
-    np.testing.assert_allclose(float(state.alpha), expected, rtol=1e-12)
-    assert expected != alpha0  # the search moved every one of these starts
+    assert float(state.alpha) == expected
+  assert 1e-3 < expected < 4.0  # the search moved every one of these starts
 
 
 def test_nonfinite_losses_lose_and_no_decrease_keeps_alpha():
-  state = amaml.MetaState(None, jnp.float32(1.0), (), (), jnp.int32(0), jnp.int32(0))
+  state = amaml.MetaState(None, jnp.float32(3.0), (), (), jnp.int32(0), jnp.int32(0))
 
-  def piecewise(values, other):  # loss by exact alpha (scales are powers of 4: exact)
+  def piecewise(values, other):  # loss by exact alpha (the grid's powers of 4 are exact)
     def loss(params, alpha, batch):
       out = jnp.float32(other)
       for a, v in values.items():
@@ -54,18 +55,21 @@ def test_nonfinite_losses_lose_and_no_decrease_keeps_alpha():
 
     return loss
 
-  # lowest at scale 4, but NaN there: the lowest finite one, scale 1/4, wins
+  # lowest at 4, but NaN there: the lowest finite one, 1/4, wins
   nan_best = piecewise({0.0: 10.0, 0.25: 2.0, 1.0: 5.0, 4.0: np.nan}, 9.0)
   assert float(rates.search_alpha(nan_best, state, None).alpha) == 0.25
-  # every scale raises the loss or overflows: alpha is kept
+  # every value raises the loss or overflows: alpha0 is kept
   worse = piecewise({0.0: 1.0, 16.0: np.inf}, 2.0)
-  assert float(rates.search_alpha(worse, state, None).alpha) == 1.0
-  # no loss without adaptation to compare with: alpha is kept
+  assert float(rates.search_alpha(worse, state, None).alpha) == 3.0
+  # no loss without adaptation to compare with: alpha0 is kept
   no_base = piecewise({0.0: np.nan, 0.25: 2.0}, 9.0)
-  assert float(rates.search_alpha(no_base, state, None).alpha) == 1.0
+  assert float(rates.search_alpha(no_base, state, None).alpha) == 3.0
+  # alpha0 = 0: the chosen value itself
+  zero = state._replace(alpha=jnp.float32(0.0))
+  assert float(rates.search_alpha(nan_best, zero, None).alpha) == 0.25
 
 
-def test_search_scales_every_rate_by_one_factor_and_vmaps_like_a_loop():
+def test_search_sets_the_largest_rate_keeps_the_ratios_and_vmaps_like_a_loop():
   batch, dim = _tasks(1, tasks=4, dim=3)
   params = {"a": jnp.zeros(2), "b": jnp.zeros(dim - 2)}
   loss = amaml.losses.mse(lambda p, x: x @ jnp.concatenate([p["a"], p["b"]]))
@@ -73,9 +77,8 @@ def test_search_scales_every_rate_by_one_factor_and_vmaps_like_a_loop():
   state = learner.init(params)
   state = state._replace(alpha={"a": jnp.float32(0.01), "b": jnp.float32(0.03)})
   got = rates.search_alpha(learner.meta_loss, state, batch)
-  ratio = float(got.alpha["b"] / got.alpha["a"])
-  np.testing.assert_allclose(ratio, 3.0, rtol=1e-6)
-  assert float(got.alpha["a"]) != 0.01
+  assert float(got.alpha["b"]) in rates.SEARCH_ALPHAS  # the largest rate takes a grid value
+  np.testing.assert_allclose(float(got.alpha["b"] / got.alpha["a"]), 3.0, rtol=1e-6)
   starts = [state._replace(alpha=jax.tree.map(lambda a: a * f, state.alpha)) for f in (1, 50)]
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *starts)
   vmapped = jax.vmap(lambda s: rates.search_alpha(learner.meta_loss, s, batch))(stacked)
@@ -83,3 +86,4 @@ def test_search_scales_every_rate_by_one_factor_and_vmaps_like_a_loop():
     one = rates.search_alpha(learner.meta_loss, s, batch)
     for k in ("a", "b"):
       np.testing.assert_allclose(vmapped.alpha[k][i], one.alpha[k], rtol=1e-6)
+      np.testing.assert_allclose(one.alpha[k], got.alpha[k], rtol=1e-6)  # 50x the start: the same

@@ -33,7 +33,9 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_config):
   assert strip(m_full) == strip(m_split) and len(m_full) == 4
 
 
-def test_alpha_search_trains_as_a_run_started_at_the_searched_alpha(tmp_path, tiny_config):
+def test_alpha_search_trains_as_a_run_started_at_the_searched_alpha_from_any_alpha0(
+  tmp_path, tiny_config
+):
   cfg = tiny_config(alpha=1.0, alpha_search=True)
   exp = train.build(cfg)
   key = jax.random.fold_in(train.run_keys(cfg).train, 0)
@@ -48,6 +50,8 @@ def test_alpha_search_trains_as_a_run_started_at_the_searched_alpha(tmp_path, ti
   searched, _ = run(cfg, "searched")
   by_hand, _ = run(dataclasses.replace(cfg, alpha=alpha0, alpha_search=False), "by_hand")
   chex.assert_trees_all_equal(searched, by_hand)
+  other, _ = run(dataclasses.replace(cfg, alpha=0.03), "other_alpha0")  # the grid is fixed:
+  chex.assert_trees_all_equal(searched, other)  # another alpha0, the same run
   run(dataclasses.replace(cfg, iterations=20), "split")  # a resumed run does not search again
   chex.assert_trees_all_equal(searched, run(cfg, "split", resume=True)[0])
 
