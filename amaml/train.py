@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -173,6 +174,8 @@ def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
   elif cfg.resolved_alpha_search:  # each seed on its own first tasks
     many = cfg.seeds > 1
     state = alpha_search(exp, many)(state, images, seeds.seed_values(cfg) if many else cfg.seed)
+    if _primary():
+      print(f"amaml: {_searched_line(cfg, state.alpha)}", file=sys.stderr, flush=True)
   if _primary():
     truncate_metrics(out / "metrics.jsonl", start)
   return _Run(cfg, out, exp, state, start, images, mesh, ckpt, tracker)
@@ -217,6 +220,20 @@ def alpha_search(exp: Experiment, vmapped: bool = False):
     return rates.search_alpha(exp.learner.meta_loss, state, step_batch(exp, images, 0, seed))
 
   return xla_options.jit(jax.vmap(search, in_axes=(0, None, 0)) if vmapped else search)
+
+
+def _searched_line(cfg: Config, alpha) -> str:
+  """The line ``amaml train`` prints after the alpha0 search: the largest rate it set (one
+  per seed with ``--seeds``)."""
+  leaves = [
+    np.asarray(x).reshape(cfg.seeds, -1) for x in jax.tree.leaves(sharding.host_local(alpha))
+  ]
+  found = np.max(np.concatenate(leaves, axis=1), axis=1)
+  values = ", ".join(f"{v:.4g}" for v in found)
+  return (
+    f"alpha searched on the first meta-batch: {values} (the same from any --alpha; "
+    "--alpha_search false starts from --alpha)"
+  )
 
 
 def _primary() -> bool:

@@ -34,7 +34,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_config):
 
 
 def test_alpha_search_trains_as_a_run_started_at_the_searched_alpha_from_any_alpha0(
-  tmp_path, tiny_config
+  tmp_path, tiny_config, capsys
 ):
   cfg = tiny_config(alpha=1.0, alpha_search=True)
   exp = train.build(cfg)
@@ -48,6 +48,7 @@ def test_alpha_search_trains_as_a_run_started_at_the_searched_alpha_from_any_alp
   assert alpha0 < 1.0  # a sinusoid MLP at initialisation: alpha = 1 overshoots
   run = lambda c, d, **kw: train.train(c, tmp_path / d, progress=False, evaluate_at_end=False, **kw)
   searched, _ = run(cfg, "searched")
+  assert f"alpha searched on the first meta-batch: {alpha0:.4g} (" in capsys.readouterr().err
   by_hand, _ = run(dataclasses.replace(cfg, alpha=alpha0, alpha_search=False), "by_hand")
   chex.assert_trees_all_equal(searched, by_hand)
   other, _ = run(dataclasses.replace(cfg, alpha=0.03), "other_alpha0")  # the grid is fixed:
