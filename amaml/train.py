@@ -135,13 +135,14 @@ def train(
   row (the guard keeps the state finite, so no checkpoint holds NaN), and with
   :class:`amaml.signals.Interrupted` after a checkpoint on SIGINT or SIGTERM.
   """
-  run = _prepare(cfg, Path(out_dir), resume)
+  run = _prepare(cfg, Path(out_dir), resume, progress)
   state, step, train_s, compile_s = _loop(run, progress)
   return state, _finish(run, state, step, train_s, compile_s, evaluate_at_end, progress)
 
 
-def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
-  """Checks ``cfg`` and ``out``, writes ``config.json``, builds the experiment, restores."""
+def _prepare(cfg: Config, out: Path, resume: bool, progress: bool = False) -> _Run:
+  """Checks ``cfg`` and ``out``, writes ``config.json``, builds the experiment, restores (or
+  searches alpha0, saying what it found when ``progress``)."""
   from amaml.checkpoint import Checkpointer
 
   cfg.validate()
@@ -174,7 +175,7 @@ def _prepare(cfg: Config, out: Path, resume: bool) -> _Run:
   elif cfg.resolved_alpha_search:  # each seed on its own first tasks
     many = cfg.seeds > 1
     state = alpha_search(exp, many)(state, images, seeds.seed_values(cfg) if many else cfg.seed)
-    if _primary():
+    if progress and _primary():
       print(f"amaml: {_searched_line(cfg, state.alpha)}", file=sys.stderr, flush=True)
   if _primary():
     truncate_metrics(out / "metrics.jsonl", start)
@@ -380,12 +381,11 @@ def _validation(run: _Run, state, step: int, end: bool = False) -> dict:
 def _nonfinite_error(cfg: Config, step: int, directory) -> FloatingPointError:
   """What ``max_nonfinite`` non-finite meta steps in a row, by ``step``, raise."""
   outer_rate = "--epsilon" if cfg.method == "reptile" else "--beta"
+  lower = outer_rate if cfg.resolved_alpha_search else f"--alpha or {outer_rate}"  # (searched)
+  other = "" if cfg.method == "alpha-maml" else ", or use the default --method alpha-maml"
   return FloatingPointError(
     f"{cfg.max_nonfinite} non-finite meta steps in a row by step {step}: the state was "
-    f"kept finite and the last good checkpoint is in {directory}. "
-    "Lower --alpha or "
-    f"{outer_rate}, or use the default --method alpha-maml (normalized rule with "
-    "backtracking)"
+    f"kept finite and the last good checkpoint is in {directory}. Lower {lower}{other}"
   )
 
 

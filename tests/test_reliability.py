@@ -442,7 +442,8 @@ def test_rates_far_too_large_adapt_back_or_stop_cleanly(tmp_path, overrides, out
     stopped = str(e)
   if outcome == "stops":
     assert stopped is not None and "non-finite meta steps in a row" in stopped
-    assert "Lower --alpha or --beta" in stopped and "last good checkpoint" in stopped
+    assert stopped.endswith("Lower --beta") and "last good checkpoint" in stopped  # alpha:
+    # the alpha0 search sets it, so the hint does not name --alpha
   else:
     assert stopped is None, stopped
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
@@ -471,8 +472,7 @@ def test_cli_run_stopped_by_the_non_finite_guard_is_one_line_and_exit_3(tmp_path
   assert err.count("\n") == 1 and "Traceback" not in err, err
   assert re.match(
     r"^amaml train: 3 non-finite meta steps in a row by step \d+: the state was kept "
-    r"finite and the last good checkpoint is in .*/checkpoints\. Lower --alpha or "
-    r"--beta",
+    r"finite and the last good checkpoint is in .*/checkpoints\. Lower --beta$",
     err,
   ), err
 

@@ -47,7 +47,7 @@ def test_alpha_search_trains_as_a_run_started_at_the_searched_alpha_from_any_alp
   alpha0 = float(jax.tree.leaves(state.alpha)[0])
   assert alpha0 < 1.0  # a sinusoid MLP at initialisation: alpha = 1 overshoots
   run = lambda c, d, **kw: train.train(c, tmp_path / d, progress=False, evaluate_at_end=False, **kw)
-  searched, _ = run(cfg, "searched")
+  searched, _ = train.train(cfg, tmp_path / "searched", evaluate_at_end=False)  # progress shown
   assert f"alpha searched on the first meta-batch: {alpha0:.4g} (" in capsys.readouterr().err
   by_hand, _ = run(dataclasses.replace(cfg, alpha=alpha0, alpha_search=False), "by_hand")
   chex.assert_trees_all_equal(searched, by_hand)
