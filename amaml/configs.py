@@ -194,8 +194,9 @@ class Config:
   )
   alpha_search: bool | None = _field(
     None,
-    "before the first meta step, replace alpha0 by the power of 4 (4^-6 to 4^6, whatever "
-    "alpha0 is) that gets most of the query-loss decrease on the first meta-batch "
+    "before the first meta step, replace alpha0 by the smallest power of 4 (4^-6 to 4^6, "
+    "whatever alpha0 is) that gets half of the largest query-loss decrease on the first "
+    "meta-batch "
     "(amaml.rates.search_alpha); none: true for alpha-maml, false for the others",
   )
   alpha_min: float = _field(0.0, "lower bound on alpha")

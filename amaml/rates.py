@@ -234,18 +234,19 @@ def within_ratio(rule: RateRule, max_ratio: float) -> RateRule:
 SEARCH_ALPHAS = tuple(4.0**e for e in range(-6, 7))
 
 
-def search_alpha(meta_loss, state, batch, alphas=SEARCH_ALPHAS, keep: float = 0.9):
+def search_alpha(meta_loss, state, batch, alphas=SEARCH_ALPHAS, keep: float = 0.5):
   """``state`` with its ``alpha`` set to a rate from the fixed grid ``alphas``, chosen on one
   meta-batch before any meta step, so that the start is the same from every ``alpha0``.
 
   The largest rate of ``alpha`` takes the chosen value and every other rate keeps its ratio to
   it (one rate per tensor or per step starts equal, so all take the value; where ``alpha0``
   is not positive, all take it). The value is the smallest in ``alphas`` that gives at least
-  ``keep`` of the largest decrease of the query loss after adaptation on ``batch``
-  (:attr:`amaml.MetaLearner.meta_loss`) below the loss without adaptation (``alpha = 0``).
-  Near its minimum this loss is often flat over a decade of rates at initialisation, and
-  noisy; the smallest rate on the flat part is the safe start, since a large inner rate makes
-  the meta-gradient badly conditioned. Non-finite losses never win. Where no value lowers the
+  ``keep`` (by default half) of the largest decrease of the query loss after adaptation on
+  ``batch`` (:attr:`amaml.MetaLearner.meta_loss`) below the loss without adaptation
+  (``alpha = 0``). Near its minimum this loss is often flat over a decade of rates at
+  initialisation, and noisy, and a large inner rate makes the meta-gradient badly
+  conditioned; so the search starts low, where much of the decrease is already had, and
+  leaves the rate's own rule to raise it. Non-finite losses never win. Where no value lowers the
   loss, ``alpha`` is kept. Pure, jittable and vmappable; it costs one forward pass of the
   inner loop per value.
 
@@ -253,9 +254,9 @@ def search_alpha(meta_loss, state, batch, alphas=SEARCH_ALPHAS, keep: float = 0.
   >>> State = namedtuple("State", "params alpha")
   >>> loss = lambda params, alpha, batch: ((alpha - 0.7) ** 2, {})  # 0.49 without adapting
   >>> [float(search_alpha(loss, State(None, jnp.float32(a0)), None).alpha) for a0 in (0.01, 3)]
-  [1.0, 1.0]
-  >>> float(search_alpha(loss, State(None, jnp.float32(0.01)), None, keep=0.5).alpha)
-  0.25
+  [0.25, 0.25]
+  >>> float(search_alpha(loss, State(None, jnp.float32(0.01)), None, keep=0.9).alpha)
+  1.0
   """
   grid = jnp.asarray(alphas, jnp.result_type(float))
   top = optax.tree.max(state.alpha)

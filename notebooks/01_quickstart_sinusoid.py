@@ -99,8 +99,8 @@ plt.show()
 # per problem, is `amaml.alpha_maml_paper`.
 #
 # `amaml train` does one more thing before its first meta step: it replaces `alpha0` by the
-# power of 4 (4^-6 to 4^6, whatever `alpha0` is) that gets most of the query-loss decrease
-# on the first meta-batch. The learner does not do that by itself; in Python it is one call,
+# smallest power of 4 (4^-6 to 4^6, whatever `alpha0` is) that gets half of the largest
+# query-loss decrease on the first meta-batch. The learner does not do that by itself; in Python it is one call,
 # `state = amaml.search_alpha(learner.meta_loss, learner.init(params), first_batch)`. This
 # notebook leaves it out, to show how the hypergradient corrects a poor `alpha0` on its own.
 

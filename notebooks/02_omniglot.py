@@ -112,9 +112,9 @@ plt.show()
 # The configuration sets nothing about the rates: like every named configuration it uses
 # amaml's tuning-free defaults (not the paper's). There is one inner rate `alpha` per
 # parameter tensor (18 for Conv4), and `alpha0` = 0.1 (MAML tuned 0.4 for 5-way Omniglot)
-# does not matter: before the first meta step, `amaml.train.train` replaces it by the power
-# of 4 (4^-6 to 4^6) that gets most of the query-loss decrease on the first meta-batch, the
-# same from any `alpha0` (`alpha_search=None`, which means on for `method="alpha-maml"`;
+# does not matter: before the first meta step, `amaml.train.train` replaces it by the
+# smallest power of 4 (4^-6 to 4^6) that gets half of the largest query-loss decrease on the
+# first meta-batch, the same from any `alpha0` (`alpha_search=None`, which means on for `method="alpha-maml"`;
 # `alpha_search=False` keeps `alpha0`). Then each rate follows its own hypergradient by the
 # `"normalized"` rule at the hypergradient rate `amaml.rates.DEFAULT_HYPER_LR`, with
 # backtracking. The outer optimizer is the method's own (`outer_optimizer=None`, looked up

@@ -5,6 +5,7 @@ and vmap against a loop."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import amaml
 from amaml import rates
@@ -29,40 +30,54 @@ def _query_loss_after_one_step(batch, w, alpha):
   return float(np.mean(out))
 
 
-def test_search_picks_the_smallest_value_with_most_of_the_decrease_from_any_start(x64):
+@pytest.mark.parametrize("keep", [None, 0.9])  # None: the default, half of the decrease
+def test_search_picks_the_smallest_value_with_keep_of_the_decrease_from_any_start(x64, keep):
   batch, dim = _tasks(0)
   w0 = np.zeros(dim)
   losses = [_query_loss_after_one_step(batch, w0, a) for a in rates.SEARCH_ALPHAS]
   before = _query_loss_after_one_step(batch, w0, 0.0)
-  target = before - 0.9 * (before - min(losses))
+  target = before - (keep or 0.5) * (before - min(losses))
   expected = rates.SEARCH_ALPHAS[next(i for i, v in enumerate(losses) if v <= target)]
+  kwargs = {} if keep is None else {"keep": keep}
   for alpha0 in (1e-3, 0.01, 0.3, 4.0):  # on the grid or not: the same start
     learner = amaml.maml(LOSS, alpha=alpha0, inner_steps=1)
-    state = rates.search_alpha(learner.meta_loss, learner.init(jnp.asarray(w0)), batch)
+    state = rates.search_alpha(learner.meta_loss, learner.init(jnp.asarray(w0)), batch, **kwargs)
     assert float(state.alpha) == expected
   assert 1e-3 < expected < 4.0  # the search moved every one of these starts
+
+
+def test_the_default_takes_half_of_the_largest_decrease():
+  state = amaml.MetaState(None, jnp.float32(3.0), (), (), jnp.int32(0), jnp.int32(0))
+  # 10 without adaptation, 6 at 1/4, 2 at 1, 9 elsewhere: half the decrease (to 6) is had at
+  # 1/4; 90% of it (to 2.8) only at 1
+  loss = _piecewise({0.0: 10.0, 0.25: 6.0, 1.0: 2.0}, 9.0)
+  assert float(rates.search_alpha(loss, state, None).alpha) == 0.25
+  assert float(rates.search_alpha(loss, state, None, keep=0.9).alpha) == 1.0
+
+
+def _piecewise(values, other):
+  """A meta-loss by exact alpha (the grid's powers of 4 are exact), ``other`` elsewhere."""
+
+  def loss(params, alpha, batch):
+    out = jnp.float32(other)
+    for a, v in values.items():
+      out = jnp.where(alpha == a, v, out)
+    return out, {}
+
+  return loss
 
 
 def test_nonfinite_losses_lose_and_no_decrease_keeps_alpha():
   state = amaml.MetaState(None, jnp.float32(3.0), (), (), jnp.int32(0), jnp.int32(0))
 
-  def piecewise(values, other):  # loss by exact alpha (the grid's powers of 4 are exact)
-    def loss(params, alpha, batch):
-      out = jnp.float32(other)
-      for a, v in values.items():
-        out = jnp.where(alpha == a, v, out)
-      return out, {}
-
-    return loss
-
   # lowest at 4, but NaN there: the lowest finite one, 1/4, wins
-  nan_best = piecewise({0.0: 10.0, 0.25: 2.0, 1.0: 5.0, 4.0: np.nan}, 9.0)
+  nan_best = _piecewise({0.0: 10.0, 0.25: 2.0, 1.0: 5.0, 4.0: np.nan}, 9.0)
   assert float(rates.search_alpha(nan_best, state, None).alpha) == 0.25
   # every value raises the loss or overflows: alpha0 is kept
-  worse = piecewise({0.0: 1.0, 16.0: np.inf}, 2.0)
+  worse = _piecewise({0.0: 1.0, 16.0: np.inf}, 2.0)
   assert float(rates.search_alpha(worse, state, None).alpha) == 3.0
   # no loss without adaptation to compare with: alpha0 is kept
-  no_base = piecewise({0.0: np.nan, 0.25: 2.0}, 9.0)
+  no_base = _piecewise({0.0: np.nan, 0.25: 2.0}, 9.0)
   assert float(rates.search_alpha(no_base, state, None).alpha) == 3.0
   # alpha0 = 0: the chosen value itself
   zero = state._replace(alpha=jnp.float32(0.0))
