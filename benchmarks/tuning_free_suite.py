@@ -426,7 +426,9 @@ def run_family(
     state = search_cells(exp, state, data["train"], ids)
   chunk = robustness.make_chunk(exp, log_every)
   every = max(log_every, long_ // val_points // log_every * log_every) if val_points else long_
-  budgets_at = {long_: "long", short: "short"}  # one budget (--budgets S S): short
+  budgets_at = {long_: "long", short: "short"}  # one budget (--budgets S S): short,
+  if short == long_:  # unless it is the family's long budget
+    budgets_at = {short: budget_of(name, short, "short")}
   rows, step, t0, alpha_traj = [], 0, time.perf_counter(), []
   best = [(-np.inf, None)] * len(cells)  # per cell: (validation score, (step, scores))
   while step < long_:
@@ -447,6 +449,13 @@ def run_family(
         at = budgets_at[step]
         rows.append(_row(name, method, at, step, cell, ev[j], b, alpha_traj, j, t0, state.alpha))
   return rows
+
+
+def budget_of(family: str, steps: int, recorded: str) -> str:
+  """A run of the family's long budget alone (``--budgets L L``) is its long budget; rows
+  recorded before this rule name it ``short``."""
+  fam = FAMILIES.get(family)
+  return "long" if fam and steps == fam.long != fam.short else recorded
 
 
 # ----------------------------------------------------------------------------- tables
@@ -492,14 +501,25 @@ def meets(g: float, higher: bool) -> bool:
   return g >= -1.0 if higher else g <= 1.1
 
 
+def ran(means, family: str, budget: str, method: str, alphas) -> list:
+  """The α0 of ``alphas`` at which ``method`` has cells on this family and budget (a method
+  whose start does not depend on α0, such as the default, may have run from one α0 only)."""
+  return [a for a in alphas if (family, budget, method, a) in means]
+
+
+def _only(starts, alphas) -> str:
+  """ " (a0 = 1 only)" where a method ran from fewer starts than the table's."""
+  return "" if len(starts) == len(alphas) else f" (a0 = {', '.join(f'{a:g}' for a in starts)} only)"
+
+
 def family_table(rows, family: str, budget: str, alphas) -> str:
   """One row per method: its cells (mean over seeds), worst, best, spread, and the worst
   start against MAML's best cell."""
   means, higher = cell_means(rows), higher_is_better(family)
-  methods = [m for m in METHODS if (family, budget, m, alphas[0]) in means]
+  methods = [m for m in METHODS if ran(means, family, budget, m, alphas)]
   maml = (
     worst_best([means[(family, budget, "maml", a)] for a in alphas], higher)[1]
-    if "maml" in methods
+    if ran(means, family, budget, "maml", alphas) == list(alphas)
     else float("nan")
   )
   f = (lambda v: f"{v:.1f}") if higher else (lambda v: f"{v:.3g}")
@@ -512,17 +532,18 @@ def family_table(rows, family: str, budget: str, alphas) -> str:
     "| --- |" + " --- |" * (len(alphas) + 4),
   ]
   for m in methods:
-    vals = [means[(family, budget, m, a)] for a in alphas]
-    worst, best = worst_best(vals, higher)
+    starts = ran(means, family, budget, m, alphas)
+    worst, best = worst_best([means[(family, budget, m, a)] for a in starts], higher)
     spread = abs(best - worst) if higher else worst / best
     g = gap(worst, maml, higher)
     mark = " (met)" if meets(g, higher) else ""
     name = f"**{LABELS[m]}**" if m == DEFAULT else LABELS[m]
     g_txt = "-" if m == "maml" else (f"{g:+.1f}{mark}" if higher else f"{g:.2f}x{mark}")
-    g_txt = "MAML not run" if np.isnan(maml) else g_txt
+    g_txt = "MAML not run" if np.isnan(maml) else g_txt + _only(starts, alphas)
+    cells = [fmt(means[(family, budget, m, a)]) if a in starts else "" for a in alphas]
     lines.append(
       f"| {name} | "
-      + " | ".join(fmt(v) for v in vals)
+      + " | ".join(cells)
       + f" | {fmt(worst)} | {fmt(best)} | {fmt(spread)} | {g_txt} |"
     )
   return "\n".join(lines)
@@ -538,20 +559,16 @@ def summary(rows, alphas, method: str = DEFAULT) -> str:
   met = total = 0
   for fam in FAMILIES:
     for budget in ("short", "long"):
-      if (fam, budget, method, alphas[0]) not in means or (
-        fam,
-        budget,
-        "maml",
-        alphas[0],
-      ) not in means:
+      starts = ran(means, fam, budget, method, alphas)
+      if not starts or ran(means, fam, budget, "maml", alphas) != list(alphas):
         continue
       higher = higher_is_better(fam)
-      worst = worst_best([means[(fam, budget, method, a)] for a in alphas], higher)[0]
+      worst = worst_best([means[(fam, budget, method, a)] for a in starts], higher)[0]
       best = worst_best([means[(fam, budget, "maml", a)] for a in alphas], higher)[1]
       g = gap(worst, best, higher)
       total += 1
       met += meets(g, higher)
-      g_txt = f"{g:+.1f}" if higher else f"{g:.2f}x"
+      g_txt = (f"{g:+.1f}" if higher else f"{g:.2f}x") + _only(starts, alphas)
       lines.append(
         f"| {fam} | {budget} | {worst:.3g} | {best:.3g} | {g_txt} | "
         f"{'yes' if meets(g, higher) else 'no'} |"
@@ -570,20 +587,22 @@ def overview(rows, alphas) -> str:
   ]
   for fam in FAMILIES:
     for budget in ("short", "long"):
-      if (fam, budget, "maml", alphas[0]) not in means:
+      if ran(means, fam, budget, "maml", alphas) != list(alphas):
         continue
       higher = higher_is_better(fam)
       best = worst_best([means[(fam, budget, "maml", a)] for a in alphas], higher)[1]
       cells = []
       for m in methods:
-        if (fam, budget, m, alphas[0]) not in means:
+        starts = ran(means, fam, budget, m, alphas)
+        if not starts:
           cells.append("")
           continue
-        g = gap(worst_best([means[(fam, budget, m, a)] for a in alphas], higher)[0], best, higher)
+        g = gap(worst_best([means[(fam, budget, m, a)] for a in starts], higher)[0], best, higher)
         txt = (
           "diverged" if not np.isfinite(g) or g > 1e6 else (f"{g:+.1f}" if higher else f"{g:.2f}x")
         )
-        cells.append(f"**{txt}**" if np.isfinite(g) and meets(g, higher) else txt)
+        cell = f"**{txt}**" if np.isfinite(g) and meets(g, higher) else txt
+        cells.append(cell + _only(starts, alphas))
       lines.append(f"| {fam} | {budget} | {best:.3g} | " + " | ".join(cells) + " |")
   return (
     "Worst start of each method against MAML's best cell (bold: the target is met, "
@@ -632,12 +651,13 @@ def plot(rows, out: Path) -> Path:
       higher = higher_is_better(fam)
       shown = grid if higher else np.log10(grid)
       finite = shown[np.isfinite(shown)]
+      lo, hi = (finite.min(), finite.max()) if finite.size else (0, 1)
       ax.imshow(
         shown,
         cmap="viridis" if higher else "viridis_r",
         aspect="auto",
-        vmin=finite.min() if finite.size else 0,
-        vmax=finite.max() if finite.size else 1,
+        vmin=lo if hi > lo else lo - 1,  # one value alone: the middle colour, not the worst
+        vmax=hi if hi > lo else hi + 1,
       )
       for (y, x), v in np.ndenumerate(grid):
         ran = (fam, budget, methods[y], alphas[x]) in means
@@ -730,7 +750,11 @@ def main(argv=None):
         lines = merge(lines, rows)
         robustness.write_jsonl(out, lines)  # after every method: a stopped run keeps the rest
         print(json.dumps({k: rows[-1][k] for k in ("family", "method", "wall_s")}), flush=True)
-  rows = [{**l, "test": l[args.field]} for l in lines if "alpha0" in l and args.field in l]
+  rows = [
+    {**l, "test": l[args.field], "budget": budget_of(l["family"], l["steps"], l["budget"])}
+    for l in lines
+    if "alpha0" in l and args.field in l
+  ]
   print(report(rows))
   try:
     name = "tuning-free-suite" + ("" if args.field == "test" else f"-{args.field}")

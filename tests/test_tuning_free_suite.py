@@ -46,6 +46,26 @@ def test_tables_on_hand_written_records():
   assert "| omniglot-5w1s | short | 85 | **-1.0** |" in suite.overview(rows, [0.01, 1.0, 4.0])
 
 
+def test_a_method_run_from_fewer_starts_is_tabulated_over_those_it_ran():
+  rows = _rows("omniglot-5w1s", "long", "maml", {0.01: [40], 1.0: [90], 4.0: [70]}) + _rows(
+    "omniglot-5w1s", "long", suite.DEFAULT, {1.0: [88, 86]}
+  )
+  # the default from a0 = 1 only (every a0 is the same run): worst 87 against MAML's best 90
+  table = suite.family_table(rows, "omniglot-5w1s", "long", [0.01, 1.0, 4.0])
+  default_line = next(l for l in table.splitlines() if "amaml default" in l)
+  assert "|  | 87.0 |  | 87.0 | 87.0 | 0.0 | -3.0 (a0 = 1 only) |" in default_line
+  line = suite.summary(rows, [0.01, 1.0, 4.0])
+  assert "| omniglot-5w1s | long | 87 | 90 | -3.0 (a0 = 1 only) | no |" in line
+  assert line.endswith("met on 0 of 1.")
+  assert "| omniglot-5w1s | long | 90 | -3.0 (a0 = 1 only) |" in suite.overview(
+    rows, [0.01, 1.0, 4.0]
+  )
+  # MAML from some starts only: its best is not known, so no gap is given
+  partial = [r for r in rows if not (r["method"] == "maml" and r["alpha0"] == 4.0)]
+  assert "MAML not run" in suite.family_table(partial, "omniglot-5w1s", "long", [0.01, 1.0, 4.0])
+  assert suite.summary(partial, [0.01, 1.0, 4.0]).endswith("met on 0 of 0.")
+
+
 def test_regression_ratio_and_divergence():
   rows = _rows("linear", "long", "maml", {0.1: [2.0], 1.0: [float("inf")]}) + _rows(
     "linear", "long", suite.DEFAULT, {0.1: [2.1], 1.0: [2.4]}
@@ -174,7 +194,13 @@ def test_render_a_later_file_replaces_a_family_methods_rows(tmp_path, capsys):
   assert alone.splitlines()[-1].endswith("| 85.0 | 89.0 | 85.0 | 89.0 | 4.0 | MAML not run |")
 
 
-def test_one_budget_is_recorded_as_short():
-  """``--budgets S S`` runs one budget, S steps, and records it as the short one."""
+def test_one_budget_is_recorded_as_short_unless_it_is_the_familys_long(monkeypatch):
+  """``--budgets S S`` runs one budget, S steps, and records it as the short one; a run of
+  the family's long budget alone is its long one, and so is such a row recorded as short."""
   rows = suite.run_family("linear", "maml", alphas=(1.0,), budgets=(2, 2), seeds=1, log_every=2)
   assert [(r["budget"], r["steps"]) for r in rows] == [("short", 2)]
+  monkeypatch.setitem(suite.FAMILIES, "linear", suite.FAMILIES["linear"]._replace(long=4))
+  rows = suite.run_family("linear", "maml", alphas=(1.0,), budgets=(4, 4), seeds=1, log_every=2)
+  assert [(r["budget"], r["steps"]) for r in rows] == [("long", 4)]
+  assert suite.budget_of("linear", 4, "short") == "long"
+  assert suite.budget_of("linear", 2, "short") == "short"
