@@ -508,7 +508,7 @@ def ran(means, family: str, budget: str, method: str, alphas) -> list:
 
 
 def _only(starts, alphas) -> str:
-  """ " (a0 = 1 only)" where a method ran from fewer starts than the table's."""
+  """The note ``" (a0 = 1 only)"`` where a method ran from fewer starts than the table's."""
   return "" if len(starts) == len(alphas) else f" (a0 = {', '.join(f'{a:g}' for a in starts)} only)"
 
 
@@ -660,9 +660,9 @@ def plot(rows, out: Path) -> Path:
         vmax=hi if hi > lo else hi + 1,
       )
       for (y, x), v in np.ndenumerate(grid):
-        ran = (fam, budget, methods[y], alphas[x]) in means
+        has = (fam, budget, methods[y], alphas[x]) in means
         txt = (
-          "" if not ran else "div." if not np.isfinite(v) else f"{v:.1f}" if higher else f"{v:.2g}"
+          "" if not has else "div." if not np.isfinite(v) else f"{v:.1f}" if higher else f"{v:.2g}"
         )
         ax.text(
           x, y, txt, ha="center", va="center", fontsize=6, color="w" if np.isfinite(v) else "k"
