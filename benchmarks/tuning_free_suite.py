@@ -426,9 +426,9 @@ def run_family(
     state = search_cells(exp, state, data["train"], ids)
   chunk = robustness.make_chunk(exp, log_every)
   every = max(log_every, long_ // val_points // log_every * log_every) if val_points else long_
-  budgets_at = {long_: "long", short: "short"}  # one budget (--budgets S S): short,
-  if short == long_:  # unless it is the family's long budget
-    budgets_at = {short: budget_of(name, short, "short")}
+  # one budget (--budgets S S): short, unless it is the family's long budget
+  one = {short: budget_of(name, short, "short")}
+  budgets_at = {long_: "long", short: "short"} if short != long_ else one
   rows, step, t0, alpha_traj = [], 0, time.perf_counter(), []
   best = [(-np.inf, None)] * len(cells)  # per cell: (validation score, (step, scores))
   while step < long_:
