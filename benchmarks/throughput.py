@@ -29,7 +29,8 @@ every worker process (amaml's and the peers') gets ``MALLOC_MMAP_THRESHOLD_`` /
 ``--no-malloc-tuning`` turns that off.
 
 The findings of the probes behind the Conv4 step (formulations, XLA flags, the pool
-miscompile, the profile) are in BENCHMARKS.md, "Omniglot meta-step throughput".
+miscompile, the profile) are in BENCHMARKS.md, "Omniglot meta-step throughput";
+``benchmarks/profile_step.py`` profiles this step op by op beside the peer's (``build``).
 """
 
 from __future__ import annotations
@@ -93,8 +94,12 @@ def _flops(compiled):
     return float("nan")
 
 
-def worker(args) -> dict:
-  """One implementation, one config, in this process."""
+def build(args):
+  """One implementation's compiled step on one config, in this process: a namespace with
+  ``compiled``, ``state``, ``pool`` (the peers' episodes), ``loss_of`` and ``carry`` (of a
+  step's output), ``compile_s``, ``flops`` and the peers' ``cfg``."""
+  from types import SimpleNamespace
+
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -170,7 +175,25 @@ def worker(args) -> dict:
   t0 = time.perf_counter()
   compiled = lower().compile()
   compile_s = time.perf_counter() - t0
-  flops = _flops(compiled)
+  return SimpleNamespace(
+    compiled=compiled,
+    state=state,
+    pool=pool,
+    loss_of=loss_of,
+    carry=carry,
+    compile_s=compile_s,
+    flops=_flops(compiled),
+    cfg=cfg,
+  )
+
+
+def worker(args) -> dict:
+  """One implementation, one config, in this process."""
+  import jax
+
+  b = build(args)
+  cfg, compiled, state, pool, flops = b.cfg, b.compiled, b.state, b.pool, b.flops
+  loss_of, carry, compile_s, n_pool = b.loss_of, b.carry, b.compile_s, len(b.pool)
   times, losses = [], []
   for i in range(args.warmup + args.steps):
     t1 = time.perf_counter()
