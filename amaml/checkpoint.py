@@ -65,9 +65,10 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    self.check(step)
+    saved = self.check(step)
     abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, target)
     try:
+      _check_fits(saved, abstract)
       return self._manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
     except (ValueError, KeyError, TypeError) as e:
       raise ValueError(
@@ -106,13 +107,14 @@ class Checkpointer:
       "be read): start a new --out directory"
     )
 
-  def check(self, step: int) -> None:
+  def check(self, step: int) -> dict[str, tuple]:
     """Reads every array of checkpoint ``step`` (one at a time, so that a failure leaves no
-    read in flight) and its metadata files; raises :class:`CorruptCheckpointError` naming
-    the checkpoint and why if any of them cannot be read or an array is missing."""
+    read in flight) and its metadata files, and returns each array's shape by name
+    (``{"params.Dense_0.kernel": (1, 40), ...}``); raises :class:`CorruptCheckpointError`
+    naming the checkpoint and why if any of them cannot be read or an array is missing."""
     path = Path(self.directory) / str(step)
     try:
-      _check_item(path, path / "default")
+      return _check_item(path, path / "default")
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise CorruptCheckpointError(f"checkpoint {path} cannot be read ({_one_line(e)})") from None
 
@@ -124,9 +126,29 @@ class Checkpointer:
     self._manager.close()
 
 
-def _check_item(step_dir: Path, item: Path) -> None:
+def _check_fits(saved: dict[str, tuple], abstract: Any) -> None:
+  """Raises ``ValueError`` naming the first array whose name or shape in a checkpoint
+  (``saved``, from :meth:`Checkpointer.check`) differs from ``abstract``'s. Checked before
+  Orbax restores: its own check fails with reads in flight, which finish after the error."""
+  leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  wanted = {".".join(_key(k) for k in path): tuple(a.shape) for path, a in leaves}
+  for name in sorted(saved.keys() | wanted.keys()):
+    if saved.get(name) != wanted.get(name):
+      raise ValueError(f"{name}: shape {saved.get(name)} saved, {wanted.get(name)} expected")
+
+
+def _key(k) -> str:
+  """One key of a pytree path as Orbax names it (``params.Dense_0.kernel``, ``opt_state.0``)."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _check_item(step_dir: Path, item: Path) -> dict[str, tuple]:
   """Parses the JSON metadata of an Orbax step and reads each array of its item (OCDBT and
-  zarr, through TensorStore as Orbax does) to the end; raises on the first failure."""
+  zarr, through TensorStore as Orbax does) to the end; raises on the first failure, else
+  returns each array's shape by name."""
   import tensorstore as ts
 
   _read_json(step_dir / "_CHECKPOINT_METADATA")
@@ -149,9 +171,13 @@ def _check_item(step_dir: Path, item: Path) -> None:
       f"{len(expected - stored)} of its {len(expected)} arrays are missing, "
       f"e.g. {sorted(expected - stored)[0]}"
     )
+  shapes = {}
   for name in sorted(expected):
     spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": base, "path": f"{name}/"}}
-    ts.open(spec, open=True, read=True, context=context).result().read().result()
+    array = ts.open(spec, open=True, read=True, context=context).result()
+    array.read().result()
+    shapes[name] = tuple(array.shape)
+  return shapes
 
 
 def _read_json(path: Path) -> Any:
