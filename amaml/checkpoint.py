@@ -131,18 +131,11 @@ def _check_fits(saved: dict[str, tuple], abstract: Any) -> None:
   (``saved``, from :meth:`Checkpointer.check`) differs from ``abstract``'s. Checked before
   Orbax restores: its own check fails with reads in flight, which finish after the error."""
   leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
-  wanted = {".".join(_key(k) for k in path): tuple(a.shape) for path, a in leaves}
+  name = lambda path: jax.tree_util.keystr(path, simple=True, separator=".")  # Orbax's names
+  wanted = {name(path): tuple(a.shape) for path, a in leaves}
   for name in sorted(saved.keys() | wanted.keys()):
     if saved.get(name) != wanted.get(name):
       raise ValueError(f"{name}: shape {saved.get(name)} saved, {wanted.get(name)} expected")
-
-
-def _key(k) -> str:
-  """One key of a pytree path as Orbax names it (``params.Dense_0.kernel``, ``opt_state.0``)."""
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
 
 
 def _check_item(step_dir: Path, item: Path) -> dict[str, tuple]:

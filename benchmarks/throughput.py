@@ -192,15 +192,13 @@ def worker(args) -> dict:
   import jax
 
   b = build(args)
-  cfg, compiled, state, pool, flops = b.cfg, b.compiled, b.state, b.pool, b.flops
-  loss_of, carry, compile_s, n_pool = b.loss_of, b.carry, b.compile_s, len(b.pool)
-  times, losses = [], []
+  state, times, losses = b.state, [], []
   for i in range(args.warmup + args.steps):
     t1 = time.perf_counter()
-    out = compiled(state, pool[i % n_pool])
-    loss = float(jax.block_until_ready(loss_of(out)))
+    out = b.compiled(state, b.pool[i % len(b.pool)])
+    loss = float(jax.block_until_ready(b.loss_of(out)))
     dt = time.perf_counter() - t1
-    state = carry(out)
+    state = b.carry(out)
     losses.append(loss)
     if i >= args.warmup:
       times.append(dt)
@@ -210,11 +208,11 @@ def worker(args) -> dict:
     config=args.config,
     conv_impl=args.conv_impl,
     **s,
-    tasks_per_s=cfg["meta_batch"] / s["median_step_s"],
-    compile_s=compile_s,
-    xla_flops_per_step=flops,
-    achieved_gflops=flops / s["median_step_s"] / 1e9,
-    fraction_of_peak=flops / s["median_step_s"] / 1e9 / args.peak_gflops,
+    tasks_per_s=b.cfg["meta_batch"] / s["median_step_s"],
+    compile_s=b.compile_s,
+    xla_flops_per_step=b.flops,
+    achieved_gflops=b.flops / s["median_step_s"] / 1e9,
+    fraction_of_peak=b.flops / s["median_step_s"] / 1e9 / args.peak_gflops,
     peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     first_meta_loss=losses[0],
     final_meta_loss=losses[-1],
