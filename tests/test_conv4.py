@@ -88,12 +88,14 @@ def _tasks_meta_gradient(impl, k, xs, ks):
   return jax.jit(grad)(k, ks), seeds
 
 
+@pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.float64, 1e-10)])
-def test_tasks_conv_meta_gradient_equals_reference(dtype, tol):
-  """``impl="tasks"`` (an ordinary convolution per task) gives the second-order gradient of
-  the reference forms under ``vmap`` with shared and per-task kernels and a nested ``vmap``."""
+def test_tasks_conv_meta_gradient_equals_reference(dtype, tol, channels):
+  """``impl="tasks"`` (an ordinary convolution per task; the sum of its taps for an input of
+  one channel) gives the second-order gradient of the reference forms under ``vmap`` with
+  shared and per-task kernels and a nested ``vmap``."""
   with jax.enable_x64(dtype == jnp.float64):
-    x, k, _ = _conv_args(jax.random.key(15), n=6, h=5, w=4, c=3, o=4, dtype=dtype)
+    x, k, _ = _conv_args(jax.random.key(15), n=6, h=5, w=4, c=channels, o=4, dtype=dtype)
     xs = jnp.stack([x[:3], x[3:]])
     ks = 0.3 * jax.random.normal(jax.random.key(16), (2,) + k.shape, dtype)
     ref = _tasks_meta_gradient("xla", k, xs, ks)
@@ -143,6 +145,18 @@ def test_tasks_conv_runs_one_convolution_per_task():
   assert "while" in hlo and hlo.count("convolution(") >= 3
   convs = [line for line in hlo.splitlines() if " convolution(" in line]
   assert convs and all("dim_labels=b01f_01io->b01f" in line for line in convs)
+
+
+def test_one_channel_tasks_conv_is_its_taps_with_no_loop():
+  """Per-task kernels on an input of one channel (Omniglot's first layer): the forward is
+  the sum of the 9 taps, one fusion, with no loop over tasks (whose output XLA:CPU first
+  fills with zeros) and no convolution; values: ``test_tasks_conv_meta_gradient_equals_
+  reference``."""
+  xs = jnp.ones((4, 2, 6, 6, 1))
+  ks = jnp.ones((4, 3, 3, 1, 5))
+  conv = lambda x, k: layers.conv3x3(x, k, impl="tasks")
+  forward = jax.jit(jax.vmap(conv)).lower(xs, ks).compile().as_text()
+  assert " while(" not in forward and " convolution(" not in forward
 
 
 def test_tasks_conv_under_two_vmaps_is_one_loop():

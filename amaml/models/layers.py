@@ -12,10 +12,12 @@ therefore has three forms:
   (``jax.custom_batching.custom_vmap``) of its own: with per-task kernels it runs one
   ordinary convolution per task (``lax.map``; under a second ``vmap``, as over seeds, one
   loop over every pair), with one kernel for all tasks one convolution over all their
-  images. Its gradient is a custom VJP made of two such operations (the input gradient a
-  convolution of ``dy`` with the flipped kernel, the kernel gradient a convolution of the
-  transposed input with ``dy``, or over many pixels of few channels one product of the
-  input's patches with ``dy``; see ``_conv3x3_tasks_bwd``) whose own gradients are again
+  images; an input of one channel (Omniglot's first layer) is instead the sum of its 9
+  taps, element-wise work with no loop. Its gradient is a custom VJP made of two such
+  operations (the input gradient a convolution of ``dy`` with the flipped kernel, the
+  kernel gradient a convolution of the transposed input with ``dy``, or over many pixels
+  of few channels one product of the input's patches with ``dy``; see
+  ``_conv3x3_tasks_bwd``) whose own gradients are again
   these two, so every derivative, of any order, under any number of ``vmap`` s, is ungrouped
   convolutions and matrix products, which XLA:CPU runs fast. Reverse mode only (``grad``,
   ``vjp``, grad-of-grad); for forward mode (``jax.jvp``, ``jacfwd``) use ``"xla"``.
@@ -72,7 +74,7 @@ def conv3x3(
   if impl == "xla":
     y = _lax_conv(x, kernel)
   elif impl == "tasks":
-    y = _conv3x3_tasks(x, kernel)
+    y = _conv3x3_tasks_or_taps(x, kernel)
   else:
     y = _conv3x3_matmul(x, kernel)
   if bias is not None:
@@ -263,7 +265,45 @@ def _kernel_grad_fwd(x, dy):
 
 def _kernel_grad_bwd(res, g):
   x, dy = res
-  return _conv3x3_tasks(dy, _flip_transpose(g)), _conv3x3_tasks(x, g)
+  return _conv3x3_tasks_or_taps(dy, _flip_transpose(g)), _conv3x3_tasks_or_taps(x, g)
+
+
+#: Inputs of at most this many channels (Omniglot's grey images) are convolved as taps
+#: (:func:`_conv3x3_taps`), wider ones by :func:`_conv3x3_tasks`.
+TAPS_CHANNELS = 1
+
+
+def _conv3x3_tasks_or_taps(x, kernel):
+  if x.shape[-1] <= TAPS_CHANNELS:
+    return _conv3x3_taps(x, kernel)
+  return _conv3x3_tasks(x, kernel)
+
+
+@jax.custom_vjp
+def _conv3x3_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The convolution as the sum over its 9 * C taps of a shifted input channel times a row
+  of the kernel: element-wise work that XLA fuses into one pass writing the output once.
+  Under ``vmap`` per-task kernels only broadcast, so there is no loop over tasks and no
+  zero-filled loop output (for Omniglot's first layer, ``[tasks, 75, 28, 28, 64]``). Its
+  derivatives are :func:`_conv3x3_tasks`'s: the input gradient a convolution of ``dy``
+  with the flipped kernel, the kernel gradient :func:`_kernel_grad` (summed over the taps
+  by autodiff instead, it would read ``dy`` once per tap)."""
+  n, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  y = None
+  for i in range(3):
+    for j in range(3):
+      for ch in range(c):
+        term = xp[:, i : i + h, j : j + w, ch, None] * kernel[i, j, ch]
+        y = term if y is None else y + term
+  return y
+
+
+def _conv3x3_taps_fwd(x, kernel):
+  return _conv3x3_taps(x, kernel), (x, kernel)
+
+
+_conv3x3_taps.defvjp(_conv3x3_taps_fwd, _conv3x3_tasks_bwd)
 
 
 _kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
