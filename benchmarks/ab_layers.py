@@ -1,0 +1,111 @@
+"""Two settings of ``amaml.models.layers`` timed against each other in one process.
+
+    python benchmarks/ab_layers.py --set TAPS_CHANNELS=0 --config omniglot-5w1s --rounds 8
+
+Builds ``throughput.py``'s Conv4 step (``amaml-maml``, or ``amaml-alpha`` with ``--impl
+alpha``, on the peers' episodes and weights) twice: once as the library is (``base``), once
+with each ``NAME=VALUE`` of ``--set`` assigned to ``amaml.models.layers`` while it traces
+(``set``). Then it alternates the two compiled steps, ``--steps`` steps each per round,
+the order swapped every round, and prints each round's pair and the median ratio (set over
+base). Both steps share the process, its allocator and the minute they run in, so pairs
+compare on a machine whose speed drifts by 20% between minutes, where ``ab_step.py``'s
+separate processes do not. Run it with ``throughput.py``'s allocator settings
+(``MALLOC_*``), as ``throughput.py`` runs its workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from types import SimpleNamespace
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import throughput  # noqa: E402
+
+
+def parse_settings(pairs: list[str], module) -> dict:
+  """``["NAME=VALUE", ...]`` -> ``{NAME: value}``, each value of the type the module's
+  current one has; an unknown name or a bad value is a one-line error."""
+  settings = {}
+  for pair in pairs:
+    name, sep, value = pair.partition("=")
+    if not sep or not hasattr(module, name):
+      known = sorted(k for k in vars(module) if k.isupper())
+      raise SystemExit(f"--set {pair!r}: expected NAME=VALUE with NAME one of {known}")
+    kind = type(getattr(module, name))
+    try:
+      settings[name] = kind(value)
+    except ValueError:
+      raise SystemExit(f"--set {pair!r}: {value!r} is not a {kind.__name__}") from None
+  return settings
+
+
+def build(args, settings: dict):
+  """``throughput.build`` with ``settings`` assigned to ``amaml.models.layers`` while the
+  step traces and compiles, then restored."""
+  from amaml.models import layers
+
+  saved = {k: getattr(layers, k) for k in settings}
+  try:
+    for k, v in settings.items():
+      setattr(layers, k, v)
+    return throughput.build(args)
+  finally:
+    for k, v in saved.items():
+      setattr(layers, k, v)
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--set", nargs="+", required=True, metavar="NAME=VALUE")
+  ap.add_argument("--config", default="omniglot-5w1s", choices=["omniglot-5w1s", "omniglot-20w1s"])
+  ap.add_argument("--impl", default="maml", choices=["maml", "alpha"])
+  ap.add_argument("--steps", type=int, default=2, help="steps of each side per round")
+  ap.add_argument("--rounds", type=int, default=8)
+  args = ap.parse_args(argv)
+  import jax
+
+  from amaml.models import layers
+
+  settings = parse_settings(args.set, layers)
+  bargs = SimpleNamespace(
+    impl=f"amaml-{args.impl}", config=args.config, conv_impl="auto", pool=4, steps=args.steps,
+    warmup=1, seed=0, alpha_lr=1e-4, donate=False,
+  )  # fmt: skip
+  sides = {}
+  for name, s in (("base", {}), ("set", settings)):
+    b = build(bargs, s)
+    state = jax.block_until_ready(b.carry(b.compiled(b.state, b.pool[0])))  # warm-up
+    sides[name] = [b, state, []]
+    print(f"{name}: compiled in {b.compile_s:.1f} s", flush=True)
+  for r in range(args.rounds):
+    for name in ("base", "set") if r % 2 == 0 else ("set", "base"):
+      b, state, times = sides[name]
+      t0 = time.perf_counter()
+      for i in range(args.steps):
+        state = b.carry(b.compiled(state, b.pool[(i + 1) % len(b.pool)]))
+      jax.block_until_ready(state)
+      times.append((time.perf_counter() - t0) / args.steps)
+      sides[name][1] = state
+    print(f"round {r}: base {sides['base'][2][-1]:.3f} s/step, set {sides['set'][2][-1]:.3f}")
+  base, new = sides["base"][2], sides["set"][2]
+  row = dict(
+    config=args.config, impl=bargs.impl, settings=settings, steps=args.steps,
+    base_s=statistics.median(base), set_s=statistics.median(new),
+    ratio=statistics.median(n / b for n, b in zip(new, base)),
+    pair_ratios=[round(n / b, 3) for n, b in zip(new, base)],
+    malloc_tuned=all(k in os.environ for k in throughput.MALLOC_ENV),
+    versions={"jax": jax.__version__},
+  )  # fmt: skip
+  print(json.dumps(row))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,40 @@
+"""benchmarks/ab_layers.py: its ``--set`` parsing and that a setting holds only while the
+step is built (the timing itself needs the peers and minutes per config)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import ab_layers  # noqa: E402
+
+from amaml.models import layers
+
+
+def test_settings_take_the_type_of_the_current_value():
+  got = ab_layers.parse_settings(["TAPS_CHANNELS=0", "KERNEL_GRAD_MATMUL_PIXELS=64"], layers)
+  assert got == {"TAPS_CHANNELS": 0, "KERNEL_GRAD_MATMUL_PIXELS": 64}
+  assert all(type(v) is int for v in got.values())
+
+
+@pytest.mark.parametrize(
+  "pair, message",
+  [
+    ("NO_SUCH=1", "NAME one of"),
+    ("TAPS_CHANNELS", "NAME one of"),
+    ("TAPS_CHANNELS=x", "is not a int"),
+  ],
+)
+def test_a_bad_setting_is_a_one_line_error(pair, message):
+  with pytest.raises(SystemExit) as e:
+    ab_layers.parse_settings([pair], layers)
+  assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_setting_holds_while_the_step_builds_and_is_restored(monkeypatch):
+  seen = []
+  monkeypatch.setattr(ab_layers.throughput, "build", lambda args: seen.append(layers.TAPS_CHANNELS))
+  before = layers.TAPS_CHANNELS
+  ab_layers.build(None, {"TAPS_CHANNELS": before + 5})
+  assert seen == [before + 5] and layers.TAPS_CHANNELS == before
