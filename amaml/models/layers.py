@@ -269,7 +269,7 @@ def _kernel_grad_bwd(res, g):
 
 
 #: Inputs of at most this many channels (Omniglot's grey images) are convolved as taps
-#: (:func:`_conv3x3_taps`), wider ones by :func:`_conv3x3_tasks`.
+#: (``_conv3x3_taps``), wider ones by ``_conv3x3_tasks``.
 TAPS_CHANNELS = 1
 
 
