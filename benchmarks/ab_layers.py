@@ -32,7 +32,8 @@ import throughput  # noqa: E402
 
 def parse_settings(pairs: list[str], module) -> dict:
   """``["NAME=VALUE", ...]`` -> ``{NAME: value}``, each value of the type the module's
-  current one has; an unknown name or a bad value is a one-line error."""
+  current one has (a flag: ``true`` or ``false``); an unknown name or a bad value is a
+  one-line error."""
   settings = {}
   for pair in pairs:
     name, sep, value = pair.partition("=")
@@ -40,10 +41,16 @@ def parse_settings(pairs: list[str], module) -> dict:
       known = sorted(k for k in vars(module) if k.isupper())
       raise SystemExit(f"--set {pair!r}: expected NAME=VALUE with NAME one of {known}")
     kind = type(getattr(module, name))
+    bad = SystemExit(f"--set {pair!r}: {value!r} is not a {kind.__name__}")
+    if kind is bool:
+      if value.lower() not in ("true", "false"):
+        raise bad
+      settings[name] = value.lower() == "true"
+      continue
     try:
       settings[name] = kind(value)
     except ValueError:
-      raise SystemExit(f"--set {pair!r}: {value!r} is not a {kind.__name__}") from None
+      raise bad from None
   return settings
 
 
