@@ -268,6 +268,9 @@ def _kernel_grad_bwd(res, g):
   return _conv3x3_tasks_or_taps(dy, _flip_transpose(g)), _conv3x3_tasks_or_taps(x, g)
 
 
+_kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
+
+
 #: Inputs of at most this many channels (Omniglot's grey images) are convolved as taps
 #: (``_conv3x3_taps``), wider ones by ``_conv3x3_tasks``.
 TAPS_CHANNELS = 1
@@ -304,9 +307,6 @@ def _conv3x3_taps_fwd(x, kernel):
 
 
 _conv3x3_taps.defvjp(_conv3x3_taps_fwd, _conv3x3_tasks_bwd)
-
-
-_kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
 
 
 def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, *, eps: float = 1e-5) -> jax.Array:
