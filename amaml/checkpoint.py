@@ -131,8 +131,8 @@ def _check_fits(saved: dict[str, tuple], abstract: Any) -> None:
   (``saved``, from :meth:`Checkpointer.check`) differs from ``abstract``'s. Checked before
   Orbax restores: its own check fails with reads in flight, which finish after the error."""
   leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
-  name = lambda path: jax.tree_util.keystr(path, simple=True, separator=".")  # Orbax's names
-  wanted = {name(path): tuple(a.shape) for path, a in leaves}
+  key = lambda path: jax.tree_util.keystr(path, simple=True, separator=".")  # Orbax's names
+  wanted = {key(path): tuple(a.shape) for path, a in leaves}
   for name in sorted(saved.keys() | wanted.keys()):
     if saved.get(name) != wanted.get(name):
       raise ValueError(f"{name}: shape {saved.get(name)} saved, {wanted.get(name)} expected")

@@ -74,7 +74,7 @@ def conv3x3(
   if impl == "xla":
     y = _lax_conv(x, kernel)
   elif impl == "tasks":
-    y = _conv3x3_tasks_or_taps(x, kernel)
+    y = _conv3x3_tasks(x, kernel)
   else:
     y = _conv3x3_matmul(x, kernel)
   if bias is not None:
@@ -237,8 +237,33 @@ def _kernel_grad_kernel_vmap(axis_size, in_batched, x, dy):
   return _each_task(_kernel_grads, axis_size, in_batched, x, dy), True
 
 
+#: Inputs of at most this many channels (Omniglot's grey images) are convolved as their
+#: taps (``_taps``), wider ones as ordinary convolutions (``_conv_kernel``).
+TAPS_CHANNELS = 1
+
+
+def _taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The convolution as the sum over its 9 * C taps of a shifted input channel times a row
+  of the kernel: element-wise work that XLA fuses into one pass writing the output once.
+  Under ``vmap`` per-task kernels only broadcast, so there is no loop over tasks and no
+  zero-filled loop output (for Omniglot's first layer, ``[tasks, 75, 28, 28, 64]``)."""
+  n, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  y = None
+  for i in range(3):
+    for j in range(3):
+      for ch in range(c):
+        term = xp[:, i : i + h, j : j + w, ch, None] * kernel[i, j, ch]
+        y = term if y is None else y + term
+  return y
+
+
 @jax.custom_vjp
 def _conv3x3_tasks(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Taps or convolutions forward; either way the derivative below (autodiff of the taps
+  would read ``dy`` once per tap for the kernel gradient)."""
+  if x.shape[-1] <= TAPS_CHANNELS:
+    return _taps(x, kernel)
   return _conv_kernel(x, kernel)
 
 
@@ -265,48 +290,10 @@ def _kernel_grad_fwd(x, dy):
 
 def _kernel_grad_bwd(res, g):
   x, dy = res
-  return _conv3x3_tasks_or_taps(dy, _flip_transpose(g)), _conv3x3_tasks_or_taps(x, g)
+  return _conv3x3_tasks(dy, _flip_transpose(g)), _conv3x3_tasks(x, g)
 
 
 _kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
-
-
-#: Inputs of at most this many channels (Omniglot's grey images) are convolved as taps
-#: (``_conv3x3_taps``), wider ones by ``_conv3x3_tasks``.
-TAPS_CHANNELS = 1
-
-
-def _conv3x3_tasks_or_taps(x, kernel):
-  if x.shape[-1] <= TAPS_CHANNELS:
-    return _conv3x3_taps(x, kernel)
-  return _conv3x3_tasks(x, kernel)
-
-
-@jax.custom_vjp
-def _conv3x3_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """The convolution as the sum over its 9 * C taps of a shifted input channel times a row
-  of the kernel: element-wise work that XLA fuses into one pass writing the output once.
-  Under ``vmap`` per-task kernels only broadcast, so there is no loop over tasks and no
-  zero-filled loop output (for Omniglot's first layer, ``[tasks, 75, 28, 28, 64]``). Its
-  derivatives are :func:`_conv3x3_tasks`'s: the input gradient a convolution of ``dy``
-  with the flipped kernel, the kernel gradient :func:`_kernel_grad` (summed over the taps
-  by autodiff instead, it would read ``dy`` once per tap)."""
-  n, h, w, c = x.shape
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  y = None
-  for i in range(3):
-    for j in range(3):
-      for ch in range(c):
-        term = xp[:, i : i + h, j : j + w, ch, None] * kernel[i, j, ch]
-        y = term if y is None else y + term
-  return y
-
-
-def _conv3x3_taps_fwd(x, kernel):
-  return _conv3x3_taps(x, kernel), (x, kernel)
-
-
-_conv3x3_taps.defvjp(_conv3x3_taps_fwd, _conv3x3_tasks_bwd)
 
 
 def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, *, eps: float = 1e-5) -> jax.Array:
