@@ -1,16 +1,18 @@
-"""Two settings of ``amaml.models.layers`` timed against each other in one process.
+"""Two settings of ``amaml.models.layers``, or two methods, timed in one process.
 
     python benchmarks/ab_layers.py --set TAPS_CHANNELS=0 --config omniglot-5w1s --rounds 8
+    python benchmarks/ab_layers.py --impl alpha --impl-b alpha-no-backtrack --rounds 8
 
-Builds ``throughput.py``'s Conv4 step (``amaml-maml``, or ``amaml-alpha`` with ``--impl
-alpha``, on the peers' episodes and weights) twice: once as the library is (``base``), once
-with each ``NAME=VALUE`` of ``--set`` assigned to ``amaml.models.layers`` while it traces
-(``set``). Then it alternates the two compiled steps, ``--steps`` steps each per round,
-the order swapped every round, and prints each round's pair and the median ratio (set over
-base). Both steps share the process, its allocator and the minute they run in, so pairs
-compare on a machine whose speed drifts by 20% between minutes, where ``ab_step.py``'s
-separate processes do not. Run it with ``throughput.py``'s allocator settings
-(``MALLOC_*``), as ``throughput.py`` runs its workers.
+Builds ``throughput.py``'s Conv4 step (``amaml-<--impl>``: ``maml``, ``alpha`` or
+``alpha-no-backtrack``, on the peers' episodes and weights) twice: once as the library is
+(``base``), once (``set``) with each ``NAME=VALUE`` of ``--set`` assigned to
+``amaml.models.layers`` while it traces, as ``amaml-<--impl-b>`` where given. Then it
+alternates the two compiled steps, ``--steps`` steps each per round, the order swapped every
+round, and prints each round's pair and the median ratio (set over base). Both steps share
+the process, its allocator and the minute they run in, so pairs compare on a machine whose
+speed drifts by 20% between minutes, where ``ab_step.py``'s separate processes do not. Run
+it with ``throughput.py``'s allocator settings (``MALLOC_*``), as ``throughput.py`` runs its
+workers.
 """
 
 from __future__ import annotations
@@ -71,9 +73,11 @@ def build(args, settings: dict):
 
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--set", nargs="+", required=True, metavar="NAME=VALUE")
+  ap.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE")
   ap.add_argument("--config", default="omniglot-5w1s", choices=["omniglot-5w1s", "omniglot-20w1s"])
-  ap.add_argument("--impl", default="maml", choices=["maml", "alpha"])
+  impls = ["maml", "alpha", "alpha-no-backtrack"]
+  ap.add_argument("--impl", default="maml", choices=impls)
+  ap.add_argument("--impl-b", default=None, choices=impls, help="the set side's (default --impl)")
   ap.add_argument("--steps", type=int, default=2, help="steps of each side per round")
   ap.add_argument("--rounds", type=int, default=8)
   args = ap.parse_args(argv)
@@ -82,13 +86,16 @@ def main(argv=None) -> None:
   from amaml.models import layers
 
   settings = parse_settings(args.set, layers)
+  impl_b = args.impl_b or args.impl
+  if not settings and impl_b == args.impl:
+    raise SystemExit("nothing to compare: pass --set NAME=VALUE or an --impl-b other than --impl")
   bargs = SimpleNamespace(
     impl=f"amaml-{args.impl}", config=args.config, conv_impl="auto", pool=4, steps=args.steps,
     warmup=1, seed=0, alpha_lr=1e-4, donate=False,
   )  # fmt: skip
   sides = {}
-  for name, s in (("base", {}), ("set", settings)):
-    b = build(bargs, s)
+  for name, s, impl in (("base", {}, args.impl), ("set", settings, impl_b)):
+    b = build(SimpleNamespace(**{**vars(bargs), "impl": f"amaml-{impl}"}), s)
     state = jax.block_until_ready(b.carry(b.compiled(b.state, b.pool[0])))  # warm-up
     sides[name] = [b, state, []]
     print(f"{name}: compiled in {b.compile_s:.1f} s", flush=True)
@@ -104,7 +111,8 @@ def main(argv=None) -> None:
     print(f"round {r}: base {sides['base'][2][-1]:.3f} s/step, set {sides['set'][2][-1]:.3f}")
   base, new = sides["base"][2], sides["set"][2]
   row = dict(
-    config=args.config, impl=bargs.impl, settings=settings, steps=args.steps,
+    config=args.config, impl=bargs.impl, impl_b=f"amaml-{impl_b}", settings=settings,
+    steps=args.steps,
     base_s=statistics.median(base), set_s=statistics.median(new),
     ratio=statistics.median(n / b for n, b in zip(new, base)),
     pair_ratios=[round(n / b, 3) for n, b in zip(new, base)],

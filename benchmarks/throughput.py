@@ -13,14 +13,17 @@ meta-losses. With ``--peers`` a summary line gives the ratio peer / amaml per co
 
 Implementations (``--impls``):
   amaml-maml   ``amaml.maml(...)`` step: second-order MAML, alpha and beta fixed.
-  amaml-alpha  ``amaml.alpha_maml(...)`` step: alpha (and beta) adapted by hypergradients.
+  amaml-alpha  ``amaml.alpha_maml(...)`` step: amaml's default, alpha adapted by its
+               hypergradient, with backtracking.
+  amaml-alpha-no-backtrack  the same without backtracking.
   raw          a hand-written jitted meta-step (value_and_grad of the mean over vmapped
                tasks, inner SGD, optax.adam): the floor of what amaml.meta adds.
-Both amaml steps run with ``track_pre_adaptation=False`` (the peers do not evaluate the
-query loss before adaptation either). Models: ``amaml.models.Conv4`` with
-``conv_impl`` (default ``auto`` = the ``tasks`` form on CPU), started from the peers' numpy
-weights (``shared/peers/common.init_params``), on the peers' pre-sampled episodes, so the
-meta-loss of MAML's first step equals the peers' (printed as ``first_meta_loss``).
+The amaml steps run with ``track_pre_adaptation=False`` (the peers do not evaluate the query
+loss before adaptation either); backtracking needs that loss, so ``amaml-alpha`` evaluates
+it all the same: one more forward pass over the query sets. Models: ``amaml.models.Conv4``
+with ``conv_impl`` (default ``auto`` = the ``tasks`` form on CPU), started from the peers'
+numpy weights (``shared/peers/common.init_params``), on the peers' pre-sampled episodes, so
+the meta-loss of MAML's first step equals the peers' (printed as ``first_meta_loss``).
 
 Memory allocator: XLA:CPU allocates its temporary buffers per execution; with glibc's
 defaults the large ones are fresh ``mmap`` s whose pages fault in on every step. By default
@@ -69,7 +72,7 @@ PEER_IMPLS = {
     "cuda",
   ],
 }
-AMAML_IMPLS = ("amaml-maml", "amaml-alpha", "raw")
+AMAML_IMPLS = ("amaml-maml", "amaml-alpha", "amaml-alpha-no-backtrack", "raw")
 
 
 def _summ(times):
@@ -126,7 +129,7 @@ def build(args):
   apply_fn = lambda p, x: model.apply({"params": p}, x)
   loss_fn = amaml.losses.cross_entropy(apply_fn)
 
-  if args.impl in ("amaml-maml", "amaml-alpha"):
+  if args.impl in AMAML_IMPLS[:3]:
     kw = dict(
       alpha=alpha,
       beta=cfg["outer_lr"],
@@ -137,7 +140,9 @@ def build(args):
     learner = (
       amaml.maml(loss_fn, **kw)
       if args.impl == "amaml-maml"
-      else amaml.alpha_maml(loss_fn, alpha_lr=args.alpha_lr, **kw)
+      else amaml.alpha_maml(
+        loss_fn, alpha_lr=args.alpha_lr, backtrack=args.impl == "amaml-alpha", **kw
+      )
     )
     state = learner.init(params)
     step = learner.step

@@ -1,9 +1,12 @@
 """benchmarks/ab_layers.py: its ``--set`` parsing and that a setting holds only while the
 step is built (the timing itself needs the peers and minutes per config)."""
 
+import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import jax.numpy as jnp
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -46,3 +49,31 @@ def test_a_setting_holds_while_the_step_builds_and_is_restored(monkeypatch):
   before = layers.TAPS_CHANNELS
   ab_layers.build(None, {"TAPS_CHANNELS": before + 5})
   assert seen == [before + 5] and layers.TAPS_CHANNELS == before
+
+
+def test_the_same_step_twice_is_a_one_line_error():
+  with pytest.raises(SystemExit) as e:
+    ab_layers.main(["--impl", "alpha", "--impl-b", "alpha"])
+  assert "nothing to compare" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_impl_b_builds_the_set_side_as_another_method(monkeypatch, capsys):
+  built = []
+
+  def fake_build(args):
+    built.append(args.impl)
+    step = lambda state, batch: state + 1.0
+    return SimpleNamespace(
+      compiled=step, carry=lambda out: out, state=jnp.zeros(()), pool=[0], compile_s=0.0
+    )
+
+  monkeypatch.setattr(ab_layers.throughput, "build", fake_build)
+  ab_layers.main(["--impl", "alpha", "--impl-b", "alpha-no-backtrack", "--rounds", "2"])
+  row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert built == ["amaml-alpha", "amaml-alpha-no-backtrack"]
+  assert (row["impl"], row["impl_b"], row["settings"]) == (
+    "amaml-alpha",
+    "amaml-alpha-no-backtrack",
+    {},
+  )
+  assert len(row["pair_ratios"]) == 2

@@ -304,10 +304,19 @@ def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, *, eps: float =
   ``torch.nn.BatchNorm2d(track_running_stats=False)`` in training mode, the
   transductive batch norm of MAML: under ``vmap`` over tasks each task's set is
   normalised with its own statistics.
+
+  The output is written ``x * a + b`` with per-channel ``a = scale / sqrt(var + eps)`` and
+  ``b = shift - mean * a``, which equals ``(x - mean) * a + shift``. In that form ``x`` feeds
+  only the mean and ``x - mean``; under a second ``vmap`` (``--seeds``) XLA:CPU then grows the
+  mean's YNNPACK reduction over both and over all the work that computes ``x``, and writes
+  that work's broadcast operands out in full (the default's meta step 2.5x slower with two
+  seeds; BENCHMARKS.md, "Several seeds in one program"). Here ``x`` has a third user, and the
+  reduction stays a reduction.
   """
   mean = jnp.mean(x, axis=(0, 1, 2))
   var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
-  return (x - mean) * (jax.lax.rsqrt(var + eps) * scale) + shift
+  a = jax.lax.rsqrt(var + eps) * scale
+  return x * a + (shift - mean * a)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
