@@ -129,7 +129,7 @@ def build(args):
   apply_fn = lambda p, x: model.apply({"params": p}, x)
   loss_fn = amaml.losses.cross_entropy(apply_fn)
 
-  if args.impl in AMAML_IMPLS[:3]:
+  if args.impl.startswith("amaml-"):
     kw = dict(
       alpha=alpha,
       beta=cfg["outer_lr"],

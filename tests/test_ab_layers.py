@@ -1,5 +1,5 @@
-"""benchmarks/ab_layers.py: its ``--set`` parsing and that a setting holds only while the
-step is built (the timing itself needs the peers and minutes per config)."""
+"""benchmarks/ab_layers.py: its ``--set`` parsing, that a setting holds only while the step
+is built, and ``--impl-b`` (the timing itself needs the peers and minutes per config)."""
 
 import json
 import sys
