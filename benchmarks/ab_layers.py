@@ -75,7 +75,7 @@ def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE")
   ap.add_argument("--config", default="omniglot-5w1s", choices=["omniglot-5w1s", "omniglot-20w1s"])
-  impls = ["maml", "alpha", "alpha-no-backtrack"]
+  impls = [i.removeprefix("amaml-") for i in throughput.AMAML_IMPLS if i.startswith("amaml-")]
   ap.add_argument("--impl", default="maml", choices=impls)
   ap.add_argument("--impl-b", default=None, choices=impls, help="the set side's (default --impl)")
   ap.add_argument("--steps", type=int, default=2, help="steps of each side per round")
@@ -89,13 +89,13 @@ def main(argv=None) -> None:
   impl_b = args.impl_b or args.impl
   if not settings and impl_b == args.impl:
     raise SystemExit("nothing to compare: pass --set NAME=VALUE or an --impl-b other than --impl")
-  bargs = SimpleNamespace(
-    impl=f"amaml-{args.impl}", config=args.config, conv_impl="auto", pool=4, steps=args.steps,
-    warmup=1, seed=0, alpha_lr=1e-4, donate=False,
+  common = dict(
+    config=args.config, conv_impl="auto", pool=4, steps=args.steps, warmup=1, seed=0,
+    alpha_lr=1e-4, donate=False,
   )  # fmt: skip
   sides = {}
   for name, s, impl in (("base", {}, args.impl), ("set", settings, impl_b)):
-    b = build(SimpleNamespace(**{**vars(bargs), "impl": f"amaml-{impl}"}), s)
+    b = build(SimpleNamespace(impl=f"amaml-{impl}", **common), s)
     state = jax.block_until_ready(b.carry(b.compiled(b.state, b.pool[0])))  # warm-up
     sides[name] = [b, state, []]
     print(f"{name}: compiled in {b.compile_s:.1f} s", flush=True)
@@ -111,7 +111,7 @@ def main(argv=None) -> None:
     print(f"round {r}: base {sides['base'][2][-1]:.3f} s/step, set {sides['set'][2][-1]:.3f}")
   base, new = sides["base"][2], sides["set"][2]
   row = dict(
-    config=args.config, impl=bargs.impl, impl_b=f"amaml-{impl_b}", settings=settings,
+    config=args.config, impl=f"amaml-{args.impl}", impl_b=f"amaml-{impl_b}", settings=settings,
     steps=args.steps,
     base_s=statistics.median(base), set_s=statistics.median(new),
     ratio=statistics.median(n / b for n, b in zip(new, base)),
