@@ -202,6 +202,46 @@ def test_max_pool_matches_reduce_window_odd_and_even():
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(3, 6, 8, 2), (2, 7, 5, 3)])
+def test_max_pool_own_vjp_equals_jax_derivative_on_ties(x64, shape):
+  """The CPU's pool (its own VJP) against JAX's derivative of the two maxima (``impl="xla"``)
+  on inputs full of ties (integers times a per-channel weight): values, gradients, the
+  gradient of a function of the gradient (MAML's second order), under ``vmap`` too."""
+  rng = np.random.default_rng(sum(shape))
+  inputs = jnp.asarray(rng.integers(-2, 3, size=shape), jnp.float64)
+  w = jnp.asarray(rng.normal(size=shape[-1]))
+  out = (jnp.asarray(rng.normal(size=(shape[0], shape[1] // 2, shape[2] // 2, shape[3]))),)[0]
+
+  def derivatives(impl, inputs):
+    f = lambda w: jnp.sum(jnp.sin(layers.max_pool_2x2(jax.nn.relu(inputs * w), impl=impl) * out))
+    second = lambda w: jnp.sum(jnp.cos(w) * jax.grad(f)(w) ** 2)
+    x = inputs * w
+    pooled, pull = jax.vjp(lambda x: layers.max_pool_2x2(x, impl=impl), x)
+    return pooled, pull(out)[0], jax.grad(f)(w), jax.grad(second)(w)
+
+  ties = int(jnp.sum(inputs[:, 0:-1:2] == inputs[:, 1::2]))
+  assert ties > 10  # the tie rule is exercised
+  own = derivatives("tasks", inputs)
+  for a, b in zip(own, derivatives("xla", inputs)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+  assert float(jnp.max(jnp.abs(own[3]))) > 1e-3  # the second order is not trivially zero
+  stacked = jnp.stack([inputs, -inputs, 2 * inputs])
+  batched = jax.vmap(lambda i: derivatives("tasks", i))(stacked)
+  for t in range(3):
+    for a, b in zip(batched, derivatives("xla", stacked[t])):
+      np.testing.assert_allclose(np.asarray(a[t]), np.asarray(b), rtol=1e-12, atol=1e-12)
+
+
+def test_max_pool_keeps_forward_mode_with_xla_convolutions():
+  x = jax.random.normal(jax.random.key(5), (2, 4, 6, 3))
+  v = jax.random.normal(jax.random.key(6), x.shape)
+  _, tangent = jax.jvp(lambda x: layers.max_pool_2x2(x, impl="xla"), (x,), (v,))
+  want = jax.vjp(lambda x: layers.max_pool_2x2(x, impl="xla"), x)[1]
+  # the pool is linear in its input locally: <J v, u> == <v, J^T u>
+  u = jax.random.normal(jax.random.key(7), tangent.shape)
+  np.testing.assert_allclose(float(jnp.vdot(tangent, u)), float(jnp.vdot(v, want(u)[0])), rtol=1e-5)
+
+
 def test_batch_norm_uses_batch_statistics():
   x = 3.0 + 2.5 * jax.random.normal(jax.random.key(3), (8, 5, 5, 6))
   y = layers.batch_norm(x, jnp.ones(6), jnp.zeros(6))

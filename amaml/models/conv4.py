@@ -160,7 +160,7 @@ class Conv4(nn.Module):
     for b in range(self.num_blocks):
       x = _Conv3x3(self.hidden, impl, name=f"conv{b}")(x)
       x = _BatchNorm(self.bn_eps, name=f"norm{b}")(x)
-      x = layers.max_pool_2x2(jax.nn.relu(x))
+      x = layers.max_pool_2x2(jax.nn.relu(x), impl=impl)
     x = x.reshape(x.shape[0], -1)
     if self.num_classes == 0:
       return x

@@ -319,19 +319,71 @@ def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, *, eps: float =
   return x * a + (shift - mean * a)
 
 
-def max_pool_2x2(x: jax.Array) -> jax.Array:
+#: With ``impl`` ``"tasks"`` or ``"matmul"``, :func:`max_pool_2x2` has its own VJP (one
+#: element-wise pass); ``False``: JAX differentiates its two maxima (``benchmarks/ab_layers.py
+#: --set POOL_OWN_VJP=false`` compares the two).
+POOL_OWN_VJP = True
+
+
+def max_pool_2x2(x: jax.Array, *, impl: str = "auto") -> jax.Array:
   """2x2 max pooling, stride 2, floor mode (an odd last row/column is dropped).
 
-  Written as two element-wise maxima of contiguous halves (rows, then columns):
-  its derivatives of every order are selects, which XLA:CPU fuses. It avoids two other
-  forms (``benchmarks/throughput.py`` compares them): ``reduce_window``, whose gradient is
-  a slow select-and-scatter, and ``reshape(..., 2, ..., 2, C).max((2, 4))``, whose
-  second-order gradient under ``vmap`` XLA:CPU computes wrongly.
+  Written as two element-wise maxima of contiguous halves (rows, then columns): its
+  derivatives of every order are selects, which XLA:CPU fuses. It avoids two other forms
+  (``benchmarks/throughput.py`` compares them): ``reduce_window``, whose gradient is a slow
+  select-and-scatter, and ``reshape(..., 2, ..., 2, C).max((2, 4))``, whose second-order
+  gradient under ``vmap`` XLA:CPU computes wrongly.
+
+  ``impl`` is the network's convolution form (see :func:`conv3x3`). With ``"tasks"`` or
+  ``"matmul"`` (the CPU's, reverse mode only) the pool has its own VJP: the input gradient
+  is the output gradient spread over each window by weights from ``x``, written in one
+  element-wise pass, where JAX's derivative of the two maxima writes the gradient of each
+  half and adds them. The weights are JAX's own for ``jnp.maximum`` (a tie splits the
+  gradient in halves, rows first, then columns), so both give the same values, to every
+  order. With ``"xla"`` JAX differentiates the maxima (forward mode too).
   """
   n, h, w, c = x.shape
-  h2, w2 = h // 2, w // 2
-  if h2 == 0 or w2 == 0:
+  if h // 2 == 0 or w // 2 == 0:
     raise ValueError(f"max_pool_2x2 needs at least 2x2 pixels, got {h}x{w}")
+  if POOL_OWN_VJP and resolve_conv_impl(impl) != "xla":
+    return _max_pool_vjp(x)
+  return _max_pool(x)
+
+
+def _max_pool(x: jax.Array) -> jax.Array:
+  n, h, w, c = x.shape
+  h2, w2 = h // 2, w // 2
   x = x[:, : 2 * h2, : 2 * w2, :].reshape(n, h2, 2, w2, 2 * c)
   x = jnp.maximum(x[:, :, 0], x[:, :, 1]).reshape(n, h2, w2, 2, c)
   return jnp.maximum(x[:, :, :, 0], x[:, :, :, 1])
+
+
+@jax.custom_vjp
+def _max_pool_vjp(x: jax.Array) -> jax.Array:
+  return _max_pool(x)
+
+
+def _max_pool_vjp_fwd(x):
+  return _max_pool(x), x
+
+
+def _max_pool_vjp_bwd(x, dy):
+  n, h, w, c = x.shape
+  h2, w2 = h // 2, w // 2
+  # the weights are piecewise constant in x: no gradient flows through them
+  windows = jax.lax.stop_gradient(x[:, : 2 * h2, : 2 * w2, :]).reshape(n, h2, 2, w2, 2, c)
+  rows = jnp.maximum(windows[:, :, 0], windows[:, :, 1])  # [n, h2, w2, 2, c]
+  weights = (
+    _max_share(windows, windows[:, :, ::-1]) * _max_share(rows, rows[:, :, :, ::-1])[:, :, None]
+  )
+  dx = (dy[:, :, None, :, None, :] * weights).reshape(n, 2 * h2, 2 * w2, c)
+  return (jnp.pad(dx, ((0, 0), (0, h - 2 * h2), (0, w - 2 * w2), (0, 0))),)
+
+
+def _max_share(u, v):
+  """JAX's derivative of ``jnp.maximum(u, v)`` with respect to ``u``: 1 where ``u > v``, 1/2
+  on a tie, 0 elsewhere."""
+  return jnp.where(u > v, 1.0, jnp.where(u == v, 0.5, 0.0)).astype(u.dtype)
+
+
+_max_pool_vjp.defvjp(_max_pool_vjp_fwd, _max_pool_vjp_bwd)

@@ -123,7 +123,7 @@ class _Block(nn.Module):
       x = _BatchNorm(self.bn_eps, name=f"norm{i}")(x)
       if i < 2:
         x = jax.nn.leaky_relu(x, LEAKY_SLOPE)
-    x = layers.max_pool_2x2(jax.nn.leaky_relu(x + shortcut, LEAKY_SLOPE))
+    x = layers.max_pool_2x2(jax.nn.leaky_relu(x + shortcut, LEAKY_SLOPE), impl=self.impl)
     if self.drop_rate == 0.0 or deterministic:
       return x
     key = self.make_rng("dropout")
