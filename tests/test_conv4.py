@@ -253,9 +253,12 @@ def test_batch_norm_uses_batch_statistics():
   np.testing.assert_allclose(np.asarray(jnp.std(y2, (0, 1, 2))), 2.0, atol=1e-3)
 
 
-def test_batch_norm_equals_the_centred_form_to_second_order(x64):
+@pytest.mark.parametrize("impl", ["tasks", "xla"])
+def test_batch_norm_equals_the_centred_form_to_second_order(x64, impl):
   """``x * a + b`` is ``(x - mean) * scale / sqrt(var + eps) + shift``: values, gradients
-  and Hessian-vector products in float64 (MAML differentiates batch norm twice)."""
+  and Hessian-vector products in float64 (MAML differentiates batch norm twice), with the
+  CPU's own VJP (``"tasks"``) and with JAX's derivative (``"xla"``, forward mode too), also
+  under ``vmap``."""
   keys = jax.random.split(jax.random.key(4), 5)
   x = 3.0 + 2.5 * jax.random.normal(keys[0], (2, 4, 4, 3), jnp.float64)
   scale, shift = 1.0 + jax.random.normal(keys[1], (3,)), jax.random.normal(keys[2], (3,))
@@ -266,14 +269,30 @@ def test_batch_norm_equals_the_centred_form_to_second_order(x64):
     var = jnp.mean((x - mean) ** 2, axis=(0, 1, 2))
     return (x - mean) / jnp.sqrt(var + eps) * scale + shift
 
-  def derivatives(bn):
-    loss = lambda x, s, b: jnp.sum(w * bn(x, s, b))
+  def derivatives(bn, x):
+    loss = lambda x, s, b: jnp.sum(w * jnp.tanh(bn(x, s, b)))
     grads = jax.grad(loss, (0, 1, 2))(x, scale, shift)
-    hvp = jax.jvp(jax.grad(lambda x: loss(x, scale, shift)), (x,), (v,))[1]
-    return (loss(x, scale, shift), *grads, hvp)
+    # reverse over reverse: the Hessian of the loss in (x, scale) times (v, 1)
+    hvp = jax.grad(
+      lambda x, s: (
+        jnp.vdot(jax.grad(loss, (0, 1))(x, s, shift)[0], v)
+        + jnp.sum(jax.grad(loss, 1)(x, s, shift))
+      ),
+      (0, 1),
+    )(x, scale)
+    return (loss(x, scale, shift), *grads, *hvp)
 
-  for a, b in zip(derivatives(layers.batch_norm), derivatives(centred)):
+  bn = lambda x, s, b: layers.batch_norm(x, s, b, impl=impl)
+  for a, b in zip(derivatives(bn, x), derivatives(centred, x)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-10)
+  stacked = jnp.stack([x, 2.0 * x - 1.0])
+  batched = jax.vmap(lambda x: derivatives(bn, x))(stacked)
+  for a, b in zip(batched, derivatives(centred, stacked[1])):
+    np.testing.assert_allclose(np.asarray(a[1]), np.asarray(b), rtol=1e-10, atol=1e-10)
+  if impl == "xla":  # forward over reverse
+    hvp = jax.jvp(jax.grad(lambda x: jnp.sum(w * bn(x, scale, shift))), (x,), (v,))[1]
+    want = jax.jvp(jax.grad(lambda x: jnp.sum(w * centred(x, scale, shift))), (x,), (v,))[1]
+    np.testing.assert_allclose(np.asarray(hvp), np.asarray(want), rtol=1e-10, atol=1e-10)
 
 
 def test_conv4_is_transductive():

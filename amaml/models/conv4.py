@@ -102,13 +102,14 @@ class _Conv3x3(nn.Module):
 
 class _BatchNorm(nn.Module):
   eps: float
+  impl: str
 
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,))
     bias = self.param("bias", nn.initializers.zeros, (c,))
-    return layers.batch_norm(x, scale, bias, eps=self.eps)
+    return layers.batch_norm(x, scale, bias, eps=self.eps, impl=self.impl)
 
 
 class _Dense(nn.Module):
@@ -159,7 +160,7 @@ class Conv4(nn.Module):
     impl = layers.resolve_conv_impl(self.conv_impl)
     for b in range(self.num_blocks):
       x = _Conv3x3(self.hidden, impl, name=f"conv{b}")(x)
-      x = _BatchNorm(self.bn_eps, name=f"norm{b}")(x)
+      x = _BatchNorm(self.bn_eps, impl, name=f"norm{b}")(x)
       x = layers.max_pool_2x2(jax.nn.relu(x), impl=impl)
     x = x.reshape(x.shape[0], -1)
     if self.num_classes == 0:

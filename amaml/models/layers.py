@@ -296,7 +296,16 @@ def _kernel_grad_bwd(res, g):
 _kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
 
 
-def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, *, eps: float = 1e-5) -> jax.Array:
+#: With ``impl`` ``"tasks"`` or ``"matmul"``, :func:`batch_norm` has its own VJP; ``False``:
+#: JAX differentiates its forward (``benchmarks/ab_layers.py --set BN_OWN_VJP=false``).
+BN_OWN_VJP = True
+
+_BN_AXES = (0, 1, 2)
+
+
+def batch_norm(
+  x: jax.Array, scale: jax.Array, shift: jax.Array, *, eps: float = 1e-5, impl: str = "auto"
+) -> jax.Array:
   """Batch norm with the statistics of ``x`` itself (no running averages).
 
   Normalises every channel of ``x`` (``[n, H, W, C]``) with its mean and biased
@@ -312,11 +321,52 @@ def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, *, eps: float =
   that work's broadcast operands out in full (the default's meta step 2.5x slower with two
   seeds; BENCHMARKS.md, "Several seeds in one program"). Here ``x`` has a third user, and the
   reduction stays a reduction.
+
+  ``impl`` is the network's convolution form (see :func:`conv3x3`). With ``"tasks"`` or
+  ``"matmul"`` (the CPU's, reverse mode only) batch norm has its own VJP, the closed form
+  ``dx = a * (dy - mean(dy) - x_hat * mean(dy * x_hat))`` with ``x_hat = (x - mean) / sqrt(var +
+  eps)``: two reductions and one element-wise pass, where JAX's derivative of the forward
+  keeps ``x - mean`` and, differentiated again (MAML's second order), writes several
+  more passes over ``x``'s size. With ``"xla"`` JAX differentiates the forward (forward mode
+  too). Both give the same values to every order.
   """
-  mean = jnp.mean(x, axis=(0, 1, 2))
-  var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
-  a = jax.lax.rsqrt(var + eps) * scale
+  if BN_OWN_VJP and resolve_conv_impl(impl) != "xla":
+    return _batch_norm_vjp(x, scale, shift, eps)
+  return _batch_norm(x, scale, shift, eps)
+
+
+def _batch_norm_stats(x, eps):
+  mean = jnp.mean(x, axis=_BN_AXES)
+  var = jnp.mean(jnp.square(x - mean), axis=_BN_AXES)
+  return mean, jax.lax.rsqrt(var + eps)
+
+
+def _batch_norm(x, scale, shift, eps):
+  mean, rstd = _batch_norm_stats(x, eps)
+  a = rstd * scale
   return x * a + (shift - mean * a)
+
+
+_batch_norm_vjp = jax.custom_vjp(_batch_norm, nondiff_argnums=(3,))
+
+
+def _batch_norm_vjp_fwd(x, scale, shift, eps):
+  mean, rstd = _batch_norm_stats(x, eps)
+  a = rstd * scale
+  return x * a + (shift - mean * a), (x, mean, rstd, scale)
+
+
+def _batch_norm_vjp_bwd(eps, res, dy):
+  x, mean, rstd, scale = res
+  x_hat = (x - mean) * rstd
+  dshift = jnp.sum(dy, axis=_BN_AXES)
+  dscale = jnp.sum(dy * x_hat, axis=_BN_AXES)
+  n = x.shape[0] * x.shape[1] * x.shape[2]
+  dx = (scale * rstd) * (dy - dshift / n - x_hat * (dscale / n))
+  return dx, dscale, dshift
+
+
+_batch_norm_vjp.defvjp(_batch_norm_vjp_fwd, _batch_norm_vjp_bwd)
 
 
 #: With ``impl`` ``"tasks"`` or ``"matmul"``, :func:`max_pool_2x2` has its own VJP (one

@@ -115,12 +115,12 @@ class _Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    shortcut = _BatchNorm(self.bn_eps, name="norm_shortcut")(
+    shortcut = _BatchNorm(self.bn_eps, self.impl, name="norm_shortcut")(
       _Conv(self.features, 1, self.impl, name="conv_shortcut")(x)
     )
     for i in range(3):
       x = _Conv(self.features, 3, self.impl, name=f"conv{i}")(x)
-      x = _BatchNorm(self.bn_eps, name=f"norm{i}")(x)
+      x = _BatchNorm(self.bn_eps, self.impl, name=f"norm{i}")(x)
       if i < 2:
         x = jax.nn.leaky_relu(x, LEAKY_SLOPE)
     x = layers.max_pool_2x2(jax.nn.leaky_relu(x + shortcut, LEAKY_SLOPE), impl=self.impl)
