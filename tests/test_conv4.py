@@ -210,7 +210,7 @@ def test_max_pool_own_vjp_equals_jax_derivative_on_ties(x64, shape):
   rng = np.random.default_rng(sum(shape))
   inputs = jnp.asarray(rng.integers(-2, 3, size=shape), jnp.float64)
   w = jnp.asarray(rng.normal(size=shape[-1]))
-  out = (jnp.asarray(rng.normal(size=(shape[0], shape[1] // 2, shape[2] // 2, shape[3]))),)[0]
+  out = jnp.asarray(rng.normal(size=(shape[0], shape[1] // 2, shape[2] // 2, shape[3])))
 
   def derivatives(impl, inputs):
     f = lambda w: jnp.sum(jnp.sin(layers.max_pool_2x2(jax.nn.relu(inputs * w), impl=impl) * out))
