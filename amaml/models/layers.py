@@ -334,30 +334,34 @@ def batch_norm(
   more passes over ``x``'s size. With ``"xla"`` JAX differentiates the forward (forward mode
   too). Both give the same values to every order.
   """
-  if BN_OWN_VJP and resolve_conv_impl(impl) != "xla":
+  if BN_OWN_VJP and _own_vjp(impl):
     return _batch_norm_vjp(x, scale, shift, eps)
   return _batch_norm(x, scale, shift, eps)
 
 
-def _batch_norm_stats(x, eps):
+def _own_vjp(impl: str) -> bool:
+  """Whether the network's convolution form (reverse mode only) lets a layer have its own VJP."""
+  return resolve_conv_impl(impl) != "xla"
+
+
+def _batch_norm_parts(x, scale, shift, eps):
+  """The output, the per-channel mean and ``1 / sqrt(var + eps)``."""
   mean = jnp.mean(x, axis=_BN_AXES)
-  var = jnp.mean(jnp.square(x - mean), axis=_BN_AXES)
-  return mean, jax.lax.rsqrt(var + eps)
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x - mean), axis=_BN_AXES) + eps)
+  a = rstd * scale
+  return x * a + (shift - mean * a), mean, rstd
 
 
 def _batch_norm(x, scale, shift, eps):
-  mean, rstd = _batch_norm_stats(x, eps)
-  a = rstd * scale
-  return x * a + (shift - mean * a)
+  return _batch_norm_parts(x, scale, shift, eps)[0]
 
 
 _batch_norm_vjp = jax.custom_vjp(_batch_norm, nondiff_argnums=(3,))
 
 
 def _batch_norm_vjp_fwd(x, scale, shift, eps):
-  mean, rstd = _batch_norm_stats(x, eps)
-  a = rstd * scale
-  return x * a + (shift - mean * a), (x, mean, rstd, scale)
+  y, mean, rstd = _batch_norm_parts(x, scale, shift, eps)
+  return y, (x, mean, rstd, scale)
 
 
 def _batch_norm_vjp_bwd(eps, res, dy):
@@ -399,7 +403,7 @@ def max_pool_2x2(x: jax.Array, *, impl: str = "auto") -> jax.Array:
   n, h, w, c = x.shape
   if h // 2 == 0 or w // 2 == 0:
     raise ValueError(f"max_pool_2x2 needs at least 2x2 pixels, got {h}x{w}")
-  if POOL_OWN_VJP and resolve_conv_impl(impl) != "xla":
+  if POOL_OWN_VJP and _own_vjp(impl):
     return _max_pool_vjp(x)
   return _max_pool(x)
 
@@ -412,9 +416,7 @@ def _max_pool(x: jax.Array) -> jax.Array:
   return jnp.maximum(x[:, :, :, 0], x[:, :, :, 1])
 
 
-@jax.custom_vjp
-def _max_pool_vjp(x: jax.Array) -> jax.Array:
-  return _max_pool(x)
+_max_pool_vjp = jax.custom_vjp(_max_pool)
 
 
 def _max_pool_vjp_fwd(x):
