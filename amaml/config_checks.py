@@ -113,6 +113,8 @@ def check_numbers(cfg) -> None:
     raise ValueError("multi_step_loss and first_order_steps must be >= 0 (0 = off)")
   if cfg.max_minutes < 0:
     raise ValueError(f"max_minutes={cfg.max_minutes} must be >= 0 (0 = no time limit)")
+  if cfg.tasks_at_once is not None and cfg.tasks_at_once < 0:
+    raise ValueError(f"tasks_at_once={cfg.tasks_at_once} must be >= 0 (0 = all tasks at once)")
   if cfg.eval_inner_steps < 0:
     raise ValueError(f"eval_inner_steps={cfg.eval_inner_steps} must be >= 0")
   for name in ("checkpoint_every", "val_every"):
@@ -138,6 +140,11 @@ def check_method_options(cfg) -> None:
     raise ValueError(
       f"method={cfg.method!r} sets its own rates: --alpha_granularity is "
       "for alpha-maml and alpha-maml-paper only"
+    )
+  if cfg.tasks_at_once is not None and cfg.method in ("reptile", "protonet", "imaml"):
+    raise ValueError(
+      f"method={cfg.method!r} runs its tasks all at once: --tasks_at_once is for the "
+      "MAML family (alpha-maml, maml, fomaml, anil, meta-sgd, maml++)"
     )
   if cfg.method == "imaml" and (cfg.inner_params or cfg.alpha_per_step or cfg.per_step_params):
     raise ValueError(

@@ -92,6 +92,12 @@ class Config:
   remat: bool = _field(
     False, "recompute inner steps in the backward pass: less memory, more time (rolled loop)"
   )
+  tasks_at_once: int | None = _field(
+    None,
+    "how many tasks of a meta-batch run together: 0 all (one vmap), k groups of k in a "
+    "loop, each group's meta-gradient taken before the next; none: one at a time for "
+    "large tasks (images) on a single CPU device, else all",
+  )
   alpha: float = _field(
     0.1,
     "initial inner rate alpha0 (alpha-maml: replaced by --alpha_search's choice, then "

@@ -264,6 +264,7 @@ def _maml_kwargs(cfg: Config) -> dict:
     track_pre_adaptation=cfg.track_pre_adaptation,
     remat=cfg.remat,
     unroll=True if cfg.unroll else 1,
+    tasks_at_once=cfg.tasks_at_once,
     alpha_min=cfg.alpha_min,
     alpha_max=cfg.alpha_max,
     beta_min=cfg.beta_min,

@@ -22,11 +22,13 @@ support_loss)`` for inner step ``k``. Every gradient-based method shares it:
 
 from __future__ import annotations
 
-import functools
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from amaml import inner
 from amaml.task import TaskBatch
@@ -161,27 +163,148 @@ def msl_weights(step: jax.Array, inner_steps: int, anneal_steps: int) -> jax.Arr
   return jnp.concatenate([early, (1.0 - jnp.sum(early))[None]])
 
 
-def meta_loss(loop: InnerLoop, *, first_order: bool = False, multi_step_loss: int = 0):
+def meta_loss(
+  loop: InnerLoop,
+  *,
+  first_order: bool = False,
+  multi_step_loss: int = 0,
+  tasks_at_once: int | None = None,
+):
   """``meta_loss(params, alpha, batch, step=None) -> (loss, aux)``: the mean over tasks of
   :func:`task_loss` (aux: means over tasks). With ``multi_step_loss = N > 0`` and a meta
   ``step``, MAML++'s weighted sum over inner steps, the weights annealed over ``N`` meta
-  steps (:func:`msl_weights`)."""
+  steps (:func:`msl_weights`).
+
+  ``tasks_at_once``: how many tasks run together. ``0``: all of them, one ``jax.vmap``.
+  ``k > 0``: groups of ``k`` one after another (``jax.lax.map``); differentiated, each
+  group's gradient is taken inside the loop and the gradients averaged, as a PyTorch loop
+  over tasks accumulates them, so one group's activations are all that is alive at a time
+  (:func:`grouped_mean`). ``None``: :func:`resolve_tasks_at_once`, one at a time where that
+  is faster (large tasks on a single CPU device), else all. The values and gradients are
+  the same either way, up to float rounding."""
 
   def mean_loss(params, alpha, batch: TaskBatch, step=None):
     use_msl = multi_step_loss and step is not None
     weights = msl_weights(step, loop.steps, multi_step_loss) if use_msl else None
-    one = functools.partial(task_loss, loop, first_order=first_order, weights=weights)
-    losses, aux = jax.vmap(one, in_axes=(None, None, 0, 0, 0, 0))(params, alpha, *batch)
+
+    def one(params, alpha, task, weights):
+      return task_loss(loop, params, alpha, *task, first_order=first_order, weights=weights)
+
+    size = resolve_tasks_at_once(tasks_at_once, batch)
+    if size < batch.support_x.shape[0]:
+      return grouped_mean(one, size)(params, alpha, batch, weights)
+    losses, aux = jax.vmap(one, in_axes=(None, None, 0, None))(params, alpha, batch, weights)
     return jnp.mean(losses), jax.tree.map(jnp.mean, aux)
 
   return mean_loss
 
 
-def pre_adaptation_metrics(loop: InnerLoop, params, batch: TaskBatch) -> dict:
+#: From this many elements in one task's query inputs on (Omniglot's 5-way 15-query set is
+#: 58,800; a sinusoid task's 10), ``tasks_at_once=None`` on a single CPU device runs the
+#: tasks one at a time: their activations then stay in the cache, and the step was 1.2-1.4x
+#: faster on Omniglot (BENCHMARKS.md, "One task at a time on the CPU"). Small tasks stay
+#: vmapped, where a loop would only add its overhead.
+ONE_AT_A_TIME_ELEMENTS = 16384
+
+
+def resolve_tasks_at_once(tasks_at_once: int | None, batch: TaskBatch) -> int:
+  """The number of tasks :func:`meta_loss` runs together on ``batch``: ``tasks_at_once``
+  itself, ``0`` or more than the batch's tasks meaning all; ``None``: 1 on a single CPU
+  device for tasks whose query inputs hold at least :data:`ONE_AT_A_TIME_ELEMENTS`
+  elements, else all (on accelerators, and across devices, where the tasks are sharded)."""
+  num_tasks = batch.support_x.shape[0]
+  if tasks_at_once is None:
+    per_task = math.prod(batch.query_x.shape[1:])
+    single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+    tasks_at_once = 1 if single_cpu and per_task >= ONE_AT_A_TIME_ELEMENTS else 0
+  if tasks_at_once < 0:
+    raise ValueError(f"tasks_at_once must be >= 0 (0: all tasks at once), got {tasks_at_once}")
+  return num_tasks if tasks_at_once == 0 else min(tasks_at_once, num_tasks)
+
+
+def grouped_mean(one: Callable, size: int) -> Callable:
+  """``mean(params, alpha, batch, weights) -> (loss, aux)``: the mean over ``batch``'s tasks
+  of ``one(params, alpha, task, weights) -> (loss, aux)``, ``size`` tasks at a time
+  (``jax.lax.map``). Its derivative (a ``custom_vjp``) takes each group's gradient inside
+  the loop, with respect to the arguments being differentiated, and averages them: the same
+  gradient as the mean's own, and to every order of reverse mode; ``aux`` is not
+  differentiable (an error says so), nor is ``weights``."""
+
+  def over_tasks(fn, batch):
+    return jax.lax.map(fn, batch, batch_size=size)
+
+  def means(losses, aux):
+    return jnp.mean(losses), jax.tree.map(lambda v: jnp.mean(v, 0), aux)
+
+  @jax.custom_vjp
+  def mean(params, alpha, batch, weights):
+    return means(*over_tasks(lambda task: one(params, alpha, task, weights), batch))
+
+  def fwd(params, alpha, batch, weights):
+    wrt = tuple(i for i, x in enumerate((params, alpha)) if _perturbed(x))
+    args = jax.tree.map(lambda p: p.value, (params, alpha, batch, weights))
+    params, alpha, batch, weights = args
+
+    def each(task):
+      value_and_grad = jax.value_and_grad(one, wrt, has_aux=True)
+      (loss, aux), grads = value_and_grad(params, alpha, task, weights)
+      return loss, aux, grads
+
+    if wrt:
+      losses, aux, grads = over_tasks(each, batch)
+    else:
+      (losses, aux), grads = over_tasks(lambda task: one(params, alpha, task, weights), batch), ()
+    grads = dict(zip(wrt, jax.tree.map(lambda g: jnp.mean(g, 0), grads)))
+    return means(losses, aux), (grads, args)
+
+  def bwd(res, cotangent):
+    grads, args = res
+    loss_ct, aux_ct = cotangent
+    if not all(isinstance(c, SymbolicZero) for c in jax.tree.leaves(aux_ct)):
+      raise ValueError(
+        "the aux of a meta loss over groups of tasks is not differentiable: "
+        "use tasks_at_once=0 (all tasks at once, one vmap)"
+      )
+    out = [_zeros(a) for a in args]
+    if not isinstance(loss_ct, SymbolicZero):
+      for i, g in grads.items():
+        out[i] = jax.tree.map(lambda v: (loss_ct * v).astype(v.dtype), g)
+    return tuple(out)
+
+  mean.defvjp(fwd, bwd, symbolic_zeros=True)
+  return mean
+
+
+def _perturbed(tree) -> bool:
+  return any(p.perturbed for p in jax.tree.leaves(tree))
+
+
+def _zeros(tree):
+  """Zero cotangents for ``tree`` (``float0`` for integer leaves)."""
+  return jax.tree.map(
+    lambda x: (
+      np.zeros(np.shape(x), jax.dtypes.float0)
+      if not jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+      else jnp.zeros_like(x)
+    ),
+    tree,
+  )
+
+
+def pre_adaptation_metrics(
+  loop: InnerLoop, params, batch: TaskBatch, tasks_at_once: int | None = None
+) -> dict:
   """``pre_loss`` and ``pre_<aux>``: the mean over tasks of the query loss (and aux) of
-  ``params`` before any adaptation (not differentiated)."""
+  ``params`` before any adaptation (not differentiated), ``tasks_at_once`` tasks at a time
+  as in :func:`meta_loss`."""
   before = jax.lax.stop_gradient(loop.model(params, 0))
-  loss, aux = jax.vmap(loop.loss_fn, in_axes=(None, 0, 0))(before, batch.query_x, batch.query_y)
+  size = resolve_tasks_at_once(tasks_at_once, batch)
+  queries = (batch.query_x, batch.query_y)
+  if size < batch.support_x.shape[0]:
+    one = lambda task: loop.loss_fn(before, *task)
+    loss, aux = jax.lax.map(one, queries, batch_size=size)
+  else:
+    loss, aux = jax.vmap(loop.loss_fn, in_axes=(None, 0, 0))(before, *queries)
   return {"pre_loss": jnp.mean(loss), **{f"pre_{k}": jnp.mean(v) for k, v in aux.items()}}
 
 

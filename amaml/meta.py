@@ -170,17 +170,18 @@ def gradient_step(
   return MetaStep(init, update)
 
 
-def track_pre_adaptation(step: MetaStep, loop) -> MetaStep:
+def track_pre_adaptation(step: MetaStep, loop, tasks_at_once: int | None = None) -> MetaStep:
   """``step`` whose metrics add ``pre_loss`` and ``pre_<aux>``: the query loss (and aux) of
-  the state's parameters before adaptation, one forward pass of ``loop``'s model
-  (:func:`amaml.inner_loop.pre_adaptation_metrics`); :func:`amaml.safeguards.backtrack`
-  needs it."""
+  the state's parameters before adaptation, one forward pass of ``loop``'s model,
+  ``tasks_at_once`` tasks at a time (:func:`amaml.inner_loop.pre_adaptation_metrics`);
+  :func:`amaml.safeguards.backtrack` needs it."""
   from amaml.inner_loop import pre_adaptation_metrics
 
   def around(update):
     def tracked(state: MetaState, batch: TaskBatch):
       new, metrics = update(state, batch)
-      return new, {**metrics, **pre_adaptation_metrics(loop, state.params, batch)}
+      pre = pre_adaptation_metrics(loop, state.params, batch, tasks_at_once)
+      return new, {**metrics, **pre}
 
     return tracked
 

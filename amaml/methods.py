@@ -61,6 +61,7 @@ def gradient_learner(
   multi_step_loss: int = 0,
   first_order_steps: int = 0,
   track_pre_adaptation: bool = True,
+  tasks_at_once: int | None = None,
   donate: bool = False,
   **loop_options: Any,
 ) -> MetaLearner:
@@ -72,7 +73,10 @@ def gradient_learner(
   backtracking (:mod:`amaml.safeguards`, bounded by ``alpha_min``/``alpha_max``).
   ``first_order``: FOMAML. MAML++'s options: ``multi_step_loss``
   (:func:`amaml.inner_loop.meta_loss`) and ``first_order_steps`` (first order before that
-  meta step, then second order, one :func:`amaml.meta.phased` program per order)."""
+  meta step, then second order, one :func:`amaml.meta.phased` program per order).
+  ``tasks_at_once``: how many of a meta-batch's tasks run together
+  (:func:`amaml.inner_loop.meta_loss`: ``0`` all, one ``vmap``; ``k``: groups of ``k`` in a
+  loop; ``None``: one at a time for large tasks on a single CPU device, else all)."""
   if alpha_granularity not in inner.GRANULARITIES:
     raise ValueError(
       f"alpha_granularity must be one of {inner.GRANULARITIES}, got {alpha_granularity!r}"
@@ -84,23 +88,27 @@ def gradient_learner(
   init_alpha = lambda params: inner.init_alpha(params, alpha, alpha_granularity, steps=per_step)
 
   def step_of(fo: bool) -> MetaStep:
-    loss = inner_loop.meta_loss(loop, first_order=fo, multi_step_loss=multi_step_loss)
+    loss = meta_loss_of(fo)
     step = meta.gradient_step(
       loss, outer, alpha_rule, init_alpha=init_alpha, meta_params=loop.meta_params
     )
     if track_pre_adaptation or backtrack:
-      step = meta.track_pre_adaptation(step, loop)
+      step = meta.track_pre_adaptation(step, loop, tasks_at_once)
     step = safeguards.skip_nonfinite(step)
     if backtrack:
       step = safeguards.backtrack(step, alpha_min=alpha_min, alpha_max=alpha_max)
     return meta.report_rates(step)
 
+  def meta_loss_of(fo: bool):
+    return inner_loop.meta_loss(
+      loop, first_order=fo, multi_step_loss=multi_step_loss, tasks_at_once=tasks_at_once
+    )
+
   if first_order_steps > 0 and not first_order:  # derivative-order annealing: two programs
     step = meta.phased(((0, step_of(True)), (first_order_steps, step_of(False))))
   else:
     step = step_of(first_order)
-  meta_loss = inner_loop.meta_loss(loop, first_order=first_order, multi_step_loss=multi_step_loss)
-  return meta_learner(step, loop, meta_loss=meta_loss, donate=donate)
+  return meta_learner(step, loop, meta_loss=meta_loss_of(first_order), donate=donate)
 
 
 def default_outer_optimizer(beta: float = BETA, **adam_kwargs: Any) -> optax.GradientTransformation:
@@ -213,7 +221,7 @@ def alpha_maml(
       with the weights (Meta-SGD, :func:`meta_sgd`).
     **options: the inner loop's and the rest of :func:`gradient_learner`'s (``inner_steps``,
       ``first_order``, ``inner_optimizer``, ``inner_params``, ``unroll``, ``remat``,
-      ``track_pre_adaptation``, ``donate``, MAML++'s ``multi_step_loss``,
+      ``track_pre_adaptation``, ``tasks_at_once``, ``donate``, MAML++'s ``multi_step_loss``,
       ``first_order_steps``, ``alpha_per_step``, ``per_step_params``); any other keyword goes
       to the optimizer factory (``b1``, ``momentum``, ...).
   """
@@ -252,6 +260,7 @@ _LEARNER_OPTIONS = (
   "unroll",
   "remat",
   "track_pre_adaptation",
+  "tasks_at_once",
   "donate",
   "multi_step_loss",
   "first_order_steps",

@@ -1,12 +1,14 @@
-"""Two settings of ``amaml.models.layers``, or two methods, timed in one process.
+"""Two settings of ``amaml.models.layers`` or ``amaml.inner_loop``, or two methods, timed
+in one process.
 
     python benchmarks/ab_layers.py --set TAPS_CHANNELS=0 --config omniglot-5w1s --rounds 8
+    python benchmarks/ab_layers.py --set ONE_AT_A_TIME_ELEMENTS=1000000000 --rounds 8
     python benchmarks/ab_layers.py --impl alpha --impl-b alpha-no-backtrack --rounds 8
 
 Builds ``throughput.py``'s Conv4 step (``amaml-<--impl>``: ``maml``, ``alpha`` or
 ``alpha-no-backtrack``, on the peers' episodes and weights) twice: once as the library is
 (``base``), once (``set``) with each ``NAME=VALUE`` of ``--set`` assigned to
-``amaml.models.layers`` while it traces, as ``amaml-<--impl-b>`` where given. Then it
+``amaml.models.layers`` or ``amaml.inner_loop`` (the first that has ``NAME``) while it traces, as ``amaml-<--impl-b>`` where given. Then it
 alternates the two compiled steps, ``--steps`` steps each per round, the order swapped every
 round, and prints each round's pair and the median ratio (set over base). Both steps share
 the process, its allocator and the minute they run in, so pairs compare on a machine whose
@@ -32,15 +34,16 @@ sys.path.insert(0, os.path.dirname(HERE))
 import throughput  # noqa: E402
 
 
-def parse_settings(pairs: list[str], module) -> dict:
-  """``["NAME=VALUE", ...]`` -> ``{NAME: value}``, each value of the type the module's
-  current one has (a flag: ``true`` or ``false``); an unknown name or a bad value is a
-  one-line error."""
+def parse_settings(pairs: list[str], *modules) -> dict:
+  """``["NAME=VALUE", ...]`` -> ``{NAME: value}``, each value of the type the current one
+  has in the first of ``modules`` that has ``NAME`` (a flag: ``true`` or ``false``); an
+  unknown name or a bad value is a one-line error."""
   settings = {}
   for pair in pairs:
     name, sep, value = pair.partition("=")
-    if not sep or not hasattr(module, name):
-      known = sorted(k for k in vars(module) if k.isupper())
+    module = next((m for m in modules if hasattr(m, name)), None)
+    if not sep or module is None:
+      known = sorted(k for m in modules for k in vars(m) if k.isupper())
       raise SystemExit(f"--set {pair!r}: expected NAME=VALUE with NAME one of {known}")
     kind = type(getattr(module, name))
     bad = SystemExit(f"--set {pair!r}: {value!r} is not a {kind.__name__}")
@@ -56,19 +59,25 @@ def parse_settings(pairs: list[str], module) -> dict:
   return settings
 
 
-def build(args, settings: dict):
-  """``throughput.build`` with ``settings`` assigned to ``amaml.models.layers`` while the
-  step traces and compiles, then restored."""
+def _modules():
+  from amaml import inner_loop
   from amaml.models import layers
 
-  saved = {k: getattr(layers, k) for k in settings}
+  return layers, inner_loop
+
+
+def build(args, settings: dict):
+  """``throughput.build`` with ``settings`` assigned to ``amaml.models.layers`` or
+  ``amaml.inner_loop`` while the step traces and compiles, then restored."""
+  owner = {k: next(m for m in _modules() if hasattr(m, k)) for k in settings}
+  saved = {k: getattr(owner[k], k) for k in settings}
   try:
     for k, v in settings.items():
-      setattr(layers, k, v)
+      setattr(owner[k], k, v)
     return throughput.build(args)
   finally:
     for k, v in saved.items():
-      setattr(layers, k, v)
+      setattr(owner[k], k, v)
 
 
 def main(argv=None) -> None:
@@ -83,9 +92,7 @@ def main(argv=None) -> None:
   args = ap.parse_args(argv)
   import jax
 
-  from amaml.models import layers
-
-  settings = parse_settings(args.set, layers)
+  settings = parse_settings(args.set, *_modules())
   impl_b = args.impl_b or args.impl
   if not settings and impl_b == args.impl:
     raise SystemExit("nothing to compare: pass --set NAME=VALUE or an --impl-b other than --impl")

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import slow_except
 
+import amaml
 from amaml.models import Conv4
 from amaml.models import layers
 
@@ -429,6 +430,23 @@ def test_second_order_meta_gradient_vmap_equals_loop(conv_impl):
   scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(g_loop))
   for a, b in zip(jax.tree.leaves(g_vmap), jax.tree.leaves(g_loop)):
     np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, atol=2e-5)
+
+
+def test_conv4_meta_step_one_task_at_a_time_equals_all_at_once():
+  """Conv4 on the CPU's forms (the taps, per-task convolutions, batch norm's and the pool's
+  own VJPs), one task at a time (``tasks_at_once=1``: every layer unbatched, each task's
+  gradient inside a loop), gives the vmapped meta loss and meta-gradient (float64)."""
+  model, params, (xs, ys, xq, yq), _ = _maml_setup(num_tasks=2, hidden=4)
+  loss_fn = amaml.losses.cross_entropy(lambda p, x: model.apply({"params": p}, x))
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+    as64 = lambda a: jnp.asarray(a, jnp.float64)
+    batch = amaml.TaskBatch(as64(xs), ys, as64(xq), yq)
+    got = []
+    for k in (0, 1):
+      meta_loss = amaml.maml(loss_fn, alpha=0.4, tasks_at_once=k).meta_loss
+      got.append(jax.jit(jax.value_and_grad(meta_loss, has_aux=True))(params, 0.4, batch))
+  chex.assert_trees_all_close(got[1], got[0], rtol=1e-9, atol=1e-12)
 
 
 def _load_peers_bridge():

@@ -193,3 +193,76 @@ def test_bad_configuration_errors():
     amaml.alpha_maml(LOSS, alpha_granularity="layer")
   with pytest.raises(TypeError, match="factory"):
     amaml.alpha_maml(LOSS, optimizer=optax.adam(1e-3), b1=0.5)
+
+
+# tasks_at_once: groups of tasks in a loop, each group's gradient taken inside it
+MSL = dict(multi_step_loss=10)
+
+
+@pytest.mark.parametrize(
+  "options, tasks_at_once",
+  [({}, 1), ({}, 2), (MSL, 2), ({"first_order": True}, 2)],
+  ids=["maml-1", "maml-2", "msl-2", "fo-2"],
+)
+def test_tasks_at_once_equals_all_tasks_at_once(x64, options, tasks_at_once):
+  """Groups of 1 and 2 (of 5 tasks: a remainder) give the vmapped meta loss, its aux, its
+  gradients in params and in a per-tensor alpha, and the gradient of a gradient."""
+  params = jax.tree.map(lambda a: a.astype(jnp.float64), _params())
+  batch = jax.tree.map(lambda a: a.astype(jnp.float64), _batch())
+  make = lambda k: amaml.alpha_maml(LOSS, inner_steps=2, tasks_at_once=k, **options)
+  alpha = make(0).init(params).alpha
+  results = []
+  for k in (0, tasks_at_once):
+    meta_loss = make(k).meta_loss
+    value_and_grad = jax.value_and_grad(meta_loss, argnums=(0, 1), has_aux=True)
+    (loss, aux), grads = jax.jit(value_and_grad)(params, alpha, batch, 3)
+    # d/d alpha of the squared norm of the params' gradient: through the custom VJP again
+    norm2 = lambda a: optax.tree.norm(jax.grad(lambda p: meta_loss(p, a, batch, 3)[0])(params)) ** 2
+    results.append((loss, aux, grads, jax.jit(jax.grad(norm2))(alpha)))
+  chex.assert_trees_all_close(results[1], results[0], rtol=1e-10, atol=1e-12)
+  assert float(results[0][3]["Dense_0"]["kernel"]) != 0.0  # the second-order term is there
+
+
+def test_tasks_at_once_under_vmap_and_without_alpha_gradient(x64):
+  """Vmapped over two parameter sets (as ``--seeds`` runs it) and differentiated in params
+  alone, groups of tasks equal the vmapped meta loss; its aux is not differentiable."""
+  batch = jax.tree.map(lambda a: a.astype(jnp.float64), _batch())
+  two = jax.tree.map(lambda *a: jnp.stack(a).astype(jnp.float64), _params(0), _params(1))
+  alpha = jnp.float64(0.05)
+  grads = [
+    jax.jit(
+      jax.vmap(jax.grad(lambda p: amaml.maml(LOSS, tasks_at_once=k).meta_loss(p, alpha, batch)[0]))
+    )(two)
+    for k in (0, 1)
+  ]
+  chex.assert_trees_all_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
+  grouped = amaml.maml(LOSS, tasks_at_once=2).meta_loss
+  with pytest.raises(ValueError, match="aux .* not differentiable.*tasks_at_once=0"):
+    jax.grad(lambda p: grouped(p, alpha, batch)[1]["support_loss"])(_params())
+
+
+def test_tasks_at_once_steps_equal_all_tasks_at_once():
+  """Three steps of the default (backtracking, its pre-adaptation pass, Adam, alpha by
+  hypergradient), one task at a time, equal the vmapped steps, metrics included."""
+  params, runs = _params(), []
+  for k in (0, 1):
+    learner = amaml.alpha_maml(LOSS, inner_steps=2, tasks_at_once=k)
+    state, history = learner.init(params), []
+    for seed in range(3):
+      state, metrics = learner.step(state, _batch(seed))
+      history.append(metrics)
+    runs.append((state.params, state.alpha, history))
+  chex.assert_trees_all_close(runs[1], runs[0], rtol=2e-5, atol=1e-6)
+
+
+def test_tasks_at_once_resolves_by_task_size_and_checks_its_value():
+  resolve = amaml.inner_loop.resolve_tasks_at_once
+  small = _batch(tasks=5)  # sinusoid: 10 query inputs a task
+  images = amaml.TaskBatch(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in (
+    (32, 5, 28, 28, 1), (32, 5), (32, 75, 28, 28, 1), (32, 75))))  # fmt: skip
+  assert resolve(None, small) == 5 and resolve(0, images) == 32 and resolve(64, images) == 32
+  assert resolve(4, images) == 4
+  single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+  assert resolve(None, images) == (1 if single_cpu else 32)
+  with pytest.raises(ValueError, match="tasks_at_once must be >= 0"):
+    resolve(-1, small)

@@ -786,6 +786,16 @@ BAD_INPUT = {
     ValueError,
     r"devices=-1 must be >= 0",
   ),
+  "CLI bad tasks_at_once": (
+    lambda t: _cli("train", "--tasks_at_once", "-1", "--out", str(t / "x")),
+    ValueError,
+    r"tasks_at_once=-1 must be >= 0 \(0 = all tasks at once\)",
+  ),
+  "tasks_at_once for a method without it": (
+    lambda t: get_config("sinusoid", method="reptile", tasks_at_once=1),
+    ValueError,
+    r"method='reptile' runs its tasks all at once: --tasks_at_once is for the MAML family",
+  ),
   "unknown config name": (
     lambda t: get_config("omniglot-7w"),
     ValueError,
