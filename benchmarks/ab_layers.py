@@ -8,9 +8,10 @@ in one process.
 Builds ``throughput.py``'s Conv4 step (``amaml-<--impl>``: ``maml``, ``alpha`` or
 ``alpha-no-backtrack``, on the peers' episodes and weights) twice: once as the library is
 (``base``), once (``set``) with each ``NAME=VALUE`` of ``--set`` assigned to
-``amaml.models.layers`` or ``amaml.inner_loop`` (the first that has ``NAME``) while it traces, as ``amaml-<--impl-b>`` where given. Then it
-alternates the two compiled steps, ``--steps`` steps each per round, the order swapped every
-round, and prints each round's pair and the median ratio (set over base). Both steps share
+``amaml.models.layers`` or ``amaml.inner_loop`` (the first that has ``NAME``) while it
+traces, as ``amaml-<--impl-b>`` where given. Then it alternates the two compiled steps,
+``--steps`` steps each per round, the order swapped every round, and prints each round's
+pair and the median ratio (set over base). Both steps share
 the process, its allocator and the minute they run in, so pairs compare on a machine whose
 speed drifts by 20% between minutes, where ``ab_step.py``'s separate processes do not. Run
 it with ``throughput.py``'s allocator settings (``MALLOC_*``), as ``throughput.py`` runs its

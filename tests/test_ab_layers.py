@@ -50,6 +50,21 @@ def test_a_setting_holds_while_the_step_builds_and_is_restored(monkeypatch):
   assert seen == [before + 5] and layers.TAPS_CHANNELS == before
 
 
+def test_an_inner_loop_setting_is_found_and_restored(monkeypatch):
+  """``--set`` also reaches ``amaml.inner_loop`` (``ONE_AT_A_TIME_ELEMENTS``)."""
+  from amaml import inner_loop
+
+  got = ab_layers.parse_settings(["ONE_AT_A_TIME_ELEMENTS=7"], *ab_layers._modules())
+  assert got == {"ONE_AT_A_TIME_ELEMENTS": 7}
+  seen = []
+  monkeypatch.setattr(
+    ab_layers.throughput, "build", lambda args: seen.append(inner_loop.ONE_AT_A_TIME_ELEMENTS)
+  )
+  before = inner_loop.ONE_AT_A_TIME_ELEMENTS
+  ab_layers.build(None, got)
+  assert seen == [7] and inner_loop.ONE_AT_A_TIME_ELEMENTS == before
+
+
 def test_the_same_step_twice_is_a_one_line_error():
   with pytest.raises(SystemExit) as e:
     ab_layers.main(["--impl", "alpha", "--impl-b", "alpha"])

@@ -290,3 +290,22 @@ def test_every_config_task_has_a_setup_in_the_registry(tiny_config):
   setup.check(batch, None)
   with pytest.raises(ValueError):
     setup.check(batch._replace(query_y=batch.query_y * jnp.nan), None)
+
+
+@pytest.mark.parametrize("tasks_at_once, grouped", [(0, False), (2, True), (None, False)])
+def test_tasks_at_once_reaches_the_learner(tiny_config, tasks_at_once, grouped):
+  """``--tasks_at_once`` reaches the meta loss: only a grouped one (here 2 of 4 sinusoid
+  tasks; ``None`` keeps sinusoid's small tasks all at once) refuses to differentiate its
+  aux, and both give the same loss."""
+  exp = train.build(tiny_config(tasks_at_once=tasks_at_once))
+  batch = exp.sample(jax.random.key(0), exp.data["train"], 4)
+  state = exp.learner.init(exp.params)
+  aux_of = lambda p: exp.learner.meta_loss(p, state.alpha, batch)[1]["support_loss"]
+  if grouped:
+    with pytest.raises(ValueError, match="not differentiable"):
+      jax.grad(aux_of)(state.params)
+  else:
+    jax.grad(aux_of)(state.params)
+  loss = exp.learner.meta_loss(state.params, state.alpha, batch)[0]
+  all_at_once = train.build(tiny_config(tasks_at_once=0)).learner.meta_loss
+  np.testing.assert_allclose(loss, all_at_once(state.params, state.alpha, batch)[0], rtol=1e-6)
