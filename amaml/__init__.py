@@ -6,7 +6,7 @@ MAML whose inner learning rate ``alpha`` adapts online by hypergradient descent
 follows its hypergradient too (the paper's), or is set by a learning-rate-free optimizer,
 as small pure functions: :func:`alpha_maml` (amaml's
 tuning-free default) / :func:`alpha_maml_paper` / :func:`maml` / :func:`fomaml` build a
-jitted, task-vmapped meta step; :func:`hypergradient` (module :mod:`amaml.hd`) is the Optax
+jitted meta step over a batch of tasks; :func:`hypergradient` (module :mod:`amaml.hd`) is the Optax
 transform that adapts any optimizer's learning rate. :func:`imaml` is iMAML, its meta-gradient by
 implicit differentiation (module :mod:`amaml.imaml`).
 """
