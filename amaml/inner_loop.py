@@ -193,7 +193,7 @@ def meta_loss(
     size = resolve_tasks_at_once(tasks_at_once, batch)
     if size < batch.support_x.shape[0]:
       return grouped_mean(one, size)(params, alpha, batch, weights)
-    losses, aux = jax.vmap(one, in_axes=(None, None, 0, None))(params, alpha, batch, weights)
+    losses, aux = map_tasks(lambda task: one(params, alpha, task, weights), batch, size)
     return jnp.mean(losses), jax.tree.map(jnp.mean, aux)
 
   return mean_loss
@@ -222,6 +222,14 @@ def resolve_tasks_at_once(tasks_at_once: int | None, batch: TaskBatch) -> int:
   return num_tasks if tasks_at_once == 0 else min(tasks_at_once, num_tasks)
 
 
+def map_tasks(fn: Callable, tasks, size: int):
+  """``fn`` over the leading (task) axis of ``tasks``, ``size`` tasks at a time: one
+  ``jax.vmap`` when ``size`` covers them all, else ``jax.lax.map`` over groups of ``size``."""
+  if size >= jax.tree.leaves(tasks)[0].shape[0]:
+    return jax.vmap(fn)(tasks)
+  return jax.lax.map(fn, tasks, batch_size=size)
+
+
 def grouped_mean(one: Callable, size: int) -> Callable:
   """``mean(params, alpha, batch, weights) -> (loss, aux)``: the mean over ``batch``'s tasks
   of ``one(params, alpha, task, weights) -> (loss, aux)``, ``size`` tasks at a time
@@ -230,15 +238,15 @@ def grouped_mean(one: Callable, size: int) -> Callable:
   gradient as the mean's own, and to every order of reverse mode; ``aux`` is not
   differentiable (an error says so), nor is ``weights``."""
 
-  def over_tasks(fn, batch):
-    return jax.lax.map(fn, batch, batch_size=size)
+  def values(params, alpha, batch, weights):
+    return map_tasks(lambda task: one(params, alpha, task, weights), batch, size)
 
   def means(losses, aux):
     return jnp.mean(losses), jax.tree.map(lambda v: jnp.mean(v, 0), aux)
 
   @jax.custom_vjp
   def mean(params, alpha, batch, weights):
-    return means(*over_tasks(lambda task: one(params, alpha, task, weights), batch))
+    return means(*values(params, alpha, batch, weights))
 
   def fwd(params, alpha, batch, weights):
     wrt = tuple(i for i, x in enumerate((params, alpha)) if _perturbed(x))
@@ -251,9 +259,9 @@ def grouped_mean(one: Callable, size: int) -> Callable:
       return loss, aux, grads
 
     if wrt:
-      losses, aux, grads = over_tasks(each, batch)
+      losses, aux, grads = map_tasks(each, batch, size)
     else:
-      (losses, aux), grads = over_tasks(lambda task: one(params, alpha, task, weights), batch), ()
+      (losses, aux), grads = values(*args), ()
     grads = dict(zip(wrt, jax.tree.map(lambda g: jnp.mean(g, 0), grads)))
     return means(losses, aux), (grads, args)
 
@@ -299,12 +307,8 @@ def pre_adaptation_metrics(
   as in :func:`meta_loss`."""
   before = jax.lax.stop_gradient(loop.model(params, 0))
   size = resolve_tasks_at_once(tasks_at_once, batch)
-  queries = (batch.query_x, batch.query_y)
-  if size < batch.support_x.shape[0]:
-    one = lambda task: loop.loss_fn(before, *task)
-    loss, aux = jax.lax.map(one, queries, batch_size=size)
-  else:
-    loss, aux = jax.vmap(loop.loss_fn, in_axes=(None, 0, 0))(before, *queries)
+  one = lambda task: loop.loss_fn(before, *task)
+  loss, aux = map_tasks(one, (batch.query_x, batch.query_y), size)
   return {"pre_loss": jnp.mean(loss), **{f"pre_{k}": jnp.mean(v) for k, v in aux.items()}}
 
 

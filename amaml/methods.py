@@ -87,6 +87,11 @@ def gradient_learner(
   per_step = steps if loop_options.get("alpha_per_step") else None
   init_alpha = lambda params: inner.init_alpha(params, alpha, alpha_granularity, steps=per_step)
 
+  def meta_loss_of(fo: bool):
+    return inner_loop.meta_loss(
+      loop, first_order=fo, multi_step_loss=multi_step_loss, tasks_at_once=tasks_at_once
+    )
+
   def step_of(fo: bool) -> MetaStep:
     loss = meta_loss_of(fo)
     step = meta.gradient_step(
@@ -98,11 +103,6 @@ def gradient_learner(
     if backtrack:
       step = safeguards.backtrack(step, alpha_min=alpha_min, alpha_max=alpha_max)
     return meta.report_rates(step)
-
-  def meta_loss_of(fo: bool):
-    return inner_loop.meta_loss(
-      loop, first_order=fo, multi_step_loss=multi_step_loss, tasks_at_once=tasks_at_once
-    )
 
   if first_order_steps > 0 and not first_order:  # derivative-order annealing: two programs
     step = meta.phased(((0, step_of(True)), (first_order_steps, step_of(False))))
